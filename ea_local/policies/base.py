@@ -1,0 +1,62 @@
+"""The one interface every eviction policy shares.
+
+A policy is a function of numpy arrays: it receives a `CellView` (what the engine
+read from the KV cache and the query capture) and returns one importance score per
+live cell; the engine keeps the highest-scoring cells. Policies never see llama.cpp.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """RoPE of one layer, as llama.cpp applies it to the cached keys."""
+
+    n_dims: int  # rotated dimensions (head_dim for every model we support)
+    freq_base: float
+    freq_scale: float = 1.0  # linear scaling: theta = pos * freq_scale * base^(-2i/n_dims)
+    neox: bool = False  # True: pairs (i, i + n_dims/2) ("halves"); False: adjacent pairs (2i, 2i+1)
+
+
+@dataclass
+class CellView:
+    """Everything a policy may look at, for the live cells of one sequence.
+
+    Layers are model layer indices; only the layers the engine chose to read are present.
+    """
+
+    positions: np.ndarray  # (n,) int64, ascending: position of each live cell
+    keys: Mapping[int, np.ndarray] = field(default_factory=dict)  # layer -> (n, n_kv_head, d_k) post-RoPE
+    values: Mapping[int, np.ndarray] = field(default_factory=dict)  # layer -> (n, n_kv_head, d_v)
+    queries: Mapping[int, np.ndarray] = field(default_factory=dict)  # layer -> (m, n_head, d_k) PRE-RoPE
+    query_positions: np.ndarray | None = None  # (m,) positions of the captured queries
+    rope: Mapping[int, RopeSpec] = field(default_factory=dict)  # layer -> its RoPE
+    next_pos: int = 0  # position the next token will take
+    attn_scale: float | None = None  # softmax scale; None -> 1/sqrt(d_k)
+    seed: int = 0
+
+    @property
+    def n(self) -> int:
+        return int(self.positions.shape[0])
+
+    def vnorms(self, layer: int) -> np.ndarray:
+        """(n, n_kv_head) L2 norms of the value rows."""
+        return np.linalg.norm(self.values[layer], axis=-1)
+
+
+ScoreFn = Callable[..., np.ndarray]
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    description: str  # one line, shown by `ea-local policies`
+    paper: str  # citation / arXiv id
+    score: ScoreFn  # score(view, **options) -> (n,) float64, higher = keep
+    needs_keys: bool = True
+    needs_values: bool = False
+    needs_queries: bool = False
