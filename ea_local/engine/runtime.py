@@ -1,0 +1,255 @@
+"""The one owner of llama.cpp state: model, context, batch, and the KV-cell hooks.
+
+Thin and mechanical, in the spirit of llama-cpp-python's low-level bindings: every method
+maps to a few C calls. Policy, budget and bookkeeping live in `session.py`.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+
+from .. import kvhooks  # loads libllama before numpy (DESIGN.md: import order on CUDA)
+import llama_cpp.llama_cpp as ll  # noqa: E402
+import numpy as np  # noqa: E402
+
+CACHE_TYPES = {"f16": ll.GGML_TYPE_F16, "q8_0": ll.GGML_TYPE_Q8_0, "q4_0": ll.GGML_TYPE_Q4_0}
+
+
+class LlamaError(RuntimeError):
+    pass
+
+
+_log_silenced = False
+
+
+def _silence_llama_log() -> None:
+    """llama.cpp logs to stderr by default; keep it quiet unless EA_LOCAL_LLAMA_LOG=1."""
+    global _log_silenced, _log_cb
+    if _log_silenced or os.environ.get("EA_LOCAL_LLAMA_LOG") == "1":
+        return
+
+    @ll.llama_log_callback
+    def _cb(level, text, user_data):  # noqa: ANN001
+        return None
+
+    _log_cb = _cb  # keep a reference: ctypes callbacks must outlive their use
+    ll.llama_log_set(_log_cb, ctypes.c_void_p())
+    _log_silenced = True
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    n_ctx: int
+    n_batch: int = 512
+    cache_type: str = "f16"
+    flash_attn: bool | None = None  # None: on when the V cache is quantized
+    swa_full: bool = True
+    n_threads: int | None = None
+    n_gpu_layers: int = 0
+    seed: int = 0
+
+
+class Runtime:
+    def __init__(self, model_path: str, cfg: ContextConfig):
+        _silence_llama_log()
+        ll.llama_backend_init()
+        if cfg.cache_type not in CACHE_TYPES:
+            raise ValueError(f"unknown cache type {cfg.cache_type!r}; choose from {', '.join(CACHE_TYPES)}")
+        mp = ll.llama_model_default_params()
+        mp.n_gpu_layers = cfg.n_gpu_layers
+        self.model = ll.llama_model_load_from_file(model_path.encode(), mp)
+        if not self.model:
+            raise LlamaError(f"llama.cpp could not load {model_path}")
+        self.vocab = ll.llama_model_get_vocab(self.model)
+        cp = ll.llama_context_default_params()
+        cp.n_ctx = cfg.n_ctx
+        cp.n_batch = cfg.n_batch
+        cp.n_ubatch = cfg.n_batch
+        cp.n_seq_max = 2  # seq 1 is used for masked references and question-aware copies
+        cp.kv_unified = True
+        threads = cfg.n_threads or max(1, (os.cpu_count() or 2))
+        cp.n_threads = threads
+        cp.n_threads_batch = threads
+        cp.type_k = CACHE_TYPES[cfg.cache_type]
+        cp.type_v = CACHE_TYPES[cfg.cache_type]
+        fa = cfg.flash_attn if cfg.flash_attn is not None else cfg.cache_type != "f16"
+        cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if fa else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cp.swa_full = cfg.swa_full
+        self.ctx = ll.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            ll.llama_model_free(self.model)
+            self.model = None
+            raise LlamaError(f"llama.cpp could not create a context (n_ctx={cfg.n_ctx}, cache {cfg.cache_type})")
+        self.cfg = cfg
+        self.flash_attn = fa
+        self.mem = ll.llama_get_memory(self.ctx)
+        self.n_ctx = ll.llama_n_ctx(self.ctx)
+        self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
+        self.n_layer = ll.llama_model_n_layer(self.model)
+        self.n_ctx_train = ll.llama_model_n_ctx_train(self.model)
+        self._batch = ll.llama_batch_init(cfg.n_batch, 0, 1)
+
+    def close(self) -> None:
+        if getattr(self, "_batch", None) is not None:
+            ll.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "ctx", None):
+            ll.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            ll.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    # ---- text ----
+    def tokenize(self, text: str, add_bos: bool = False, special: bool = True) -> list[int]:
+        data = text.encode("utf-8", errors="replace")
+        n = len(data) + 16
+        buf = (ll.llama_token * n)()
+        got = ll.llama_tokenize(self.vocab, data, len(data), buf, n, add_bos, special)
+        if got < 0:
+            buf = (ll.llama_token * -got)()
+            got = ll.llama_tokenize(self.vocab, data, len(data), buf, -got, add_bos, special)
+        return list(buf[:got])
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = ll.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = ll.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
+        return buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(ll.llama_vocab_is_eog(self.vocab, token))
+
+    def bos(self) -> int:
+        return ll.llama_vocab_bos(self.vocab)
+
+    def add_bos(self) -> bool:
+        return bool(ll.llama_vocab_get_add_bos(self.vocab))
+
+    def chat_template(self) -> str | None:
+        t = ll.llama_model_chat_template(self.model, None)
+        return t.decode("utf-8", errors="replace") if t else None
+
+    # ---- decoding ----
+    def decode(self, tokens: list[int], positions: list[int], seq: int = 0, logits_last: bool = True) -> None:
+        """Decode tokens at the given positions on one sequence, in n_batch pieces."""
+        nb = self.cfg.n_batch
+        for s in range(0, len(tokens), nb):
+            part = tokens[s:s + nb]
+            b = self._batch
+            b.n_tokens = len(part)
+            for i, t in enumerate(part):
+                b.token[i] = t
+                b.pos[i] = positions[s + i]
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq
+                b.logits[i] = 0
+            if logits_last and s + nb >= len(tokens):
+                b.logits[len(part) - 1] = 1
+            rc = ll.llama_decode(self.ctx, b)
+            if rc != 0:
+                raise LlamaError(f"llama_decode failed ({rc}): the KV cache has no room (n_ctx={self.n_ctx})"
+                                    if rc == 1 else f"llama_decode failed ({rc})")
+
+    def logits(self) -> np.ndarray:
+        """Logits of the last token that asked for them."""
+        p = ll.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(p, shape=(self.n_vocab,)).copy()
+
+    # ---- memory ----
+    def seq_pos_range(self, seq: int = 0) -> tuple[int, int]:
+        return ll.llama_memory_seq_pos_min(self.mem, seq), ll.llama_memory_seq_pos_max(self.mem, seq)
+
+    def seq_cp(self, src: int, dst: int) -> None:
+        ll.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
+
+    def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> None:
+        ll.llama_memory_seq_rm(self.mem, seq, p0, p1)
+
+    def clear(self) -> None:
+        ll.llama_memory_clear(self.mem, True)
+
+    # ---- hooks ----
+    def layer_info(self, il: int) -> dict | None:
+        v = [ctypes.c_int32() for _ in range(5)]
+        if kvhooks.kv_layer_info(self.ctx, il, *[ctypes.byref(x) for x in v]) != 0:
+            return None
+        return dict(zip(["n_head_kv", "head_dim_k", "head_dim_v", "is_swa", "k_rotated"], [x.value for x in v]))
+
+    def kv_count(self, il: int, seq: int = 0) -> int:
+        return kvhooks.kv_count(self.ctx, il, seq)
+
+    def kv_read(self, il: int, seq: int = 0, keys: bool = True, values: bool = True):
+        """(positions (n,), K (n, n_head_kv, d_k) or None, V (n, n_head_kv, d_v) or None), position order."""
+        info = self.layer_info(il)
+        if info is None:
+            raise LlamaError(f"layer {il} has no KV cache")
+        n = self.kv_count(il, seq)
+        pos = np.empty(n, dtype=np.int32)
+        h, dk, dv = info["n_head_kv"], info["head_dim_k"], info["head_dim_v"]
+        k = np.empty((n, h, dk), dtype=np.float32) if keys else None
+        v = np.empty((n, h, dv), dtype=np.float32) if values else None
+        got = kvhooks.kv_read(self.ctx, il, seq, n, _p32(pos), _pf(k), _pf(v))
+        if got != n:
+            raise LlamaError(f"kv_read(layer {il}) returned {got}, expected {n}")
+        return pos.astype(np.int64), k, v
+
+    def kv_vnorm(self, il: int, seq: int = 0):
+        info = self.layer_info(il)
+        n = self.kv_count(il, seq)
+        pos = np.empty(n, dtype=np.int32)
+        out = np.empty((n, info["n_head_kv"]), dtype=np.float32)
+        got = kvhooks.kv_vnorm(self.ctx, il, seq, n, _p32(pos), _pf(out))
+        if got != n:
+            raise LlamaError(f"kv_vnorm(layer {il}) returned {got}, expected {n}")
+        return pos.astype(np.int64), out
+
+    def rm_positions(self, positions, seq: int = 0, global_only: bool = False) -> int:
+        arr = np.ascontiguousarray(positions, dtype=np.int32)
+        got = kvhooks.seq_rm_positions(self.ctx, seq, _p32(arr), len(arr),
+                                       kvhooks.SCOPE_GLOBAL if global_only else kvhooks.SCOPE_ALL)
+        if got < 0:
+            raise LlamaError(f"seq_rm_positions failed ({got})")
+        return got
+
+    def remap(self, old, new, seq: int = 0) -> int:
+        o = np.ascontiguousarray(old, dtype=np.int32)
+        n = np.ascontiguousarray(new, dtype=np.int32)
+        got = kvhooks.seq_remap(self.ctx, seq, _p32(o), _p32(n), len(o))
+        if got < 0:
+            raise LlamaError(f"seq_remap failed ({got}): unlisted cell, bad mapping or a model that cannot shift")
+        return got
+
+    def capture_layers(self, layers) -> None:
+        arr = (ctypes.c_int32 * len(layers))(*layers)
+        kvhooks.capture_layers(self.ctx, arr, len(layers))
+
+    def capture(self, on: bool) -> None:
+        kvhooks.capture_enable(self.ctx, on)
+
+    def capture_clear(self) -> None:
+        kvhooks.capture_clear(self.ctx)
+
+    def captured(self, il: int, row: int):
+        """(positions (m,), pre-RoPE queries (m, row)) captured for layer il."""
+        m = kvhooks.capture_get(self.ctx, il, 0, None, None)
+        if m < 0:
+            raise LlamaError(f"layer {il} is not captured")
+        pos = np.empty(m, dtype=np.int32)
+        q = np.empty((m, row), dtype=np.float32)
+        kvhooks.capture_get(self.ctx, il, m, _p32(pos), _pf(q))
+        return pos.astype(np.int64), q
+
+
+def _p32(a):
+    return a.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)) if a is not None and a.size else None
+
+
+def _pf(a):
+    return a.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) if a is not None and a.size else None
