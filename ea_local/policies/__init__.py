@@ -1,0 +1,65 @@
+"""Eviction policies: one module per scoring method, all behind ``Policy`` (see base.py)."""
+from __future__ import annotations
+
+from ea_local.policies import expected_attention, knorm, snapkv, streaming_llm, tova
+from ea_local.policies import random as random_policy
+from ea_local.policies.base import CellView, Policy, RopeSpec
+
+POLICIES: dict[str, Policy] = {
+    p.name: p
+    for p in (
+        Policy(
+            name="expected-attention",
+            description="expected attention of future queries (Gaussian queries, averaged RoPE), times value norm",
+            paper="Devoto, Jeblick & Jégou 2025, Expected Attention, arXiv 2510.00636 (kvpress ExpectedAttentionPress)",
+            score=expected_attention.score,
+            needs_values=True,
+            needs_queries=True,
+        ),
+        Policy(
+            name="streaming-llm",
+            description="keep the attention sinks and the most recent tokens",
+            paper="Xiao et al. 2023, Efficient Streaming Language Models with Attention Sinks, arXiv 2309.17453",
+            score=streaming_llm.score,
+            needs_keys=False,
+        ),
+        Policy(
+            name="random",
+            description="uniformly random scores (seeded): the floor to beat",
+            paper="baseline",
+            score=random_policy.score,
+            needs_keys=False,
+        ),
+        Policy(
+            name="knorm",
+            description="keep the keys with the lowest L2 norm",
+            paper="Devoto et al. 2024, A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression, arXiv 2406.11430",
+            score=knorm.score,
+        ),
+        Policy(
+            name="snapkv",
+            description="attention of the observation-window queries, pooled over neighbouring cells",
+            paper="Li et al. 2024, SnapKV: LLM Knows What You are Looking for Before Generation, arXiv 2404.14469",
+            score=snapkv.score,
+            needs_queries=True,
+        ),
+        Policy(
+            name="tova",
+            description="attention of the last query, averaged over heads",
+            paper="Oren et al. 2024, Transformers are Multi-State RNNs (TOVA), arXiv 2401.06104",
+            score=tova.score,
+            needs_queries=True,
+        ),
+    )
+}
+
+
+def get_policy(name: str) -> Policy:
+    """The registered policy called ``name``; ValueError listing the choices otherwise."""
+    try:
+        return POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; choose from: {', '.join(POLICIES)}") from None
+
+
+__all__ = ["POLICIES", "get_policy", "Policy", "CellView", "RopeSpec"]

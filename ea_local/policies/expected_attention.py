@@ -1,0 +1,194 @@
+"""Expected Attention (Devoto, Jeblick & Jégou, arXiv 2510.00636).
+
+Formula as NVIDIA kvpress computes it (``kvpress/presses/expected_attention_press.py``,
+``ExpectedAttentionPress``; re-implemented here in numpy, not copied):
+
+    μ = mean(q), Σ = (q - μ)ᵀ(q - μ) / N          pre-RoPE queries, per query head
+    R̄ = mean_{j < n_future} R(p + j)              RoPE averaged over the next positions
+    μ' = R̄ μ,  Σ' = R̄ Σ R̄ᵀ
+    z_k = s μ'·k + ½ s² kᵀ Σ' k                    log E[exp(s q'·k)] for q' ~ N(μ', Σ')
+    a = softmax_k(z), averaged over the query heads of a KV group
+    score = (a + ε) ‖v‖                            (use_vnorm; kvpress adds ε only there)
+
+kvpress uses s = 1/√d; we use the model's softmax scale when the engine knows it
+(``CellView.attn_scale``), which is the same for most models. kvpress starts R̄ at the
+prompt length; we start it at the true next position (``CellView.next_pos``).
+
+llama.cpp cells are shared by all layers and heads, so ``score`` reduces the per-layer,
+per-KV-head scores to one per cell (``aggregate="mean"`` or ``"max"``). Sinks and the
+recent window are protected by the engine, not here.
+
+The helpers ``softmax``, ``use_layers`` and ``aggregate_scores`` are shared with the
+attention-based baselines.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ea_local.policies.base import CellView, RopeSpec
+from ea_local.rope import mean_rotation
+
+AGGREGATES = ("mean", "max")
+
+
+def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax; entries at -inf get 0, an all -inf row gives all 0."""
+    z = np.asarray(z, dtype=np.float64)
+    zmax = np.max(z, axis=axis, keepdims=True)
+    zmax = np.where(np.isfinite(zmax), zmax, 0.0)
+    e = np.exp(z - zmax)
+    tot = np.sum(e, axis=axis, keepdims=True)
+    return e / np.where(tot > 0, tot, 1.0)
+
+
+def use_layers(view: CellView, layers: Iterable[int] | None, need: Sequence[str]) -> list[int]:
+    """The layers to score: ``layers`` if given, else every layer present in all of ``need``.
+
+    ``need`` names CellView mappings ("keys", "values", "queries", "rope").
+    """
+    maps = [getattr(view, name) for name in need]
+    if layers is None:
+        chosen = sorted(set.intersection(*(set(m) for m in maps)))
+    else:
+        chosen = [int(l) for l in layers]
+        for name, m in zip(need, maps):
+            missing = [l for l in chosen if l not in m]
+            if missing:
+                raise ValueError(f"layers {missing} have no {name} in the view")
+    if not chosen:
+        raise ValueError(f"the view has no layer with all of: {', '.join(need)}")
+    return chosen
+
+
+def aggregate_scores(per_layer: Sequence[np.ndarray], how: str = "mean") -> np.ndarray:
+    """Reduce per-layer (n_kv_head, n) (or (n,)) scores to (n,) by mean or max over layers and heads."""
+    if how not in AGGREGATES:
+        raise ValueError(f"unknown aggregate {how!r}; choose from: {', '.join(AGGREGATES)}")
+    rows = np.concatenate([np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in per_layer], axis=0)
+    return rows.mean(axis=0) if how == "mean" else rows.max(axis=0)
+
+
+def kv_group(n_head: int, n_kv_head: int) -> int:
+    """Query heads per KV head (GQA); query head h reads KV head h // group."""
+    if n_kv_head <= 0 or n_head % n_kv_head:
+        raise ValueError(f"n_head {n_head} is not a multiple of n_kv_head {n_kv_head}")
+    return n_head // n_kv_head
+
+
+def query_statistics(q: np.ndarray, use_covariance: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-head mean (n_head, d) and covariance divided by N (n_head, d, d) of q (m, n_head, d)."""
+    q = np.asarray(q, dtype=np.float64)
+    if q.ndim != 3 or q.shape[0] == 0:
+        raise ValueError(f"queries must be (m>0, n_head, d), got {q.shape}")
+    mu = q.mean(axis=0)
+    if not use_covariance:
+        return mu, None
+    c = q - mu
+    return mu, np.einsum("mhi,mhj->hij", c, c) / q.shape[0]
+
+
+def rotate_cov(cov: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """R Σ_h Rᵀ for every head of a symmetric cov (n_head, d, d), as two flat GEMMs."""
+    h, d, _ = cov.shape
+    y = (cov.reshape(h * d, d) @ r.T).reshape(h, d, d)  # Σ_h Rᵀ
+    return (y.transpose(0, 2, 1).reshape(h * d, d) @ r.T).reshape(h, d, d)  # (Σ_h Rᵀ)ᵀ Rᵀ = R Σ_h Rᵀ
+
+
+def expected_logits(mu: np.ndarray, cov: np.ndarray | None, keys: np.ndarray, scale: float) -> np.ndarray:
+    """z (n_head, n) = s μ'·k + ½ s² kᵀΣ'k for rotated stats mu (n_head, d), cov, keys (n, n_kv_head, d)."""
+    n_head = mu.shape[0]
+    n_kv = keys.shape[1]
+    g = kv_group(n_head, n_kv)
+    z = np.empty((n_head, keys.shape[0]))
+    for j in range(n_kv):
+        k = keys[:, j, :]
+        heads = slice(j * g, (j + 1) * g)
+        z[heads] = scale * (mu[heads] @ k.T)
+        if cov is not None:
+            d = k.shape[1]
+            kc = (k @ cov[heads].transpose(1, 0, 2).reshape(d, g * d)).reshape(-1, g, d)  # k Σ'_h, one GEMM
+            z[heads] += 0.5 * scale**2 * np.einsum("ngd,nd->gn", kc, k)
+    return z
+
+
+def expected_attention_layer(
+    queries: np.ndarray,
+    keys: np.ndarray,
+    values: np.ndarray | None,
+    rope: RopeSpec,
+    next_pos: int,
+    *,
+    n_future_positions: int = 512,
+    use_covariance: bool = True,
+    use_vnorm: bool = True,
+    epsilon: float = 0.0,
+    scale: float | None = None,
+) -> np.ndarray:
+    """(n_kv_head, n) Expected Attention scores of one layer.
+
+    queries (m, n_head, d) pre-RoPE; keys (n, n_kv_head, d) post-RoPE; values (n, n_kv_head, d_v)
+    (needed only with use_vnorm); scale None -> 1/sqrt(d).
+    """
+    keys = np.asarray(keys, dtype=np.float64)
+    d = keys.shape[-1]
+    s = 1.0 / np.sqrt(d) if scale is None else float(scale)
+    mu, cov = query_statistics(queries, use_covariance)
+    r = mean_rotation(rope, next_pos, n_future_positions, head_dim=d)
+    mu = mu @ r.T
+    if cov is not None:
+        cov = rotate_cov(cov, r)
+    a = softmax(expected_logits(mu, cov, keys, s), axis=-1)  # (n_head, n)
+    n_kv = keys.shape[1]
+    a = a.reshape(n_kv, -1, keys.shape[0]).mean(axis=1)  # heads j*g .. j*g+g-1 -> KV head j
+    if use_vnorm:
+        if values is None:
+            raise ValueError("use_vnorm needs the values")
+        vnorm = np.linalg.norm(np.asarray(values, dtype=np.float64), axis=-1).T  # (n_kv, n)
+        return (a + epsilon) * vnorm
+    return a + epsilon
+
+
+def _stat_queries(view: CellView, layer: int, n_sink: int) -> np.ndarray:
+    """The layer's captured queries minus those at positions < n_sink (kvpress drops the first n_sink)."""
+    q = np.asarray(view.queries[layer])
+    if view.query_positions is None or n_sink <= 0:
+        return q
+    keep = np.asarray(view.query_positions) >= n_sink
+    return q[keep] if keep.any() else q  # only sink queries captured: use them rather than nothing
+
+
+def score(
+    view: CellView,
+    *,
+    n_future_positions: int = 512,
+    use_covariance: bool = True,
+    use_vnorm: bool = True,
+    epsilon: float = 0.0,
+    n_sink: int = 4,
+    aggregate: str = "mean",
+    layers: Iterable[int] | None = None,
+) -> np.ndarray:
+    """(n,) Expected Attention per cell, aggregated over the chosen layers and KV heads.
+
+    ``layers`` None: every layer with keys, queries and rope in the view (and values if use_vnorm).
+    Queries at positions < ``n_sink`` are left out of the statistics.
+    """
+    need = ["keys", "queries", "rope"] + (["values"] if use_vnorm else [])
+    per_layer = [
+        expected_attention_layer(
+            _stat_queries(view, l, n_sink),
+            view.keys[l],
+            view.values[l] if use_vnorm else None,
+            view.rope[l],
+            view.next_pos,
+            n_future_positions=n_future_positions,
+            use_covariance=use_covariance,
+            use_vnorm=use_vnorm,
+            epsilon=epsilon,
+            scale=view.attn_scale,
+        )
+        for l in use_layers(view, layers, need)
+    ]
+    return aggregate_scores(per_layer, aggregate)

@@ -1,0 +1,110 @@
+"""SnapKV (Li et al. 2024, "SnapKV: LLM Knows What You are Looking for Before Generation",
+arXiv 2404.14469): the queries of an observation window (the last captured ones) vote for
+the keys by their real attention; votes are pooled along the sequence so that neighbours of
+an important key are kept with it.
+
+Per layer: RoPE the captured pre-RoPE queries at their positions, causal softmax(s q·k) over
+the cells, sum over the window queries, pool over ``kernel_size`` cells (max by default;
+kvpress and the SnapKV code default to average pooling: ``pooling="avg"``), then average the
+query heads of each KV group (pooling per query head before the group mean, as kvpress).
+Layers are aggregated by mean. The engine protects the window itself and the sinks.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from ea_local.policies.base import CellView, RopeSpec
+from ea_local.policies.expected_attention import aggregate_scores, kv_group, softmax, use_layers
+from ea_local.rope import apply_rope
+
+POOLINGS = ("max", "avg")
+
+
+def group_attention(
+    queries: np.ndarray,
+    query_positions: np.ndarray,
+    keys: np.ndarray,
+    key_positions: np.ndarray,
+    rope: RopeSpec,
+    scale: float | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (kv_head, (group, m, n) attention weights) of RoPE'd queries (m, n_head, d) over keys (n, n_kv_head, d).
+
+    A query attends to the cells at positions <= its own (causal mask).
+    """
+    keys = np.asarray(keys, dtype=np.float64)
+    d = keys.shape[-1]
+    s = 1.0 / np.sqrt(d) if scale is None else float(scale)
+    q = apply_rope(np.asarray(queries, dtype=np.float64).transpose(1, 0, 2), query_positions, rope)  # (H, m, d)
+    g = kv_group(q.shape[0], keys.shape[1])
+    visible = np.asarray(key_positions)[None, :] <= np.asarray(query_positions)[:, None]  # (m, n)
+    for j in range(keys.shape[1]):
+        logits = s * (q[j * g : (j + 1) * g] @ keys[:, j, :].T)  # (g, m, n)
+        yield j, softmax(np.where(visible, logits, -np.inf), axis=-1)
+
+
+def pool1d(x: np.ndarray, kernel_size: int, how: str = "max") -> np.ndarray:
+    """Stride-1 pooling along the last axis, same length (padding kernel_size // 2).
+
+    "max" ignores the padding; "avg" counts it as zeros (torch avg_pool1d's default).
+    """
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}")
+    if how not in POOLINGS:
+        raise ValueError(f"unknown pooling {how!r}; choose from: {', '.join(POOLINGS)}")
+    p = kernel_size // 2
+    width = [(0, 0)] * (x.ndim - 1) + [(p, p)]
+    padded = np.pad(x, width, constant_values=-np.inf if how == "max" else 0.0)
+    win = sliding_window_view(padded, kernel_size, axis=-1)
+    return win.max(axis=-1) if how == "max" else win.mean(axis=-1)
+
+
+def snapkv_layer(
+    queries: np.ndarray,
+    query_positions: np.ndarray,
+    keys: np.ndarray,
+    key_positions: np.ndarray,
+    rope: RopeSpec,
+    *,
+    kernel_size: int = 5,
+    pooling: str = "max",
+    scale: float | None = None,
+) -> np.ndarray:
+    """(n_kv_head, n) SnapKV votes of one layer."""
+    out = np.empty((keys.shape[1], keys.shape[0]))
+    for j, attn in group_attention(queries, query_positions, keys, key_positions, rope, scale):
+        out[j] = pool1d(attn.sum(axis=1), kernel_size, pooling).mean(axis=0)
+    return out
+
+
+def window(view: CellView, window_size: int | None) -> np.ndarray:
+    """Indices of the captured queries to use: the last ``window_size`` by position (all if None)."""
+    if view.query_positions is None:
+        raise ValueError("this policy needs query_positions to apply RoPE to the captured queries")
+    order = np.argsort(np.asarray(view.query_positions), kind="stable")
+    return order if window_size is None else order[-int(window_size):]
+
+
+def score(
+    view: CellView,
+    *,
+    window_size: int | None = None,
+    kernel_size: int = 5,
+    pooling: str = "max",
+    aggregate: str = "mean",
+    layers: Iterable[int] | None = None,
+) -> np.ndarray:
+    """(n,) SnapKV score per cell, aggregated over layers (and KV heads)."""
+    idx = window(view, window_size)
+    qpos = np.asarray(view.query_positions)[idx]
+    per_layer = [
+        snapkv_layer(
+            np.asarray(view.queries[l])[idx], qpos, view.keys[l], view.positions, view.rope[l],
+            kernel_size=kernel_size, pooling=pooling, scale=view.attn_scale,
+        )
+        for l in use_layers(view, layers, ["keys", "queries", "rope"])
+    ]
+    return aggregate_scores(per_layer, aggregate)
