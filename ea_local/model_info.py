@@ -1,0 +1,722 @@
+"""What a GGUF model file says about itself: shape, RoPE, sliding-window layers, KV-cache cost.
+
+`read_model_info(path)` reads only the GGUF header (metadata key/values and tensor
+descriptors) through a read-only memory map; tensor data is never touched, so it takes
+well under a second and a few MB even for multi-GB files.
+
+Why not `gguf.GGUFReader`: it builds one numpy view per array element, which for a
+262k-token vocabulary (gemma3) took 13.5 s and 716 MB RSS on the 250 MB default model,
+and on corrupt input it can loop on garbage array lengths. The parser here is a small,
+bounds-checked walker of the same format that uses the `gguf` package for all format
+constants (value types, magic, tensor type sizes, file-type names, key names); the tests
+check it against GGUFReader on small files.
+
+The hyperparameters are derived the way llama.cpp does it (src/llama-model.cpp
+`load_hparams`, the per-architecture `load_arch_hparams` in src/models/*.cpp and
+`llama_model_rope_type`), so the RoPE of each layer and the sliding-window layers are
+the ones llama.cpp will use when it runs the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping
+
+import gguf
+from gguf import GGMLQuantizationType, GGUFValueType
+
+if TYPE_CHECKING:
+    from ea_local.policies.base import RopeSpec
+
+__all__ = [
+    "CACHE_TYPES",
+    "KVBytes",
+    "ModelFileError",
+    "ModelInfo",
+    "SUPPORTED_ARCHITECTURES",
+    "read_model_info",
+    "row_bytes",
+]
+
+
+class ModelFileError(Exception):
+    """The file cannot be used as a model: missing, unreadable, not GGUF, corrupt, unsupported.
+
+    str(error) is always a single line meant for the user.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+# --------------------------------------------------------------------------------------
+# architectures
+
+@dataclass(frozen=True)
+class _Arch:
+    neox: bool  # llama_model_rope_type(): LLAMA_ROPE_TYPE_NEOX (True) or LLAMA_ROPE_TYPE_NORM
+    swa: str = "none"  # how load_arch_hparams() sets up sliding-window attention (see _sliding)
+    reads_attention_scale: bool = False  # load_arch_hparams() reads {arch}.attention.scale
+    n_rot_must_equal_head_dim: bool = False  # load_hparams() rejects n_rot != n_embd_head_k
+
+
+# Architectures whose attention is plain causal self-attention over a KV cache with
+# standard (NORM or NEOX) RoPE on every layer, as llama.cpp runs them.
+_ARCHS: dict[str, _Arch] = {
+    # NORM: rotate adjacent pairs (2i, 2i+1)
+    "llama": _Arch(neox=False, n_rot_must_equal_head_dim=True),  # also Mistral/Mixtral files
+    "mistral3": _Arch(neox=False),
+    "granite": _Arch(neox=False, reads_attention_scale=True),
+    "internlm2": _Arch(neox=False),
+    # NEOX: rotate pairs (i, i + n_dims/2)
+    "qwen2": _Arch(neox=True),
+    "qwen2moe": _Arch(neox=True),
+    "qwen3": _Arch(neox=True),
+    "qwen3moe": _Arch(neox=True),
+    "starcoder2": _Arch(neox=True),
+    "phi3": _Arch(neox=True, swa="phi3"),
+    "gemma": _Arch(neox=True),
+    "gemma2": _Arch(neox=True, swa="gemma2"),
+    "gemma3": _Arch(neox=True, swa="gemma3"),
+}
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(sorted(_ARCHS))
+
+# llama_model_rope_type() == LLAMA_ROPE_TYPE_NONE (llama.cpp arch names)
+_NO_ROPE_ARCHS = frozenset({
+    "clip", "gpt2", "gptj", "mpt", "refact", "bloom", "mamba", "mamba2", "jamba", "jina-bert-v2",
+    "t5", "t5encoder", "jais", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "wavtokenizer-dec",
+    "nemotron_h", "nemotron_h_moe", "kimi-linear",
+})
+
+_ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")  # llama_rope_scaling_type_from_string
+_MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
+
+# KV-cache element types llama.cpp accepts for --cache-type-k/-v
+CACHE_TYPES: dict[str, GGMLQuantizationType] = {
+    "f32": GGMLQuantizationType.F32,
+    "f16": GGMLQuantizationType.F16,
+    "bf16": GGMLQuantizationType.BF16,
+    "q8_0": GGMLQuantizationType.Q8_0,
+    "q4_0": GGMLQuantizationType.Q4_0,
+    "q4_1": GGMLQuantizationType.Q4_1,
+    "iq4_nl": GGMLQuantizationType.IQ4_NL,
+    "q5_0": GGMLQuantizationType.Q5_0,
+    "q5_1": GGMLQuantizationType.Q5_1,
+}
+_SUMMARY_CACHE_TYPES = ("f16", "q8_0", "q4_0")
+
+
+def row_bytes(cache_type: str, n_elements: int) -> int:
+    """Bytes of one row of `n_elements` values of a ggml type (ggml_row_size).
+
+    f16: 2 bytes/element; q8_0: 34 bytes per block of 32; q4_0: 18 bytes per 32; ...
+    Raises ValueError for an unknown type or a row that is not a whole number of blocks
+    (ggml cannot store it).
+    """
+    try:
+        qtype = CACHE_TYPES[cache_type.lower()]
+    except KeyError:
+        raise ValueError(f"unknown KV cache type {cache_type!r}; known: {', '.join(CACHE_TYPES)}") from None
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    if n_elements % block:
+        raise ValueError(f"a row of {n_elements} values is not a whole number of {cache_type} blocks of {block}")
+    return n_elements // block * type_size
+
+
+@dataclass(frozen=True)
+class KVBytes:
+    """KV-cache bytes for one token (K and V rows of every layer)."""
+
+    total: int
+    global_part: int  # layers that attend to the whole context
+    sliding_part: int  # sliding-window layers (llama.cpp keeps only ~window tokens of these)
+
+
+# --------------------------------------------------------------------------------------
+# the model description
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    architecture: str
+    name: str | None
+    n_layers: int
+    n_embd: int
+    n_head: int  # query heads of layer 0 (hparams.n_head())
+    n_head_kv: int  # KV heads of layer 0 (hparams.n_head_kv())
+    n_head_per_layer: tuple[int, ...]
+    n_head_kv_per_layer: tuple[int, ...]
+    head_dim_k: int  # key/query head size of the global layers
+    head_dim_v: int
+    head_dim_k_swa: int  # of the sliding-window layers (== head_dim_k unless the file says)
+    head_dim_v_swa: int
+    rope_type: str  # "neox" or "norm"
+    rope_n_dims: int  # rotated dimensions per head (rope.dimension_count, default head_dim_k)
+    rope_n_dims_swa: int
+    rope_freq_base: float  # global layers (rope.freq_base, default 10000)
+    rope_freq_scale: float  # global layers, as llama.cpp applies it (1/factor; 1 for scaling "none")
+    rope_freq_base_swa: float | None  # sliding layers; None when there are none
+    rope_freq_scale_swa: float | None
+    rope_scaling_type: str  # none | linear | yarn | longrope (file's, default "linear" as llama.cpp)
+    rope_scaling_factor: float | None  # as written in the file
+    rope_scaling_orig_ctx: int | None
+    has_rope_freq_factors: bool  # rope_freqs / rope_factors_{long,short} tensors present
+    sliding_window: int | None  # tokens; None when no layer slides
+    sliding_layers: tuple[int, ...]
+    n_ctx_train: int
+    file_type: str | None  # "Q4_K_M", "F16", ... ("... (guessed)" when the file does not say)
+    file_type_id: int | None
+    attention_scale: float | None  # {arch}.attention.scale as written, if present
+    kq_scale: float  # softmax scale llama.cpp uses for q.k
+    n_vocab: int | None
+    n_params: int  # elements over all tensors
+    n_tensors: int
+    file_size: int
+    gguf_version: int
+    chat_template: str | None
+    kv_bytes_per_token: Mapping[str, KVBytes | None] = field(default_factory=dict, hash=False)  # f16, q8_0, q4_0
+
+    # ---- layers
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.chat_template)
+
+    @property
+    def neox(self) -> bool:
+        return self.rope_type == "neox"
+
+    @property
+    def global_layers(self) -> tuple[int, ...]:
+        s = set(self.sliding_layers)
+        return tuple(il for il in range(self.n_layers) if il not in s)
+
+    @property
+    def is_iswa(self) -> bool:
+        """Both sliding and global layers (llama.cpp builds a two-part "iSWA" cache)."""
+        return bool(self.sliding_layers) and len(self.sliding_layers) < self.n_layers
+
+    def _check_layer(self, layer: int) -> int:
+        il = int(layer)
+        if not 0 <= il < self.n_layers:
+            raise IndexError(f"layer {layer} out of range 0..{self.n_layers - 1}")
+        return il
+
+    def is_sliding(self, layer: int) -> bool:
+        return self._check_layer(layer) in self.sliding_layers
+
+    def head_dims(self, layer: int) -> tuple[int, int]:
+        """(d_k, d_v) of `layer`."""
+        if self.is_sliding(layer):
+            return self.head_dim_k_swa, self.head_dim_v_swa
+        return self.head_dim_k, self.head_dim_v
+
+    # ---- RoPE
+    @property
+    def rope_exact(self) -> bool:
+        """True when `rope_spec` reproduces llama.cpp's rotation exactly: no YaRN / LongRoPE
+        corrections and no per-frequency factor tensors."""
+        return self.rope_scaling_type in ("none", "linear") and not self.has_rope_freq_factors
+
+    def rope_params(self, layer: int) -> tuple[float, float, bool, int]:
+        """(freq_base, freq_scale, neox, n_dims) llama.cpp uses for `layer`'s q and k."""
+        if self.is_sliding(layer):
+            assert self.rope_freq_base_swa is not None and self.rope_freq_scale_swa is not None
+            return self.rope_freq_base_swa, self.rope_freq_scale_swa, self.neox, self.rope_n_dims_swa
+        return self.rope_freq_base, self.rope_freq_scale, self.neox, self.rope_n_dims
+
+    def rope_spec(self, layer: int) -> "RopeSpec":
+        """`layer`'s RoPE as an ea_local.policies.base.RopeSpec (see also `rope_exact`)."""
+        from ea_local.policies.base import RopeSpec  # lazy: keeps this module importable alone
+
+        base, scale, neox, n_dims = self.rope_params(layer)
+        return RopeSpec(n_dims=n_dims, freq_base=base, freq_scale=scale, neox=neox)
+
+    def rope_specs(self) -> dict[int, "RopeSpec"]:
+        return {il: self.rope_spec(il) for il in range(self.n_layers)}
+
+    # ---- KV cache
+    def kv_bytes_per_token_for(self, type_k: str = "f16", type_v: str | None = None) -> KVBytes:
+        """KV bytes for one token with K stored as `type_k` and V as `type_v` (default: same)."""
+        type_v = type_k if type_v is None else type_v
+        glob = slid = 0
+        for il in range(self.n_layers):
+            dk, dv = self.head_dims(il)
+            nkv = self.n_head_kv_per_layer[il]
+            b = row_bytes(type_k, nkv * dk) + row_bytes(type_v, nkv * dv)
+            if il in self.sliding_layers:
+                slid += b
+            else:
+                glob += b
+        return KVBytes(total=glob + slid, global_part=glob, sliding_part=slid)
+
+    def swa_cache_cells(self, n_ctx: int, n_ubatch: int = 512, swa_full: bool = False) -> int:
+        """Cells llama.cpp allocates for the sliding layers of an `n_ctx`-cell context (one sequence).
+
+        llama_kv_cache_iswa: GGML_PAD(min(n_ctx, n_swa + n_ubatch), 256), or n_ctx with swa_full.
+        """
+        if not self.sliding_layers or self.sliding_window is None:
+            return 0
+        if swa_full:
+            return n_ctx
+        return -(-min(n_ctx, self.sliding_window + n_ubatch) // 256) * 256
+
+    def kv_cache_bytes(self, n_ctx: int, type_k: str = "f16", type_v: str | None = None,
+                       n_ubatch: int = 512, swa_full: bool = False) -> int:
+        """Bytes of the KV cache llama.cpp allocates for `n_ctx` cells (one sequence): global
+        layers hold every cell, sliding layers only `swa_cache_cells`."""
+        b = self.kv_bytes_per_token_for(type_k, type_v)
+        return b.global_part * n_ctx + b.sliding_part * self.swa_cache_cells(n_ctx, n_ubatch, swa_full)
+
+
+# --------------------------------------------------------------------------------------
+# GGUF header parsing
+
+class _Corrupt(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class _Array:
+    elem_type: GGUFValueType
+    length: int
+    values: tuple | None  # None when the array was long and not kept
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    name: str
+    ggml_type: int
+    shape: tuple[int, ...]
+    n_elements: int
+    n_bytes: int
+    offset: int
+
+
+@dataclass
+class _Header:
+    version: int
+    kv: dict[str, Any]
+    tensors: list[_Tensor]
+    data_offset: int
+    file_size: int
+
+
+_SCALAR_FMT = {
+    GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H",
+    GGUFValueType.INT16: "h", GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i",
+    GGUFValueType.FLOAT32: "f", GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "Q",
+    GGUFValueType.INT64: "q", GGUFValueType.FLOAT64: "d",
+}
+_KEEP_ARRAY = 4096  # arrays longer than this (vocabularies) are skipped, only counted
+_MAGIC = struct.pack("<I", gguf.GGUF_MAGIC)  # b"GGUF"
+_SUPPORTED_VERSIONS = (2, 3)
+
+
+class _Cursor:
+    def __init__(self, buf: mmap.mmap | bytes, endian: str, offset: int):
+        self.buf, self.e, self.o, self.n = buf, endian, offset, len(buf)
+
+    def need(self, nbytes: int, what: str) -> None:
+        if nbytes < 0 or self.o + nbytes > self.n:
+            raise _Corrupt(f"{what} at offset {self.o} runs past the end of the file ({self.n} bytes)")
+
+    def unpack(self, fmt: str, what: str):
+        size = struct.calcsize(fmt)
+        self.need(size, what)
+        v = struct.unpack_from(self.e + fmt, self.buf, self.o)
+        self.o += size
+        return v[0] if len(v) == 1 else v
+
+    def string(self, what: str, strict: bool = False) -> str:
+        n = self.unpack("Q", what)
+        self.need(n, what)
+        raw = bytes(self.buf[self.o:self.o + n])
+        self.o += n
+        try:
+            return raw.decode("utf-8", errors="strict" if strict else "replace")
+        except UnicodeDecodeError:
+            raise _Corrupt(f"{what} at offset {self.o - n} is not valid UTF-8") from None
+
+    def skip_strings(self, count: int, what: str) -> None:
+        buf, e, o, n = self.buf, self.e + "Q", self.o, self.n
+        for _ in range(count):
+            if o + 8 > n:
+                self.o = o
+                self.need(8, what)
+            (slen,) = struct.unpack_from(e, buf, o)
+            o += 8 + slen
+            if o > n:
+                self.o = o - slen
+                self.need(slen, what)
+        self.o = o
+
+
+def _value_type(raw: int, key: str) -> GGUFValueType:
+    try:
+        return GGUFValueType(raw)
+    except ValueError:
+        raise _Corrupt(f"key {key!r} has invalid value type {raw}") from None
+
+
+def _read_value(c: _Cursor, vtype: GGUFValueType, key: str) -> Any:
+    if vtype == GGUFValueType.STRING:
+        return c.string(f"value of {key!r}")
+    if vtype == GGUFValueType.ARRAY:
+        etype = _value_type(c.unpack("I", f"array type of {key!r}"), key)
+        length = c.unpack("Q", f"array length of {key!r}")
+        if etype == GGUFValueType.ARRAY:
+            raise _Corrupt(f"key {key!r} is a nested array (not supported by llama.cpp)")
+        if etype == GGUFValueType.STRING:
+            c.need(8 * length, f"array {key!r} of {length} strings")  # each has an 8-byte length
+            if length <= _KEEP_ARRAY:
+                return _Array(etype, length, tuple(c.string(f"element of {key!r}") for _ in range(length)))
+            c.skip_strings(length, f"array {key!r}")
+            return _Array(etype, length, None)
+        fmt = _SCALAR_FMT[etype]
+        size = struct.calcsize(fmt) * length
+        c.need(size, f"array {key!r} of {length} {etype.name}")
+        values = None
+        if length <= _KEEP_ARRAY:
+            values = struct.unpack_from(f"{c.e}{length}{fmt}", c.buf, c.o)
+        c.o += size
+        return _Array(etype, length, values)
+    return c.unpack(_SCALAR_FMT[vtype], f"value of {key!r}")
+
+
+def _parse_header(buf: mmap.mmap | bytes) -> _Header:
+    n = len(buf)
+    (version,) = struct.unpack_from("<I", buf, 4)
+    endian = "<"
+    if version & 0xFFFF == 0:  # written on a big-endian machine (GGUFReader does the same test)
+        endian = ">"
+        (version,) = struct.unpack_from(">I", buf, 4)
+    if version not in _SUPPORTED_VERSIONS:
+        raise _BadVersion(version)
+    c = _Cursor(buf, endian, 8)
+    n_tensors = c.unpack("Q", "tensor count")
+    n_kv = c.unpack("Q", "key/value count")
+    # every KV pair takes >= 13 bytes and every tensor descriptor >= 24: reject absurd counts early
+    if n_kv * 13 > n - c.o or n_tensors * 24 > n - c.o:
+        raise _Corrupt(f"header claims {n_kv} keys and {n_tensors} tensors in a {n}-byte file")
+    kv: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = c.string("key name", strict=True)
+        if key in kv:
+            raise _Corrupt(f"duplicate key {key!r}")
+        vtype = _value_type(c.unpack("I", f"value type of {key!r}"), key)
+        kv[key] = _read_value(c, vtype, key)
+    alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+    if "general.alignment" in kv:
+        alignment = kv["general.alignment"]
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 \
+                or alignment & (alignment - 1):
+            raise _Corrupt(f"invalid general.alignment {alignment!r}")
+    tensors: list[_Tensor] = []
+    names: set[str] = set()
+    for _ in range(n_tensors):
+        name = c.string("tensor name")
+        if name in names:
+            raise _Corrupt(f"duplicate tensor {name!r}")
+        names.add(name)
+        n_dims = c.unpack("I", f"dimension count of tensor {name!r}")
+        if not 1 <= n_dims <= 4:
+            raise _Corrupt(f"tensor {name!r} has {n_dims} dimensions")
+        shape = tuple(c.unpack("Q", f"shape of tensor {name!r}") for _ in range(n_dims))
+        raw_type = c.unpack("I", f"type of tensor {name!r}")
+        offset = c.unpack("Q", f"data offset of tensor {name!r}")
+        try:
+            block, type_size = gguf.GGML_QUANT_SIZES[GGMLQuantizationType(raw_type)]
+        except (ValueError, KeyError):
+            raise _Corrupt(f"tensor {name!r} has unknown type {raw_type}") from None
+        if shape[0] % block:
+            raise _Corrupt(f"tensor {name!r} row of {shape[0]} is not a multiple of its block size {block}")
+        n_el = math.prod(shape)
+        if offset % alignment:
+            raise _Corrupt(f"tensor {name!r} data offset {offset} is not aligned to {alignment}")
+        tensors.append(_Tensor(name, raw_type, shape, n_el, n_el // block * type_size, offset))
+    data_offset = -(-c.o // alignment) * alignment
+    for t in tensors:
+        end = data_offset + t.offset + t.n_bytes
+        if end > n:
+            raise _Corrupt(f"data of tensor {t.name!r} ends at byte {end}, past the end of the file ({n} bytes)")
+    return _Header(version=version, kv=kv, tensors=tensors, data_offset=data_offset, file_size=n)
+
+
+class _BadVersion(Exception):
+    def __init__(self, version: int):
+        self.version = version
+
+
+def _read_header(path: str) -> _Header:
+    if not os.path.lexists(path):
+        raise ModelFileError(f"no such file: {path}")
+    if os.path.isdir(path):
+        raise ModelFileError(f"is a directory, not a GGUF file: {path}")
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 4:
+                what = "empty file" if not head else f"only {len(head)} bytes"
+                raise ModelFileError(f"not a GGUF file: {path} ({what})")
+            if head[:4] != _MAGIC:
+                raise ModelFileError(f"not a GGUF file: {path} (starts with {head[:4]!r}, expected {_MAGIC!r})")
+            if len(head) < 8 or size < 24:
+                raise ModelFileError(f"truncated or corrupt GGUF file: {path} (file ends inside the header, {size} bytes)")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                try:
+                    return _parse_header(buf)
+                except _BadVersion as e:
+                    raise ModelFileError(
+                        f"unsupported GGUF version {e.version} in {path} "
+                        f"(supported: {', '.join(map(str, _SUPPORTED_VERSIONS))})") from None
+                except _Corrupt as e:
+                    raise ModelFileError(f"truncated or corrupt GGUF file: {path} ({e})") from None
+                except (struct.error, ValueError, OverflowError, MemoryError, IndexError) as e:
+                    raise ModelFileError(f"truncated or corrupt GGUF file: {path} ({type(e).__name__}: {e})") from None
+    except ModelFileError:
+        raise
+    except PermissionError:
+        raise ModelFileError(f"cannot read {path}: permission denied") from None
+    except OSError as e:
+        raise ModelFileError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+# --------------------------------------------------------------------------------------
+# metadata -> ModelInfo
+
+class _KV:
+    """Typed access to the header's key/values, with user-facing errors."""
+
+    def __init__(self, kv: Mapping[str, Any], path: str):
+        self.kv, self.path = kv, path
+
+    def _bad(self, key: str, expected: str) -> ModelFileError:
+        v = self.kv[key]
+        got = f"an array of {v.length} {v.elem_type.name}" if isinstance(v, _Array) else repr(v)[:60]
+        return ModelFileError(f"bad metadata in {self.path}: {key} should be {expected}, got {got}")
+
+    def missing(self, key: str) -> ModelFileError:
+        return ModelFileError(f"missing required key '{key}' in {self.path}")
+
+    def has(self, key: str) -> bool:
+        return key in self.kv
+
+    def get_int(self, key: str, default: Any = ..., minimum: int = 0) -> Any:
+        if key not in self.kv:
+            if default is ...:
+                raise self.missing(key)
+            return default
+        v = self.kv[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise self._bad(key, f"an integer >= {minimum}")
+        return v
+
+    def get_float(self, key: str, default: Any = ...) -> Any:
+        if key not in self.kv:
+            if default is ...:
+                raise self.missing(key)
+            return default
+        v = self.kv[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise self._bad(key, "a finite number")
+        return float(v)
+
+    def get_str(self, key: str, default: Any = ...) -> Any:
+        if key not in self.kv:
+            if default is ...:
+                raise self.missing(key)
+            return default
+        v = self.kv[key]
+        if not isinstance(v, str):
+            raise self._bad(key, "a string")
+        return v
+
+    def int_or_array(self, key: str, n: int, default: Any = ...) -> Any:
+        """llama_model_loader::get_key_or_arr: a scalar for every layer, or one value per layer."""
+        if key not in self.kv:
+            if default is ...:
+                raise self.missing(key)
+            return default
+        v = self.kv[key]
+        if isinstance(v, _Array):
+            if v.length != n:
+                raise ModelFileError(
+                    f"bad metadata in {self.path}: {key} has {v.length} entries, expected one per layer ({n})")
+            if v.values is None or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                           for x in v.values):
+                raise self._bad(key, "non-negative integers")
+            return tuple(int(x) for x in v.values)
+        return (self.get_int(key),) * n
+
+
+def _file_type(kv: _KV, tensors: list[_Tensor]) -> tuple[str | None, int | None]:
+    if kv.has("general.file_type"):
+        ft = kv.get_int("general.file_type")
+        try:
+            name = gguf.LlamaFileType(ft).name
+        except ValueError:
+            return f"unknown ({ft})", ft
+        return name.removeprefix("MOSTLY_").removeprefix("ALL_"), ft
+    # llama.cpp guesses from the most common tensor type
+    counts: dict[int, int] = {}
+    for t in tensors:
+        counts[t.ggml_type] = counts.get(t.ggml_type, 0) + 1
+    if not counts:
+        return None, None
+    qt = GGMLQuantizationType(max(counts, key=lambda k: counts[k]))
+    return f"{qt.name} (guessed)", None
+
+
+def _sliding(arch: _Arch, kv: _KV, a: str, n_layers: int, base: float, scale_train: float
+             ) -> tuple[tuple[int, ...], int | None, float | None, float | None]:
+    """(sliding layers, window, swa freq_base, swa freq_scale) as load_arch_hparams() sets them."""
+    window_key = f"{a}.attention.sliding_window"
+    pattern_key = f"{a}.attention.sliding_window_pattern"
+
+    def pattern(default_n: int) -> tuple[int, ...]:
+        # llama_model_base::load_swa_pattern(): a per-layer bool array wins; else an integer
+        # period n (key or default) with llama_hparams::set_swa_pattern():
+        # layer il slides iff n == 0 or il % n < n - 1  (the last layer of every n is global)
+        if kv.has(pattern_key) and isinstance(kv.kv[pattern_key], _Array):
+            arr = kv.kv[pattern_key]
+            if arr.values is None or arr.length > _MAX_LAYERS:
+                raise kv._bad(pattern_key, f"at most {_MAX_LAYERS} flags")
+            return tuple(il for il, f in enumerate(arr.values[:n_layers]) if f)
+        p = kv.get_int(pattern_key, default_n)
+        return tuple(il for il in range(n_layers) if p == 0 or il % p < p - 1)
+
+    if arch.swa == "gemma2":
+        # always iSWA; window default 4096; period 2; swa rope = global rope unless freq_base_swa
+        layers = pattern(2)
+        window = kv.get_int(window_key, 4096)
+        swa_base = kv.get_float(f"{a}.rope.freq_base_swa", base)
+        swa_scale = scale_train
+    elif arch.swa == "gemma3":
+        # iSWA only when sliding_window > 0; period 6; hparams defaults: base 10000, scale 1
+        window = kv.get_int(window_key, 0)
+        if window <= 0:
+            return (), None, None, None
+        layers = pattern(6)
+        swa_base = kv.get_float(f"{a}.rope.freq_base_swa", 10000.0)
+        swa_scale = 1.0
+    else:
+        # phi3: llama.cpp disables SWA (swa_type NONE) even when the file has a window;
+        # the others never set one up
+        return (), None, None, None
+    if not layers:
+        return (), None, None, None
+    return layers, window, swa_base, swa_scale
+
+
+def _kq_scale(arch_name: str, arch: _Arch, attention_scale: float | None, n_layers: int,
+              n_embd: int, n_head: int, head_dim_k: int) -> float:
+    if arch.reads_attention_scale and attention_scale:
+        return attention_scale
+    # gemma2/gemma3 27B: 1/sqrt(n_embd/n_head) (query_pre_attn_scalar); otherwise 1/sqrt(d_k)
+    if (arch_name == "gemma2" and n_layers == 46) or (arch_name == "gemma3" and n_layers == 62):
+        return 1.0 / math.sqrt(n_embd // n_head)
+    return 1.0 / math.sqrt(head_dim_k)
+
+
+def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
+    """Describe the GGUF model at `path`; raises ModelFileError (one-line message) if it can't."""
+    p = os.fspath(path)
+    hdr = _read_header(p)
+    kv = _KV(hdr.kv, p)
+
+    a = kv.get_str("general.architecture")
+    arch = _ARCHS.get(a)
+    if arch is None:
+        supported = ", ".join(SUPPORTED_ARCHITECTURES)
+        if a in _NO_ROPE_ARCHS:
+            raise ModelFileError(f"unsupported architecture '{a}' in {p}: it does not use RoPE; "
+                                 f"ea_local supports {supported}")
+        raise ModelFileError(f"unsupported architecture '{a}' in {p}: ea_local supports {supported}")
+
+    n_layers = kv.get_int(f"{a}.block_count", minimum=1)
+    if n_layers > _MAX_LAYERS:
+        raise ModelFileError(f"bad metadata in {p}: {a}.block_count is {n_layers} (max {_MAX_LAYERS})")
+    n_embd = kv.get_int(f"{a}.embedding_length", minimum=1)
+    n_ctx_train = kv.get_int(f"{a}.context_length", minimum=1)
+    n_head_l = kv.int_or_array(f"{a}.attention.head_count", n_layers)
+    n_head_kv_l = kv.int_or_array(f"{a}.attention.head_count_kv", n_layers, n_head_l)
+    n_head = n_head_l[0]
+    if n_head <= 0:
+        raise ModelFileError(f"bad metadata in {p}: layer 0 has {n_head} attention heads")
+    if any(h > 0 and k == 0 for h, k in zip(n_head_l, n_head_kv_l)) or any(k > h for h, k in zip(n_head_l, n_head_kv_l)):
+        raise ModelFileError(f"bad metadata in {p}: KV head counts {list(n_head_kv_l)} do not fit "
+                             f"query head counts {list(n_head_l)}")
+    head_dim_k = kv.get_int(f"{a}.attention.key_length", n_embd // n_head, minimum=1)
+    head_dim_v = kv.get_int(f"{a}.attention.value_length", n_embd // n_head, minimum=1)
+    if head_dim_k == 0 or head_dim_v == 0:
+        raise ModelFileError(f"bad metadata in {p}: head size is 0 ({n_embd} / {n_head})")
+    head_dim_k_swa = kv.get_int(f"{a}.attention.key_length_swa", head_dim_k, minimum=1)
+    head_dim_v_swa = kv.get_int(f"{a}.attention.value_length_swa", head_dim_v, minimum=1)
+
+    # RoPE (load_hparams)
+    n_rot = kv.get_int(f"{a}.rope.dimension_count", head_dim_k, minimum=0)
+    n_rot_swa = kv.get_int(f"{a}.rope.dimension_count_swa", n_rot, minimum=0)
+    if arch.n_rot_must_equal_head_dim and n_rot != head_dim_k:
+        raise ModelFileError(f"bad metadata in {p}: rope dimension count {n_rot} != head size {head_dim_k} "
+                             f"(llama.cpp rejects this for '{a}')")
+    for nr, dk in ((n_rot, head_dim_k), (n_rot_swa, head_dim_k_swa)):
+        if nr % 2 or nr > dk or nr == 0:
+            raise ModelFileError(f"bad metadata in {p}: rope dimension count {nr} for head size {dk}")
+    base = kv.get_float(f"{a}.rope.freq_base", 10000.0)
+    if base <= 0:
+        raise ModelFileError(f"bad metadata in {p}: {a}.rope.freq_base is {base}")
+    scaling = kv.get_str(f"{a}.rope.scaling.type", "linear")
+    if scaling not in _ROPE_SCALING_TYPES:
+        raise ModelFileError(f"bad metadata in {p}: unknown rope scaling type {scaling!r} "
+                             f"(llama.cpp knows {', '.join(_ROPE_SCALING_TYPES)})")
+    factor_key = f"{a}.rope.scaling.factor"
+    factor = kv.get_float(factor_key, None) if kv.has(factor_key) else kv.get_float(f"{a}.rope.scale_linear", None)
+    if factor is not None and factor < 0:
+        raise ModelFileError(f"bad metadata in {p}: rope scaling factor {factor}")
+    scale_train = 1.0 if not factor else 1.0 / factor
+    scale = 1.0 if scaling == "none" else scale_train  # llama_context: "never scale if scaling type is none"
+    orig_ctx = kv.get_int(f"{a}.rope.scaling.original_context_length", None)
+    factor_tensors = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
+    has_factors = any(t.name in factor_tensors for t in hdr.tensors)
+
+    sliding, window, swa_base, swa_scale = _sliding(arch, kv, a, n_layers, base, scale_train)
+    if swa_base is not None and swa_base <= 0:
+        raise ModelFileError(f"bad metadata in {p}: {a}.rope.freq_base_swa is {swa_base}")
+
+    attention_scale = kv.get_float(f"{a}.attention.scale", None)
+    kq = _kq_scale(a, arch, attention_scale, n_layers, n_embd, n_head, head_dim_k)
+
+    template = kv.get_str("tokenizer.chat_template", None)
+    tokens = hdr.kv.get("tokenizer.ggml.tokens")
+    n_vocab = tokens.length if isinstance(tokens, _Array) else kv.get_int(f"{a}.vocab_size", None)
+    name = kv.get_str("general.name", None)
+    ftype, ftype_id = _file_type(kv, hdr.tensors)
+
+    info = ModelInfo(
+        path=p, architecture=a, name=name, n_layers=n_layers, n_embd=n_embd,
+        n_head=n_head, n_head_kv=n_head_kv_l[0],
+        n_head_per_layer=tuple(n_head_l), n_head_kv_per_layer=tuple(n_head_kv_l),
+        head_dim_k=head_dim_k, head_dim_v=head_dim_v,
+        head_dim_k_swa=head_dim_k_swa, head_dim_v_swa=head_dim_v_swa,
+        rope_type="neox" if arch.neox else "norm", rope_n_dims=n_rot, rope_n_dims_swa=n_rot_swa,
+        rope_freq_base=base, rope_freq_scale=scale,
+        rope_freq_base_swa=swa_base, rope_freq_scale_swa=swa_scale,
+        rope_scaling_type=scaling, rope_scaling_factor=factor, rope_scaling_orig_ctx=orig_ctx,
+        has_rope_freq_factors=has_factors,
+        sliding_window=window, sliding_layers=sliding, n_ctx_train=n_ctx_train,
+        file_type=ftype, file_type_id=ftype_id, attention_scale=attention_scale, kq_scale=kq,
+        n_vocab=n_vocab, n_params=sum(t.n_elements for t in hdr.tensors), n_tensors=len(hdr.tensors),
+        file_size=hdr.file_size, gguf_version=hdr.version, chat_template=template or None,
+    )
+    per_type: dict[str, KVBytes | None] = {}
+    for t in _SUMMARY_CACHE_TYPES:
+        try:
+            per_type[t] = info.kv_bytes_per_token_for(t)
+        except ValueError:  # rows not a whole number of blocks: llama.cpp can't use this type
+            per_type[t] = None
+    return dataclasses.replace(info, kv_bytes_per_token=per_type)
