@@ -13,7 +13,7 @@ from .. import kvhooks  # loads libllama before numpy (DESIGN.md: import order o
 import llama_cpp.llama_cpp as ll  # noqa: E402
 import numpy as np  # noqa: E402
 
-CACHE_TYPES = {"f16": ll.GGML_TYPE_F16, "q8_0": ll.GGML_TYPE_Q8_0, "q4_0": ll.GGML_TYPE_Q4_0}
+CACHE_TYPES = {"f32": ll.GGML_TYPE_F32, "f16": ll.GGML_TYPE_F16, "q8_0": ll.GGML_TYPE_Q8_0, "q4_0": ll.GGML_TYPE_Q4_0}
 
 
 class LlamaError(RuntimeError):
@@ -51,7 +51,7 @@ class ContextConfig:
 
 
 class Runtime:
-    def __init__(self, model_path: str, cfg: ContextConfig):
+    def __init__(self, model_path: str, cfg: ContextConfig, cb_eval=None):
         _silence_llama_log()
         ll.llama_backend_init()
         if cfg.cache_type not in CACHE_TYPES:
@@ -73,9 +73,11 @@ class Runtime:
         cp.n_threads_batch = threads
         cp.type_k = CACHE_TYPES[cfg.cache_type]
         cp.type_v = CACHE_TYPES[cfg.cache_type]
-        fa = cfg.flash_attn if cfg.flash_attn is not None else cfg.cache_type != "f16"
+        fa = cfg.flash_attn if cfg.flash_attn is not None else cfg.cache_type not in ("f16", "f32")
         cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if fa else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cp.swa_full = cfg.swa_full
+        if cb_eval is not None:  # tests only: it splits the graph
+            cp.cb_eval = cb_eval
         self.ctx = ll.llama_init_from_model(self.model, cp)
         if not self.ctx:
             ll.llama_model_free(self.model)

@@ -1,0 +1,90 @@
+"""`ea-local`: the command line.
+
+llama_cpp is imported (through the engine) before numpy-heavy code: on CUDA builds the other
+order was seen to crash at model load (DESIGN.md). Errors a user can fix are one line on stderr
+and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Long contexts on local GGUF models inside a fixed KV budget (Expected Attention eviction).")
+
+ModelOpt = typer.Option(None, "--model", "-m", help="GGUF file (default: the embedded Gemma 3 270M Q4_K_M)")
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, exit code 2."""
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.echo(f"ea-local: error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _model_info(model: Optional[Path]):
+    from .model_info import ModelFileError, read_model_info
+    from .models import resolve_model
+
+    path = resolve_model(str(model) if model else None)
+    try:
+        return read_model_info(path)
+    except ModelFileError as e:
+        _fail(str(e))
+
+
+@app.command()
+def info(model: Optional[Path] = typer.Argument(None, help="GGUF file (default: the embedded model)")) -> None:
+    """Architecture, attention geometry, RoPE, sliding window and KV bytes per token of a GGUF (no weights loaded)."""
+    from .info_format import format_info
+
+    typer.echo(format_info(_model_info(model)))
+
+
+@app.command()
+def policies() -> None:
+    """List the eviction policies with a one-line description and their paper."""
+    from .policies import POLICIES
+
+    width = max(map(len, POLICIES))
+    for p in POLICIES.values():
+        typer.echo(f"{p.name:<{width}}  {p.description}\n{'':<{width}}  {p.paper}")
+
+
+@app.command()
+def demo(
+    model: Optional[Path] = ModelOpt,
+    budget: int = typer.Option(1024, help="KV cells the context may occupy"),
+    policy: str = typer.Option("expected-attention", help="eviction policy (see `ea-local policies`)"),
+    length: int = typer.Option(4096, help="tokens of context to read"),
+    cache_type: str = typer.Option("f16", help="KV cache type: f16, q8_0 or q4_0"),
+    seed: int = typer.Option(0),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)"),
+    n_gpu_layers: int = typer.Option(0, help="layers to offload to the GPU"),
+) -> None:
+    """The main job: read a long document with a pass key in it through a small KV budget, then ask for the key."""
+    from .demo import run_demo
+
+    info = _model_info(model)
+    try:
+        run_demo(info, budget=budget, policy=policy, length=length, cache_type=cache_type, seed=seed,
+                 threads=threads, n_gpu_layers=n_gpu_layers)
+    except (UserError, ValueError) as e:
+        _fail(str(e))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

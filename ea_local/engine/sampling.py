@@ -1,0 +1,48 @@
+"""llama.cpp's sampler chain, configured from OpenAI-style parameters."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import llama_cpp.llama_cpp as ll
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int = 0
+
+
+class Sampler:
+    """Owns one llama_sampler chain; `sample()` picks and accepts the next token."""
+
+    def __init__(self, rt, p: SamplingParams):
+        self.rt = rt
+        sp = ll.llama_sampler_chain_default_params()
+        self.chain = ll.llama_sampler_chain_init(sp)
+        add = lambda s: ll.llama_sampler_chain_add(self.chain, s)  # noqa: E731
+        if p.repeat_penalty != 1.0:
+            add(ll.llama_sampler_init_penalties(p.repeat_last_n, p.repeat_penalty, 0.0, 0.0))
+        if p.temperature <= 0:
+            add(ll.llama_sampler_init_greedy())
+        else:
+            if p.top_k > 0:
+                add(ll.llama_sampler_init_top_k(p.top_k))
+            if p.top_p < 1.0:
+                add(ll.llama_sampler_init_top_p(p.top_p, 1))
+            if p.min_p > 0:
+                add(ll.llama_sampler_init_min_p(p.min_p, 1))
+            add(ll.llama_sampler_init_temp(p.temperature))
+            add(ll.llama_sampler_init_dist(p.seed & 0xFFFFFFFF))
+
+    def sample(self) -> int:
+        return int(ll.llama_sampler_sample(self.chain, self.rt.ctx, -1))
+
+    def close(self) -> None:
+        if self.chain:
+            ll.llama_sampler_free(self.chain)
+            self.chain = None

@@ -1,0 +1,253 @@
+"""A conversation with one model inside a fixed KV budget.
+
+The Session feeds tokens to the Runtime, remembers which token sits at which position, and,
+when the next chunk or token would not fit, scores the live cells with a policy and evicts the
+least important ones down to `budget - step` (prefill: after each chunk, as kvpress compresses
+while prefilling; decoding: once every `step` tokens). The first `n_sink` tokens and the most
+recent `recent` tokens are never evicted; the newest cell never is (llama.cpp needs the next
+token at seq_pos_max + 1).
+
+On iSWA models (gemma2/3) only the global layers' cache is evicted and scored: the sliding
+layers keep their window in a window-sized cache of their own (swa_full off), so eviction never
+takes a token they still attend to (DESIGN.md, prototype finding).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from .runtime import ContextConfig, LlamaError, Runtime  # runtime first: loads libllama before numpy
+import numpy as np  # noqa: E402
+
+from ..model_info import read_model_info  # noqa: E402
+from ..policies import get_policy  # noqa: E402
+from ..policies.base import CellView  # noqa: E402
+from .sampling import Sampler, SamplingParams  # noqa: E402
+from .textstream import TextStream  # noqa: E402
+
+
+class BudgetError(ValueError):
+    pass
+
+
+@dataclass
+class SessionConfig:
+    budget: int = 2048  # KV cells of the (global) cache the conversation may occupy
+    policy: str = "expected-attention"
+    n_sink: int = 4
+    recent: int = 64  # newest tokens never evicted
+    step: int = 128  # evict down to budget - step, so compression runs once per `step` tokens
+    chunk: int = 512  # prefill chunk: n_ctx = budget + chunk
+    stats_window: int = 128  # decoded queries kept as Expected Attention's statistics
+    cache_type: str = "f16"
+    n_threads: int | None = None
+    n_gpu_layers: int = 0
+    seed: int = 0
+    policy_options: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.budget <= 0:
+            raise BudgetError(f"budget must be positive, got {self.budget}")
+        floor = self.n_sink + self.recent + self.step + 1
+        if self.budget < floor:
+            raise BudgetError(f"budget {self.budget} cannot hold n_sink {self.n_sink} + recent window {self.recent} "
+                              f"+ step {self.step}: use at least {floor}")
+        if not 0 < self.chunk <= 4096:
+            raise BudgetError(f"chunk must be in 1..4096, got {self.chunk}")
+
+
+@dataclass
+class Eviction:
+    at_token: int  # tokens seen when it happened
+    phase: str  # "prefill" or "decode"
+    n_before: int
+    n_evicted: int
+    score_s: float  # reading the cache + scoring
+    evict_s: float  # the removal call
+
+
+@dataclass
+class Stats:
+    tokens_seen: int = 0
+    evictions: list[Eviction] = field(default_factory=list)
+    compactions: int = 0
+
+
+class Session:
+    """One sequence in one llama.cpp context, kept within `cfg.budget` cells."""
+
+    def __init__(self, model_path: str, cfg: SessionConfig | None = None):
+        self.cfg = cfg = cfg or SessionConfig()
+        cfg.validate()
+        self.policy = get_policy(cfg.policy)
+        self.info = read_model_info(model_path)
+        self.model_path = model_path
+        self.iswa = bool(self.info.sliding_layers)
+        self.rt = Runtime(model_path, ContextConfig(
+            n_ctx=cfg.budget + cfg.chunk, n_batch=cfg.chunk, cache_type=cfg.cache_type,
+            swa_full=not self.iswa, n_threads=cfg.n_threads, n_gpu_layers=cfg.n_gpu_layers, seed=cfg.seed))
+        self.layers = [il for il in range(self.info.n_layers) if il not in set(self.info.sliding_layers)]
+        self.rope = {il: self.info.rope_spec(il) for il in self.layers}
+        self.q_row = self.info.n_head * self.info.head_dim_k
+        self.rt.capture_layers(self.layers if self.policy.needs_queries else [])
+        self.rt.capture(self.policy.needs_queries)
+        self.stats = Stats()
+        self.reset()
+
+    # ---- state ----
+    def reset(self) -> None:
+        self.rt.clear()
+        self.rt.capture_clear()
+        self.live: dict[int, int] = {}  # position -> token, cells of the global cache
+        self.next_pos = 0
+        self.queries: dict[int, np.ndarray] = {}
+        self.query_pos = np.empty(0, dtype=np.int64)
+        self.stats = Stats()
+
+    def close(self) -> None:
+        self.rt.close()
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.live)
+
+    def kv_bytes(self, n_cells: int | None = None) -> int:
+        """KV bytes held now (or for n_cells): global cells + the sliding layers' window cache."""
+        n = self.n_cells if n_cells is None else n_cells
+        per = self.info.kv_bytes_per_token_for(self.cfg.cache_type)
+        if not self.iswa:
+            return n * per.total
+        swa_cells = min(n, self.info.sliding_window + self.cfg.chunk)
+        return n * per.global_part + swa_cells * per.sliding_part
+
+    # ---- feeding tokens ----
+    def prefill(self, tokens: list[int], progress: Callable[[int, int], None] | None = None) -> None:
+        """Feed tokens in chunks, compressing after each chunk that leaves the cache over budget."""
+        for s in range(0, len(tokens), self.cfg.chunk):
+            part = tokens[s:s + self.cfg.chunk]
+            self._decode(part)
+            if self.n_cells > self.cfg.budget:
+                self.compress(self.cfg.budget - self.cfg.step, phase="prefill")
+            if progress:
+                progress(min(s + len(part), len(tokens)), len(tokens))
+
+    def _decode(self, tokens: list[int]) -> None:
+        if self.next_pos + len(tokens) + self.cfg.chunk >= self.info.n_ctx_train:
+            self.compact()
+        positions = list(range(self.next_pos, self.next_pos + len(tokens)))
+        self.rt.decode(tokens, positions)
+        self.live.update(zip(positions, tokens))
+        self.next_pos += len(tokens)
+        self.stats.tokens_seen += len(tokens)
+        if self.policy.needs_queries:
+            self._collect_queries(chunk=len(tokens) > 1)
+
+    def _collect_queries(self, chunk: bool) -> None:
+        """Keep the statistics window: the last prefill chunk, or the last `stats_window` decoded queries."""
+        for il in self.layers:
+            pos, q = self.rt.captured(il, self.q_row)
+            q = q.reshape(len(pos), self.info.n_head, self.info.head_dim_k)
+            if chunk:
+                self.queries[il] = q
+            else:
+                old = self.queries.get(il)
+                self.queries[il] = q if old is None else np.concatenate([old, q])[-self.cfg.stats_window:]
+            new_pos = pos
+        if chunk:
+            self.query_pos = new_pos
+        else:
+            self.query_pos = np.concatenate([self.query_pos, new_pos])[-self.cfg.stats_window:]
+        self.rt.capture_clear()
+
+    # ---- compression ----
+    def view(self) -> CellView:
+        """What the policy sees: the live global cells and the statistics window."""
+        keys, values = {}, {}
+        positions = None
+        for il in self.layers:
+            pos, k, v = self.rt.kv_read(il, keys=self.policy.needs_keys, values=self.policy.needs_values)
+            positions = pos
+            if k is not None:
+                keys[il] = k
+            if v is not None:
+                values[il] = v
+        if positions is None or not self.policy.needs_keys and not self.policy.needs_values:
+            positions = np.array(sorted(self.live), dtype=np.int64)
+        return CellView(positions=positions, keys=keys, values=values, queries=self.queries,
+                        query_positions=self.query_pos, rope=self.rope, next_pos=self.next_pos,
+                        attn_scale=self.info.kq_scale, seed=self.cfg.seed + len(self.stats.evictions))
+
+    def compress(self, target: int, phase: str = "decode") -> int:
+        """Evict the lowest-scoring cells so that `target` remain. Returns how many were evicted."""
+        n_before = self.n_cells
+        if n_before <= target:
+            return 0
+        t0 = time.perf_counter()
+        view = self.view()
+        pos = view.positions
+        scores = np.asarray(self.policy.score(view, **self.cfg.policy_options), dtype=np.float64)
+        protected = (pos < self.cfg.n_sink) | (pos >= self.next_pos - self.cfg.recent)
+        n_evict = n_before - target
+        cand = np.flatnonzero(~protected)
+        if len(cand) < n_evict:
+            raise BudgetError(f"cannot evict {n_evict} cells: only {len(cand)} are not protected")
+        order = cand[np.argsort(scores[cand], kind="stable")]
+        evict = np.sort(pos[order[:n_evict]])
+        t1 = time.perf_counter()
+        removed = self.rt.rm_positions(evict, global_only=self.iswa)
+        t2 = time.perf_counter()
+        for p in evict.tolist():
+            del self.live[p]
+        if removed < n_evict:
+            raise LlamaError(f"removed {removed} cells, expected {n_evict}")
+        self.stats.evictions.append(Eviction(self.stats.tokens_seen, phase, n_before, n_evict, t1 - t0, t2 - t1))
+        return n_evict
+
+    def compact(self) -> None:
+        """Renumber live positions 0..n-1 (llama.cpp re-rotates K) before they reach the training context."""
+        old = sorted(set(self.live) | set(self._swa_positions()))
+        new = list(range(len(old)))
+        self.rt.remap(old, new)
+        remap = dict(zip(old, new))
+        self.live = {remap[p]: t for p, t in self.live.items()}
+        self.query_pos = np.array([remap.get(int(p), -1) for p in self.query_pos], dtype=np.int64)
+        self.next_pos = len(old)
+        self.stats.compactions += 1
+
+    def _swa_positions(self) -> list[int]:
+        if not self.iswa:
+            return []
+        pos, _, _ = self.rt.kv_read(self.info.sliding_layers[0], keys=False, values=False)
+        return pos.tolist()
+
+    # ---- generation ----
+    def generate(self, prompt_tokens: list[int], params: SamplingParams | None = None,
+                 stop: list[str] | None = None, max_tokens: int = 256,
+                 should_stop: Callable[[], bool] | None = None) -> Iterator[str]:
+        """Prefill the prompt, then sample; yields text pieces (UTF-8 safe, stop strings held back)."""
+        params = params or SamplingParams(seed=self.cfg.seed)
+        if prompt_tokens:
+            self.prefill(prompt_tokens)
+        sampler = Sampler(self.rt, params)
+        stream = TextStream(stop or [])
+        try:
+            for _ in range(max_tokens):
+                if should_stop and should_stop():
+                    break
+                tok = sampler.sample()
+                if self.rt.is_eog(tok):
+                    break
+                self._decode([tok])
+                if self.n_cells > self.cfg.budget:
+                    self.compress(self.cfg.budget - self.cfg.step, phase="decode")
+                piece, stopped = stream.push(self.rt.token_bytes(tok))
+                if piece:
+                    yield piece
+                if stopped:
+                    return
+            tail = stream.flush()
+            if tail:
+                yield tail
+        finally:
+            sampler.close()

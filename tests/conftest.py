@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+
+from ea_local import kvhooks  # noqa: F401  (loads the patched libllama before numpy)
+from ea_local.models import default_model_path
+
+GEMMA = str(default_model_path())
+GPL3 = Path("/usr/share/common-licenses/GPL-3")  # Debian base-files: real English prose
+
+
+@functools.lru_cache(maxsize=None)
+def _gemma_text_tokens() -> tuple[int, ...]:
+    from ea_local.engine.runtime import ContextConfig, Runtime
+
+    rt = Runtime(GEMMA, ContextConfig(n_ctx=64))
+    toks = rt.tokenize(GPL3.read_text())
+    bos = rt.bos()
+    rt.close()
+    return (bos, *toks)
+
+
+def gpl_tokens(n: int) -> list[int]:
+    """BOS + the first n-1 tokens of the GPL-3 text (repeated if needed), gemma3 tokenizer."""
+    t = _gemma_text_tokens()
+    out = list(t)
+    while len(out) < n:
+        out += t[1:]
+    return out[:n]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    from .gguf_factory import write_tiny_gguf
+
+    p = tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"
+    write_tiny_gguf(p, arch="llama")
+    return str(p)
