@@ -61,29 +61,79 @@ def _next_logits_masked(model, toks, cont, evict, cache, fa) -> np.ndarray:
     return out
 
 
-CASES = [("f16", False, 0.0), ("q8_0", True, 0.0), ("q4_0", True, 0.0)]
+def _teacher_forced(rt: Runtime, cont: list[int], start: int, seq: int) -> np.ndarray:
+    out = []
+    for i, t in enumerate(cont):
+        rt.decode([t], [start + i], seq=seq)
+        out.append(rt.logits())
+    return np.stack(out)
 
 
-@pytest.mark.parametrize("cache,fa,tol", CASES)
-def test_removal_equals_masked_reference_gemma(cache, fa, tol):
-    toks = gpl_tokens(1500)
-    cont = gpl_tokens(1540)[1500:]
+@pytest.mark.parametrize("cache,fa", [("f16", False), ("f16", True), ("q8_0", True), ("q4_0", True)])
+def test_batched_removal_equals_stock_removal_gemma(cache, fa):
+    """The patch's one-call removal leaves exactly the cache stock llama_memory_seq_rm leaves
+    (freed cells, head), in both of gemma3's caches: 40 following tokens give identical logits."""
+    toks, cont = gpl_tokens(1500), gpl_tokens(1540)[1500:]
     evict = _evict_set(len(toks))
-    real = _next_logits_real(GEMMA, toks, cont, evict, cache, fa)
-    ref = _next_logits_masked(GEMMA, toks, cont, evict, cache, fa)
-    assert np.abs(real - ref).max() <= tol
-    assert real.argmax() == ref.argmax()
+    a = _prefill(GEMMA, toks, cache, fa)
+    assert a.rm_positions(evict) == 2 * len(evict)  # base + sliding cache
+    la = _teacher_forced(a, cont, 1500, 0)
+    a.close()
+    b = _prefill(GEMMA, toks, cache, fa)
+    for p in evict:
+        b.seq_rm(0, int(p), int(p) + 1)
+    lb = _teacher_forced(b, cont, 1500, 0)
+    b.close()
+    assert np.array_equal(la, lb)
 
 
-@pytest.mark.parametrize("cache,fa,tol", CASES)
-def test_removal_equals_masked_reference_llama(tiny_llama, cache, fa, tol):
+def test_removal_vs_masked_reference_gemma_top1():
+    """Against the masked reference (cells kept but masked, new tokens at the end) the real model
+    differs by summation order only, which Gemma 3 270M Q4_K_M amplifies to ~1-2 logits (a stock
+    llama.cpp control without any eviction shows the same; docs/hooks.md). Checked here: the
+    greedy choice over 40 teacher-forced tokens; tight tolerances run on the tiny models below."""
+    toks, cont = gpl_tokens(1500), gpl_tokens(1540)[1500:]
+    evict = _evict_set(len(toks))
+    a = _prefill(GEMMA, toks)
+    a.rm_positions(evict)
+    la = _teacher_forced(a, cont, 1500, 0)
+    a.close()
+    b = _prefill(GEMMA, toks)
+    b.seq_cp(0, 1)
+    for p in evict:
+        b.seq_rm(1, int(p), int(p) + 1)
+    lb = _teacher_forced(b, cont, 1500, 1)
+    b.close()
+    assert (la.argmax(-1) == lb.argmax(-1)).mean() >= 0.85
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3(tmp_path_factory) -> str:
+    from .gguf_factory import write_tiny_gguf
+
+    p = tmp_path_factory.mktemp("gguf") / "tiny-gemma3.gguf"
+    write_tiny_gguf(p, arch="gemma3", weights="f32")
+    return str(p)
+
+
+# tolerance relative to the largest logit; 0 = bit-identical. Measured (helper study, docs/hooks.md):
+# tiny gemma3 f32 weights 3.8e-5 (f32), 3.5e-4 (f16), 3.3e-3 (f16+FA); tiny llama exact / 1.2e-4.
+MASKED_CASES = [("llama", "f16", False, 0.0), ("llama", "q8_0", True, 1e-3), ("llama", "q4_0", True, 1e-3),
+                ("gemma3", "f16", False, 2e-3), ("gemma3", "f16", True, 1e-2), ("gemma3", "q8_0", True, 1e-2)]
+
+
+@pytest.mark.parametrize("arch,cache,fa,tol", MASKED_CASES)
+def test_removal_equals_masked_reference_tiny(tiny_llama, tiny_gemma3, arch, cache, fa, tol):
+    """Random-weight llama (NORM RoPE, no SWA) and gemma3 (NEOX, iSWA): 40 continuation tokens
+    written into freed cells vs the masked reference."""
+    path = tiny_llama if arch == "llama" else tiny_gemma3
     rng = np.random.default_rng(1)
     toks = [1] + rng.integers(3, 380, size=1499).tolist()
     cont = rng.integers(3, 380, size=40).tolist()
     evict = _evict_set(len(toks), seed=2)
-    real = _next_logits_real(tiny_llama, toks, cont, evict, cache, fa)
-    ref = _next_logits_masked(tiny_llama, toks, cont, evict, cache, fa)
-    assert np.abs(real - ref).max() <= tol
+    real = _next_logits_real(path, toks, cont, evict, cache, fa)
+    ref = _next_logits_masked(path, toks, cont, evict, cache, fa)
+    assert np.abs(real - ref).max() <= tol * np.abs(ref).max()
 
 
 def test_global_only_removal_outside_window_equals_full_removal():
@@ -181,27 +231,48 @@ def test_long_run_with_periodic_removal(tiny_llama):
     rt.close()
 
 
-@pytest.mark.parametrize("model", ["gemma", "llama"])
-def test_compaction_equals_fresh_prefill(model, tiny_llama):
-    path = GEMMA if model == "gemma" else tiny_llama
+@pytest.mark.parametrize("model,tol", [("llama", 1e-3), ("gemma3", 2e-3), ("gemma", None)])
+def test_compaction_equals_fresh_prefill(model, tol, tiny_llama, tiny_gemma3):
+    """Attention only sees relative positions, so tokens prefilled at positions 1000.. and then
+    remapped to 0.. (llama.cpp re-rotates K) must give the logits of a fresh prefill at 0..
+
+    (After an eviction the kept cells were computed in a longer context, so no fresh prefill can
+    reproduce them; the mechanics are the same, so this is the test that can be exact.)
+    Real gemma3: prefilling at offset 1000 without any remap already moves logits by ~1.0-1.4
+    against offset 0 (RoPE rounding, amplified), so only the greedy token is compared there.
+    """
+    path = {"gemma": GEMMA, "llama": tiny_llama, "gemma3": tiny_gemma3}[model]
     toks = gpl_tokens(800) if model == "gemma" else [1] + np.random.default_rng(3).integers(3, 380, 799).tolist()
-    evict = _evict_set(len(toks), seed=4)
-    keep = np.setdiff1d(np.arange(len(toks)), evict)
-    nxt = toks[-1]
-    rt = _prefill(path, toks[:-1])
-    rt.rm_positions(evict)
-    moved = rt.remap(keep[:-1], np.arange(len(keep) - 1))
-    assert moved > 0
-    rt.decode([nxt], [len(keep) - 1])
+    off = 1000
+    rt = Runtime(path, ContextConfig(n_ctx=2048))
+    rt.decode(toks[:-1], list(range(off, off + len(toks) - 1)))
+    pos, _, _ = rt.kv_read(0, keys=False, values=False)
+    assert rt.remap(pos, pos - off) >= len(pos)
+    rt.decode([toks[-1]], [len(toks) - 1])
+    assert rt.seq_pos_range() == (0, len(toks) - 1)
     compacted = rt.logits()
-    assert rt.seq_pos_range() == (0, len(keep) - 1)
     rt.close()
-    fresh_rt = _prefill(path, [toks[i] for i in keep])
+    fresh_rt = _prefill(path, toks)
     fresh = fresh_rt.logits()
     fresh_rt.close()
-    # K-shift re-rotates f16 keys (one extra rounding): a small, stated tolerance
-    assert np.abs(compacted - fresh).max() <= 0.05 * max(1.0, np.abs(fresh).max() / 10)
     assert compacted.argmax() == fresh.argmax()
+    if tol is not None:
+        assert np.abs(compacted - fresh).max() <= tol * np.abs(fresh).max()
+
+
+def test_compaction_after_removal_keeps_the_cache_usable():
+    toks = gpl_tokens(600)
+    rt = _prefill(GEMMA, toks)
+    rt.rm_positions(_evict_set(600, seed=5))
+    base, _, _ = rt.kv_read(5, keys=False, values=False)  # global layer: the kept cells
+    swa, _, _ = rt.kv_read(0, keys=False, values=False)
+    union = np.union1d(base, swa)
+    rt.remap(union, np.arange(len(union)))
+    rt.decode(gpl_tokens(601)[600:], [len(union)])
+    assert rt.seq_pos_range()[1] == len(union)
+    pos, _, _ = rt.kv_read(5, keys=False, values=False)
+    assert pos.tolist() == list(range(len(base))) + [len(union)] if len(base) == len(union) else pos[-1] == len(union)
+    rt.close()
 
 
 def test_remap_rejects_bad_mappings():
