@@ -42,7 +42,7 @@ BACKEND_FLAGS = {
 COMMON_FLAGS = ["-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                 "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_SERVER=OFF"]
 # bulky parts of the sdist the build does not need (keeps --export-source small)
-TRIM = ["vendor/llama.cpp/models", "vendor/llama.cpp/docs", "vendor/llama.cpp/tools/ui",
+TRIM = [".git", "vendor/llama.cpp/models", "vendor/llama.cpp/docs", "vendor/llama.cpp/tools/ui",
         "vendor/llama.cpp/media", "vendor/llama.cpp/benches", "docs", "examples"]
 
 

@@ -11,7 +11,6 @@ import pytest
 
 from ea_local import kvhooks
 from ea_local.engine.runtime import ContextConfig, Runtime
-from ea_local.policies.base import RopeSpec
 from ea_local.rope import apply_rope
 
 from .conftest import GEMMA, gpl_tokens
@@ -161,28 +160,44 @@ def test_global_only_leaves_sliding_cache():
     rt.close()
 
 
+@pytest.fixture(scope="module")
+def tiny_gemma3_hd64(tmp_path_factory) -> str:
+    """head dim 64: with a quantized K cache llama.cpp stores K Walsh-Hadamard-rotated (attn_rot_k)."""
+    from .gguf_factory import write_tiny_gguf
+
+    p = tmp_path_factory.mktemp("gguf") / "tiny-gemma3-hd64.gguf"
+    write_tiny_gguf(p, arch="gemma3", head_dim=64, weights="f32")
+    return str(p)
+
+
+@pytest.mark.parametrize("model", ["gemma", "tiny_llama", "tiny_gemma3_hd64"])
 @pytest.mark.parametrize("cache,fa,tol", [("f16", False, 2e-3), ("q8_0", True, 0.05), ("q4_0", True, 0.25)])
-def test_read_keys_equal_computed_keys_and_queries(cache, fa, tol):
-    """K rows read back equal the post-RoPE Kcur the graph computed (up to the cache's rounding);
-    captured pre-RoPE queries, rotated at their positions, equal the post-RoPE Qcur."""
-    layers = [0, 5]
+def test_read_keys_equal_computed_keys_and_queries(model, cache, fa, tol, request):
+    """K rows read back equal the post-RoPE Kcur the graph computed (up to the cache's rounding,
+    Hadamard rotation undone); captured pre-RoPE queries, rotated at their positions, equal Qcur."""
+    from ea_local.model_info import read_model_info
+
+    path = GEMMA if model == "gemma" else request.getfixturevalue(model)
+    info = read_model_info(path)
+    layers = sorted({0, info.n_layers - 1} | set(info.global_layers[:1]))
     probe = Probe({f"Kcur-{il}" for il in layers} | {f"Qcur-{il}" for il in layers})
-    toks = gpl_tokens(200)
-    rt = Runtime(GEMMA, ContextConfig(n_ctx=512, cache_type=cache, flash_attn=fa), cb_eval=probe.cb)
+    toks = gpl_tokens(200) if model == "gemma" else [1] + np.random.default_rng(0).integers(3, 380, 199).tolist()
+    n, h, hkv, d = len(toks), info.n_head, info.n_head_kv, info.head_dim_k
+    rt = Runtime(path, ContextConfig(n_ctx=512, cache_type=cache, flash_attn=fa), cb_eval=probe.cb)
     rt.capture_layers(layers)
     rt.capture(True)
-    rt.decode(toks, list(range(len(toks))))
+    rt.decode(toks, list(range(n)))
+    if cache != "f16" and d % 64 == 0:
+        assert rt.layer_info(layers[0])["k_rotated"] == 1  # the rotation path is exercised
     for il in layers:
         pos, k, v = rt.kv_read(il)
-        assert np.array_equal(pos, np.arange(len(toks)))
-        kcur = probe.got[f"Kcur-{il}"][0].reshape(len(toks), 1, 256)
-        scale = np.abs(kcur).max()
-        assert np.abs(k - kcur).max() <= tol * scale
-        qpos, q = rt.captured(il, 4 * 256)
-        assert np.array_equal(qpos, np.arange(len(toks)))
-        spec = RopeSpec(n_dims=256, freq_base=10000.0 if il != 5 else 1e6, neox=True)
-        q_rot = apply_rope(q.reshape(len(toks), 4, 256).transpose(1, 0, 2), qpos, spec).transpose(1, 0, 2)
-        qcur = probe.got[f"Qcur-{il}"][0].reshape(len(toks), 4, 256)
+        assert np.array_equal(pos, np.arange(n))
+        kcur = probe.got[f"Kcur-{il}"][0].reshape(n, hkv, d)
+        assert np.abs(k - kcur).max() <= tol * np.abs(kcur).max()
+        qpos, q = rt.captured(il, h * d)
+        assert np.array_equal(qpos, np.arange(n))
+        q_rot = apply_rope(q.reshape(n, h, d).transpose(1, 0, 2), qpos, info.rope_spec(il)).transpose(1, 0, 2)
+        qcur = probe.got[f"Qcur-{il}"][0].reshape(n, h, d)
         assert np.abs(q_rot - qcur).max() <= 1e-3 * np.abs(qcur).max()
         _, vn = rt.kv_vnorm(il)
         assert np.allclose(vn, np.linalg.norm(v, axis=-1), rtol=1e-4, atol=1e-6)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import kvhooks  # loads libllama before numpy (DESIGN.md: import order on CUDA)
 import llama_cpp.llama_cpp as ll  # noqa: E402
@@ -46,7 +46,8 @@ class ContextConfig:
     flash_attn: bool | None = None  # None: on when the V cache is quantized
     swa_full: bool = True
     n_threads: int | None = None
-    n_gpu_layers: int = 0
+    # layers offloaded to the GPU; EA_LOCAL_N_GPU_LAYERS sets the default (like OLLAMA's num_gpu)
+    n_gpu_layers: int = field(default_factory=lambda: int(os.environ.get("EA_LOCAL_N_GPU_LAYERS", "0")))
     seed: int = 0
 
 
@@ -139,8 +140,13 @@ class Runtime:
         return t.decode("utf-8", errors="replace") if t else None
 
     # ---- decoding ----
-    def decode(self, tokens: list[int], positions: list[int], seq: int = 0, logits_last: bool = True) -> None:
-        """Decode tokens at the given positions on one sequence, in n_batch pieces."""
+    def decode(self, tokens: list[int], positions: list[int], seq: int = 0, logits_last: bool = True,
+               logits_all: bool = False) -> None:
+        """Decode tokens at the given positions on one sequence, in n_batch pieces.
+
+        logits_all: every token's logits are kept (one n_batch piece at most; read with all_logits)."""
+        if logits_all and len(tokens) > self.cfg.n_batch:
+            raise ValueError("logits_all needs len(tokens) <= n_batch")
         nb = self.cfg.n_batch
         for s in range(0, len(tokens), nb):
             part = tokens[s:s + nb]
@@ -151,13 +157,18 @@ class Runtime:
                 b.pos[i] = positions[s + i]
                 b.n_seq_id[i] = 1
                 b.seq_id[i][0] = seq
-                b.logits[i] = 0
+                b.logits[i] = int(logits_all)
             if logits_last and s + nb >= len(tokens):
                 b.logits[len(part) - 1] = 1
             rc = ll.llama_decode(self.ctx, b)
             if rc != 0:
                 raise LlamaError(f"llama_decode failed ({rc}): the KV cache has no room (n_ctx={self.n_ctx})"
                                     if rc == 1 else f"llama_decode failed ({rc})")
+
+    def all_logits(self, n: int) -> np.ndarray:
+        """(n, vocab) logits of the last decode call made with logits_all."""
+        p = ll.llama_get_logits(self.ctx)
+        return np.ctypeslib.as_array(p, shape=(n, self.n_vocab)).copy()
 
     def logits(self) -> np.ndarray:
         """Logits of the last token that asked for them."""

@@ -42,7 +42,7 @@ class SessionConfig:
     stats_window: int = 128  # decoded queries kept as Expected Attention's statistics
     cache_type: str = "f16"
     n_threads: int | None = None
-    n_gpu_layers: int = 0
+    n_gpu_layers: int | None = None  # None: EA_LOCAL_N_GPU_LAYERS or 0
     seed: int = 0
     policy_options: dict = field(default_factory=dict)
 
@@ -84,9 +84,10 @@ class Session:
         self.info = read_model_info(model_path)
         self.model_path = model_path
         self.iswa = bool(self.info.sliding_layers)
+        gpu = {} if cfg.n_gpu_layers is None else {"n_gpu_layers": cfg.n_gpu_layers}
         self.rt = Runtime(model_path, ContextConfig(
             n_ctx=cfg.budget + cfg.chunk, n_batch=cfg.chunk, cache_type=cfg.cache_type,
-            swa_full=not self.iswa, n_threads=cfg.n_threads, n_gpu_layers=cfg.n_gpu_layers, seed=cfg.seed))
+            swa_full=not self.iswa, n_threads=cfg.n_threads, seed=cfg.seed, **gpu))
         self.layers = [il for il in range(self.info.n_layers) if il not in set(self.info.sliding_layers)]
         self.rope = {il: self.info.rope_spec(il) for il in self.layers}
         self.q_row = self.info.n_head * self.info.head_dim_k
@@ -132,11 +133,19 @@ class Session:
             if progress:
                 progress(min(s + len(part), len(tokens)), len(tokens))
 
-    def _decode(self, tokens: list[int]) -> None:
+    def prefill_scored(self, tokens: list[int]) -> np.ndarray:
+        """Feed one chunk (<= cfg.chunk tokens) and return every token's logits, then compress if needed."""
+        self._decode(tokens, logits_all=True)
+        logits = self.rt.all_logits(len(tokens))
+        if self.n_cells > self.cfg.budget:
+            self.compress(self.cfg.budget - self.cfg.step, phase="prefill")
+        return logits
+
+    def _decode(self, tokens: list[int], logits_all: bool = False) -> None:
         if self.next_pos + len(tokens) + self.cfg.chunk >= self.info.n_ctx_train:
             self.compact()
         positions = list(range(self.next_pos, self.next_pos + len(tokens)))
-        self.rt.decode(tokens, positions)
+        self.rt.decode(tokens, positions, logits_all=logits_all)
         self.live.update(zip(positions, tokens))
         self.next_pos += len(tokens)
         self.stats.tokens_seen += len(tokens)

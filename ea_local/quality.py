@@ -1,0 +1,93 @@
+"""Quality measurements under a budget: pass-key retrieval and perplexity of real text.
+
+Both go through the real engine (chunked prefill with compression after each chunk, as
+kvpress compresses while prefilling), so what is measured is what users run.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .engine.session import Session, SessionConfig  # engine first: loads libllama before numpy
+import numpy as np  # noqa: E402
+
+from .demo import passkey_prompt  # noqa: E402
+
+# Debian's base-files ships these: real English prose, no download at run time
+TEXTS = [Path("/usr/share/common-licenses/GPL-3"), Path("/usr/share/common-licenses/GPL-2")]
+
+
+def real_text() -> str:
+    missing = [str(p) for p in TEXTS if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"reference texts missing (Debian base-files): {', '.join(missing)}")
+    return "\n\n".join(p.read_text() for p in TEXTS)
+
+
+@dataclass
+class PasskeyResult:
+    policy: str
+    budget: int
+    length: int
+    depth: float
+    found: bool
+    answer: str
+    needle_kept: float
+
+
+def passkey(model: str, policy: str, budget: int, length: int, depth: float, seed: int,
+            **cfg) -> PasskeyResult:
+    s = Session(model, SessionConfig(budget=budget, policy=policy, seed=seed, **cfg))
+    key = random.Random(seed * 1000 + int(depth * 100)).randint(10000, 99999)
+    ctx, question, span = passkey_prompt(s.rt, length, depth, key)
+    s.prefill(ctx)
+    kept = sum(1 for p in range(*span) if p in s.live) / (span[1] - span[0])
+    answer = "".join(s.generate(question, max_tokens=8)).strip()
+    s.close()
+    return PasskeyResult(policy, budget, len(ctx), depth, str(key) in answer, answer, kept)
+
+
+@dataclass
+class PplResult:
+    policy: str
+    budget: int
+    n_tokens: int
+    eval_from: int
+    nll: float  # mean negative log-likelihood of tokens [eval_from, n_tokens)
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll)
+
+
+def perplexity(model: str, policy: str, budget: int, n_tokens: int, eval_from: int, chunk: int = 256,
+               **cfg) -> PplResult:
+    """Teacher-forced NLL of real text streamed through the budgeted engine (chunked prefill)."""
+    s = Session(model, SessionConfig(budget=budget, policy=policy, chunk=chunk, **cfg))
+    toks = ([s.rt.bos()] if s.rt.add_bos() else []) + s.rt.tokenize(real_text())
+    toks = toks[:n_tokens + 1]
+    if len(toks) <= n_tokens:
+        raise ValueError(f"reference text has only {len(toks)} tokens, need {n_tokens + 1}")
+    total, count = 0.0, 0
+    for start in range(0, n_tokens, chunk):
+        part = toks[start:start + chunk]
+        logits = s.prefill_scored(part)  # (len(part), vocab) before compression
+        targets = np.array(toks[start + 1:start + 1 + len(part)])
+        lp = logits - logits.max(-1, keepdims=True)
+        lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+        nll = -lp[np.arange(len(targets)), targets]
+        pos = np.arange(start, start + len(targets))
+        sel = pos >= eval_from
+        total += float(nll[sel].sum())
+        count += int(sel.sum())
+    s.close()
+    return PplResult(policy, budget, n_tokens, eval_from, total / count)
+
+
+def as_dict(r) -> dict:
+    d = asdict(r)
+    if isinstance(r, PplResult):
+        d["ppl"] = r.ppl
+    return d

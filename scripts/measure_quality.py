@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Issue-5 quality figures on the default model: pass key at 8k compressed to 25%, perplexity at 50/25/12.5%.
+
+    .venv/bin/python scripts/measure_quality.py --out docs/quality [--policies expected-attention,streaming-llm]
+Writes results.json and report.md into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+from ea_local.quality import as_dict, passkey, perplexity  # loads libllama first
+from ea_local.models import default_model_path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("docs/quality"))
+    ap.add_argument("--policies", default="expected-attention,streaming-llm")
+    ap.add_argument("--length", type=int, default=8192)
+    ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
+    ap.add_argument("--ppl-tokens", type=int, default=8192)
+    ap.add_argument("--skip", default="", help="passkey,ppl")
+    ap.add_argument("--recent", type=int, default=64)
+    a = ap.parse_args()
+    model = str(default_model_path())
+    pols = a.policies.split(",")
+    depths = [float(d) for d in a.depths.split(",")]
+    a.out.mkdir(parents=True, exist_ok=True)
+    res = {"model": model, "machine": platform.platform(), "cmd": " ".join(__import__("sys").argv),
+           "passkey": [], "ppl": []}
+    t0 = time.time()
+    if "passkey" not in a.skip:
+        budget = a.length // 4
+        runs = [("full", a.length + 512)] + [(p, budget) for p in pols]
+        for d in depths:
+            for pol, b in runs:
+                r = passkey(model, "streaming-llm" if pol == "full" else pol, b, a.length, d, seed=0,
+                            recent=a.recent)
+                row = as_dict(r)
+                row["policy"] = pol
+                res["passkey"].append(row)
+                print(json.dumps(row), flush=True)
+    if "ppl" not in a.skip:
+        n = a.ppl_tokens
+        full = perplexity(model, "streaming-llm", n + 512, n, n // 2, recent=a.recent)
+        row = as_dict(full)
+        row["policy"] = "full"
+        res["ppl"].append(row)
+        print(json.dumps(row), flush=True)
+        for frac in (0.5, 0.25, 0.125):
+            for p in pols:
+                row = as_dict(perplexity(model, p, int(n * frac), n, n // 2, recent=a.recent))
+                row["fraction"] = frac
+                res["ppl"].append(row)
+                print(json.dumps(row), flush=True)
+    res["seconds"] = time.time() - t0
+    (a.out / "results.json").write_text(json.dumps(res, indent=1))
+    print(f"done in {res['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
