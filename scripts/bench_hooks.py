@@ -20,14 +20,15 @@ import subprocess
 import sys
 import time
 
-# llama_cpp before numpy (DESIGN.md: CUDA build crashed at model load with the other order)
-import llama_cpp.llama_cpp as ll  # noqa: I001
-import numpy as np  # noqa: E402
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
 def worker(a: argparse.Namespace) -> dict:
+    # imported here, in the worker, with LLAMA_CPP_LIB_PATH set; llama_cpp before numpy
+    # (DESIGN.md: the CUDA build crashed at model load with the other order)
+    import llama_cpp.llama_cpp as ll
+    import numpy as np
+
     try:
         from ea_local.engine.runtime import ContextConfig, Runtime
         patched = True
@@ -46,8 +47,10 @@ def worker(a: argparse.Namespace) -> dict:
         mp = ll.llama_model_default_params()
         mp.n_gpu_layers = a.ngl
         model = ll.llama_model_load_from_file(a.model.encode(), mp)
-        cp = ll.llama_context_default_params()
+        cp = ll.llama_context_default_params()  # the same context parameters as ea_local's Runtime
         cp.n_ctx, cp.n_batch, cp.n_ubatch = a.history + a.tokens + 256, 2048, 2048
+        cp.n_seq_max, cp.kv_unified = 2, True
+        cp.n_threads = cp.n_threads_batch = max(1, os.cpu_count() or 2)
         cp.type_k = cp.type_v = {"f16": 1, "q8_0": 8, "q4_0": 2}[a.cache]
         cp.flash_attn_type = 1
         ctx = ll.llama_init_from_model(model, cp)
@@ -74,6 +77,9 @@ def worker(a: argparse.Namespace) -> dict:
         if patched:
             rt.capture_layers(list(range(n_layer)) if capture else [])
             rt.capture(capture)
+            decode([3], [a.history])  # untimed: a mode switch rebuilds the graph and re-plans its memory
+            rt.capture_clear()
+            ll.llama_memory_seq_rm(mem, 0, a.history, -1)
         t = time.perf_counter()
         for j in range(a.tokens):
             decode([3 + j % 490], [a.history + j])
@@ -97,7 +103,7 @@ def worker(a: argparse.Namespace) -> dict:
     if patched:
         rt.capture_layers([])
         times = []
-        for _ in range(3):
+        for _ in range(2):
             t = time.perf_counter()
             for il in range(n_layer):
                 rt.kv_read(il)

@@ -6,6 +6,8 @@ with stock llama_memory_seq_rm, so that the cells stay in the cache but are mask
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,13 @@ from ea_local.engine.runtime import ContextConfig, Runtime
 from ea_local.rope import apply_rope
 
 from .conftest import GEMMA, gpl_tokens
+
+# CUDA kernels sum in a layout-dependent order too: what is bit-exact on the CPU is ~5e-4 there
+ON_GPU = int(os.environ.get("EA_LOCAL_N_GPU_LAYERS", "0")) > 0
+
+
+def _tol(cpu: float) -> float:
+    return max(cpu, 2e-3) if ON_GPU else cpu
 from .ggml_probe import Probe
 
 
@@ -132,7 +141,7 @@ def test_removal_equals_masked_reference_tiny(tiny_llama, tiny_gemma3, arch, cac
     evict = _evict_set(len(toks), seed=2)
     real = _next_logits_real(path, toks, cont, evict, cache, fa)
     ref = _next_logits_masked(path, toks, cont, evict, cache, fa)
-    assert np.abs(real - ref).max() <= tol * np.abs(ref).max()
+    assert np.abs(real - ref).max() <= _tol(tol) * np.abs(ref).max()
 
 
 def test_global_only_removal_outside_window_equals_full_removal():
@@ -272,7 +281,7 @@ def test_compaction_equals_fresh_prefill(model, tol, tiny_llama, tiny_gemma3):
     fresh_rt.close()
     assert compacted.argmax() == fresh.argmax()
     if tol is not None:
-        assert np.abs(compacted - fresh).max() <= tol * np.abs(fresh).max()
+        assert np.abs(compacted - fresh).max() <= (2.5 * tol if ON_GPU else tol) * np.abs(fresh).max()
 
 
 def test_compaction_after_removal_keeps_the_cache_usable():

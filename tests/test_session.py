@@ -40,8 +40,10 @@ def test_generation_far_past_n_ctx(tiny_llama):
     cfg = SessionConfig(budget=200, chunk=32, step=32, recent=32)
     s = Session(tiny_llama, cfg)
     n_ctx = s.rt.n_ctx
-    text = "".join(s.generate([1, 5, 6, 7], max_tokens=10 * n_ctx))
-    assert s.stats.tokens_seen == 4 + 10 * n_ctx  # this seeded random model never samples EOS
+    from ea_local.engine.sampling import SamplingParams
+
+    text = "".join(s.generate([1, 5, 6, 7], SamplingParams(ignore_eos=True), max_tokens=10 * n_ctx))
+    assert s.stats.tokens_seen == 4 + 10 * n_ctx
     assert len(text) > 0
     _check_consistent(s)
     assert s.n_cells <= cfg.budget

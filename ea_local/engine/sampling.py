@@ -15,6 +15,7 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
     seed: int = 0
+    ignore_eos: bool = False  # as llama.cpp's --ignore-eos: end-of-generation tokens get -inf
 
 
 class Sampler:
@@ -25,6 +26,10 @@ class Sampler:
         sp = ll.llama_sampler_chain_default_params()
         self.chain = ll.llama_sampler_chain_init(sp)
         add = lambda s: ll.llama_sampler_chain_add(self.chain, s)  # noqa: E731
+        if p.ignore_eos:
+            eog = [t for t in range(rt.n_vocab) if rt.is_eog(t)]
+            bias = (ll.llama_logit_bias * len(eog))(*[ll.llama_logit_bias(t, float("-inf")) for t in eog])
+            add(ll.llama_sampler_init_logit_bias(rt.n_vocab, len(eog), bias))
         if p.repeat_penalty != 1.0:
             add(ll.llama_sampler_init_penalties(p.repeat_last_n, p.repeat_penalty, 0.0, 0.0))
         if p.temperature <= 0:

@@ -40,6 +40,7 @@ class SessionConfig:
     step: int = 128  # evict down to budget - step, so compression runs once per `step` tokens
     chunk: int = 512  # prefill chunk: n_ctx = budget + chunk
     stats_window: int = 128  # decoded queries kept as Expected Attention's statistics
+    max_score_layers: int = 8  # global layers read and scored per compression (evenly spaced)
     cache_type: str = "f16"
     n_threads: int | None = None
     n_gpu_layers: int | None = None  # None: EA_LOCAL_N_GPU_LAYERS or 0
@@ -88,7 +89,10 @@ class Session:
         self.rt = Runtime(model_path, ContextConfig(
             n_ctx=cfg.budget + cfg.chunk, n_batch=cfg.chunk, cache_type=cfg.cache_type,
             swa_full=not self.iswa, n_threads=cfg.n_threads, seed=cfg.seed, **gpu))
-        self.layers = [il for il in range(self.info.n_layers) if il not in set(self.info.sliding_layers)]
+        glob = [il for il in range(self.info.n_layers) if il not in set(self.info.sliding_layers)]
+        # scoring reads K/V of every scored layer: past max_score_layers, take evenly spaced ones (and the last)
+        idx = np.unique(np.linspace(0, len(glob) - 1, min(len(glob), cfg.max_score_layers)).round().astype(int))
+        self.layers = [glob[i] for i in idx]
         self.rope = {il: self.info.rope_spec(il) for il in self.layers}
         self.q_row = self.info.n_head * self.info.head_dim_k
         self.rt.capture_layers(self.layers if self.policy.needs_queries else [])
@@ -104,6 +108,7 @@ class Session:
         self.next_pos = 0
         self.queries: dict[int, np.ndarray] = {}
         self.query_pos = np.empty(0, dtype=np.int64)
+        self._n_captured = 0
         self.stats = Stats()
 
     def close(self) -> None:
@@ -150,28 +155,32 @@ class Session:
         self.next_pos += len(tokens)
         self.stats.tokens_seen += len(tokens)
         if self.policy.needs_queries:
-            self._collect_queries(chunk=len(tokens) > 1)
+            self._n_captured += len(tokens)
+            if len(tokens) > 1:  # a prefill chunk: its queries are the statistics window
+                self._pull_queries(keep=len(tokens))
+            elif self._n_captured >= 4 * self.cfg.stats_window:  # decoding: pulled in batches, not per token
+                self._pull_queries(keep=self.cfg.stats_window)
 
-    def _collect_queries(self, chunk: bool) -> None:
-        """Keep the statistics window: the last prefill chunk, or the last `stats_window` decoded queries."""
+    def _pull_queries(self, keep: int) -> None:
+        """Move captured queries from llama.cpp into the statistics window (the last `keep` queries)."""
         for il in self.layers:
             pos, q = self.rt.captured(il, self.q_row)
             q = q.reshape(len(pos), self.info.n_head, self.info.head_dim_k)
-            if chunk:
-                self.queries[il] = q
-            else:
-                old = self.queries.get(il)
-                self.queries[il] = q if old is None else np.concatenate([old, q])[-self.cfg.stats_window:]
-            new_pos = pos
-        if chunk:
-            self.query_pos = new_pos
-        else:
-            self.query_pos = np.concatenate([self.query_pos, new_pos])[-self.cfg.stats_window:]
+            old = self.queries.get(il)
+            if old is not None and len(q) < keep:
+                q = np.concatenate([old, q])
+            self.queries[il] = q[-keep:]
+        if len(pos) < keep:
+            pos = np.concatenate([self.query_pos, pos])
+        self.query_pos = pos[-keep:]
         self.rt.capture_clear()
+        self._n_captured = 0
 
     # ---- compression ----
     def view(self) -> CellView:
         """What the policy sees: the live global cells and the statistics window."""
+        if self.policy.needs_queries and self._n_captured:
+            self._pull_queries(keep=self.cfg.stats_window)
         keys, values = {}, {}
         positions = None
         for il in self.layers:
