@@ -8,7 +8,7 @@ OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 ROOT=$PWD
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
-mkdir -p /tmp/w && tar xzf out/gpu/src.tgz -C /tmp/w
+rm -rf /tmp/w /tmp/patched /tmp/stock; mkdir -p /tmp/w && tar xzf out/gpu/src.tgz -C /tmp/w
 SRC=/tmp/w/llama_cpp_python-0.3.36; L=$SRC/vendor/llama.cpp
 export PYTHONPATH=/tmp/site:$SRC:$ROOT
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
