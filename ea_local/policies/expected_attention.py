@@ -85,8 +85,8 @@ def query_statistics(q: np.ndarray, use_covariance: bool = True) -> tuple[np.nda
     mu = q.mean(axis=0)
     if not use_covariance:
         return mu, None
-    c = q - mu
-    return mu, np.einsum("mhi,mhj->hij", c, c) / q.shape[0]
+    c = (q - mu).transpose(1, 0, 2)  # (n_head, m, d)
+    return mu, (c.transpose(0, 2, 1) @ c) / q.shape[0]  # batched GEMM: Σ_h = c_hᵀ c_h / N
 
 
 def rotate_cov(cov: np.ndarray, r: np.ndarray) -> np.ndarray:
@@ -109,7 +109,7 @@ def expected_logits(mu: np.ndarray, cov: np.ndarray | None, keys: np.ndarray, sc
         if cov is not None:
             d = k.shape[1]
             kc = (k @ cov[heads].transpose(1, 0, 2).reshape(d, g * d)).reshape(-1, g, d)  # k Σ'_h, one GEMM
-            z[heads] += 0.5 * scale**2 * np.einsum("ngd,nd->gn", kc, k)
+            z[heads] += 0.5 * scale**2 * (kc * k[:, None, :]).sum(-1).T
     return z
 
 
