@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Cost of the KV-cell hooks: decode tok/s of stock llama.cpp vs the patched build with hooks idle
-vs with pre-RoPE query capture of every layer on every token; and time to read K/V of all layers.
+vs with pre-RoPE query capture of every layer on every token (copied to host after each token,
+pulled into Python once per round as the engine does); and time to read K/V of all layers.
 
 Ratios are measured side by side in one run: worker processes for the stock and the patched
 library alternate, and inside the patched worker the idle and capture modes alternate.
@@ -83,10 +84,10 @@ def worker(a: argparse.Namespace) -> dict:
         t = time.perf_counter()
         for j in range(a.tokens):
             decode([3 + j % 490], [a.history + j])
-            if capture:  # what the engine does per token: pull the queries, clear the buffer
-                for il in range(n_layer):
-                    rt.captured(il, n_embd)
-                rt.capture_clear()
+        if capture:  # as the engine does: queries are captured every token and pulled in a batch
+            for il in range(n_layer):
+                rt.captured(il, n_embd)
+            rt.capture_clear()
         ll.llama_synchronize(ctx)
         dt = time.perf_counter() - t
         ll.llama_memory_seq_rm(mem, 0, a.history, -1)
