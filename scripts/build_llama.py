@@ -106,9 +106,9 @@ def fetch_sdist(dest_dir: Path, given: Path | None) -> Path:
     return dest
 
 
-def apply_patches(src: Path) -> None:
+def apply_patches(src: Path, files: list[Path] | None = None) -> None:
     vendor = src / "vendor" / "llama.cpp"
-    for p in patches():
+    for p in files if files is not None else patches():
         r = subprocess.run(["patch", "-p1", "--forward", "--batch", "--dry-run", "-i", str(p)],
                            cwd=vendor, capture_output=True, text=True)
         if r.returncode != 0:

@@ -41,6 +41,7 @@ class SessionConfig:
     chunk: int = 512  # prefill chunk: n_ctx = budget + chunk
     stats_window: int = 128  # decoded queries kept as Expected Attention's statistics
     max_score_layers: int = 8  # global layers read and scored per compression (evenly spaced)
+    prefill_stats: int | None = None  # statistics from the last N queries of a prefill chunk (None: all)
     cache_type: str = "f16"
     n_threads: int | None = None
     n_gpu_layers: int | None = None  # None: EA_LOCAL_N_GPU_LAYERS or 0
@@ -156,8 +157,8 @@ class Session:
         self.stats.tokens_seen += len(tokens)
         if self.policy.needs_queries:
             self._n_captured += len(tokens)
-            if len(tokens) > 1:  # a prefill chunk: its queries are the statistics window
-                self._pull_queries(keep=len(tokens))
+            if len(tokens) > 1:  # a prefill chunk: its (last prefill_stats) queries are the statistics window
+                self._pull_queries(keep=min(len(tokens), self.cfg.prefill_stats or len(tokens)))
             elif self._n_captured >= 4 * self.cfg.stats_window:  # decoding: pulled in batches, not per token
                 self._pull_queries(keep=self.cfg.stats_window)
 
