@@ -90,7 +90,7 @@ class Session:
         self.rt = Runtime(model_path, ContextConfig(
             n_ctx=cfg.budget + cfg.chunk, n_batch=cfg.chunk, cache_type=cfg.cache_type,
             swa_full=not self.iswa, n_threads=cfg.n_threads, seed=cfg.seed, **gpu))
-        glob = [il for il in range(self.info.n_layers) if il not in set(self.info.sliding_layers)]
+        glob = list(self.info.global_layers)
         # scoring reads K/V of every scored layer: past max_score_layers, take evenly spaced ones (and the last)
         idx = np.unique(np.linspace(0, len(glob) - 1, min(len(glob), cfg.max_score_layers)).round().astype(int))
         self.layers = [glob[i] for i in idx]
@@ -98,7 +98,6 @@ class Session:
         self.q_row = self.info.n_head * self.info.head_dim_k
         self.rt.capture_layers(self.layers if self.policy.needs_queries else [])
         self.rt.capture(self.policy.needs_queries)
-        self.stats = Stats()
         self.reset()
 
     # ---- state ----
