@@ -1,7 +1,19 @@
 """Eviction policies: one module per scoring method, all behind ``Policy`` (see base.py)."""
 from __future__ import annotations
 
-from ea_local.policies import expected_attention, knorm, snapkv, streaming_llm, tova
+from ea_local.policies import (
+    compactor,
+    curdkv,
+    expected_attention,
+    h2o,
+    knorm,
+    lava,
+    morphkv,
+    obcache,
+    snapkv,
+    streaming_llm,
+    tova,
+)
 from ea_local.policies import random as random_policy
 from ea_local.policies.base import CellView, Policy, RopeSpec
 
@@ -48,6 +60,51 @@ POLICIES: dict[str, Policy] = {
             description="attention of the last query, averaged over heads",
             paper="Oren et al. 2024, Transformers are Multi-State RNNs (TOVA), arXiv 2401.06104",
             score=tova.score,
+            needs_queries=True,
+        ),
+        Policy(
+            name="h2o",
+            description="heavy hitters: attention summed over the observation-window queries (window approximation)",
+            paper="Zhang et al. 2023, H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models, arXiv 2306.14048",
+            score=h2o.score,
+            needs_queries=True,
+        ),
+        Policy(
+            name="compactor",
+            description="approximate leverage of the pre-RoPE keys, blended with window attention times value norm",
+            paper="Chari & Van Durme 2025, Compactor: Calibrated Query-Agnostic KV Cache Compression with Approximate Leverage Scores, arXiv 2507.08143 (kvpress CompactorPress)",
+            score=compactor.score,
+            needs_values=True,
+            needs_queries=True,
+        ),
+        Policy(
+            name="curdkv",
+            description="CUR leverage (squared row norms, local blocks) of keys times that of values",
+            paper="Sengupta, Chaudhary & Chakraborty 2025, Value-Guided KV Compression for LLMs via Approximated CUR Decomposition (CurDKV), arXiv 2509.15038 (kvpress CURPress)",
+            score=curdkv.score,
+            needs_values=True,
+        ),
+        Policy(
+            name="obcache",
+            description="output-aware saliency: attention-output change when a cell's value (or key) is pruned",
+            paper="Gu, Liang, Zhao & Diao 2025, OBCache: Optimal Brain KV Cache Pruning for Efficient Long-Context LLM Inference, arXiv 2510.07651",
+            score=obcache.score,
+            needs_values=True,
+            needs_queries=True,
+        ),
+        Policy(
+            name="morphkv",
+            description="distant cells most attended (max or sum) by the recent-window queries",
+            paper="Ghadia et al. 2025, Dialogue Without Limits: Constant-Sized KV Caches for Extended Responses in LLMs (MorphKV), ICML 2025, arXiv 2503.00979",
+            score=morphkv.score,
+            needs_queries=True,
+        ),
+        Policy(
+            name="lava",
+            description="LAVa's residual-stream loss score: pooled window attention times the head's max value norm",
+            paper="Shen et al. 2025, LAVa: Layer-wise KV Cache Eviction with Dynamic Budget Allocation, arXiv 2509.09754",
+            score=lava.score,
+            needs_values=True,
             needs_queries=True,
         ),
     )
