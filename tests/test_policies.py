@@ -124,10 +124,11 @@ def unit_rows(x):
 
 
 def test_registry_and_unknown_name():
-    assert set(POLICIES) == {"expected-attention", "streaming-llm", "random", "knorm", "snapkv", "tova"}
+    assert set(POLICIES) == {"expected-attention", "streaming-llm", "random", "knorm", "snapkv", "tova",
+                             "h2o", "compactor", "curdkv", "obcache", "morphkv", "lava"}
     assert get_policy("snapkv") is POLICIES["snapkv"]
-    with pytest.raises(ValueError, match=r"unknown policy 'h2o'; choose from: .*expected-attention"):
-        get_policy("h2o")
+    with pytest.raises(ValueError, match=r"unknown policy 'pyramidkv'; choose from: .*expected-attention"):
+        get_policy("pyramidkv")
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
