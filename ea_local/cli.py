@@ -78,6 +78,79 @@ def demo(
         _fail(str(e))
 
 
+def _check_cache_type(cache_type: str) -> None:
+    if cache_type not in ("f16", "q8_0", "q4_0"):
+        _fail(f"unknown cache type {cache_type!r}; choose from f16, q8_0, q4_0")
+
+
+@app.command()
+def chat(
+    model: Optional[Path] = ModelOpt,
+    budget: int = typer.Option(2048, help="KV cells the conversation may occupy"),
+    policy: str = typer.Option("expected-attention", help="eviction policy (see `ea-local policies`)"),
+    cache_type: str = typer.Option("f16", help="KV cache type: f16, q8_0 or q4_0"),
+    n_gpu_layers: Optional[int] = typer.Option(None, help="layers to offload to the GPU (default: EA_LOCAL_N_GPU_LAYERS or 0)"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)"),
+    seed: int = typer.Option(0),
+    max_tokens: int = typer.Option(512, help="most tokens per answer"),
+    temperature: float = typer.Option(0.0, help="sampling temperature (0: greedy)"),
+    system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
+    file: Optional[str] = typer.Option(None, "--file", "-f", help="a text/markdown file to chat about (read through the budget first)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="a stats line after every answer"),
+) -> None:
+    """Chat in a REPL that streams answers and stays inside the KV budget (piped stdin: one turn per line)."""
+    from .chat import ChatError, ChatOptions, run_chat
+    from .chat_template import TemplateError
+    from .engine.runtime import LlamaError
+
+    _check_cache_type(cache_type)
+    info = _model_info(model)
+    opts = ChatOptions(budget=budget, policy=policy, cache_type=cache_type, n_gpu_layers=n_gpu_layers,
+                       threads=threads, seed=seed, max_tokens=max_tokens, temperature=temperature,
+                       system=system, file=file)
+    try:
+        run_chat(info, opts, verbose=verbose)
+    except (UserError, ChatError, TemplateError, LlamaError, ValueError) as e:
+        _fail(str(e))
+
+
+@app.command()
+def summarize(
+    source: str = typer.Argument(..., metavar="FILE|-", help="text or markdown file; - reads standard input"),
+    model: Optional[Path] = ModelOpt,
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="write the summary here (default: stdout)"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="instruction asked after the document"),
+    budget: int = typer.Option(2048, help="KV cells the document may occupy"),
+    policy: str = typer.Option("expected-attention", help="eviction policy (see `ea-local policies`)"),
+    chunk: Optional[int] = typer.Option(None, help="prefill chunk in tokens (default: min(512, budget/2))"),
+    cache_type: str = typer.Option("f16", help="KV cache type: f16, q8_0 or q4_0"),
+    n_gpu_layers: Optional[int] = typer.Option(None, help="layers to offload to the GPU (default: EA_LOCAL_N_GPU_LAYERS or 0)"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)"),
+    seed: int = typer.Option(0),
+    max_tokens: int = typer.Option(512, help="most tokens of summary"),
+    temperature: float = typer.Option(0.0, help="sampling temperature (0: greedy)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="a stats line on stderr at the end"),
+) -> None:
+    """Read a long document through the KV budget (chunked prefill + eviction), then stream a summary."""
+    from .chat import ChatError
+    from .chat_template import TemplateError
+    from .engine.runtime import LlamaError
+    from .summarize import SummarizeOptions, run_summarize
+
+    _check_cache_type(cache_type)
+    info = _model_info(model)
+    opts = SummarizeOptions(budget=budget, policy=policy, cache_type=cache_type, n_gpu_layers=n_gpu_layers,
+                            threads=threads, seed=seed, max_tokens=max_tokens, temperature=temperature,
+                            chunk=chunk, prompt=prompt, output=output, verbose=verbose)
+    try:
+        run_summarize(info, source, opts)
+    except (UserError, ChatError, TemplateError, LlamaError, ValueError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130)
+
+
 def main() -> None:
     try:
         app()

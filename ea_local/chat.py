@@ -1,0 +1,413 @@
+"""`ea-local chat`: a REPL over one Session, kept inside the KV budget.
+
+The conversation is fed incrementally: each turn only the new text (end of the previous
+answer's turn, the user's message, the generation prompt) is prefilled; the Session evicts
+cells when the budget is exceeded, so the chat never stops with "context full".
+
+Interactive (stdin is a terminal): readline editing and history, a line ending with a
+backslash continues on the next line, Ctrl-C stops a generation (or clears the line), Ctrl-D
+exits. Piped: each line is one user turn (backslash continuation too), answers on stdout,
+notices and stats on stderr.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator, TextIO
+
+from .engine.runtime import LlamaError  # engine first: loads libllama before numpy
+from .engine.sampling import SamplingParams
+from .engine.session import BudgetError, Session, SessionConfig
+from .chat_template import TemplateError, TurnRenderer, resolve_template
+from .policies import get_policy
+
+HELP = """commands:
+  /stats          cells used / budget, evictions, tokens seen, KV memory, last compression
+  /policy NAME    switch the eviction policy (see `ea-local policies`)
+  /budget N       change the KV budget (a larger one recreates the session and re-feeds the kept cells)
+  /reset          forget the conversation (the system prompt and --file are fed again)
+  /help           this list
+  //text          send a message that starts with '/'
+input: a line ending with '\\' continues on the next line; Ctrl-C stops an answer; Ctrl-D exits"""
+
+
+class ChatError(ValueError):
+    """Bad input the user can fix (one line, exit 2)."""
+
+
+@dataclass
+class ChatOptions:
+    budget: int = 2048
+    policy: str = "expected-attention"
+    cache_type: str = "f16"
+    n_gpu_layers: int | None = None
+    threads: int | None = None
+    seed: int = 0
+    max_tokens: int = 512
+    temperature: float = 0.0
+    system: str | None = None
+    file: str | None = None
+    chunk: int | None = None  # None: min(512, budget // 2)
+
+
+def read_text_file(path: str) -> str:
+    """A UTF-8 text file, or ChatError for a missing, binary or empty one. '-' reads stdin."""
+    if path == "-":
+        data = sys.stdin.buffer.read()
+        name = "standard input"
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise ChatError(f"{path}: no such file")
+        if p.is_dir():
+            raise ChatError(f"{path}: is a directory")
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise ChatError(f"{path}: {e.strerror or e}") from e
+        name = path
+    if b"\x00" in data[:65536]:
+        raise ChatError(f"{name}: looks like a binary file (NUL bytes), expected text or markdown")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ChatError(f"{name}: not UTF-8 text (byte {e.start})") from e
+    if not text.strip():
+        raise ChatError(f"{name}: is empty")
+    return text
+
+
+def session_config(opts: ChatOptions) -> SessionConfig:
+    chunk = opts.chunk if opts.chunk is not None else max(1, min(512, opts.budget // 2))
+    return SessionConfig(budget=opts.budget, policy=opts.policy, cache_type=opts.cache_type, seed=opts.seed,
+                         n_threads=opts.threads, n_gpu_layers=opts.n_gpu_layers, chunk=chunk)
+
+
+def fmt_mib(b: float) -> str:
+    return f"{b / 2**20:.1f} MiB"
+
+
+class Chat:
+    """A conversation: template rendering, incremental feeding, budget/policy changes, stats."""
+
+    def __init__(self, info, opts: ChatOptions, document: str | None = None):
+        self.info = info
+        self.opts = opts
+        cfg = session_config(opts)
+        cfg.validate()
+        get_policy(opts.policy)  # unknown policy: ValueError before the model loads
+        self.s = Session(str(info.path), cfg)
+        self.template, self.notice = resolve_template(info, self.s.rt)
+        system = opts.system or ""
+        if document is not None:
+            name = Path(opts.file).name if opts.file and opts.file != "-" else "document"
+            system = (system + "\n\n" if system else "") + f"Document ({name}):\n\n{document.strip()}"
+        self.system = system or None
+        self.turns = TurnRenderer(self.template, self.system)
+        self.turn_count = 0
+        self.last_turn: dict = {}
+
+    # ---- feeding ----
+    def tokens(self, text: str, first: bool = False) -> list[int]:
+        rt = self.s.rt
+        toks = rt.tokenize(text, add_bos=False, special=True)
+        if first and rt.add_bos() and (not toks or toks[0] != rt.bos()):
+            toks = [rt.bos()] + toks
+        return toks
+
+    def start(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Feed what precedes the first user message (BOS, system prompt, --file). Returns its tokens."""
+        toks = self.tokens(self.turns.prefix(), first=True)
+        if toks:
+            self.s.prefill(toks, progress=progress)
+        return len(toks)
+
+    def ask(self, text: str, should_stop: Callable[[], bool] | None = None) -> Iterator[str]:
+        """Stream the answer to one user message; the (possibly partial) answer joins the history."""
+        glue, tail = self.turns.split()
+        prompt = self.tokens(glue + text + tail)
+        params = SamplingParams(temperature=self.opts.temperature, seed=self.opts.seed + self.turn_count)
+        pieces: list[str] = []
+        t0 = time.perf_counter()
+        n0 = self.s.stats.tokens_seen
+        t_first = None
+        started = False
+        try:
+            for piece in self.s.generate(prompt, params, max_tokens=self.opts.max_tokens, should_stop=should_stop):
+                if t_first is None:
+                    t_first = time.perf_counter()
+                if not started:  # answers often open with a newline or a space
+                    piece = piece.lstrip()
+                    if not piece:
+                        continue
+                    started = True
+                pieces.append(piece)
+                yield piece
+        finally:
+            answer = "".join(pieces).rstrip()
+            self.turns.add("user", text)
+            self.turns.add("assistant", answer)
+            self.turn_count += 1
+            t1 = time.perf_counter()
+            n_gen = self.s.stats.tokens_seen - n0 - len(prompt)
+            dt = t1 - (t_first or t1)
+            self.last_turn = {"prompt": len(prompt), "generated": max(0, n_gen),
+                              "tok_s": n_gen / dt if dt > 0 and n_gen > 0 else 0.0, "seconds": t1 - t0}
+
+    # ---- commands ----
+    def stats_lines(self) -> list[str]:
+        s = self.s
+        ev = s.stats.evictions
+        full = s.kv_bytes(max(s.stats.tokens_seen, s.n_cells))
+        lines = [
+            f"cells       {s.n_cells} / {s.cfg.budget} budget",
+            f"evictions   {len(ev)} events, {sum(e.n_evicted for e in ev)} cells evicted",
+            f"tokens      {s.stats.tokens_seen} seen, {self.turn_count} turns",
+            f"KV memory   {fmt_mib(s.kv_bytes())} now, {fmt_mib(full)} with the full cache",
+        ]
+        if ev:
+            e = ev[-1]
+            lines.append(f"last compression  {1000 * (e.score_s + e.evict_s):.0f} ms "
+                         f"({e.phase}, {e.n_evicted} cells at token {e.at_token})")
+        else:
+            lines.append("last compression  none yet")
+        lines.append(f"policy      {s.cfg.policy}, KV cache {s.cfg.cache_type}")
+        return lines
+
+    def turn_line(self) -> str:
+        t = self.last_turn
+        s = self.s
+        return (f"[turn {self.turn_count}: {t.get('prompt', 0)} prompt + {t.get('generated', 0)} generated tokens, "
+                f"{t.get('tok_s', 0.0):.1f} tok/s | cells {s.n_cells}/{s.cfg.budget} | "
+                f"{len(s.stats.evictions)} evictions, {sum(e.n_evicted for e in s.stats.evictions)} cells]")
+
+    def set_policy(self, name: str) -> str:
+        pol = get_policy(name)  # ValueError for an unknown name
+        s = self.s
+        s.policy = pol
+        s.cfg.policy = name
+        s.rt.capture_layers(s.layers if pol.needs_queries else [])
+        s.rt.capture(pol.needs_queries)
+        return f"policy: {name} (from the next compression on)"
+
+    def set_budget(self, n: int) -> str:
+        s = self.s
+        cfg = replace(s.cfg, budget=n, policy_options=dict(s.cfg.policy_options))
+        cfg.validate()
+        if n <= s.cfg.budget:  # the context (budget + chunk cells) already has room
+            s.cfg.budget = n
+            evicted = s.compress(n - s.cfg.step, phase="decode") if s.n_cells > n else 0
+            return f"budget: {n} cells (same session; {evicted} cells evicted now)"
+        kept = [s.live[p] for p in sorted(s.live)]
+        stats = s.stats
+        new = Session(str(self.info.path), cfg)
+        new.prefill(kept)
+        new.stats = stats
+        s.close()
+        self.s = new
+        return f"budget: {n} cells — recreated the session and re-fed the {len(kept)} kept cells"
+
+    def reset(self) -> str:
+        self.s.reset()
+        self.turns = TurnRenderer(self.template, self.system)
+        self.turn_count = 0
+        n = self.start()
+        return f"conversation reset ({n} tokens of system prompt / document fed again)"
+
+    def close(self) -> None:
+        self.s.close()
+
+
+# ---- the REPL ----
+
+class _Interrupt:
+    """SIGINT sets a flag while an answer streams; Session.generate polls it."""
+
+    def __init__(self):
+        self.hit = False
+        self._old = None
+
+    def __enter__(self):
+        self.hit = False
+        self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):  # noqa: ANN001
+        self.hit = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def _setup_readline() -> None:
+    try:
+        import readline
+    except ImportError:  # pragma: no cover - not on every platform
+        return
+    hist = Path(os.environ.get("EA_LOCAL_HISTORY", Path.home() / ".cache" / "ea_local" / "chat_history"))
+    try:
+        hist.parent.mkdir(parents=True, exist_ok=True)
+        if hist.exists():
+            readline.read_history_file(str(hist))
+        readline.set_history_length(1000)
+        import atexit
+        atexit.register(lambda: _save_history(readline, hist))
+    except OSError:
+        pass
+
+
+def _save_history(readline, hist: Path) -> None:  # noqa: ANN001
+    try:
+        readline.write_history_file(str(hist))
+    except OSError:
+        pass
+
+
+def read_message(interactive: bool, stdin: TextIO) -> str:
+    """One user message; backslash at the end of a line continues it. EOFError at the end of input."""
+    lines: list[str] = []
+    while True:
+        if interactive:
+            line = input(">>> " if not lines else "... ")
+        else:
+            line = stdin.readline()
+            if not line:
+                if lines:
+                    break
+                raise EOFError
+            line = line.rstrip("\r\n")
+        if line.endswith("\\"):
+            lines.append(line[:-1])
+            continue
+        lines.append(line)
+        break
+    return "\n".join(lines)
+
+
+def run_repl(chat: Chat, interactive: bool, verbose: bool = False, stdin: TextIO | None = None,
+             out: TextIO | None = None, err: TextIO | None = None) -> None:
+    stdin = stdin or sys.stdin
+    out = out or sys.stdout
+    err = err or sys.stderr
+    info_out = out if interactive else err  # stats and command replies: the terminal, or stderr when piped
+    if interactive:
+        _setup_readline()
+
+    def say(msg: str) -> None:
+        print(msg, file=info_out, flush=True)
+
+    while True:
+        try:
+            text = read_message(interactive, stdin)
+        except EOFError:
+            if interactive:
+                print(file=out)
+            break
+        except KeyboardInterrupt:
+            print("^C" if interactive else "", file=out)
+            continue
+        msg = text.strip()
+        if not msg:
+            continue
+        if msg.startswith("/") and not msg.startswith("//"):
+            cmd, _, arg = msg[1:].partition(" ")
+            arg = arg.strip()
+            try:
+                if cmd in ("help", "?"):
+                    say(HELP)
+                elif cmd == "stats":
+                    say("\n".join(chat.stats_lines()))
+                elif cmd == "policy":
+                    if not arg:
+                        say(f"policy: {chat.s.cfg.policy}; usage: /policy NAME")
+                    else:
+                        say(chat.set_policy(arg))
+                elif cmd == "budget":
+                    if not arg:
+                        say(f"budget: {chat.s.cfg.budget} cells; usage: /budget N")
+                    else:
+                        try:
+                            n = int(arg)
+                        except ValueError:
+                            raise ChatError(f"/budget needs a whole number of cells, got {arg!r}") from None
+                        say(chat.set_budget(n))
+                elif cmd == "reset":
+                    say(chat.reset())
+                elif cmd in ("quit", "exit"):
+                    break
+                else:
+                    say(f"unknown command /{cmd}; /help lists them")
+            except (ValueError, LlamaError) as e:  # BudgetError, ChatError, unknown policy
+                say(f"error: {e}")
+            continue
+        if msg.startswith("//"):
+            msg = msg[1:]
+        _answer(chat, msg, interactive, out, err, verbose)
+
+
+def _answer(chat: Chat, msg: str, interactive: bool, out: TextIO, err: TextIO, verbose: bool) -> None:
+    wrote = False
+    with _Interrupt() as intr:
+        try:
+            for piece in chat.ask(msg, should_stop=lambda: intr.hit):
+                out.write(piece)
+                out.flush()
+                wrote = True
+        except (LlamaError, BudgetError, TemplateError) as e:
+            print(file=out)
+            print(f"error: {e}", file=err, flush=True)
+            return
+    if wrote or not interactive:
+        print(file=out, flush=True)
+    if intr.hit:
+        print("[interrupted]", file=err if not interactive else out, flush=True)
+    if verbose or not interactive:
+        print(chat.turn_line(), file=err if not interactive else out, flush=True)
+
+
+def banner(chat: Chat) -> list[str]:
+    info = chat.info
+    s = chat.s
+    lines = [f"ea-local chat: {info.architecture} {info.file_type or ''} ({Path(str(info.path)).name}), "
+             f"budget {s.cfg.budget} cells, policy {s.cfg.policy}, KV cache {s.cfg.cache_type}"]
+    if not info.has_chat_template:
+        lines.append("note: this is a base model (no chat template in the file): it continues text rather "
+                     "than following instructions")
+    if chat.notice:
+        lines.append(chat.notice)
+    return lines
+
+
+def run_chat(info, opts: ChatOptions, verbose: bool = False) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if opts.file == "-":
+        raise ChatError("--file -: standard input carries the messages; give a file path")
+    document = read_text_file(opts.file) if opts.file else None
+    interactive = sys.stdin.isatty()
+    chat = Chat(info, opts, document)
+    try:
+        head = out = sys.stdout if interactive else sys.stderr
+        for line in banner(chat):
+            print(line, file=head, flush=True)
+        err = Console(stderr=True)
+        with Progress(TextColumn("reading"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
+                      TextColumn("{task.fields[cells]} cells"), TimeElapsedColumn(), console=err,
+                      disable=not (document and err.is_terminal), transient=True) as bar:
+            task = bar.add_task("prefill", total=1, cells=0)
+            n = chat.start(progress=lambda d, t: bar.update(task, completed=d, total=t, cells=chat.s.n_cells))
+        if document:
+            print(f"read {opts.file}: {n} tokens, {chat.s.n_cells} cells kept", file=out, flush=True)
+        if interactive:
+            print("type a message; /help for commands, Ctrl-D to exit", flush=True)
+        run_repl(chat, interactive, verbose=verbose)
+        if not interactive:
+            print("\n".join(chat.stats_lines()), file=sys.stderr, flush=True)
+    finally:
+        chat.close()
