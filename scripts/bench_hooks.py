@@ -43,7 +43,6 @@ def worker(a: argparse.Namespace) -> dict:
                                             n_gpu_layers=a.ngl, flash_attn=True))
         ctx = rt.ctx
         decode = rt.decode
-        row = None
     else:  # stock llama-cpp-python: the same calls, made directly
         mp = ll.llama_model_default_params()
         mp.n_gpu_layers = a.ngl

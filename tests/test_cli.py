@@ -6,7 +6,6 @@ import sys
 
 import pytest
 
-from .conftest import GEMMA
 
 
 def ea(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -28,8 +28,7 @@ from typing import Iterable
 import numpy as np
 
 from ea_local.policies.base import CellView, RopeSpec
-from ea_local.policies.expected_attention import aggregate_scores, use_layers
-from ea_local.policies.snapkv import group_attention, pool1d, window
+from ea_local.policies.snapkv import group_attention, over_window, pool1d
 
 VALUE_NORMS = ("head", "token")
 
@@ -70,13 +69,11 @@ def score(
     layers: Iterable[int] | None = None,
 ) -> np.ndarray:
     """(n,) per layer: max over KV heads, normalised to sum 1; then ``aggregate`` over layers."""
-    idx = window(view, window_size)
-    qpos = np.asarray(view.query_positions)[idx]
-    per_layer = []
-    for l in use_layers(view, layers, ["keys", "values", "queries", "rope"]):
-        s = lava_layer(np.asarray(view.queries[l])[idx], qpos, view.keys[l], view.values[l], view.positions,
-                       view.rope[l], kernel_size=kernel_size, pooling=pooling, value_norm=value_norm,
-                       scale=view.attn_scale).max(axis=0)
+
+    def layer_score(l: int, q: np.ndarray, qpos: np.ndarray) -> np.ndarray:
+        s = lava_layer(q, qpos, view.keys[l], view.values[l], view.positions, view.rope[l], kernel_size=kernel_size,
+                       pooling=pooling, value_norm=value_norm, scale=view.attn_scale).max(axis=0)
         total = s.sum()
-        per_layer.append(s / total if total > 0 else s)
-    return aggregate_scores(per_layer, aggregate)
+        return s / total if total > 0 else s
+
+    return over_window(view, window_size, layers, ["keys", "values", "queries", "rope"], aggregate, layer_score)

@@ -19,8 +19,7 @@ from typing import Iterable
 import numpy as np
 
 from ea_local.policies.base import CellView, RopeSpec
-from ea_local.policies.expected_attention import aggregate_scores, use_layers
-from ea_local.policies.snapkv import group_attention, window
+from ea_local.policies.snapkv import group_attention, over_window
 
 FUSIONS = ("max", "sum")
 
@@ -59,11 +58,5 @@ def score(
     layers: Iterable[int] | None = None,
 ) -> np.ndarray:
     """(n,) MorphKV score per cell; the window is the last ``window_size`` captured queries (all if None)."""
-    idx = window(view, window_size)
-    qpos = np.asarray(view.query_positions)[idx]
-    per_layer = [
-        morphkv_layer(np.asarray(view.queries[l])[idx], qpos, view.keys[l], view.positions, view.rope[l],
-                      fusion=fusion, scale=view.attn_scale)
-        for l in use_layers(view, layers, ["keys", "queries", "rope"])
-    ]
-    return aggregate_scores(per_layer, aggregate)
+    return over_window(view, window_size, layers, ["keys", "queries", "rope"], aggregate, lambda l, q, qpos: morphkv_layer(
+        q, qpos, view.keys[l], view.positions, view.rope[l], fusion=fusion, scale=view.attn_scale))

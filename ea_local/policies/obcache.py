@@ -23,8 +23,8 @@ from typing import Iterable
 import numpy as np
 
 from ea_local.policies.base import CellView, RopeSpec
-from ea_local.policies.expected_attention import aggregate_scores, kv_group, use_layers
-from ea_local.policies.snapkv import group_attention, window
+from ea_local.policies.expected_attention import kv_group
+from ea_local.policies.snapkv import group_attention, over_window
 from ea_local.rope import apply_rope
 
 SALIENCIES = ("value", "key", "joint")
@@ -76,11 +76,6 @@ def score(
     layers: Iterable[int] | None = None,
 ) -> np.ndarray:
     """(n,) OBCache saliency per cell over the last ``window_size`` captured queries (all if None)."""
-    idx = window(view, window_size)
-    qpos = np.asarray(view.query_positions)[idx]
-    per_layer = [
-        obcache_layer(np.asarray(view.queries[l])[idx], qpos, view.keys[l], view.values[l], view.positions,
-                      view.rope[l], saliency=saliency, scale=view.attn_scale)
-        for l in use_layers(view, layers, ["keys", "values", "queries", "rope"])
-    ]
-    return aggregate_scores(per_layer, aggregate)
+    need = ["keys", "values", "queries", "rope"]
+    return over_window(view, window_size, layers, need, aggregate, lambda l, q, qpos: obcache_layer(
+        q, qpos, view.keys[l], view.values[l], view.positions, view.rope[l], saliency=saliency, scale=view.attn_scale))

@@ -11,7 +11,7 @@ Layers are aggregated by mean. The engine protects the window itself and the sin
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -88,6 +88,15 @@ def window(view: CellView, window_size: int | None) -> np.ndarray:
     return order if window_size is None else order[-int(window_size):]
 
 
+def over_window(view: CellView, window_size: int | None, layers: Iterable[int] | None, need: list[str],
+                aggregate: str, layer_score: Callable[[int, np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+    """Aggregate ``layer_score(layer, window queries, their positions)`` over the chosen layers."""
+    idx = window(view, window_size)
+    qpos = np.asarray(view.query_positions)[idx]
+    per_layer = [layer_score(l, np.asarray(view.queries[l])[idx], qpos) for l in use_layers(view, layers, need)]
+    return aggregate_scores(per_layer, aggregate)
+
+
 def score(
     view: CellView,
     *,
@@ -98,13 +107,6 @@ def score(
     layers: Iterable[int] | None = None,
 ) -> np.ndarray:
     """(n,) SnapKV score per cell, aggregated over layers (and KV heads)."""
-    idx = window(view, window_size)
-    qpos = np.asarray(view.query_positions)[idx]
-    per_layer = [
-        snapkv_layer(
-            np.asarray(view.queries[l])[idx], qpos, view.keys[l], view.positions, view.rope[l],
-            kernel_size=kernel_size, pooling=pooling, scale=view.attn_scale,
-        )
-        for l in use_layers(view, layers, ["keys", "queries", "rope"])
-    ]
-    return aggregate_scores(per_layer, aggregate)
+    return over_window(view, window_size, layers, ["keys", "queries", "rope"], aggregate, lambda l, q, qpos: snapkv_layer(
+        q, qpos, view.keys[l], view.positions, view.rope[l], kernel_size=kernel_size, pooling=pooling,
+        scale=view.attn_scale))
