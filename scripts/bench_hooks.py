@@ -71,7 +71,11 @@ def worker(a: argparse.Namespace) -> dict:
     out["prefill_tok_s"] = len(hist) / (time.perf_counter() - t0)
     mem = ll.llama_get_memory(ctx)
     n_layer = ll.llama_model_n_layer(ll.llama_get_model(ctx))
-    n_embd = ll.llama_model_n_embd(ll.llama_get_model(ctx))
+    if patched:
+        from ea_local.model_info import read_model_info
+
+        info = read_model_info(a.model)
+        q_row = info.n_head * info.head_dim_k  # floats per captured query row
 
     def round_(capture: bool) -> float:
         if patched:
@@ -85,7 +89,7 @@ def worker(a: argparse.Namespace) -> dict:
             decode([3 + j % 490], [a.history + j])
         if capture:  # as the engine does: queries are captured every token and pulled in a batch
             for il in range(n_layer):
-                rt.captured(il, n_embd)
+                rt.captured(il, q_row)
             rt.capture_clear()
         ll.llama_synchronize(ctx)
         dt = time.perf_counter() - t
