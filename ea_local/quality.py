@@ -38,11 +38,18 @@ class PasskeyResult:
 
 
 def passkey(model: str, policy: str, budget: int, length: int, depth: float, seed: int,
-            **cfg) -> PasskeyResult:
-    s = Session(model, SessionConfig(budget=budget, policy=policy, seed=seed, **cfg))
+            one_shot: bool = False, **cfg) -> PasskeyResult:
+    """one_shot: kvpress' main protocol — prefill the whole context, compress once to `budget`
+    (statistics: the last prefill chunk's queries), then ask. Otherwise memory stays bounded:
+    compression after every chunk."""
+    room = length + 1024 if one_shot else budget
+    s = Session(model, SessionConfig(budget=room, policy=policy, seed=seed, **cfg))
     key = random.Random(seed * 1000 + int(depth * 100)).randint(10000, 99999)
     ctx, question, span = passkey_prompt(s.rt, length, depth, key)
     s.prefill(ctx)
+    if one_shot:
+        s.cfg.budget = budget
+        s.compress(budget, phase="prefill")
     kept = sum(1 for p in range(*span) if p in s.live) / (span[1] - span[0])
     answer = "".join(s.generate(question, max_tokens=8)).strip()
     s.close()

@@ -25,6 +25,8 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--skip", default="", help="passkey,ppl")
     ap.add_argument("--recent", type=int, default=64)
+    ap.add_argument("--one-shot", action="store_true",
+                    help="pass key: prefill everything, compress once (kvpress' main protocol) instead of per chunk")
     a = ap.parse_args()
     model = str(default_model_path())
     pols = a.policies.split(",")
@@ -39,7 +41,7 @@ def main() -> None:
         for d in depths:
             for pol, b in runs:
                 r = passkey(model, "streaming-llm" if pol == "full" else pol, b, a.length, d, seed=0,
-                            recent=a.recent)
+                            one_shot=a.one_shot and pol != "full", recent=a.recent)
                 row = as_dict(r)
                 row["policy"] = pol
                 res["passkey"].append(row)
