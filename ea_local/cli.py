@@ -65,7 +65,7 @@ def demo(
     cache_type: str = typer.Option("f16", help="KV cache type: f16, q8_0 or q4_0"),
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)"),
-    n_gpu_layers: int = typer.Option(0, help="layers to offload to the GPU"),
+    n_gpu_layers: Optional[int] = typer.Option(None, help="layers to offload to the GPU (default: EA_LOCAL_N_GPU_LAYERS or 0)"),
 ) -> None:
     """The main job: read a long document with a pass key in it through a small KV budget, then ask for the key."""
     from .demo import run_demo
