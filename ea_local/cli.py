@@ -16,6 +16,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Long contexts on local GGUF models inside a fixed KV budget (Expected Attention eviction).")
 
 ModelOpt = typer.Option(None, "--model", "-m", help="GGUF file (default: the embedded Gemma 3 270M Q4_K_M)")
+# the flags every command that runs a model shares
+PolicyOpt = typer.Option("expected-attention", help="eviction policy (see `ea-local policies`)")
+CacheOpt = typer.Option("f16", help="KV cache type: f16, q8_0 or q4_0")
+GpuOpt = typer.Option(None, help="layers to offload to the GPU (default: EA_LOCAL_N_GPU_LAYERS or 0)")
+ThreadsOpt = typer.Option(None, help="CPU threads (default: all cores)")
+SeedOpt = typer.Option(0)
+TempOpt = typer.Option(0.0, help="sampling temperature (0: greedy)")
 
 
 class UserError(Exception):
@@ -60,12 +67,12 @@ def policies() -> None:
 def demo(
     model: Optional[Path] = ModelOpt,
     budget: int = typer.Option(1024, help="KV cells the context may occupy"),
-    policy: str = typer.Option("expected-attention", help="eviction policy (see `ea-local policies`)"),
+    policy: str = PolicyOpt,
     length: int = typer.Option(4096, help="tokens of context to read"),
-    cache_type: str = typer.Option("f16", help="KV cache type: f16, q8_0 or q4_0"),
-    seed: int = typer.Option(0),
-    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)"),
-    n_gpu_layers: Optional[int] = typer.Option(None, help="layers to offload to the GPU (default: EA_LOCAL_N_GPU_LAYERS or 0)"),
+    cache_type: str = CacheOpt,
+    seed: int = SeedOpt,
+    threads: Optional[int] = ThreadsOpt,
+    n_gpu_layers: Optional[int] = GpuOpt,
 ) -> None:
     """The main job: read a long document with a pass key in it through a small KV budget, then ask for the key."""
     from .demo import run_demo
@@ -87,13 +94,13 @@ def _check_cache_type(cache_type: str) -> None:
 def chat(
     model: Optional[Path] = ModelOpt,
     budget: int = typer.Option(2048, help="KV cells the conversation may occupy"),
-    policy: str = typer.Option("expected-attention", help="eviction policy (see `ea-local policies`)"),
-    cache_type: str = typer.Option("f16", help="KV cache type: f16, q8_0 or q4_0"),
-    n_gpu_layers: Optional[int] = typer.Option(None, help="layers to offload to the GPU (default: EA_LOCAL_N_GPU_LAYERS or 0)"),
-    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)"),
-    seed: int = typer.Option(0),
+    policy: str = PolicyOpt,
+    cache_type: str = CacheOpt,
+    n_gpu_layers: Optional[int] = GpuOpt,
+    threads: Optional[int] = ThreadsOpt,
+    seed: int = SeedOpt,
     max_tokens: int = typer.Option(512, help="most tokens per answer"),
-    temperature: float = typer.Option(0.0, help="sampling temperature (0: greedy)"),
+    temperature: float = TempOpt,
     system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
     file: Optional[str] = typer.Option(None, "--file", "-f", help="a text/markdown file to chat about (read through the budget first)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="a stats line after every answer"),
@@ -121,14 +128,14 @@ def summarize(
     output: Optional[str] = typer.Option(None, "--output", "-o", help="write the summary here (default: stdout)"),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="instruction asked after the document"),
     budget: int = typer.Option(2048, help="KV cells the document may occupy"),
-    policy: str = typer.Option("expected-attention", help="eviction policy (see `ea-local policies`)"),
+    policy: str = PolicyOpt,
     chunk: Optional[int] = typer.Option(None, help="prefill chunk in tokens (default: min(512, budget/2))"),
-    cache_type: str = typer.Option("f16", help="KV cache type: f16, q8_0 or q4_0"),
-    n_gpu_layers: Optional[int] = typer.Option(None, help="layers to offload to the GPU (default: EA_LOCAL_N_GPU_LAYERS or 0)"),
-    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)"),
-    seed: int = typer.Option(0),
+    cache_type: str = CacheOpt,
+    n_gpu_layers: Optional[int] = GpuOpt,
+    threads: Optional[int] = ThreadsOpt,
+    seed: int = SeedOpt,
     max_tokens: int = typer.Option(512, help="most tokens of summary"),
-    temperature: float = typer.Option(0.0, help="sampling temperature (0: greedy)"),
+    temperature: float = TempOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="a stats line on stderr at the end"),
 ) -> None:
     """Read a long document through the KV budget (chunked prefill + eviction), then stream a summary."""
