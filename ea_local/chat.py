@@ -52,6 +52,7 @@ class ChatOptions:
     system: str | None = None
     file: str | None = None
     chunk: int | None = None  # None: min(512, budget // 2)
+    rpc: tuple[str, ...] = ()  # llama.cpp RPC servers (HOST:PORT)
 
 
 def read_text_file(path: str) -> str:
@@ -84,7 +85,8 @@ def read_text_file(path: str) -> str:
 def session_config(opts: ChatOptions) -> SessionConfig:
     chunk = opts.chunk if opts.chunk is not None else max(1, min(512, opts.budget // 2))
     return SessionConfig(budget=opts.budget, policy=opts.policy, cache_type=opts.cache_type, seed=opts.seed,
-                         n_threads=opts.threads, n_gpu_layers=opts.n_gpu_layers, chunk=chunk)
+                         n_threads=opts.threads, n_gpu_layers=opts.n_gpu_layers, chunk=chunk,
+                         rpc=tuple(opts.rpc))
 
 
 def fmt_mib(b: float) -> str:

@@ -23,6 +23,9 @@ GpuOpt = typer.Option(None, help="layers to offload to the GPU (default: EA_LOCA
 ThreadsOpt = typer.Option(None, help="CPU threads (default: all cores)")
 SeedOpt = typer.Option(0)
 TempOpt = typer.Option(0.0, help="sampling temperature (0: greedy)")
+RpcOpt = typer.Option(None, "--rpc", metavar="HOST:PORT[,HOST:PORT...]",
+                      help="llama.cpp RPC servers to offload layers to (`ea-local rpc-server` on each; docs/rpc.md); "
+                           "without --n-gpu-layers every layer goes to them. Default: EA_LOCAL_RPC")
 
 
 class UserError(Exception):
@@ -32,6 +35,19 @@ class UserError(Exception):
 def _fail(msg: str, code: int = 2) -> None:
     typer.echo(f"ea-local: error: {msg}", err=True)
     raise typer.Exit(code)
+
+
+def _rpc_endpoints(rpc: Optional[str]) -> tuple[str, ...]:
+    """--rpc checked for form here (one clear line); reachability is checked when the model loads."""
+    from .rpc import RpcError, parse_endpoints, require_rpc
+
+    try:
+        eps = parse_endpoints(rpc)
+        if eps:
+            require_rpc()
+        return eps
+    except RpcError as e:
+        _fail(str(e))
 
 
 def _model_info(model: Optional[Path]):
@@ -46,11 +62,34 @@ def _model_info(model: Optional[Path]):
 
 
 @app.command()
-def info(model: Optional[Path] = typer.Argument(None, help="GGUF file (default: the embedded model)")) -> None:
-    """Architecture, attention geometry, RoPE, sliding window and KV bytes per token of a GGUF (no weights loaded)."""
+def info(
+    model: Optional[Path] = typer.Argument(None, help="GGUF file (default: the embedded model)"),
+    rpc: Optional[str] = RpcOpt,
+    n_gpu_layers: Optional[int] = GpuOpt,
+    ctx: int = typer.Option(4096, "--ctx", help="with --rpc/--n-gpu-layers: KV cells of the context to place"),
+    cache_type: str = CacheOpt,
+) -> None:
+    """Architecture, attention geometry, RoPE, sliding window and KV bytes per token of a GGUF (no weights loaded).
+
+    With --rpc or --n-gpu-layers the model is loaded (weights are sent to the RPC servers) and llama.cpp's
+    placement is shown: which device holds each layer's weights and KV cache, and how many MiB each buffer holds."""
     from .info_format import format_info
 
-    typer.echo(format_info(_model_info(model)))
+    endpoints = _rpc_endpoints(rpc)
+    mi = _model_info(model)
+    typer.echo(format_info(mi))
+    if not endpoints and n_gpu_layers is None:
+        return
+    _check_cache_type(cache_type)
+    if ctx <= 0:
+        _fail(f"--ctx must be positive, got {ctx}")
+    from .engine.runtime import LlamaError
+    from .placement import describe
+
+    try:
+        typer.echo(describe(mi, endpoints, n_gpu_layers, ctx, cache_type))
+    except (LlamaError, ValueError) as e:
+        _fail(str(e))
 
 
 @app.command()
@@ -73,14 +112,16 @@ def demo(
     seed: int = SeedOpt,
     threads: Optional[int] = ThreadsOpt,
     n_gpu_layers: Optional[int] = GpuOpt,
+    rpc: Optional[str] = RpcOpt,
 ) -> None:
     """The main job: read a long document with a pass key in it through a small KV budget, then ask for the key."""
     from .demo import run_demo
 
+    endpoints = _rpc_endpoints(rpc)
     info = _model_info(model)
     try:
         run_demo(info, budget=budget, policy=policy, length=length, cache_type=cache_type, seed=seed,
-                 threads=threads, n_gpu_layers=n_gpu_layers)
+                 threads=threads, n_gpu_layers=n_gpu_layers, rpc=endpoints)
     except (UserError, ValueError) as e:
         _fail(str(e))
 
@@ -104,6 +145,7 @@ def chat(
     system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
     file: Optional[str] = typer.Option(None, "--file", "-f", help="a text/markdown file to chat about (read through the budget first)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="a stats line after every answer"),
+    rpc: Optional[str] = RpcOpt,
 ) -> None:
     """Chat in a REPL that streams answers and stays inside the KV budget (piped stdin: one turn per line)."""
     from .chat import ChatError, ChatOptions, run_chat
@@ -114,7 +156,7 @@ def chat(
     info = _model_info(model)
     opts = ChatOptions(budget=budget, policy=policy, cache_type=cache_type, n_gpu_layers=n_gpu_layers,
                        threads=threads, seed=seed, max_tokens=max_tokens, temperature=temperature,
-                       system=system, file=file)
+                       system=system, file=file, rpc=_rpc_endpoints(rpc))
     try:
         run_chat(info, opts, verbose=verbose)
     except (UserError, ChatError, TemplateError, LlamaError, ValueError) as e:
@@ -137,6 +179,7 @@ def summarize(
     max_tokens: int = typer.Option(512, help="most tokens of summary"),
     temperature: float = TempOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="a stats line on stderr at the end"),
+    rpc: Optional[str] = RpcOpt,
 ) -> None:
     """Read a long document through the KV budget (chunked prefill + eviction), then stream a summary."""
     from .chat import ChatError
@@ -148,7 +191,7 @@ def summarize(
     info = _model_info(model)
     opts = SummarizeOptions(budget=budget, policy=policy, cache_type=cache_type, n_gpu_layers=n_gpu_layers,
                             threads=threads, seed=seed, max_tokens=max_tokens, temperature=temperature,
-                            chunk=chunk, prompt=prompt, output=output, verbose=verbose)
+                            chunk=chunk, prompt=prompt, output=output, verbose=verbose, rpc=_rpc_endpoints(rpc))
     try:
         run_summarize(info, source, opts)
     except (UserError, ChatError, TemplateError, LlamaError, ValueError) as e:
@@ -156,6 +199,33 @@ def summarize(
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130)
+
+
+@app.command("rpc-server")
+def rpc_server(
+    host: str = typer.Option("127.0.0.1", help="address to listen on; another machine's clients need this machine's "
+                                               "LAN address (or 0.0.0.0) -- trusted networks only, there is no authentication"),
+    port: int = typer.Option(50052, help="TCP port"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads of the server's CPU device (default: half the cores)"),
+    cache: bool = typer.Option(False, "--cache", help="keep received tensors on disk (faster reloads of the same model)"),
+    device: Optional[str] = typer.Option(None, help="expose only this device (e.g. CUDA0); default: all accelerators, else the CPU"),
+) -> None:
+    """Run llama.cpp's ggml-rpc-server (from this install's patched build) so other machines can offload layers here.
+
+    It has NO authentication and NO encryption: anyone who can reach the port can run code-like graphs and
+    read or write its memory. Bind it to a trusted network only (docs/rpc.md)."""
+    import os
+
+    from .rpc import RpcError, server_command
+
+    if not 0 < port < 65536:
+        _fail(f"--port must be in 1..65535, got {port}")
+    try:
+        cmd = server_command(host, port, threads, cache, device)
+    except RpcError as e:
+        _fail(str(e))
+    typer.echo(f"ea-local: starting {cmd[0]} on {host}:{port} (no authentication: trusted network only)", err=True)
+    os.execv(cmd[0], cmd)
 
 
 def main() -> None:

@@ -36,11 +36,11 @@ def passkey_prompt(rt, length: int, depth: float, key: int) -> tuple[list[int], 
 
 
 def run_demo(info, budget: int, policy: str, length: int, cache_type: str, seed: int,
-             threads: int | None, n_gpu_layers: int | None) -> dict:
+             threads: int | None, n_gpu_layers: int | None, rpc: tuple[str, ...] = ()) -> dict:
     con = Console(stderr=False)
     err = Console(stderr=True)
     cfg = SessionConfig(budget=budget, policy=policy, cache_type=cache_type, seed=seed,
-                        n_threads=threads, n_gpu_layers=n_gpu_layers, chunk=min(512, budget // 2))
+                        n_threads=threads, n_gpu_layers=n_gpu_layers, chunk=min(512, budget // 2), rpc=rpc)
     s = Session(info.path, cfg)
     key = random.Random(seed).randint(10000, 99999)
     ctx, question, span = passkey_prompt(s.rt, length, 0.4, key)

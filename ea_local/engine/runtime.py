@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from dataclasses import dataclass, field
 
 from .. import kvhooks  # loads libllama before numpy (DESIGN.md: import order on CUDA)
@@ -21,16 +22,25 @@ class LlamaError(RuntimeError):
 
 
 _log_silenced = False
+# while a Runtime loads, llama.cpp's own lines about where layers and buffers went (placement.py)
+_log_sink: list[str] | None = None
+_PLACEMENT_PREFIXES = (b"load_tensors:", b"llama_kv_cache:", b"llama_kv_cache_iswa:")
 
 
 def _silence_llama_log() -> None:
-    """llama.cpp logs to stderr by default; keep it quiet unless EA_LOCAL_LLAMA_LOG=1."""
+    """llama.cpp logs to stderr by default; keep it quiet unless EA_LOCAL_LLAMA_LOG=1 (then it is passed
+    through). The placement lines are kept either way while a Runtime loads."""
     global _log_silenced, _log_cb
-    if _log_silenced or os.environ.get("EA_LOCAL_LLAMA_LOG") == "1":
+    if _log_silenced:
         return
+    echo = os.environ.get("EA_LOCAL_LLAMA_LOG") == "1"
 
     @ll.llama_log_callback
     def _cb(level, text, user_data):  # noqa: ANN001
+        if _log_sink is not None and text and text.startswith(_PLACEMENT_PREFIXES):
+            _log_sink.append(text.decode("utf-8", errors="replace"))
+        if echo and text:
+            sys.stderr.write(text.decode("utf-8", errors="replace"))
         return None
 
     _log_cb = _cb  # keep a reference: ctypes callbacks must outlive their use
@@ -46,21 +56,48 @@ class ContextConfig:
     flash_attn: bool | None = None  # None: on when the V cache is quantized
     swa_full: bool = True
     n_threads: int | None = None
-    # layers offloaded to the GPU; EA_LOCAL_N_GPU_LAYERS sets the default (like OLLAMA's num_gpu)
-    n_gpu_layers: int = field(default_factory=lambda: int(os.environ.get("EA_LOCAL_N_GPU_LAYERS", "0")))
+    # layers offloaded to the GPU (and RPC) devices; EA_LOCAL_N_GPU_LAYERS sets the default (like OLLAMA's
+    # num_gpu); None: 0, or every layer when RPC servers are given (llama.cpp's own default, -1)
+    n_gpu_layers: int | None = field(default_factory=lambda: _env_int("EA_LOCAL_N_GPU_LAYERS"))
     seed: int = 0
+    # llama.cpp RPC servers ("HOST:PORT"; ea_local/rpc.py), in front of the local GPUs; EA_LOCAL_RPC sets the default
+    rpc: tuple[str, ...] = field(default_factory=lambda: tuple(filter(None, os.environ.get("EA_LOCAL_RPC", "").split(","))))
+
+
+def _env_int(name: str) -> int | None:
+    v = os.environ.get(name)
+    return int(v) if v else None
 
 
 class Runtime:
     def __init__(self, model_path: str, cfg: ContextConfig, cb_eval=None):
+        global _log_sink
         _silence_llama_log()
         ll.llama_backend_init()
+        _log_sink = self.load_log = []  # llama.cpp's placement lines of this load (placement.py reads them)
+        try:
+            self._load(model_path, cfg, cb_eval)
+        finally:
+            _log_sink = None
+
+    def _load(self, model_path: str, cfg: ContextConfig, cb_eval) -> None:
         if cfg.cache_type not in CACHE_TYPES:
             raise ValueError(f"unknown cache type {cfg.cache_type!r}; choose from {', '.join(CACHE_TYPES)}")
         mp = ll.llama_model_default_params()
-        mp.n_gpu_layers = cfg.n_gpu_layers
+        ngl = cfg.n_gpu_layers
+        mp.n_gpu_layers = ngl if ngl is not None else (-1 if cfg.rpc else 0)
+        self._rpc: tuple[str, ...] = ()
+        if cfg.rpc:
+            from .. import rpc  # RpcError (a ValueError) for a bad or unreachable endpoint
+
+            endpoints = rpc.parse_endpoints(cfg.rpc)
+            self._devices = rpc.model_devices(endpoints)  # kept alive: llama.cpp reads it at load
+            mp.devices = ctypes.cast(self._devices, ctypes.c_void_p)
+            self._rpc = endpoints
+            rpc.acquire(endpoints)
         self.model = ll.llama_model_load_from_file(model_path.encode(), mp)
         if not self.model:
+            self._release_rpc()
             raise LlamaError(f"llama.cpp could not load {model_path}")
         self.vocab = ll.llama_model_get_vocab(self.model)
         cp = ll.llama_context_default_params()
@@ -83,6 +120,7 @@ class Runtime:
         if not self.ctx:
             ll.llama_model_free(self.model)
             self.model = None
+            self._release_rpc()
             raise LlamaError(f"llama.cpp could not create a context (n_ctx={cfg.n_ctx}, cache {cfg.cache_type})")
         self.cfg = cfg
         self.flash_attn = fa
@@ -103,6 +141,14 @@ class Runtime:
         if getattr(self, "model", None):
             ll.llama_model_free(self.model)
             self.model = None
+        self._release_rpc()
+
+    def _release_rpc(self) -> None:
+        if getattr(self, "_rpc", ()):
+            from .. import rpc
+
+            rpc.release(self._rpc)
+            self._rpc = ()
 
     def __del__(self) -> None:
         self.close()

@@ -44,7 +44,8 @@ class SessionConfig:
     prefill_stats: int | None = None  # statistics from the last N queries of a prefill chunk (None: all)
     cache_type: str = "f16"
     n_threads: int | None = None
-    n_gpu_layers: int | None = None  # None: EA_LOCAL_N_GPU_LAYERS or 0
+    n_gpu_layers: int | None = None  # None: EA_LOCAL_N_GPU_LAYERS or 0 (all layers with rpc)
+    rpc: tuple[str, ...] = ()  # llama.cpp RPC servers, HOST:PORT (ea_local/rpc.py); (): EA_LOCAL_RPC or none
     seed: int = 0
     policy_options: dict = field(default_factory=dict)
 
@@ -87,6 +88,8 @@ class Session:
         self.model_path = model_path
         self.iswa = bool(self.info.sliding_layers)
         gpu = {} if cfg.n_gpu_layers is None else {"n_gpu_layers": cfg.n_gpu_layers}
+        if cfg.rpc:
+            gpu["rpc"] = tuple(cfg.rpc)
         self.rt = Runtime(model_path, ContextConfig(
             n_ctx=cfg.budget + cfg.chunk, n_batch=cfg.chunk, cache_type=cfg.cache_type,
             swa_full=not self.iswa, n_threads=cfg.n_threads, seed=cfg.seed, **gpu))
