@@ -228,6 +228,76 @@ def rpc_server(
     os.execv(cmd[0], cmd)
 
 
+@app.command()
+def serve(
+    model: Optional[Path] = ModelOpt,
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface; set --api-key then)"),
+    port: int = typer.Option(8080, help="TCP port"),
+    budget: int = typer.Option(2048, help="KV cells each conversation (slot) may occupy; requests may ask for less"),
+    policy: str = PolicyOpt,
+    parallel: int = typer.Option(1, "--parallel", "-np", help="slots: conversations decoded at the same time"),
+    queue: int = typer.Option(16, help="requests that may wait for a slot; beyond that: 503 + Retry-After"),
+    api_key: Optional[str] = typer.Option(None, envvar="EA_LOCAL_API_KEY", show_envvar=True,
+                                          help="require Authorization: Bearer KEY (prefer the environment variable)"),
+    max_tokens: int = typer.Option(512, help="tokens per answer when a request does not say"),
+    max_prompt_tokens: int = typer.Option(131072, help="longest prompt accepted, in tokens (400 beyond)"),
+    max_body: int = typer.Option(4 * 2**20, help="largest request body in bytes (413 beyond)"),
+    temperature: float = TempOpt,
+    reuse: bool = typer.Option(True, "--reuse/--no-reuse", help="continue a conversation from its slot's cache"),
+    cache_type: str = CacheOpt,
+    n_gpu_layers: Optional[int] = GpuOpt,
+    threads: Optional[int] = ThreadsOpt,
+    seed: int = SeedOpt,
+    log_level: str = typer.Option("info", help="uvicorn log level (warning: no access log)"),
+) -> None:
+    """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions) whose conversations stay inside the KV budget."""
+    from .engine.runtime import LlamaError
+    from .engine.session import SessionConfig
+    from .policies import get_policy
+
+    _check_cache_type(cache_type)
+    for name, v, lo in (("--parallel", parallel, 1), ("--queue", queue, 0), ("--max-tokens", max_tokens, 1),
+                        ("--max-prompt-tokens", max_prompt_tokens, 1), ("--max-body", max_body, 1024)):
+        if v < lo:
+            _fail(f"{name} must be at least {lo}, got {v}")
+    if not 0 <= port <= 65535:
+        _fail(f"--port must be in 0..65535, got {port}")
+    if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
+        _fail(f"unknown --log-level {log_level!r}")
+    try:
+        get_policy(policy)
+    except ValueError as e:
+        _fail(str(e))
+    info = _model_info(model)
+    scfg = SessionConfig(budget=budget, policy=policy, cache_type=cache_type, seed=seed, n_threads=threads,
+                         n_gpu_layers=n_gpu_layers, chunk=max(1, min(512, budget // 2)))
+    try:
+        scfg.validate()
+    except ValueError as e:
+        _fail(str(e))
+    from .serve.app import ServeConfig
+    from .serve.server import build_server, model_id, serve as run_server
+
+    cfg = ServeConfig(model_id=model_id(str(info.path)), budget=budget, policy=policy,
+                      min_budget=scfg.n_sink + scfg.recent + scfg.step + 1, max_tokens=max_tokens,
+                      max_tokens_limit=max(max_tokens, info.n_ctx_train), max_prompt_tokens=max_prompt_tokens,
+                      temperature=temperature, api_key=api_key or None, max_body=max_body)
+    if host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
+        typer.echo(f"ea-local serve: warning: listening on {host} without an API key", err=True)
+    try:
+        srv = build_server(info, cfg, scfg, parallel=parallel, queue=queue, reuse=reuse)
+    except (LlamaError, ValueError) as e:
+        _fail(str(e))
+    if srv.notice:
+        typer.echo(srv.notice, err=True)
+    typer.echo(f"ea-local serve: {cfg.model_id}, {parallel} slot(s) x {budget} cells, policy {policy}, "
+               f"KV cache {cache_type}", err=True)
+    try:
+        run_server(srv, host, port, log_level=log_level)
+    except OSError as e:
+        _fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
+
+
 def main() -> None:
     try:
         app()

@@ -69,25 +69,51 @@ def _env_int(name: str) -> int | None:
     return int(v) if v else None
 
 
+class SharedModel:
+    """One loaded llama_model that several contexts use (the server's slots): the weights load once.
+
+    llama.cpp allows many contexts on one model; each context has its own KV cache and state."""
+
+    def __init__(self, model_path: str, n_gpu_layers: int | None = None):
+        _silence_llama_log()
+        ll.llama_backend_init()
+        mp = ll.llama_model_default_params()
+        ngl = _env_int("EA_LOCAL_N_GPU_LAYERS") if n_gpu_layers is None else n_gpu_layers
+        mp.n_gpu_layers = ngl or 0
+        self.path = model_path
+        self.ptr = ll.llama_model_load_from_file(model_path.encode(), mp)
+        if not self.ptr:
+            raise LlamaError(f"llama.cpp could not load {model_path}")
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            ll.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
 class Runtime:
-    def __init__(self, model_path: str, cfg: ContextConfig, cb_eval=None):
+    def __init__(self, model_path: str, cfg: ContextConfig, cb_eval=None, shared: SharedModel | None = None):
         global _log_sink
         _silence_llama_log()
         ll.llama_backend_init()
         _log_sink = self.load_log = []  # llama.cpp's placement lines of this load (placement.py reads them)
         try:
-            self._load(model_path, cfg, cb_eval)
+            self._load(model_path, cfg, cb_eval, shared)
         finally:
             _log_sink = None
 
-    def _load(self, model_path: str, cfg: ContextConfig, cb_eval) -> None:
+    def _load(self, model_path: str, cfg: ContextConfig, cb_eval, shared: SharedModel | None = None) -> None:
         if cfg.cache_type not in CACHE_TYPES:
             raise ValueError(f"unknown cache type {cfg.cache_type!r}; choose from {', '.join(CACHE_TYPES)}")
         mp = ll.llama_model_default_params()
         ngl = cfg.n_gpu_layers
         mp.n_gpu_layers = ngl if ngl is not None else (-1 if cfg.rpc else 0)
         self._rpc: tuple[str, ...] = ()
-        if cfg.rpc:
+        self._shared = shared  # a shared model is freed by its owner, not by this context
+        if cfg.rpc and shared is None:
             from .. import rpc  # RpcError (a ValueError) for a bad or unreachable endpoint
 
             endpoints = rpc.parse_endpoints(cfg.rpc)
@@ -95,7 +121,7 @@ class Runtime:
             mp.devices = ctypes.cast(self._devices, ctypes.c_void_p)
             self._rpc = endpoints
             rpc.acquire(endpoints)
-        self.model = ll.llama_model_load_from_file(model_path.encode(), mp)
+        self.model = shared.ptr if shared is not None else ll.llama_model_load_from_file(model_path.encode(), mp)
         if not self.model:
             self._release_rpc()
             raise LlamaError(f"llama.cpp could not load {model_path}")
@@ -118,7 +144,8 @@ class Runtime:
             cp.cb_eval = cb_eval
         self.ctx = ll.llama_init_from_model(self.model, cp)
         if not self.ctx:
-            ll.llama_model_free(self.model)
+            if shared is None:
+                ll.llama_model_free(self.model)
             self.model = None
             self._release_rpc()
             raise LlamaError(f"llama.cpp could not create a context (n_ctx={cfg.n_ctx}, cache {cfg.cache_type})")
@@ -139,7 +166,8 @@ class Runtime:
             ll.llama_free(self.ctx)
             self.ctx = None
         if getattr(self, "model", None):
-            ll.llama_model_free(self.model)
+            if getattr(self, "_shared", None) is None:
+                ll.llama_model_free(self.model)
             self.model = None
         self._release_rpc()
 

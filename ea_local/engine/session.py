@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from .runtime import ContextConfig, LlamaError, Runtime  # runtime first: loads libllama before numpy
+from .runtime import ContextConfig, LlamaError, Runtime, SharedModel  # runtime first: loads libllama before numpy
 import numpy as np  # noqa: E402
 
 from ..model_info import read_model_info  # noqa: E402
@@ -80,7 +80,7 @@ class Stats:
 class Session:
     """One sequence in one llama.cpp context, kept within `cfg.budget` cells."""
 
-    def __init__(self, model_path: str, cfg: SessionConfig | None = None):
+    def __init__(self, model_path: str, cfg: SessionConfig | None = None, shared: SharedModel | None = None):
         self.cfg = cfg = cfg or SessionConfig()
         cfg.validate()
         self.policy = get_policy(cfg.policy)
@@ -92,7 +92,7 @@ class Session:
             gpu["rpc"] = tuple(cfg.rpc)
         self.rt = Runtime(model_path, ContextConfig(
             n_ctx=cfg.budget + cfg.chunk, n_batch=cfg.chunk, cache_type=cfg.cache_type,
-            swa_full=not self.iswa, n_threads=cfg.n_threads, seed=cfg.seed, **gpu))
+            swa_full=not self.iswa, n_threads=cfg.n_threads, seed=cfg.seed, **gpu), shared=shared)
         glob = list(self.info.global_layers)
         # scoring reads K/V of every scored layer: past max_score_layers, take evenly spaced ones (and the last)
         idx = np.unique(np.linspace(0, len(glob) - 1, min(len(glob), cfg.max_score_layers)).round().astype(int))
@@ -272,3 +272,23 @@ class Session:
                 yield tail
         finally:
             sampler.close()
+
+    # ---- reuse ----
+    def truncate(self, pos: int) -> int:
+        """Forget every cell at position >= pos, in every layer, and continue from pos.
+
+        A server reuses a conversation's cache up to where a new request diverges from what was
+        fed; cells before `pos` that were evicted stay evicted. Returns the global cells dropped."""
+        if self.policy.needs_queries and self._n_captured:
+            self._pull_queries(keep=self.cfg.stats_window)
+        drop = [p for p in self.live if p >= pos]
+        self.rt.seq_rm(0, pos, -1)
+        if self.rt.seq_pos_range(0)[1] >= pos:
+            raise LlamaError(f"could not remove positions >= {pos}")
+        for p in drop:
+            del self.live[p]
+        keep = self.query_pos < pos
+        self.query_pos = self.query_pos[keep]
+        self.queries = {il: q[keep] for il, q in self.queries.items()}
+        self.next_pos = pos
+        return len(drop)

@@ -1,0 +1,362 @@
+"""The HTTP routes: OpenAI's chat and text completions (JSON or SSE), models, health, metrics.
+
+The model runs in worker threads (one per slot); the event loop only parses, queues and streams.
+A streamed answer travels from the worker to the loop through an asyncio queue; when the client
+goes away the worker's slot is told to stop (it checks before every token and between prefill
+chunks) and the slot returns to the pool when the worker has stopped using it.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from ..chat_template import ChatTemplate, TemplateError
+from ..engine.runtime import LlamaError, Runtime
+from ..engine.sampling import SamplingParams
+from ..engine.session import BudgetError
+from ..policies import get_policy
+from .errors import APIError, error_response
+from .guard import Guard
+from .metrics import Metrics
+from .schemas import ChatRequest, CompletionRequest, chat_messages, check_common, parse
+from .slots import Cancelled, GenRequest, GenResult, Slot, SlotPool
+
+log = logging.getLogger("ea_local.serve")
+
+
+@dataclass
+class ServeConfig:
+    model_id: str
+    budget: int  # the slots' budget: the largest a request may ask for
+    policy: str = "expected-attention"
+    min_budget: int = 197  # SessionConfig's floor: n_sink + recent + step + 1
+    max_tokens: int = 512  # when a request gives none
+    max_tokens_limit: int = 32768
+    max_prompt_tokens: int = 131072
+    temperature: float = 0.0
+    api_key: str | None = None
+    max_body: int = 4 * 2**20
+    shutdown_grace_s: float = 5.0
+
+
+@dataclass
+class Prepared:
+    tokens: list[int]
+    gen: GenRequest
+    stream: bool
+    include_usage: bool
+
+
+class Server:
+    """State shared by the routes: pool, tokenizer, template, metrics, worker threads."""
+
+    def __init__(self, cfg: ServeConfig, pool: SlotPool, rt: Runtime, template: ChatTemplate):
+        self.cfg = cfg
+        self.pool = pool
+        self.rt = rt  # tokenizing only (model-level vocab, read-only; safe beside a decoding context)
+        self.template = template
+        self.metrics = Metrics(pool)
+        self.workers = ThreadPoolExecutor(max_workers=len(pool.slots), thread_name_prefix="ea-slot")
+        self.created = int(time.time())
+
+    def drain(self) -> None:
+        """Stop taking requests and end running generations (called from the SIGTERM handler)."""
+        self.pool.drain()
+
+    def close(self) -> None:
+        self.workers.shutdown(wait=True)
+        self.pool.close()
+
+    # ---- request -> tokens ----
+    def tokens(self, text: str) -> list[int]:
+        toks = self.rt.tokenize(text, add_bos=False, special=True)
+        if self.rt.add_bos() and (not toks or toks[0] != self.rt.bos()):
+            toks = [self.rt.bos()] + toks
+        return toks
+
+    def chat_tokens(self, messages: list[dict]) -> list[int]:
+        try:
+            text = self.template.render(messages, add_generation_prompt=True)
+        except TemplateError as e:
+            raise APIError(400, str(e), code="invalid_value", param="messages") from None
+        return self.tokens(text)
+
+    def prompt_tokens(self, prompt) -> list[int]:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            bad = [t for t in prompt if not 0 <= t < self.rt.n_vocab]
+            if bad:
+                raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary (0..{self.rt.n_vocab - 1})",
+                               code="invalid_value", param="prompt")
+            return list(prompt)
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise APIError(400, f"prompt: one prompt per request is supported, got {len(prompt)}",
+                               code="invalid_value", param="prompt")
+            prompt = prompt[0]
+        return self.tokens(prompt)
+
+    async def prepare(self, req, max_tokens: int | None, make_tokens: Callable[[], list[int]]) -> Prepared:
+        cfg = self.cfg
+        kv = req.kv_compression
+        policy = (kv.policy if kv and kv.policy else None) or cfg.policy
+        try:
+            get_policy(policy)
+        except ValueError as e:
+            raise APIError(400, f"kv_compression.policy: {e}", code="unknown_policy",
+                           param="kv_compression.policy") from None
+        budget = kv.budget if kv and kv.budget is not None else cfg.budget
+        if not cfg.min_budget <= budget <= cfg.budget:
+            raise APIError(400, f"kv_compression.budget must be in {cfg.min_budget}..{cfg.budget} (the server's "
+                           f"--budget), got {budget}", code="invalid_value", param="kv_compression.budget")
+        tokens = await asyncio.to_thread(make_tokens)
+        if not tokens:
+            raise APIError(400, "the prompt is empty", code="invalid_value", param="prompt")
+        if len(tokens) > cfg.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {len(tokens)} tokens; this server takes at most "
+                           f"{cfg.max_prompt_tokens} per request (--max-prompt-tokens)",
+                           code="context_length_exceeded", param="messages")
+        temp = cfg.temperature if req.temperature is None else req.temperature
+        seed = req.seed if req.seed is not None else (secrets.randbits(32) if temp > 0 else 0)
+        params = SamplingParams(temperature=temp, seed=seed & 0xFFFFFFFF)
+        if req.top_p is not None:
+            params.top_p = req.top_p
+        gen = GenRequest(tokens=tokens, params=params, stop=req.stop_list(), max_tokens=max_tokens or cfg.max_tokens,
+                         policy=policy, budget=budget)
+        include = bool(req.stream_options and req.stream_options.include_usage)
+        return Prepared(tokens, gen, bool(req.stream), include)
+
+    # ---- running ----
+    async def acquire(self, request: Request, tokens: list[int]) -> Slot:
+        task = asyncio.ensure_future(self.pool.acquire(tokens))
+        gone = await _race_disconnect(request, task)
+        if gone:
+            raise _ClientGone()
+        return task.result()
+
+    def start(self, slot: Slot, gen: GenRequest, emit: Callable[[str], None]) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+
+        def work() -> GenResult:
+            try:
+                res = slot.run(gen, emit)
+                self.metrics.record(res)
+                return res
+            except Cancelled:
+                self.metrics.cancelled.inc()
+                raise
+            finally:
+                _call_soon(loop, self.pool.release, slot)
+
+        return loop.run_in_executor(self.workers, work)
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the loop is closed: the process is exiting
+        pass
+
+
+async def _race_disconnect(request: Request, fut: asyncio.Future, every: float = 0.25) -> bool:
+    """Wait for fut; True (and fut cancelled) if the client disconnects first."""
+    while True:
+        done, _ = await asyncio.wait({fut}, timeout=every)
+        if done:
+            return False
+        if await request.is_disconnected():
+            fut.cancel()
+            return True
+
+
+def _usage(res: GenResult) -> dict:
+    return {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
+            "total_tokens": res.prompt_tokens + res.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": res.cached_tokens}}
+
+
+def _kv(res: GenResult) -> dict:
+    """Extension: what the request did to its slot's cache."""
+    return {"slot": res.slot, "cells": res.cells, "budget": res.budget, "policy": res.policy,
+            "prefilled_tokens": res.prompt_tokens - res.cached_tokens, "evicted_cells": res.evicted_cells,
+            "compression_ms": round(1000 * res.compression_s, 1)}
+
+
+def _finish(res: GenResult) -> str:
+    # a generation cut short by a disconnect or a shutdown is reported as truncated
+    return "length" if res.finish_reason == "cancelled" else res.finish_reason
+
+
+def create_app(srv: Server) -> Guard:
+    cfg = srv.cfg
+    app = FastAPI(title="ea-local", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        msg = {404: f"unknown route {request.url.path}", 405: f"method {request.method} not allowed on "
+               f"{request.url.path}"}.get(e.status_code, str(e.detail))
+        return error_response(APIError(e.status_code, msg, code={404: "not_found", 405: "method_not_allowed"}
+                                       .get(e.status_code)))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError):
+        return error_response(APIError(400, str(e), code="invalid_value"))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        log.exception("internal error")
+        return error_response(APIError(500, f"internal error: {type(e).__name__}", code="internal_error"))
+
+    @app.get("/health")
+    async def health():
+        pool = srv.pool
+        return {"status": "shutting_down" if pool.closing else "ok", "slots_idle": pool.n_free,
+                "slots": len(pool.slots), "queue": pool.queue_length,
+                "cells": [s.session.n_cells for s in pool.slots]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(srv.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def model_card() -> dict:
+        return {"id": cfg.model_id, "object": "model", "created": srv.created, "owned_by": "ea-local",
+                "kv_compression": {"policy": cfg.policy, "budget": cfg.budget}}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != cfg.model_id:
+            raise APIError(404, f"model {model_id!r} is not served here (this server runs {cfg.model_id!r})",
+                           code="model_not_found", param="model")
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = parse(ChatRequest, await request.body())
+        mt = check_common(req, cfg.max_tokens_limit)
+        msgs = chat_messages(req)
+        prep = await srv.prepare(req, mt, lambda: srv.chat_tokens(msgs))
+        return await _respond(request, prep, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = parse(CompletionRequest, await request.body())
+        mt = check_common(req, cfg.max_tokens_limit)
+        prep = await srv.prepare(req, mt, lambda: srv.prompt_tokens(req.prompt))
+        return await _respond(request, prep, chat=False)
+
+    async def _respond(request: Request, prep: Prepared, chat: bool):
+        try:
+            slot = await srv.acquire(request, prep.tokens)
+        except _ClientGone:
+            return Response(status_code=499)  # nobody is listening; the status only shows in the access log
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        if prep.stream:
+            return _stream(slot, prep, chat, rid, created)
+        fut = srv.start(slot, prep.gen, lambda piece: None)
+        if await _race_disconnect(request, fut):
+            slot.cancel.set()  # the worker stops at its next token and frees the slot
+            return Response(status_code=499)
+        try:
+            res = fut.result()
+        except Cancelled:
+            raise APIError(503, "the server is shutting down", code="server_busy") from None
+        except (LlamaError, BudgetError) as e:
+            raise APIError(500, f"the engine failed: {e}", code="engine_error") from None
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": res.text}, "logprobs": None,
+                      "finish_reason": _finish(res)}
+        else:
+            choice = {"index": 0, "text": res.text, "logprobs": None, "finish_reason": _finish(res)}
+        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                             "created": created, "model": cfg.model_id, "choices": [choice], "usage": _usage(res),
+                             "kv_cache": _kv(res)})
+
+    def _stream(slot: Slot, prep: Prepared, chat: bool, rid: str, created: int) -> EventSourceResponse:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        fut = srv.start(slot, prep.gen, lambda piece: _call_soon(loop, q.put_nowait, piece))
+        fut.add_done_callback(lambda f: q.put_nowait(f))
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        shutdown = anyio.Event()
+
+        def chunk(text: str | None, finish: str | None = None, first: bool = False) -> dict:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            body = {"id": rid, "object": obj, "created": created, "model": cfg.model_id, "choices": [choice]}
+            if prep.include_usage:
+                body["usage"] = None
+            return {"data": json.dumps(body)}
+
+        async def watch_shutdown():
+            await shutdown.wait()
+            slot.cancel.set()
+
+        async def events():
+            finished = False
+            watcher = asyncio.ensure_future(watch_shutdown())
+            try:
+                if chat:
+                    yield chunk(None, first=True)
+                while True:
+                    item = await q.get()
+                    if isinstance(item, str):
+                        yield chunk(item)
+                        continue
+                    finished = True
+                    try:
+                        res = item.result()
+                    except Cancelled:
+                        yield chunk(None, "length")
+                    except Exception as e:  # noqa: BLE001 — reported in the stream, as OpenAI does
+                        log.warning("generation failed: %s", e)
+                        yield {"data": json.dumps({"error": {"message": f"the engine failed: {e}",
+                                                             "type": "server_error", "code": "engine_error"}})}
+                    else:
+                        last = chunk(None, _finish(res))
+                        body = json.loads(last["data"])
+                        body["kv_cache"] = _kv(res)
+                        yield {"data": json.dumps(body)}
+                        if prep.include_usage:
+                            yield {"data": json.dumps({"id": rid, "object": obj, "created": created,
+                                                       "model": cfg.model_id, "choices": [], "usage": _usage(res)})}
+                    yield {"data": "[DONE]"}
+                    return
+            finally:
+                watcher.cancel()
+                if not finished:  # the client went away mid-stream
+                    slot.cancel.set()
+
+        return EventSourceResponse(events(), ping=15, shutdown_event=shutdown,
+                                   shutdown_grace_period=cfg.shutdown_grace_s)
+
+    return Guard(app, cfg.api_key, cfg.max_body, count=lambda route, status: srv.metrics.requests.labels(
+        route, str(status)).inc())

@@ -1,0 +1,305 @@
+"""The slot pool: one Session (one llama.cpp context) per slot, a bounded queue, conversation reuse.
+
+Reuse. Each slot remembers every token it was fed, in order (`hist`), and the position each one
+was decoded at. A request's prompt tokens are compared with that history; the longest common
+prefix `k` is kept and only `prompt[k:]` is prefilled. The kept prefix is kept *as compressed*:
+tokens of it that the policy evicted are not recomputed — the slot continues exactly as one
+uninterrupted conversation would (what `ea-local chat` does between turns). When the history goes
+on past `k` (the client edited or cut the last answer, a stop string's tokens were decoded but
+not returned, or the template renders the answer differently), every cell from the position of
+history token `k` on is dropped (`Session.truncate`) and prefilling resumes there.
+On sliding-window models the sliding layers must still hold the window before that position; if
+they were pruned past it, the slot starts over (full prefill) — counted as no reuse.
+"""
+from __future__ import annotations
+
+import asyncio
+import bisect
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..engine.runtime import LlamaError, SharedModel  # engine first: loads libllama before numpy
+from ..engine.sampling import SamplingParams
+from ..engine.session import Session, SessionConfig
+from ..engine.textstream import TextStream
+from ..policies import get_policy
+from .errors import APIError
+
+import numpy as np  # noqa: E402
+
+
+class Cancelled(Exception):
+    """The client went away or the server is shutting down."""
+
+
+class SlotSession(Session):
+    """A Session that records every token fed, in order, and the position it sits at."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.hist: list[int] = []
+        self.hist_pos: list[int] = []
+
+    def _decode(self, tokens: list[int], logits_all: bool = False) -> None:
+        super()._decode(tokens, logits_all)
+        start = self.next_pos - len(tokens)  # contiguous: any compaction ran before these were placed
+        self.hist.extend(tokens)
+        self.hist_pos.extend(range(start, self.next_pos))
+
+    def compact(self) -> None:
+        old = sorted(set(self.live) | set(self._swa_positions()))
+        super().compact()
+        # compaction renumbers kept cells by rank; an evicted token's position becomes the rank of the
+        # next kept cell, which keeps "everything from history token i on" a position threshold
+        self.hist_pos = [bisect.bisect_left(old, p) for p in self.hist_pos]
+
+    def cut(self, k: int) -> bool:
+        """Keep history tokens [0, k), drop the rest from the cache. False: the sliding layers no
+        longer hold the window before the cut, so the cache cannot continue from there."""
+        if k >= len(self.hist):
+            return True
+        pos = self.hist_pos[k]
+        if self.iswa:
+            swa = self._swa_positions()
+            # a token at p attends to (p - n_swa, p] in the sliding layers (llama.cpp LLAMA_SWA_TYPE_STANDARD)
+            need = max(0, pos - self.info.sliding_window + 1)
+            if swa and min(swa) > need and pos > 0:
+                return False
+        self.truncate(pos)
+        del self.hist[k:]
+        del self.hist_pos[k:]
+        return True
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64))
+    return int(diff[0]) if len(diff) else n
+
+
+@dataclass
+class GenRequest:
+    tokens: list[int]
+    params: SamplingParams
+    stop: list[str]
+    max_tokens: int
+    policy: str
+    budget: int
+
+
+@dataclass
+class GenResult:
+    text: str = ""
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens taken from the slot's cache instead of prefilled
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
+    evicted_cells: int = 0
+    evictions: int = 0
+    compression_s: float = 0.0
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0
+    cells: int = 0
+    budget: int = 0
+    policy: str = ""
+    slot: int = 0
+
+
+@dataclass
+class Slot:
+    id: int
+    session: SlotSession
+    default_policy: str
+    default_budget: int
+    reuse: bool = True
+    busy: bool = False
+    last_used: float = 0.0
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def match(self, tokens: list[int]) -> int:
+        return common_prefix(self.session.hist, tokens) if self.reuse else 0
+
+    def _configure(self, policy: str, budget: int) -> None:
+        s = self.session
+        if policy != s.cfg.policy:  # as chat's /policy: the next compression scores with it
+            s.policy = get_policy(policy)
+            s.cfg.policy = policy
+            s.rt.capture_layers(s.layers if s.policy.needs_queries else [])
+            s.rt.capture(s.policy.needs_queries)
+        s.cfg.budget = budget
+        if s.n_cells > budget:
+            s.compress(budget - s.cfg.step, phase="prefill")
+
+    def prepare(self, tokens: list[int]) -> int:
+        """Make the cache hold a prefix of `tokens`; returns its length (tokens not to prefill)."""
+        s = self.session
+        k = min(self.match(tokens), len(tokens) - 1)  # at least one token is fed: it gives the logits
+        if k > 0 and not s.cut(k):
+            k = 0
+        if k == 0:
+            s.reset()
+        return k
+
+    def run(self, req: GenRequest, emit: Callable[[str], None]) -> GenResult:
+        """Prefill what the cache lacks and generate; runs in a worker thread. The cache is reset on
+        any engine error, so a failed request never leaves a half-updated conversation behind."""
+        s = self.session
+        t0 = time.perf_counter()
+        try:
+            k = self.prepare(req.tokens)
+            self._configure(req.policy, req.budget)
+            ev0 = len(s.stats.evictions)
+
+            def check(done: int, total: int) -> None:
+                if self.cancel.is_set():
+                    raise Cancelled()
+
+            s.prefill(req.tokens[k:], progress=check)
+            res = GenResult(prompt_tokens=len(req.tokens), cached_tokens=k, slot=self.id, policy=req.policy,
+                            budget=req.budget)
+            res.prefill_s = time.perf_counter() - t0
+            stream = TextStream(req.stop)  # stop strings here, not in Session.generate: we need to know one hit
+            n0 = s.stats.tokens_seen
+            pieces: list[str] = []
+            stopped = False
+            for piece in s.generate([], req.params, max_tokens=req.max_tokens, should_stop=self.cancel.is_set):
+                out, stopped = stream.push(piece.encode("utf-8"))
+                if out:
+                    if not pieces:
+                        res.ttft_s = time.perf_counter() - t0
+                    pieces.append(out)
+                    emit(out)
+                if stopped:
+                    break
+            if not stopped:
+                tail = stream.flush()
+                if tail:
+                    pieces.append(tail)
+                    emit(tail)
+            res.completion_tokens = s.stats.tokens_seen - n0
+            res.text = "".join(pieces)
+            if self.cancel.is_set():
+                res.finish_reason = "cancelled"
+            elif not stopped and res.completion_tokens >= req.max_tokens:
+                res.finish_reason = "length"
+            evs = s.stats.evictions[ev0:]
+            res.evictions = len(evs)
+            res.evicted_cells = sum(e.n_evicted for e in evs)
+            res.compression_s = sum(e.score_s + e.evict_s for e in evs)
+            res.cells = s.n_cells
+            return res
+        except Cancelled:
+            raise
+        except Exception:
+            s.reset()
+            raise
+        finally:
+            self.last_used = time.monotonic()
+
+
+class SlotPool:
+    """Free slots are handed to requests; beyond them up to `queue` requests wait (FIFO), then 503."""
+
+    def __init__(self, slots: list[Slot], queue: int, retry_after: int = 2):
+        self.slots = slots
+        self.queue_limit = queue
+        self.retry_after = retry_after
+        self.waiters: deque[asyncio.Future] = deque()
+        self.reserved = 0  # slots promised to woken waiters that have not picked yet
+        self.closing = False
+
+    @property
+    def n_free(self) -> int:
+        return sum(not s.busy for s in self.slots)
+
+    @property
+    def queue_length(self) -> int:
+        return len(self.waiters)
+
+    def _busy_error(self, why: str) -> APIError:
+        return APIError(503, why, code="server_busy", headers={"Retry-After": str(self.retry_after)})
+
+    async def acquire(self, tokens: list[int]) -> Slot:
+        if self.closing:
+            raise self._busy_error("the server is shutting down")
+        if self.n_free - self.reserved > 0:
+            return self._take(tokens)
+        if len(self.waiters) >= self.queue_limit:
+            raise self._busy_error(f"all {len(self.slots)} slots are busy and {len(self.waiters)} requests wait")
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut in self.waiters:
+                self.waiters.remove(fut)
+            elif fut.done() and not fut.cancelled():  # woken but gone: pass the slot on
+                self.reserved -= 1
+                self._wake()
+            raise
+        self.reserved -= 1
+        if self.closing:
+            self._wake()
+            raise self._busy_error("the server is shutting down")
+        return self._take(tokens)
+
+    def _take(self, tokens: list[int]) -> Slot:
+        """The free slot whose cache holds the longest part of this prompt; when none holds at least
+        half of its own history, the least recently used one (so unrelated clients do not wipe each
+        other's conversations while an idle slot exists)."""
+        free = [s for s in self.slots if not s.busy]
+        best = max(free, key=lambda s: (s.match(tokens), -s.last_used))
+        k = best.match(tokens)
+        if k == 0 or k < len(best.session.hist) // 2:
+            best = min(free, key=lambda s: s.last_used)
+        best.busy = True
+        best.cancel.clear()
+        return best
+
+    def release(self, slot: Slot) -> None:
+        slot.busy = False
+        self._wake()
+
+    def _wake(self) -> None:
+        while self.waiters and self.n_free - self.reserved > 0:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                self.reserved += 1
+                fut.set_result(None)
+
+    def drain(self) -> None:
+        """Shutdown: refuse new requests, stop running generations, wake the queue (it gets 503)."""
+        self.closing = True
+        for s in self.slots:
+            if s.busy:
+                s.cancel.set()
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                self.reserved += 1
+                fut.set_result(None)
+
+    def close(self) -> None:
+        for s in self.slots:
+            s.session.close()
+
+
+def build_pool(model_path: str, cfg: SessionConfig, parallel: int, queue: int, reuse: bool = True,
+               shared: SharedModel | None = None) -> SlotPool:
+    slots = []
+    try:
+        for i in range(parallel):
+            slots.append(Slot(i, SlotSession(model_path, SessionConfig(**{**cfg.__dict__,
+                                                                          "policy_options": dict(cfg.policy_options)}),
+                                             shared=shared),
+                              default_policy=cfg.policy, default_budget=cfg.budget, reuse=reuse))
+    except (LlamaError, ValueError):
+        for s in slots:
+            s.session.close()
+        raise
+    return SlotPool(slots, queue)
