@@ -132,7 +132,9 @@ class Runtime:
         cp.n_ubatch = cfg.n_batch
         cp.n_seq_max = 2  # seq 1 is used for masked references and question-aware copies
         cp.kv_unified = True
-        threads = cfg.n_threads or max(1, (os.cpu_count() or 2))
+        # EA_LOCAL_THREADS: on a shared or oversubscribed machine, ggml's spinning worker threads
+        # slow every process down; 1 thread per process is then faster
+        threads = cfg.n_threads or int(os.environ.get("EA_LOCAL_THREADS", "0")) or max(1, (os.cpu_count() or 2))
         cp.n_threads = threads
         cp.n_threads_batch = threads
         cp.type_k = CACHE_TYPES[cfg.cache_type]
