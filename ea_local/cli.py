@@ -298,6 +298,58 @@ def serve(
         _fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
 
 
+@app.command()
+def bench(
+    suite: str = typer.Option("all", help="quality, speed, memory or all (a comma list works too)"),
+    policy_list: str = typer.Option("expected-attention,streaming-llm,snapkv,knorm,random", "--policies",
+                                    help="comma list of policies; the full cache is always measured"),
+    budgets: str = typer.Option("50%,25%,12.5%", help="comma list: percentages of each test's context or cell counts"),
+    model: Optional[Path] = ModelOpt,
+    out: Path = typer.Option(Path("bench-out"), "--out", help="folder for results.json, report.md and the PNGs"),
+    quick: bool = typer.Option(False, "--quick", help="CI-sized run: tiny contexts, one sample, every file still written"),
+    modes: str = typer.Option("agnostic", help="agnostic (compress before the question) and/or question (question known)"),
+    lengths: Optional[str] = typer.Option(None, help="pass-key contexts and speed histories, e.g. 2k,4k,8k"),
+    depths: Optional[str] = typer.Option(None, help="pass-key needle depths, e.g. 0,0.25,0.5,0.75,1"),
+    samples: Optional[int] = typer.Option(None, help="documents per needle / variable-tracking / multi-turn task"),
+    cache_type: str = CacheOpt,
+    threads: Optional[int] = ThreadsOpt,
+    n_gpu_layers: Optional[int] = GpuOpt,
+    seed: int = SeedOpt,
+) -> None:
+    """Measure quality, speed and memory under each budget and policy; write results.json, report.md and plots."""
+    from .bench.options import (BenchError, BenchOptions, parse_budgets, parse_depths, parse_modes, parse_policies,
+                                parse_suites, parse_tokens, quick_sizes)
+
+    _check_cache_type(cache_type)
+    try:
+        o = BenchOptions(model="", out=str(out), suites=parse_suites(suite), policies=parse_policies(policy_list),
+                         budgets=parse_budgets(budgets), modes=parse_modes(modes), cache_type=cache_type,
+                         threads=threads, n_gpu_layers=n_gpu_layers, seed=seed,
+                         command="ea-local bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]))
+        if quick:
+            quick_sizes(o)
+        if lengths:
+            o.lengths = parse_tokens(lengths, "length")
+        if depths:
+            o.depths = parse_depths(depths)
+        if samples is not None:
+            if samples < 1:
+                raise BenchError(f"--samples must be at least 1, got {samples}")
+            o.task_samples = samples
+    except BenchError as e:
+        _fail(str(e))
+    o.model = str(_model_info(model).path)
+    from .bench.run import run_bench
+    from .engine.runtime import LlamaError
+    from .engine.session import BudgetError
+
+    try:
+        run_bench(o)
+    except (BudgetError, LlamaError, OSError) as e:
+        _fail(str(e))
+    typer.echo(f"wrote {out}/results.json, {out}/report.md and plots")
+
+
 def main() -> None:
     try:
         app()

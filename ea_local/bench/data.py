@@ -1,0 +1,119 @@
+"""Synthetic long-context tasks, generated from a seed (nothing downloaded).
+
+Each generator returns plain text plus the questions and their answers, so tests can check the
+answers against the text itself. Formats follow RULER (Hsieh et al., arXiv 2404.06654):
+`niah_multikey` ("One of the special magic numbers for X is: N") and variable tracking
+("VAR ABCDE = 12345", "VAR FGHIJ = VAR ABCDE"). Questions end in a completion cue because the
+default model is a base model.
+"""
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..demo import FILLER
+
+# Debian base-files: real English prose for the multi-turn chat's filler turns
+LICENSES = [Path("/usr/share/common-licenses/GPL-3"), Path("/usr/share/common-licenses/GPL-2")]
+
+WORDS = ["apple", "river", "candle", "falcon", "meadow", "silver", "harbor", "pepper", "tunnel", "violet",
+         "anchor", "glacier", "lantern", "orchard", "pebble", "saddle", "thunder", "walnut", "zephyr", "copper"]
+
+
+@dataclass
+class Question:
+    prompt: str  # asked after the context
+    answer: str  # counted as found when the model's answer contains it
+
+
+@dataclass
+class Task:
+    context: str
+    questions: list[Question]
+
+
+def place(filler: str, n_units: int, statements: list[str], depths: list[float]) -> str:
+    """`n_units` copies of `filler` with statement i inserted after int(n_units * depths[i]) units
+    (statements at the same depth keep their order)."""
+    at: dict[int, list[str]] = {}
+    for s, d in zip(statements, depths):
+        at.setdefault(int(n_units * d), []).append(s)
+    parts = []
+    for i in range(n_units + 1):
+        parts.extend(s + " " for s in at.get(i, []))
+        if i < n_units:
+            parts.append(filler)
+    return "".join(parts)
+
+
+def multikey_needle(rng: random.Random, n_units: int, n_keys: int = 4) -> Task:
+    """Several needles at evenly spread depths; one question per needle."""
+    words = rng.sample(WORDS, n_keys)
+    nums = [str(rng.randint(100000, 999999)) for _ in words]
+    statements = [f"One of the special magic numbers for {w} is: {n}." for w, n in zip(words, nums)]
+    depths = [(i + 0.5) / n_keys for i in range(n_keys)]
+    head = "Some special magic numbers are hidden inside the following text. Remember them.\n"
+    qs = [Question(f"\nWhat is the special magic number for {w}? The special magic number for {w} is:", n)
+          for w, n in zip(words, nums)]
+    return Task(head + place(FILLER, n_units, statements, depths), qs)
+
+
+def _var_names(rng: random.Random, n: int) -> list[str]:
+    names: set[str] = set()
+    while len(names) < n:
+        names.add("".join(rng.choices(string.ascii_uppercase, k=5)))
+    return sorted(names, key=lambda _: rng.random())
+
+
+def variable_tracking(rng: random.Random, n_units: int, n_hops: int = 4, n_chains: int = 2) -> Task:
+    """`n_chains` chains `VAR A = v; VAR B = VAR A; ...` of n_hops assignments each, interleaved and
+    spread over the text; one question per chain asks for the value of its last variable."""
+    names = _var_names(rng, n_hops * n_chains)
+    values = rng.sample(range(10000, 99999), n_chains)
+    chains = [names[c * n_hops:(c + 1) * n_hops] for c in range(n_chains)]
+    statements = []
+    for hop in range(n_hops):  # hop-major order: every chain's first assignment before any second one
+        for c, chain in enumerate(chains):
+            rhs = str(values[c]) if hop == 0 else f"VAR {chain[hop - 1]}"
+            statements.append(f"VAR {chain[hop]} = {rhs}.")
+    depths = [(i + 0.5) / len(statements) for i in range(len(statements))]
+    head = "Memorize and track the chain(s) of variable assignments hidden in the following text.\n"
+    qs = [Question(f"\nQuestion: what is the value of VAR {chain[-1]}? Answer: VAR {chain[-1]} =", str(values[c]))
+          for c, chain in enumerate(chains)]
+    return Task(head + place(FILLER, n_units, statements, depths), qs)
+
+
+FACTS = [  # (what the user says, the question, the answer cue)
+    ("My locker code is {n}.", "What is my locker code?", "Your locker code is"),
+    ("My flight number is {n}.", "What is my flight number?", "Your flight number is"),
+    ("The PIN of my bike lock is {n}.", "What is the PIN of my bike lock?", "The PIN of your bike lock is"),
+]
+
+
+def paragraphs() -> list[str]:
+    missing = [str(p) for p in LICENSES if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"reference texts missing (Debian base-files): {', '.join(missing)}")
+    text = "\n\n".join(p.read_text() for p in LICENSES)
+    return [" ".join(p.split()) for p in text.split("\n\n") if len(p.split()) >= 20]
+
+
+@dataclass
+class Chat:
+    turns: list[str]  # fed one after the other; the facts are in the first len(questions) turns
+    questions: list[Question]
+
+
+def multi_turn(rng: random.Random, n_filler_turns: int, paras: list[str]) -> Chat:
+    """A plain-text chat: facts stated in the first turns, then filler turns quoting real prose."""
+    nums = [str(rng.randint(10000, 99999)) for _ in FACTS]
+    turns = [f"User: Please remember this. {say.format(n=n)}\nAssistant: Noted: {say.format(n=n)}\n"
+             for (say, _, _), n in zip(FACTS, nums)]
+    start = rng.randrange(len(paras))
+    for i in range(n_filler_turns):
+        p = paras[(start + i) % len(paras)]
+        turns.append(f"User: Here is a passage I am reading: {p}\nAssistant: Thank you, I have read it.\n")
+    qs = [Question(f"User: {q}\nAssistant: {cue}", n) for (_, q, cue), n in zip(FACTS, nums)]
+    return Chat(turns, qs)

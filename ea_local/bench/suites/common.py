@@ -1,0 +1,64 @@
+"""What the suites share: session settings scaled to small budgets, asking a question, timing."""
+from __future__ import annotations
+
+from ...engine.session import Session, SessionConfig
+from ...policies import get_policy
+from ..options import BenchOptions
+
+
+def session_cfg(o: BenchOptions, budget: int, policy: str = "expected-attention", chunk: int = 512) -> SessionConfig:
+    # tiny --quick budgets cannot hold the engine's defaults (recent 64 + step 128), so both scale
+    # down below 512 cells; at the sizes of a full run they are the engine's defaults
+    return SessionConfig(budget=budget, policy=policy, chunk=chunk, recent=min(64, budget // 8),
+                         step=min(128, budget // 4), cache_type=o.cache_type, n_threads=o.threads,
+                         n_gpu_layers=o.n_gpu_layers, seed=o.seed)
+
+
+def set_policy(s: Session, name: str) -> None:
+    """Switch the policy of a prefilled session (its statistics window was captured at prefill)."""
+    s.policy = get_policy(name)
+    s.cfg.policy = name
+
+
+def ask(s: Session, question: list[int], max_tokens: int) -> str:
+    """Prefill the question and answer greedily without compressing any further."""
+    s.cfg.budget = s.rt.n_ctx  # the context was compressed already: the question and answer only add cells
+    return "".join(s.generate(question, max_tokens=max_tokens)).strip()
+
+
+def compress_question_known(s: Session, question: list[int], budget: int) -> None:
+    """Second mode: the question is prefilled before compression, so its queries are the statistics
+    window (the engine takes a prefill chunk's queries as statistics); then the question's cells are
+    removed and it is asked again on the compressed cache, so the answer never saw the full cache."""
+    q0 = s.next_pos
+    s.cfg.budget = s.rt.n_ctx
+    s.prefill(question)
+    recent = s.cfg.recent
+    s.cfg.recent = recent + len(question)  # the question is protected on top of the context's recent window
+    try:
+        s.compress(budget + len(question), phase="prefill")
+    finally:
+        s.cfg.recent = recent
+    s.rt.seq_rm(0, q0, -1)
+    for p in [p for p in s.live if p >= q0]:
+        del s.live[p]
+    s.next_pos = q0
+
+
+def streaming_floor(model: str) -> int:
+    """Smallest budget a streaming (chunk-by-chunk) session can run on this model.
+
+    On iSWA models the sliding layers keep their own window-sized cache, and llama.cpp sizes it
+    from n_ctx = budget + chunk (llama_kv_cache_iswa: min(n_ctx, n_swa + n_ubatch)): below the
+    window it has no room and decoding fails, so such budgets are reported as skipped."""
+    from ...model_info import read_model_info
+
+    info = read_model_info(model)
+    return info.sliding_window if info.sliding_layers and info.sliding_window else 0
+
+
+def skipped(floor: int, cells: int) -> str | None:
+    if cells < floor:
+        return (f"{cells} cells is below the sliding window ({floor} tokens) that this iSWA model's "
+                "streaming prefill needs")
+    return None

@@ -1,0 +1,202 @@
+"""Quality under a budget: pass key (length x depth), multi-key needle, variable tracking,
+multi-turn recall and perplexity of real text.
+
+One-shot tasks (pass key, needle, variable tracking) follow kvpress' main protocol: the whole
+context is prefilled, compressed once to the budget, then the question is asked — one prefill per
+sample serves every policy, budget and question (snapshot.py). Multi-turn recall and perplexity
+stream through the budget (compression after every turn / chunk, as a chat or a long read does),
+so they cannot share a prefill and cost one pass per policy x budget.
+"""
+from __future__ import annotations
+
+import random
+import time
+from typing import Callable
+
+from ...engine.runtime import ContextConfig, Runtime
+from ...engine.session import Session
+from ...demo import FILLER, passkey_prompt
+from ... import quality as q_mod
+from .. import data
+from ..options import BenchOptions
+from ..snapshot import restore, take
+from .common import ask, compress_question_known, session_cfg, set_policy, skipped, streaming_floor
+
+ANSWER_TOKENS = 8
+PREFILL_POLICY = "expected-attention"  # session_cfg's default; needs queries, so they are captured
+Tick = Callable[[str], None]
+
+
+def _trials(o: BenchOptions, s: Session, ctx: list[int], questions: list[tuple[list[int], str]],
+            base: dict, span: tuple[int, int] | None, tick: Tick) -> list[dict]:
+    """Prefill ctx once, then every (question, policy, budget, mode) from a restored snapshot."""
+    set_policy(s, PREFILL_POLICY)  # captures queries: the statistics window of the snapshot
+    # the last prefill chunk's queries are the statistics: make it a full chunk, not a short remainder
+    split = max(0, len(ctx) - s.cfg.chunk)
+    if split:
+        s.prefill(ctx[:split])
+    s.prefill(ctx[split:])
+    snap = take(s)
+    rows = []
+    for qi, (qt, answer) in enumerate(questions):
+        restore(s, snap)
+        reply = ask(s, qt, ANSWER_TOKENS)
+        rows.append({**base, "context": len(ctx), "question": qi, "policy": "full", "budget": "full", "cells": len(ctx),
+                     "mode": "none", "found": answer in reply, "answer": reply, "expected": answer,
+                     "needle_kept": 1.0 if span else None})
+        tick("full")
+        for pol in o.policies:
+            for b in o.budgets:
+                cells = b.resolve(len(ctx))
+                for mode in o.modes:
+                    restore(s, snap)
+                    set_policy(s, pol)
+                    s.cfg.recent = min(64, cells // 8)
+                    t0 = time.perf_counter()
+                    if mode == "agnostic":
+                        s.compress(cells, phase="prefill")
+                    else:
+                        compress_question_known(s, qt, cells)
+                    t_comp = time.perf_counter() - t0
+                    kept = (sum(1 for p in range(*span) if p in s.live) / (span[1] - span[0])) if span else None
+                    reply = ask(s, qt, ANSWER_TOKENS)
+                    rows.append({**base, "context": len(ctx), "question": qi, "policy": pol, "budget": b.label, "cells": cells,
+                                 "mode": mode, "found": answer in reply, "answer": reply, "expected": answer,
+                                 "needle_kept": kept, "compress_s": t_comp})
+                    tick(f"{pol} {b.label}")
+    return rows
+
+
+def _room(o: BenchOptions, n: int) -> Session:
+    cfg = session_cfg(o, n + 256)
+    cfg.prefill_stats = None
+    return Session(o.model, cfg)
+
+
+def n_trials(o: BenchOptions, n_questions: int) -> int:
+    return n_questions * (1 + len(o.policies) * len(o.budgets) * len(o.modes))
+
+
+def passkey(o: BenchOptions, tick: Tick) -> list[dict]:
+    rows = []
+    for length in o.lengths:
+        s = _room(o, length)
+        for d in o.depths:
+            key = random.Random(o.seed * 1000 + int(d * 100) + length).randint(10000, 99999)
+            ctx, question, span = passkey_prompt(s.rt, length, d, key)
+            rows += _trials(o, s, ctx, [(question, str(key))], {"length": length, "depth": d}, span, tick)
+            s.reset()
+        s.close()
+    return rows
+
+
+def _units(rt: Runtime, n_tokens: int, reserve: int) -> int:
+    return max(1, (n_tokens - reserve) // len(rt.tokenize(FILLER)))
+
+
+def one_shot_task(o: BenchOptions, name: str, tick: Tick) -> list[dict]:
+    """multikey (RULER niah_multikey) or variable_tracking (RULER vt), task_samples documents."""
+    rows = []
+    s = _room(o, o.task_length + 128)
+    bos = [s.rt.bos()] if s.rt.add_bos() else []
+    for i in range(o.task_samples):
+        rng = random.Random(f"{name}-{o.seed}-{i}")
+        n_units = _units(s.rt, o.task_length, 128)
+        task = data.multikey_needle(rng, n_units) if name == "multikey" else data.variable_tracking(rng, n_units)
+        ctx = bos + s.rt.tokenize(task.context)
+        qs = [(s.rt.tokenize(q.prompt), q.answer) for q in task.questions]
+        rows += _trials(o, s, ctx, qs, {"length": len(ctx), "sample": i}, None, tick)
+        s.reset()
+    s.close()
+    return rows
+
+
+def task_questions(name: str) -> int:
+    return 4 if name == "multikey" else 2  # data.multikey_needle's n_keys, data.variable_tracking's n_chains
+
+
+def _chat_tokens(rt: Runtime, o: BenchOptions, sample: int) -> tuple[list[list[int]], list[tuple[list[int], str]]]:
+    chat = data.multi_turn(random.Random(f"chat-{o.seed}-{sample}"), 400, data.paragraphs())
+    turns, total = [], 0
+    for i, t in enumerate(chat.turns):
+        toks = ([rt.bos()] if i == 0 and rt.add_bos() else []) + rt.tokenize(t)
+        turns.append(toks)
+        total += len(toks)
+        if total >= o.task_length:
+            break
+    return turns, [(rt.tokenize(q.prompt), q.answer) for q in chat.questions]
+
+
+def multi_turn(o: BenchOptions, tick: Tick) -> list[dict]:
+    """Facts in the first turns, then prose turns until task_length tokens, then one question per fact."""
+    rows = []
+    rt = Runtime(o.model, ContextConfig(n_ctx=64, n_gpu_layers=0))
+    chats = [_chat_tokens(rt, o, i) for i in range(o.task_samples)]
+    rt.close()
+    floor = streaming_floor(o.model)
+    for i, (turns, qs) in enumerate(chats):
+        total = sum(map(len, turns))
+        runs = [("full", None, total + 256)] + [(p, b, b.resolve(total)) for p in o.policies for b in o.budgets]
+        for pol, b, cells in runs:
+            if why := skipped(floor, cells):
+                rows.append({"sample": i, "policy": pol, "budget": b.label, "cells": cells, "skipped": why})
+                tick(f"{pol} {b.label} skipped")
+                continue
+            cfg = session_cfg(o, cells, "streaming-llm" if pol == "full" else pol, chunk=min(256, max(32, cells // 2)))
+            s = Session(o.model, cfg)
+            for t in turns:
+                s.prefill(t)
+            snap = take(s)
+            n_ev = len(s.stats.evictions)
+            for qi, (qt, answer) in enumerate(qs):
+                restore(s, snap)
+                reply = ask(s, qt, ANSWER_TOKENS)
+                rows.append({"sample": i, "length": total, "turns": len(turns), "question": qi, "policy": pol,
+                             "budget": "full" if b is None else b.label, "cells": cells, "mode": "agnostic",
+                             "evictions": n_ev, "found": answer in reply, "answer": reply, "expected": answer})
+            s.close()
+            tick(f"{pol} {'full' if b is None else b.label}")
+    return rows
+
+
+def perplexity(o: BenchOptions, tick: Tick) -> list[dict]:
+    n = o.ppl_tokens
+    runs = [("full", None, n + 512)] + [(p, b, b.resolve(n)) for p in o.policies for b in o.budgets]
+    rows = []
+    floor = streaming_floor(o.model)
+    for pol, b, cells in runs:
+        if why := skipped(floor, cells):
+            rows.append({"policy": pol, "budget": b.label, "cells": cells, "skipped": why})
+            tick(f"{pol} {b.label} skipped")
+            continue
+        cfg = session_cfg(o, cells)
+        r = q_mod.perplexity(o.model, "streaming-llm" if pol == "full" else pol, cells, n, n // 2,
+                             chunk=min(256, max(32, cells // 2)), recent=cfg.recent, step=cfg.step,
+                             cache_type=o.cache_type, n_threads=o.threads, n_gpu_layers=o.n_gpu_layers,
+                             seed=o.seed)
+        rows.append({"policy": pol, "budget": "full" if b is None else b.label, "cells": cells, "n_tokens": n,
+                     "eval_from": n // 2, "nll": r.nll, "ppl": r.ppl})
+        tick(f"{pol} {'full' if b is None else b.label}")
+    full = rows[0]["ppl"]
+    for r in rows:
+        if "ppl" in r:
+            r["delta_ppl"] = r["ppl"] - full
+    return rows
+
+
+def steps(o: BenchOptions) -> dict[str, int]:
+    """Progress units of each part, for the progress bars."""
+    per_policy = 1 + len(o.policies) * len(o.budgets)
+    return {"passkey": len(o.lengths) * len(o.depths) * n_trials(o, 1),
+            "multikey": o.task_samples * n_trials(o, task_questions("multikey")),
+            "variable_tracking": o.task_samples * n_trials(o, task_questions("variable_tracking")),
+            "multi_turn": o.task_samples * per_policy,
+            "perplexity": per_policy}
+
+
+def run(o: BenchOptions, tick_for: Callable[[str], Tick]) -> dict:
+    return {"passkey": passkey(o, tick_for("passkey")),
+            "multikey": one_shot_task(o, "multikey", tick_for("multikey")),
+            "variable_tracking": one_shot_task(o, "variable_tracking", tick_for("variable_tracking")),
+            "multi_turn": multi_turn(o, tick_for("multi_turn")),
+            "perplexity": perplexity(o, tick_for("perplexity"))}

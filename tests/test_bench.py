@@ -1,0 +1,168 @@
+"""`ea-local bench`: the data generators' answers, flag errors, and a --quick run end to end."""
+from __future__ import annotations
+
+import json
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ea_local.bench import data
+from ea_local.bench.options import BenchError, parse_budgets, parse_policies, parse_tokens
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- data generators: the answer is what the text says ----
+
+def _resolve_vars(text: str) -> dict[str, int]:
+    """An independent interpreter of the variable-tracking text: VAR X = 123 / VAR Y = VAR X."""
+    env: dict[str, int] = {}
+    for name, rhs in re.findall(r"VAR ([A-Z]{5}) = (VAR [A-Z]{5}|\d+)\.", text):
+        env[name] = env[rhs[4:]] if rhs.startswith("VAR ") else int(rhs)
+    return env
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_variable_tracking_answers_follow_the_chains(seed):
+    t = data.variable_tracking(random.Random(seed), n_units=50, n_hops=4, n_chains=2)
+    env = _resolve_vars(t.context)
+    assert len(env) == 8  # every assignment made it into the text, each once
+    assert len(t.questions) == 2
+    values = set()
+    for q in t.questions:
+        var = re.search(r"value of VAR ([A-Z]{5})\?", q.prompt).group(1)
+        assert str(env[var]) == q.answer
+        assert f"VAR {var} = {q.answer}." not in t.context  # the asked variable is reached by hops, not stated
+        values.add(q.answer)
+    assert len(values) == 2  # the two chains carry different values
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_multikey_needle_answers_are_in_the_text(seed):
+    t = data.multikey_needle(random.Random(seed), n_units=40, n_keys=4)
+    found = dict(re.findall(r"special magic numbers for (\w+) is: (\d+)\.", t.context))
+    assert len(found) == 4
+    for q in t.questions:
+        word = re.search(r"magic number for (\w+)\?", q.prompt).group(1)
+        assert found[word] == q.answer
+    # the needles are spread: the first sits in the first half, the last in the second
+    positions = [t.context.index(f"for {w} is") for w in found]
+    assert min(positions) < len(t.context) / 2 < max(positions)
+
+
+def test_place_puts_statements_at_their_depths():
+    text = data.place("x ", 10, ["A", "B", "C"], [0.0, 0.5, 1.0])
+    assert text == "A " + "x " * 5 + "B " + "x " * 5 + "C "
+
+
+def test_multi_turn_facts_come_first_and_match_the_questions():
+    paras = data.paragraphs()
+    chat = data.multi_turn(random.Random(3), 20, paras)
+    assert len(chat.turns) == len(data.FACTS) + 20
+    for turn, q in zip(chat.turns, chat.questions):
+        assert q.answer in turn  # fact i is stated in turn i
+        assert all(q.answer not in later for later in chat.turns[len(data.FACTS):])
+    assert len({q.answer for q in chat.questions}) == len(chat.questions)
+
+
+# ---- option parsing ----
+
+def test_budget_parsing():
+    b = parse_budgets("50%,25%,12.5%,1024")
+    assert [x.label for x in b] == ["50%", "25%", "12.5%", "1024"]
+    assert [x.resolve(8192) for x in b] == [4096, 2048, 1024, 1024]
+    for bad in ("0%", "150%", "abc", "25%,,12.5%", "-3", "0", "25%,25%"):
+        with pytest.raises(BenchError):
+            parse_budgets(bad)
+
+
+def test_policy_and_length_parsing():
+    assert parse_policies("expected-attention,knorm") == ["expected-attention", "knorm"]
+    with pytest.raises(BenchError, match="unknown policy"):
+        parse_policies("expected-attention,nope")
+    assert parse_tokens("2k,4k,8192", "length") == [2048, 4096, 8192]
+    with pytest.raises(BenchError):
+        parse_tokens("2x", "length")
+
+
+def _cli(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ea_local.cli", "bench", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--policies", "expected-attention,bogus"], "unknown policy 'bogus'"),
+    (["--budgets", "25%,x"], "malformed budget 'x'"),
+    (["--budgets", "0%"], "must be a percentage in (0%, 100%]"),
+    (["--suite", "latency"], "unknown suite 'latency'"),
+    (["--lengths", "4q"], "malformed length"),
+])
+def test_bad_flags_are_one_line_exit_2(args, msg, tmp_path):
+    r = _cli(*args, "--out", str(tmp_path / "o"))
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and msg in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+# ---- end to end ----
+
+def test_quick_run_writes_every_file_with_sane_content(tmp_path, tiny_llama):
+    """--quick end to end on the tiny random llama (seconds; the default model's run is in docs/bench):
+    every suite, both modes, two policies and two budgets, every file."""
+    out = tmp_path / "bench"
+    pols = ["expected-attention", "streaming-llm"]
+    r = _cli("--quick", "--model", tiny_llama, "--policies", ",".join(pols), "--budgets", "50%,25%",
+             "--modes", "agnostic,question", "--threads", "1", "--out", str(out), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["model"]["architecture"] == "llama" and res["settings"]["cache_type"] == "f16"
+    assert res["versions"]["llama-cpp-python"] and res["machine"]["cores"]
+    budgets = ["50%", "25%"]
+    q = res["quality"]
+    for task in ("passkey", "multikey", "variable_tracking", "multi_turn"):
+        rows = q[task]
+        seen = {(x["policy"], x["budget"], x["mode"]) for x in rows}
+        modes = ["agnostic"] if task == "multi_turn" else ["agnostic", "question"]
+        assert seen == {("full", "full", "none" if task != "multi_turn" else "agnostic")} | \
+            {(p, b, m) for p in pols for b in budgets for m in modes}, task
+        assert all(isinstance(x["found"], bool) for x in rows)
+    for x in q["passkey"]:
+        if x["policy"] != "full":
+            assert 0 <= x["needle_kept"] <= 1
+            assert x["cells"] == round(x["context"] * (0.5 if x["budget"] == "50%" else 0.25))
+    # streaming-llm keeps the sinks and the newest cells: a needle at depth 0.5 of a 768-token
+    # context is gone at 25% — a check that the compression really happened
+    mid = [x for x in q["passkey"] if x["policy"] == "streaming-llm" and x["budget"] == "25%"
+           and x["depth"] == 0.5 and x["length"] == 768 and x["mode"] == "agnostic"]
+    assert mid and mid[0]["needle_kept"] == 0.0
+    ppl = {(x["policy"], x["budget"]): x["ppl"] for x in q["perplexity"]}
+    assert set(ppl) == {("full", "full")} | {(p, b) for p in pols for b in budgets}
+    assert all(1 < v < 1000 for v in ppl.values())
+    for row in res["speed"]:
+        for p in row["points"]:
+            assert p["decode_tok_s"] > 0 and p["prefill_tok_s"] > 0
+        if row["policy"] != "full":
+            assert row["points"][-1]["cells_after"] <= row["cells"]
+    assert {(x["policy"], x["budget"]) for x in res["speed"]} == {("full", "full")} | \
+        {(p, b) for p in pols for b in budgets}
+    mem = {x["budget"]: x for x in res["memory"]}
+    assert set(mem) == {"full", *budgets}
+    for b in budgets:  # the budget holds: fewer cells and KV bytes than the full cache at the end
+        assert max(p["cells"] for p in mem[b]["series"]) <= mem[b]["cells"]
+        assert mem[b]["series"][-1]["kv_mib"] < mem["full"]["series"][-1]["kv_mib"]
+        assert all(p["rss_mib"] > 50 for p in mem[b]["series"])
+    report = (out / "report.md").read_text()
+    for heading in ("## Headline", "### pass key", "### perplexity", "## Speed", "## Memory"):
+        assert heading in report
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == sorted(["accuracy_vs_budget.png", "ppl_vs_budget.png", "decode_speed.png", "kv_memory.png"] +
+                          [f"passkey_heatmap_{m}_{b[:-1]}pct.png" for m in ("agnostic", "question") for b in budgets])
+    for p in pngs:
+        assert (out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / p).stat().st_size > 5000
+        assert f"]({p})" in report
