@@ -308,13 +308,19 @@ def bench(
     out: Path = typer.Option(Path("bench-out"), "--out", help="folder for results.json, report.md and the PNGs"),
     quick: bool = typer.Option(False, "--quick", help="CI-sized run: tiny contexts, one sample, every file still written"),
     modes: str = typer.Option("agnostic", help="agnostic (compress before the question) and/or question (question known)"),
-    lengths: Optional[str] = typer.Option(None, help="pass-key contexts and speed histories, e.g. 2k,4k,8k"),
+    lengths: Optional[str] = typer.Option(None, help="pass-key contexts (and speed histories unless --histories), e.g. 2k,4k,8k"),
+    histories: Optional[str] = typer.Option(None, help="speed suite's history lengths, e.g. 1k,2k,4k"),
+    task_length: Optional[str] = typer.Option(None, help="context of the needle / variable-tracking / multi-turn tasks"),
+    ppl_tokens: Optional[str] = typer.Option(None, help="tokens of real text for perplexity (scored: the second half)"),
+    chat_tokens: Optional[str] = typer.Option(None, help="length of the memory suite's chat"),
     depths: Optional[str] = typer.Option(None, help="pass-key needle depths, e.g. 0,0.25,0.5,0.75,1"),
     samples: Optional[int] = typer.Option(None, help="documents per needle / variable-tracking / multi-turn task"),
     cache_type: str = CacheOpt,
     threads: Optional[int] = ThreadsOpt,
     n_gpu_layers: Optional[int] = GpuOpt,
     seed: int = SeedOpt,
+    from_results: Optional[Path] = typer.Option(None, "--from-results",
+                                                help="only re-write report.md and the plots from this results.json"),
 ) -> None:
     """Measure quality, speed and memory under each budget and policy; write results.json, report.md and plots."""
     from .bench.options import (BenchError, BenchOptions, parse_budgets, parse_depths, parse_modes, parse_policies,
@@ -330,6 +336,14 @@ def bench(
             quick_sizes(o)
         if lengths:
             o.lengths = parse_tokens(lengths, "length")
+        if histories:
+            o.histories = parse_tokens(histories, "history")
+        for name, val in (("task_length", task_length), ("ppl_tokens", ppl_tokens), ("chat_tokens", chat_tokens)):
+            if val:
+                toks = parse_tokens(val, name.replace("_", " "))
+                if len(toks) != 1:
+                    raise BenchError(f"--{name.replace('_', '-')} takes one length, got {val!r}")
+                setattr(o, name, toks[0])
         if depths:
             o.depths = parse_depths(depths)
         if samples is not None:
@@ -338,6 +352,9 @@ def bench(
             o.task_samples = samples
     except BenchError as e:
         _fail(str(e))
+    if from_results is not None:
+        _bench_report_only(from_results, out)
+        return
     o.model = str(_model_info(model).path)
     from .bench.run import run_bench
     from .engine.runtime import LlamaError
@@ -348,6 +365,20 @@ def bench(
     except (BudgetError, LlamaError, OSError) as e:
         _fail(str(e))
     typer.echo(f"wrote {out}/results.json, {out}/report.md and plots")
+
+
+def _bench_report_only(results: Path, out: Path) -> None:
+    import json
+
+    from .bench.run import write_outputs
+
+    try:
+        res = json.loads(results.read_text())
+    except (OSError, ValueError) as e:
+        _fail(f"cannot read {results}: {e}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_outputs(res, out)
+    typer.echo(f"wrote {out}/report.md and plots")
 
 
 def main() -> None:

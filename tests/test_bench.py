@@ -100,6 +100,8 @@ def _cli(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
     (["--budgets", "0%"], "must be a percentage in (0%, 100%]"),
     (["--suite", "latency"], "unknown suite 'latency'"),
     (["--lengths", "4q"], "malformed length"),
+    (["--ppl-tokens", "2k,4k"], "--ppl-tokens takes one length"),
+    (["--modes", "both"], "unknown mode 'both'"),
 ])
 def test_bad_flags_are_one_line_exit_2(args, msg, tmp_path):
     r = _cli(*args, "--out", str(tmp_path / "o"))
@@ -166,3 +168,9 @@ def test_quick_run_writes_every_file_with_sane_content(tmp_path, tiny_llama):
     for p in pngs:
         assert (out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / p).stat().st_size > 5000
         assert f"]({p})" in report
+    # the report and plots can be re-written from results.json alone
+    again = tmp_path / "again"
+    r = _cli("--from-results", str(out / "results.json"), "--out", str(again))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in again.glob("*.png")) == pngs
+    assert (again / "report.md").read_text() == report

@@ -118,13 +118,14 @@ class BenchOptions:
     policies: list[str]
     budgets: list[Budget]
     modes: list[str] = field(default_factory=lambda: ["agnostic"])
-    lengths: list[int] = field(default_factory=lambda: [2048, 4096, 8192])  # passkey contexts; speed histories
+    lengths: list[int] = field(default_factory=lambda: [2048, 4096, 8192])  # passkey contexts
+    histories: list[int] | None = None  # speed suite's history points (None: the lengths)
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     task_length: int = 2048  # multi-key needle, variable tracking and multi-turn recall contexts
     task_samples: int = 3  # documents per task (each asks several questions)
     ppl_tokens: int = 4096
     chat_tokens: int = 4096  # memory suite: the long chat
-    decode_tokens: int = 64  # speed suite: decoded tokens per history point
+    decode_tokens: int = 32  # speed suite: decoded tokens per history point
     cache_type: str = "f16"
     threads: int | None = None
     n_gpu_layers: int | None = None

@@ -68,7 +68,7 @@ def _quality(res: dict, figs: list[str]) -> list[str]:
            "after every turn or chunk) and cost one pass per policy and budget.", ""]
     if "question" not in s["modes"]:
         out += ["Question-known mode: not run here (`--modes agnostic,question`).", ""]
-    pk = q["passkey"]
+    pk = q.get("passkey", [])
     out += [f"Data: pass key in repetitive filler (`ea_local/demo.py`), contexts {', '.join(map(str, s['lengths']))} "
             f"tokens × depths {', '.join(f'{d:.0%}' for d in s['depths'])} (one sample each); multi-key needle "
             f"(4 needles, each asked) and variable tracking (2 chains of 4 hops, each asked), RULER formats, "

@@ -59,12 +59,15 @@ def run_bench(o: BenchOptions, console: Console | None = None) -> dict:
                  "model": _model(o), "machine": {**_machine(), "n_gpu_layers": o.n_gpu_layers},
                  "versions": _versions(),
                  "settings": {"suites": o.suites, "policies": o.policies, "budgets": [b.label for b in o.budgets],
-                              "modes": o.modes, "lengths": o.lengths, "depths": o.depths,
+                              "modes": o.modes, "lengths": o.lengths, "histories": o.histories or o.lengths, "depths": o.depths,
                               "task_length": o.task_length, "task_samples": o.task_samples,
                               "ppl_tokens": o.ppl_tokens, "chat_tokens": o.chat_tokens,
                               "decode_tokens": o.decode_tokens, "cache_type": o.cache_type, "seed": o.seed,
                               "threads": o.threads, "quick": o.quick},
                  "seconds": {}}
+    def save() -> None:  # after every part: a run cut short still leaves what it measured
+        (out / "results.json").write_text(json.dumps(res, indent=1))
+
     with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[now]}"), TimeElapsedColumn(), console=err,
                   disable=not err.is_terminal) as prog:
@@ -78,26 +81,39 @@ def run_bench(o: BenchOptions, console: Console | None = None) -> dict:
                     err.print(f"{name}: {total} steps in {time.time() - t0:.0f} s")
             return tick
 
-        if "quality" in o.suites:
-            t0 = time.time()
-            n = quality.steps(o)
-            res["quality"] = quality.run(o, lambda part: tick_for(f"quality: {part}", n[part]))
-            res["seconds"]["quality"] = time.time() - t0
-        if "speed" in o.suites:
-            t0 = time.time()
-            res["speed"] = speed.run(o, tick_for("speed", speed.steps(o)))
-            res["seconds"]["speed"] = time.time() - t0
+        # cheapest first, so a run cut short has every kind of figure
         if "memory" in o.suites:
             t0 = time.time()
             res["memory"] = memory.run(o, tick_for("memory", memory.steps(o)))
             res["seconds"]["memory"] = time.time() - t0
+            save()
+        if "speed" in o.suites:
+            t0 = time.time()
+            res["speed"] = speed.run(o, tick_for("speed", speed.steps(o)))
+            res["seconds"]["speed"] = time.time() - t0
+            save()
+        if "quality" in o.suites:
+            t0 = time.time()
+            n = quality.steps(o)
+            res["quality"] = {}
+            for part, fn in quality.PARTS.items():
+                res["quality"][part] = fn(o, tick_for(f"quality: {part}", n[part]))
+                res["seconds"]["quality"] = time.time() - t0
+                save()
     res["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    (out / "results.json").write_text(json.dumps(res, indent=1))
+    save()
+    write_outputs(res, out)
+    return res
+
+
+def write_outputs(res: dict, out: Path) -> list[str]:
+    """report.md and the plots from a results dict (also: `ea-local bench --from-results FILE`)."""
     from . import plots, report
 
+    res.setdefault("finished", "(cut short)")
     figs = plots.write_all(res, out)
     (out / "report.md").write_text(report.render(res, figs))
-    return res
+    return figs
 
 
 def main_args() -> str:

@@ -37,9 +37,10 @@ def _events(evs) -> dict:
 def profile(o: BenchOptions, policy: str, cells: int, tick: Tick) -> list[dict]:
     cfg = session_cfg(o, cells, policy, chunk=min(512, max(32, cells // 2)))
     s = Session(o.model, cfg)
-    toks = _text_tokens(s, max(o.lengths) + o.decode_tokens * len(o.lengths) + 1)
+    hist = o.histories or o.lengths
+    toks = _text_tokens(s, max(hist) + o.decode_tokens * len(hist) + 1)
     points, fed = [], 0
-    for h in o.lengths:
+    for h in hist:
         ev0 = len(s.stats.evictions)
         t0 = time.perf_counter()
         s.prefill(toks[fed:h])
@@ -63,12 +64,13 @@ def profile(o: BenchOptions, policy: str, cells: int, tick: Tick) -> list[dict]:
 
 
 def steps(o: BenchOptions) -> int:
-    return len(o.lengths) * (1 + len(o.policies) * len(o.budgets))
+    return len(o.histories or o.lengths) * (1 + len(o.policies) * len(o.budgets))
 
 
 def run(o: BenchOptions, tick: Tick) -> list[dict]:
-    longest = max(o.lengths)
-    full = profile(o, "streaming-llm", longest + (o.decode_tokens + 1) * len(o.lengths) + 64, tick)
+    hist = o.histories or o.lengths
+    longest = max(hist)
+    full = profile(o, "streaming-llm", longest + (o.decode_tokens + 1) * len(hist) + 64, tick)
     rows = [{"policy": "full", "budget": "full", "cells": None, "points": full}]
     floor = streaming_floor(o.model)
     for pol in o.policies:
@@ -76,7 +78,7 @@ def run(o: BenchOptions, tick: Tick) -> list[dict]:
             cells = b.resolve(longest)  # a fraction of the longest history
             if why := skipped(floor, cells):
                 rows.append({"policy": pol, "budget": b.label, "cells": cells, "skipped": why, "points": []})
-                for _ in o.lengths:
+                for _ in hist:
                     tick(f"{pol} skipped")
                 continue
             pts = profile(o, pol, cells, tick)
