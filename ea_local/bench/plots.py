@@ -80,12 +80,13 @@ def passkey_heatmaps(res: dict, out: Path) -> list[str]:
     for m in res["settings"]["modes"]:
         for b in res["settings"]["budgets"]:
             cols = [("full", "full", None)] + [(p, b, m) for p in res["settings"]["policies"]]
-            fig, axes = plt.subplots(1, len(cols), figsize=(2.6 * len(cols) + 1, 3.4), squeeze=False)
+            fig, axes = plt.subplots(1, len(cols), figsize=(2.4 * len(cols) + 1.5, 3.4), squeeze=False, sharey=True)
             for ax, (p, bb, mm) in zip(axes[0], cols):
                 lengths, depths, grid = passkey_grid(rows, p, bb, mm)
                 im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
                 ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n >= 1024 else str(n) for n in lengths])
                 ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+                ax.tick_params(labelleft=ax is axes[0][0])
                 ax.set_title(p if p == "full" else f"{p}", fontsize=9)
                 ax.set_xlabel("context")
                 for i, line in enumerate(grid):
@@ -96,7 +97,7 @@ def passkey_heatmaps(res: dict, out: Path) -> list[str]:
             axes[0][0].set_ylabel("needle depth")
             fig.colorbar(im, ax=axes[0].tolist(), fraction=0.02)
             fig.suptitle(f"pass key found, budget {b} of the context ({'question known' if m == 'question' else 'question-agnostic'})",
-                         fontsize=10)
+                         fontsize=10, y=1.03)
             fig.savefig(out / (name := f"passkey_heatmap_{m}_{_slug(b)}.png"), dpi=110, bbox_inches="tight")
             plt.close(fig)
             names.append(name)

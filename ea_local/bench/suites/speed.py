@@ -34,8 +34,12 @@ def _events(evs) -> dict:
             "cells_evicted": sum(e.n_evicted for e in evs)}
 
 
-def profile(o: BenchOptions, policy: str, cells: int, tick: Tick) -> list[dict]:
-    cfg = session_cfg(o, cells, policy, chunk=min(512, max(32, cells // 2)))
+def profile(o: BenchOptions, policy: str, cells: int, tick: Tick, step: int | None = None,
+            chunk: int | None = None) -> list[dict]:
+    """Points at each history length; step/chunk override the session's (scripts/bench_engine.py)."""
+    cfg = session_cfg(o, cells, policy, chunk=chunk or min(512, max(32, cells // 2)))
+    if step:
+        cfg.step = step
     s = Session(o.model, cfg)
     hist = o.histories or o.lengths
     toks = _text_tokens(s, max(hist) + o.decode_tokens * len(hist) + 1)
