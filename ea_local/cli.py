@@ -95,11 +95,13 @@ def info(
 @app.command()
 def policies() -> None:
     """List the eviction policies with a one-line description and their paper."""
-    from .policies import POLICIES
+    from .policies import POLICIES, UNAVAILABLE
 
     width = max(map(len, POLICIES))
     for p in POLICIES.values():
         typer.echo(f"{p.name:<{width}}  {p.description}\n{'':<{width}}  {p.paper}")
+    for name, why in UNAVAILABLE.items():
+        typer.echo(f"\nnot available: {name}: {why}")
 
 
 @app.command()

@@ -80,6 +80,9 @@ def perplexity(model: str, policy: str, budget: int, n_tokens: int, eval_from: i
     total, count = 0.0, 0
     for start in range(0, n_tokens, chunk):
         part = toks[start:start + chunk]
+        if start + len(part) <= eval_from:  # nothing scored here: same prefill and compression, no vocab-wide logits
+            s.prefill(part)
+            continue
         logits = s.prefill_scored(part)  # (len(part), vocab) before compression
         targets = np.array(toks[start + 1:start + 1 + len(part)])
         lp = logits - logits.max(-1, keepdims=True)

@@ -82,6 +82,12 @@ def test_every_policy_runs_end_to_end_on_default_model(name):
     """Each policy compresses a real 2k-token GPL-3 prefix to 25% on gemma3 and the session keeps going."""
     cfg = SessionConfig(budget=512, chunk=256, step=64, policy=name)
     s = Session(GEMMA, cfg)
+    if name == "none":  # the full cache refuses what does not fit instead of evicting
+        with pytest.raises(BudgetError, match="policy 'none' keeps the full cache"):
+            s.prefill(gpl_tokens(2048))
+        assert s.n_cells == 512
+        s.close()
+        return
     s.prefill(gpl_tokens(2048))
     assert s.n_cells <= 512 and s.stats.evictions
     _check_consistent(s)

@@ -251,12 +251,18 @@ class Runtime:
         p = ll.llama_get_logits_ith(self.ctx, -1)
         return np.ctypeslib.as_array(p, shape=(self.n_vocab,)).copy()
 
+    def set_logits(self, logits: np.ndarray) -> None:
+        """Overwrite the logits `logits()` returns (llama.cpp's host output buffer), e.g. after a
+        decode that must not count (the sampler reads this buffer)."""
+        p = ll.llama_get_logits_ith(self.ctx, -1)
+        np.ctypeslib.as_array(p, shape=(self.n_vocab,))[:] = np.asarray(logits, dtype=np.float32)
+
     # ---- memory ----
     def seq_pos_range(self, seq: int = 0) -> tuple[int, int]:
         return ll.llama_memory_seq_pos_min(self.mem, seq), ll.llama_memory_seq_pos_max(self.mem, seq)
 
-    def seq_cp(self, src: int, dst: int) -> None:
-        ll.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        ll.llama_memory_seq_cp(self.mem, src, dst, p0, p1)
 
     def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> None:
         ll.llama_memory_seq_rm(self.mem, seq, p0, p1)

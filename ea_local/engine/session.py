@@ -90,8 +90,13 @@ class Session:
         gpu = {} if cfg.n_gpu_layers is None else {"n_gpu_layers": cfg.n_gpu_layers}
         if cfg.rpc:
             gpu["rpc"] = tuple(cfg.rpc)
+        n_ctx = cfg.budget + cfg.chunk
+        if not self.policy.evicts:  # "none": the context is the budget itself
+            n_ctx = cfg.budget
+        elif self.policy.lookahead:  # pseudo tokens need free cells, on iSWA also in the sliding cache (capped by n_ctx)
+            n_ctx = max(n_ctx, self.info.sliding_window + cfg.chunk if self.iswa else 0) + self.policy.lookahead
         self.rt = Runtime(model_path, ContextConfig(
-            n_ctx=cfg.budget + cfg.chunk, n_batch=cfg.chunk, cache_type=cfg.cache_type,
+            n_ctx=n_ctx, n_batch=cfg.chunk, cache_type=cfg.cache_type,
             swa_full=not self.iswa, n_threads=cfg.n_threads, seed=cfg.seed, **gpu), shared=shared)
         glob = list(self.info.global_layers)
         # scoring reads K/V of every scored layer: past max_score_layers, take evenly spaced ones (and the last)
@@ -150,6 +155,9 @@ class Session:
         return logits
 
     def _decode(self, tokens: list[int], logits_all: bool = False) -> None:
+        if not self.policy.evicts and self.n_cells + len(tokens) > self.cfg.budget:
+            raise BudgetError(f"policy 'none' keeps the full cache: {self.n_cells} + {len(tokens)} tokens do not fit "
+                              f"in its context of {self.cfg.budget}; use a larger --budget or an evicting --policy")
         if self.next_pos + len(tokens) + self.cfg.chunk >= self.info.n_ctx_train:
             self.compact()
         positions = list(range(self.next_pos, self.next_pos + len(tokens)))
@@ -202,10 +210,16 @@ class Session:
     def compress(self, target: int, phase: str = "decode") -> int:
         """Evict the lowest-scoring cells so that `target` remain. Returns how many were evicted."""
         n_before = self.n_cells
+        if not self.policy.evicts:
+            raise BudgetError(f"policy 'none' never evicts: {n_before} cells cannot be brought to {target}")
+        if self.policy.target is not None:  # e.g. context shift decides how much it discards
+            target = self.policy.target(n_before, self.cfg.n_sink, self.cfg.budget)
         if n_before <= target:
             return 0
         t0 = time.perf_counter()
         view = self.view()
+        if self.policy.lookahead:
+            self._lookahead(view, self.policy.lookahead)
         pos = view.positions
         scores = np.asarray(self.policy.score(view, **self.cfg.policy_options), dtype=np.float64)
         protected = (pos < self.cfg.n_sink) | (pos >= self.next_pos - self.cfg.recent)
@@ -216,14 +230,53 @@ class Session:
         order = cand[np.argsort(scores[cand], kind="stable")]
         evict = np.sort(pos[order[:n_evict]])
         t1 = time.perf_counter()
-        removed = self.rt.rm_positions(evict, global_only=self.iswa)
+        removed = self.rt.rm_positions(evict, global_only=self.iswa and not self.policy.shift)
         t2 = time.perf_counter()
         for p in evict.tolist():
             del self.live[p]
         if removed < n_evict:
             raise LlamaError(f"removed {removed} cells, expected {n_evict}")
+        if self.policy.shift:  # contiguous positions before, so renumbering = llama.cpp's seq_add(-n_discard)
+            self.compact()
         self.stats.evictions.append(Eviction(self.stats.tokens_seen, phase, n_before, n_evict, t1 - t0, t2 - t1))
         return n_evict
+
+    def _lookahead(self, view: CellView, k: int) -> None:
+        """Decode k greedy pseudo tokens, add their captured queries to `view`, then undo them (LAQ).
+
+        Undone exactly: the pseudo cells are removed from every cache, the engine's bookkeeping and
+        the user's sampler are never touched, and the logits of the last real token are written back
+        (llama.cpp keeps only the last decode's logits and the next sample reads them). On iSWA
+        models the in-window sliding cells are first shared with seq 1, so that llama.cpp cannot
+        reuse them for the pseudo tokens (it reuses cells a later position has pushed out of the window).
+        """
+        if not self.policy.needs_queries:
+            raise ValueError("a lookahead policy must capture queries")
+        logits = self.rt.logits()
+        view.queries = dict(view.queries)  # the view's own copy: the statistics window stays as it was
+        if self.iswa:
+            self.rt.seq_cp(0, 1, max(0, self.next_pos - self.info.sliding_window), self.next_pos)
+        positions = list(range(self.next_pos, self.next_pos + k))
+        tok = int(np.argmax(logits))
+        try:
+            for i, p in enumerate(positions):
+                self.rt.decode([tok], [p])
+                if i + 1 < k:
+                    tok = int(np.argmax(self.rt.logits()))
+            for il in self.layers:
+                pos, q = self.rt.captured(il, self.q_row)
+                if pos.tolist() != positions:
+                    raise LlamaError(f"lookahead captured positions {pos.tolist()}, expected {positions}")
+                q = q.reshape(k, self.info.n_head, self.info.head_dim_k)
+                old = view.queries.get(il)
+                view.queries[il] = q if old is None or not len(old) else np.concatenate([old, q])
+            view.query_positions = np.concatenate([np.asarray(view.query_positions, dtype=np.int64), pos])
+        finally:
+            self.rt.capture_clear()
+            self.rt.rm_positions(positions)
+            if self.iswa:
+                self.rt.seq_rm(1)
+            self.rt.set_logits(logits)
 
     def compact(self) -> None:
         """Renumber live positions 0..n-1 (llama.cpp re-rotates K) before they reach the training context."""

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 from ea_local.policies import (
     compactor,
+    context_shift,
     curdkv,
     expected_attention,
     h2o,
     knorm,
+    laq,
     lava,
     morphkv,
+    none,
     obcache,
     snapkv,
     streaming_llm,
@@ -27,6 +30,23 @@ POLICIES: dict[str, Policy] = {
             score=expected_attention.score,
             needs_values=True,
             needs_queries=True,
+        ),
+        Policy(
+            name="none",
+            description="full cache, no eviction: refuses to run past its context (= the budget)",
+            paper="baseline (llama.cpp with --no-context-shift)",
+            score=none.score,
+            needs_keys=False,
+            evicts=False,
+        ),
+        Policy(
+            name="context-shift",
+            description="llama.cpp server's context shift: keep the first n_keep tokens, drop half of the rest, shift positions",
+            paper="baseline: ggml-org/llama.cpp tools/server (n_discard = (n_past - n_keep) / 2)",
+            score=context_shift.score,
+            needs_keys=False,
+            target=context_shift.target,
+            shift=True,
         ),
         Policy(
             name="streaming-llm",
@@ -107,7 +127,25 @@ POLICIES: dict[str, Policy] = {
             needs_values=True,
             needs_queries=True,
         ),
+        Policy(
+            name="laq",
+            description="Lookahead Q-Cache: SnapKV votes of the queries of 8 greedy pseudo-decode steps (then undone)",
+            paper="Wang et al. 2025, Lookahead Q-Cache: Achieving More Consistent KV Cache Eviction via Pseudo Query, arXiv 2505.20334",
+            score=laq.score,
+            needs_queries=True,
+            lookahead=8,
+        ),
     )
+}
+
+# policies from the literature that llama.cpp's cache layout cannot express, with the reason
+UNAVAILABLE: dict[str, str] = {
+    "pyramidkv": (
+        "PyramidKV (Cai et al. 2024, arXiv 2406.02069) gives each layer its own budget (more cells in "
+        "lower layers), but a llama.cpp KV cell holds one token for every layer of its cache and the "
+        "engine removes whole cells: every layer keeps the same tokens, so per-layer budgets cannot "
+        "be expressed (a token-level version would be SnapKV with another layer weighting, not PyramidKV)"
+    ),
 }
 
 
@@ -116,7 +154,9 @@ def get_policy(name: str) -> Policy:
     try:
         return POLICIES[name]
     except KeyError:
+        if name in UNAVAILABLE:
+            raise ValueError(f"policy {name!r} is not available: {UNAVAILABLE[name]}") from None
         raise ValueError(f"unknown policy {name!r}; choose from: {', '.join(POLICIES)}") from None
 
 
-__all__ = ["POLICIES", "get_policy", "Policy", "CellView", "RopeSpec"]
+__all__ = ["POLICIES", "UNAVAILABLE", "get_policy", "Policy", "CellView", "RopeSpec"]

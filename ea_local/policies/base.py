@@ -60,3 +60,9 @@ class Policy:
     needs_keys: bool = True
     needs_values: bool = False
     needs_queries: bool = False
+    # engine hooks; the defaults are what every scoring policy gets (evict the lowest scores of the
+    # global cache down to budget - step, positions untouched, no extra decoding)
+    evicts: bool = True  # False ("none"): never evict; the session refuses tokens past its budget
+    target: Callable[[int, int, int], int] | None = None  # (n_cells, n_keep, budget) -> cells left
+    shift: bool = False  # evict from every cache, then renumber positions contiguously (context shift)
+    lookahead: int = 0  # greedy pseudo-decode steps whose queries join the view, then undone (LAQ)
