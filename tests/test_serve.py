@@ -453,3 +453,35 @@ def test_cut_then_feed_equals_fresh_feed(tmp_path, arch):
         assert not t.cut(len(t.hist) - 200)
     for x in (s, ref, t):
         x.close()
+
+
+# ---- hardening (issue 10): fuzz and concurrent load, short versions of scripts/fuzz_server.py ----
+
+def test_fuzz_then_concurrent_load_no_leaks(tiny):
+    import importlib.util
+
+    from .serve_helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("fuzz_server", ROOT / "scripts" / "fuzz_server.py")
+    fz = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fz)
+    s = ServerProcess(tiny, "--budget", "256", "--parallel", "2", "--queue", "8", "--max-body", "65536",
+                      api_key=fz.KEY)
+    try:
+        assert fz.fuzz(s, 300, 65536, seed=3)  # every malformed request got its 4xx; a valid one still works
+        with httpx.Client(base_url=s.url, timeout=60) as c:  # warm-up before the RSS baseline
+            for i in range(10):
+                assert fz.valid_request(c, i, __import__("random").Random(i))
+        s.wait_idle()
+        rss0 = s.rss_kib()
+        t0 = time.monotonic()
+        assert fz.load(s, clients=8, per_client=20)  # 160 streams, all end with [DONE]
+        assert time.monotonic() - t0 < 300
+        m = s.metrics()
+        assert m['ea_local_slot_busy{slot="0"}'] == 0 and m['ea_local_slot_busy{slot="1"}'] == 0
+        assert m["ea_local_queue_length"] == 0
+        assert all(m[f'ea_local_slot_cells{{slot="{i}"}}'] <= 256 for i in range(2))
+        assert s.rss_kib() - rss0 < 20 * 1024, (rss0, s.rss_kib())  # KiB: no per-request growth
+        assert "Traceback" not in s.output()
+    finally:
+        s.stop()
