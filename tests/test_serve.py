@@ -184,6 +184,8 @@ def test_unknown_fields_ignored_and_kv_extension(srv):
                  "kv_compression": {"budget": 100000}}).encode(), "invalid_value"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}],
                  "kv_compression": {"polcy": "knorm"}}).encode(), None),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}],
+                 "kv_compression": {"policy": "none"}}).encode(), "unsupported_policy"),
 ])
 def test_bad_chat_requests_are_400(srv, body, code):
     r = srv.client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
@@ -197,6 +199,18 @@ def test_bad_completion_requests_are_400(srv):
     assert_error(c.post("/v1/completions", json={"prompt": 5}), 400)
     assert_error(c.post("/v1/completions", json={"prompt": "t1 " * 9000}), 400, "context_length_exceeded")
     assert_error(c.post("/v1/completions", json={"prompt": "x", "model": "/etc/passwd", "n": 3}), 400)
+
+
+def test_policy_none_refuses_past_budget(tiny):
+    """--policy none keeps the full cache: a prompt past the budget is a 400, and the slot works after it."""
+    s = ServerProcess(tiny, "--budget", "256", "--policy", "none")
+    try:
+        assert s.client.post("/v1/completions", json={"prompt": [1] + [300] * 100, "max_tokens": 4}).status_code == 200
+        assert_error(s.client.post("/v1/completions", json={"prompt": [1] + [301] * 300, "max_tokens": 4}), 400,
+                     "context_length_exceeded")
+        assert s.client.post("/v1/completions", json={"prompt": [1] + [302] * 50, "max_tokens": 4}).status_code == 200
+    finally:
+        s.stop()
 
 
 def test_unknown_route_and_method(srv):

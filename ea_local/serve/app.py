@@ -114,10 +114,16 @@ class Server:
         kv = req.kv_compression
         policy = (kv.policy if kv and kv.policy else None) or cfg.policy
         try:
-            get_policy(policy)
+            pol = get_policy(policy)
         except ValueError as e:
             raise APIError(400, f"kv_compression.policy: {e}", code="unknown_policy",
                            param="kv_compression.policy") from None
+        if policy != cfg.policy and (not pol.evicts or pol.lookahead):
+            # the slots' contexts were sized for the server's policy: "none" needs n_ctx = budget, a lookahead
+            # policy extra cells for its pseudo tokens
+            raise APIError(400, f"kv_compression.policy: {policy!r} sizes the context differently; start the "
+                           f"server with --policy {policy} to use it", code="unsupported_policy",
+                           param="kv_compression.policy")
         budget = kv.budget if kv and kv.budget is not None else cfg.budget
         if not cfg.min_budget <= budget <= cfg.budget:
             raise APIError(400, f"kv_compression.budget must be in {cfg.min_budget}..{cfg.budget} (the server's "
@@ -286,7 +292,9 @@ def create_app(srv: Server) -> Guard:
             res = fut.result()
         except Cancelled:
             raise APIError(503, "the server is shutting down", code="server_busy") from None
-        except (LlamaError, BudgetError) as e:
+        except BudgetError as e:  # policy "none": the conversation no longer fits its context
+            raise APIError(400, str(e), code="context_length_exceeded") from None
+        except LlamaError as e:
             raise APIError(500, f"the engine failed: {e}", code="engine_error") from None
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": res.text}, "logprobs": None,
