@@ -8,6 +8,7 @@ Pass key (ea_local.quality.passkey: chunked prefill through the budget, greedy 8
 and perplexity of GPL-3/GPL-2 tokens [n/2, n) (ea_local.quality.perplexity) at one budget
 fraction; "full" is the `none` policy with room for everything. Rows are appended to
 rows.jsonl as they finish (a long run keeps what it measured); results.json at the end.
+`measure_policies.py --render ROWS.jsonl...` prints the markdown table of docs/policies.md.
 """
 from __future__ import annotations
 
@@ -22,9 +23,40 @@ from ea_local.quality import as_dict, passkey, perplexity  # loads libllama firs
 from ea_local.engine.session import BudgetError
 from ea_local.models import default_model_path
 from ea_local.policies import POLICIES
+import numpy as np  # noqa: E402  (after llama_cpp, as everywhere)
+
+
+def render(paths: list[Path]) -> str:
+    """Markdown table (one row per policy) from rows.jsonl files: pass keys found per depth, needle kept, perplexity."""
+    rows = [json.loads(line) for p in paths for line in p.read_text().splitlines() if line.strip()]
+    pols = list(dict.fromkeys(r["policy"] for r in rows))
+    depths = sorted({r["depth"] for r in rows if r["kind"] == "passkey" and "depth" in r})
+    full_ppl = next((r["ppl"] for r in rows if r["kind"] == "ppl" and r["policy"] == "full"), None)
+    head = ["policy"] + [f"pass key @{d:.0%}" for d in depths] + ["found", "needle kept (mean)", "perplexity", "Δ vs full"]
+    out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for pol in pols:
+        pk = {r["depth"]: r for r in rows if r["kind"] == "passkey" and r["policy"] == pol and "depth" in r}
+        refused = any("refused" in r for r in rows if r["policy"] == pol)
+        cells = [f"`{pol}`"]
+        for d in depths:
+            r = pk.get(d)
+            cells.append("—" if r is None else f"{'**found**' if r['found'] else 'no'} ({r['needle_kept']:.0%})")
+        done = [r for r in pk.values()]
+        cells.append(f"{sum(r['found'] for r in done)}/{len(done)}" if done else ("refused" if refused else "—"))
+        cells.append(f"{np.mean([r['needle_kept'] for r in done]):.0%}" if done else "—")
+        pp = next((r for r in rows if r["kind"] == "ppl" and r["policy"] == pol), None)
+        if pp is None or "ppl" not in pp:
+            cells += ["refused" if pp is not None else "—", ""]
+        else:
+            cells += [f"{pp['ppl']:.2f}", "" if pol == "full" or full_ppl is None else f"{pp['ppl'] - full_ppl:+.2f}"]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--render"]:
+        print(render([Path(p) for p in sys.argv[2:]]))
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("docs/policies"))
     ap.add_argument("--policies", default=",".join(POLICIES))

@@ -7,10 +7,11 @@ pooled over neighbouring cells, mean over query heads of a KV group and over lay
 The engine does the lookahead (Policy.lookahead steps, see Session._lookahead): it decodes
 greedily from the current logits with query capture on, hands the pseudo queries to the view at
 their positions (>= view.next_pos), then removes those cells and restores the logits, so the
-lookahead leaves no trace. The paper generates the pseudo tokens on a cache already compressed
-by a cheap first eviction (for speed); here they are generated on the current cache, which the
-budget already keeps small. ``local_window`` > 0 adds the last real queries to the window, the
-paper's LAQ++ variant.
+lookahead leaves no trace. Defaults as the authors' script (noforit/Lookahead_Q-Cache,
+run_LAQ.sh): 8 lookahead tokens, max pooling over 7 cells; there the pseudo tokens are generated
+on a cache first compressed to the budget by SnapKV (window 32), for speed; here they are
+generated on the current cache, which the budget already keeps small. ``local_window`` > 0 adds
+the last real queries to the window (the authors' stage-2 window, 8 for LAQ++, 0 for LAQ).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def score(
     view: CellView,
     *,
     local_window: int = 0,
-    kernel_size: int = 5,
+    kernel_size: int = 7,
     pooling: str = "max",
     aggregate: str = "mean",
     layers: Iterable[int] | None = None,
