@@ -24,7 +24,9 @@ def _header(res: dict) -> list[str]:
         f"Regenerate: `{res['command']}`", "",
         f"- model: `{m['name']}` ({m['architecture']}, {m['file_type']}, {m['n_layer']} layers, "
         f"{m['global_layers']} global — only those are evicted on iSWA models), KV cache {s['cache_type']}, seed {s['seed']}",
-        f"- machine: {mach['cpu']}, {mach['cores']} cores, {mach['platform']}, GPU layers {mach['n_gpu_layers'] or 0}",
+        f"- machine: {mach['cpu']}, {mach['cores']} cores, {mach['platform']}, GPU layers {mach['n_gpu_layers'] or 0}, "
+        f"threads {s['threads'] or 'all'}" + (f"; 1-minute load average after each part: "
+                                              f"{', '.join(map(str, mach['load_avg_1min']))}" if mach.get("load_avg_1min") else ""),
         f"- versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v),
         f"- run: {res['started']} → {res['finished']} ({secs})",
         f"- policies: {', '.join(s['policies'])}; budgets: {', '.join(s['budgets'])} "

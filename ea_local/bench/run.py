@@ -66,6 +66,8 @@ def run_bench(o: BenchOptions, console: Console | None = None) -> dict:
                               "threads": o.threads, "quick": o.quick},
                  "seconds": {}}
     def save() -> None:  # after every part: a run cut short still leaves what it measured
+        if hasattr(os, "getloadavg"):  # speed figures on a shared machine are only as good as its load
+            res["machine"].setdefault("load_avg_1min", []).append(round(os.getloadavg()[0], 2))
         (out / "results.json").write_text(json.dumps(res, indent=1))
 
     with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
