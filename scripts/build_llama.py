@@ -11,12 +11,18 @@ the same inputs reuses the wheel and builds nothing.
     python scripts/build_llama.py --backend metal            # macOS, untested here
     EA_LOCAL_CMAKE_ARGS="-DGGML_AVX512=OFF" python scripts/build_llama.py
     python scripts/build_llama.py --export-source out.tgz    # patched, trimmed tree (offline GPU box)
+    python scripts/build_llama.py --no-rpc                   # leave out the RPC backend and ggml-rpc-server
+
+The RPC backend (GGML_RPC=ON) is built by default: the client side goes into the wheel as
+libggml-rpc, and the server, ggml-rpc-server, is compiled from the same patched tree and added to the
+wheel as llama_cpp/lib/ggml-rpc-server (found there by `ea-local rpc-server`; docs/rpc.md).
 
 Standard library only: it runs before anything else is installed.
 """
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import os
 import platform
@@ -25,6 +31,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
 SDIST_NAME = "llama_cpp_python-0.3.36.tar.gz"
@@ -41,6 +48,18 @@ BACKEND_FLAGS = {
 # what ea_local does not use: the multimodal library, tests, tools
 COMMON_FLAGS = ["-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                 "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_SERVER=OFF"]
+# the RPC backend: client library in the wheel; RDMA off so the wheel never depends on libibverbs
+# (llama.cpp turns it on by itself when that library happens to be installed)
+RPC_FLAGS = ["-DGGML_RPC=ON", "-DGGML_RPC_RDMA=OFF"]
+RPC_SERVER = "ggml-rpc-server"
+# bumped when the way the server is built changes: a cached wheel then gets a new server, not a new build
+RPC_SERVER_REV = "2"
+# compiled into the server: upstream rpc-server does not ignore SIGPIPE, so a client that disconnects
+# before its answer is written (e.g. a handshake check that timed out) kills the server
+RPC_SERVER_EXTRA = """// ea_local (scripts/build_llama.py): survive clients that disconnect before their answer
+#include <csignal>
+static const int ea_local_ignore_sigpipe = (std::signal(SIGPIPE, SIG_IGN), 0);
+"""
 # bulky parts of the sdist the build does not need (keeps --export-source small)
 TRIM = [".git", "vendor/llama.cpp/models", "vendor/llama.cpp/docs", "vendor/llama.cpp/tools/ui",
         "vendor/llama.cpp/media", "vendor/llama.cpp/benches", "docs", "examples"]
@@ -143,6 +162,9 @@ def build_wheel(src: Path, out: Path, backend: str, cmake_args: list[str], isola
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out), str(src)]
     if not isolation:
         cmd.insert(4, "--no-build-isolation")
+    if os.environ.get("EA_LOCAL_BUILD_DIR"):
+        # keep scikit-build-core's CMake tree (incremental rebuilds, .ninja_log timings); off by default
+        cmd.insert(4, f"--config-settings=build-dir={os.environ['EA_LOCAL_BUILD_DIR']}")
     log(f"building the {backend} wheel (CMAKE_ARGS={env['CMAKE_ARGS']}); this takes minutes")
     logf = out / "build.log"
     out.mkdir(parents=True, exist_ok=True)
@@ -157,6 +179,65 @@ def build_wheel(src: Path, out: Path, backend: str, cmake_args: list[str], isola
     return wheels[0]
 
 
+def _record_line(name: str, data: bytes) -> str:
+    # wheel RECORD format (PEP 376/427): path,sha256=<urlsafe b64, no padding>,size
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return f"{name},sha256={digest},{len(data)}"
+
+
+def add_rpc_server(src: Path, wheel: Path, work: Path) -> None:
+    """Compile tools/rpc/rpc-server.cpp of the patched tree against the wheel's own ggml libraries and
+    add it to the wheel next to them (llama_cpp/lib/ggml-rpc-server, rpath $ORIGIN).
+
+    The wheel's build leaves tools out (LLAMA_BUILD_TOOLS=OFF builds every tool); the server is one
+    file that needs only libggml and libggml-base, so one compiler call is all it costs."""
+    if platform.system() == "Windows":
+        raise BuildError("building ggml-rpc-server is only supported on Linux and macOS here; use --no-rpc")
+    libdir = work / "lib"
+    libdir.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as zf:
+        for n in zf.namelist():
+            if n.startswith("llama_cpp/lib/") and "ggml" in n.rsplit("/", 1)[-1]:
+                (libdir / n.rsplit("/", 1)[-1]).write_bytes(zf.read(n))
+        record = next(n for n in zf.namelist() if n.endswith(".dist-info/RECORD"))
+    if not list(libdir.glob("*ggml-rpc*")):
+        raise BuildError(f"the wheel has no libggml-rpc although GGML_RPC=ON was passed ({wheel.name})")
+    vendor = src / "vendor" / "llama.cpp"
+    exe = work / RPC_SERVER
+    extra = work / "ea_sigpipe.cpp"
+    extra.write_text(RPC_SERVER_EXTRA)
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
+    origin = "@loader_path" if platform.system() == "Darwin" else "$ORIGIN"
+    cmd = [cxx, "-std=c++17", "-O2", f"-I{vendor / 'ggml' / 'include'}", str(vendor / "tools" / "rpc" / "rpc-server.cpp"),
+           str(extra), "-o", str(exe), f"-L{libdir}", "-lggml", "-lggml-base", "-pthread", f"-Wl,-rpath,{origin}"]
+    if platform.system() != "Darwin":
+        cmd.append(f"-Wl,-rpath-link,{libdir}")  # libggml's own dependencies (libggml-cpu, -rpc) at link time
+    log(f"compiling {RPC_SERVER}")
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise BuildError(f"compiling {RPC_SERVER} failed ({' '.join(cmd)}):\n{r.stderr[-3000:]}")
+    data = exe.read_bytes()
+    arc = f"llama_cpp/lib/{RPC_SERVER}"
+    # rewrite the wheel with the server added and its RECORD line (pip checks RECORD on install)
+    tmp = wheel.with_suffix(".tmp")
+    with zipfile.ZipFile(wheel) as zin, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zout:
+        for item in zin.infolist():
+            if item.filename == arc:
+                continue
+            body = zin.read(item.filename)
+            if item.filename == record:
+                lines = [ln for ln in body.decode().splitlines() if ln and not ln.startswith(arc + ",")]
+                lines.insert(-1, _record_line(arc, data))  # RECORD's own line stays last
+                body = ("\n".join(lines) + "\n").encode()
+            zout.writestr(item, body)
+        info = zipfile.ZipInfo(arc, date_time=(2020, 1, 1, 0, 0, 0))
+        info.external_attr = (0o100755 << 16)  # regular file, executable: pip keeps the x bit
+        info.compress_type = zipfile.ZIP_DEFLATED
+        zout.writestr(info, data)
+    tmp.replace(wheel)
+    log(f"added {arc} to {wheel.name}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default=os.environ.get("EA_LOCAL_BACKEND", "cpu"), choices=sorted(BACKEND_FLAGS))
@@ -167,9 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-build-isolation", action="store_true", help="build with this Python's packages (offline)")
     ap.add_argument("--export-source", type=Path, help="write the patched, trimmed source tree as .tgz and exit")
     ap.add_argument("--rebuild", action="store_true", help="ignore a cached wheel")
+    ap.add_argument("--rpc", action=argparse.BooleanOptionalAction,
+                    default=os.environ.get("EA_LOCAL_RPC_BUILD", "1") != "0",
+                    help="include llama.cpp's RPC backend and ggml-rpc-server (default: on; EA_LOCAL_RPC_BUILD=0 turns it off)")
     a = ap.parse_args(argv)
 
-    cmake_args = COMMON_FLAGS + BACKEND_FLAGS[a.backend] + a.cmake_args.split()
+    cmake_args = COMMON_FLAGS + BACKEND_FLAGS[a.backend] + (RPC_FLAGS if a.rpc else []) + a.cmake_args.split()
     cache = cache_dir()
     try:
         sdist = fetch_sdist(cache / "sdist", a.sdist)
@@ -184,9 +268,16 @@ def main(argv: list[str] | None = None) -> int:
         key = build_key(a.backend, cmake_args)
         wdir = cache / "wheels" / key
         wheels = sorted(wdir.glob("llama_cpp_python-*.whl"))
+        rev = wdir / "rpc-server.rev"
         if wheels and not a.rebuild:
             wheel = wheels[0]
             log(f"cached wheel {wheel} (key {key}: sdist {SDIST_SHA256[:12]}, patches {patch_hash()[:12]}, {a.backend})")
+            if a.rpc and (not rev.exists() or rev.read_text().strip() != RPC_SERVER_REV):
+                with tempfile.TemporaryDirectory() as td:  # only the server is rebuilt (seconds)
+                    src = unpack(sdist, Path(td), trim=True)
+                    apply_patches(src)
+                    add_rpc_server(src, wheel, Path(td) / "rpc")
+                rev.write_text(RPC_SERVER_REV + "\n")
         else:
             shutil.rmtree(wdir, ignore_errors=True)
             with tempfile.TemporaryDirectory() as td:
@@ -194,9 +285,13 @@ def main(argv: list[str] | None = None) -> int:
                 apply_patches(src)
                 tmp_out = Path(td) / "wheel"
                 wheel = build_wheel(src, tmp_out, a.backend, cmake_args, not a.no_build_isolation)
+                if a.rpc:
+                    add_rpc_server(src, wheel, Path(td) / "rpc")
                 wdir.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(tmp_out / "build.log", wdir / "build.log")
                 wheel = Path(shutil.copy2(wheel, wdir / wheel.name))
+                if a.rpc:
+                    rev.write_text(RPC_SERVER_REV + "\n")
             log(f"built {wheel}")
         if a.install:
             r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--force-reinstall", "--no-deps",

@@ -58,3 +58,55 @@ def test_cache_key_depends_on_backend_flags_and_patches(monkeypatch):
     assert k_cpu != build.build_key("cpu", build.COMMON_FLAGS + ["-DGGML_AVX512=OFF"])
     monkeypatch.setattr(build, "patch_hash", lambda: "different")
     assert k_cpu != build.build_key("cpu", build.COMMON_FLAGS)
+
+
+def test_rpc_flags_are_in_the_key_and_default_on():
+    assert build.build_key("cpu", build.COMMON_FLAGS + build.RPC_FLAGS) != build.build_key("cpu", build.COMMON_FLAGS)
+    assert "-DGGML_RPC=ON" in build.RPC_FLAGS and "-DGGML_RPC_RDMA=OFF" in build.RPC_FLAGS
+
+
+def test_rpc_server_is_added_to_the_wheel_with_a_record_line(tmp_path, monkeypatch):
+    """add_rpc_server with a stand-in compiler: the wheel gains llama_cpp/lib/ggml-rpc-server (executable)
+    and a RECORD line whose hash matches, the other entries untouched."""
+    import base64
+    import hashlib
+    import stat
+    import zipfile
+
+    src = tmp_path / "src"
+    (src / "vendor/llama.cpp/tools/rpc").mkdir(parents=True)
+    (src / "vendor/llama.cpp/tools/rpc/rpc-server.cpp").write_text("int main(){}")
+    (src / "vendor/llama.cpp/ggml/include").mkdir(parents=True)
+    cxx = tmp_path / "fake-cxx"
+    cxx.write_text('#!/bin/sh\nwhile [ "$1" != "-o" ]; do shift; done\nprintf "ELF-ish server" > "$2"\n')
+    cxx.chmod(0o755)
+    monkeypatch.setenv("CXX", str(cxx))
+    whl = tmp_path / "llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl"
+    rec = "llama_cpp_python-0.3.36.dist-info/RECORD"
+    with zipfile.ZipFile(whl, "w") as z:
+        z.writestr("llama_cpp/__init__.py", "x")
+        z.writestr("llama_cpp/lib/libggml.so.0", "lib")
+        z.writestr("llama_cpp/lib/libggml-rpc.so.0", "lib")
+        z.writestr(rec, "llama_cpp/__init__.py,sha256=abc,1\n" + rec + ",,\n")
+    build.add_rpc_server(src, whl, tmp_path / "work")
+    with zipfile.ZipFile(whl) as z:
+        names = z.namelist()
+        data = z.read("llama_cpp/lib/ggml-rpc-server")
+        mode = z.getinfo("llama_cpp/lib/ggml-rpc-server").external_attr >> 16
+        lines = z.read(rec).decode().splitlines()
+    assert data == b"ELF-ish server" and mode & stat.S_IXUSR
+    assert "llama_cpp/__init__.py" in names and names.count("llama_cpp/lib/ggml-rpc-server") == 1
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    assert f"llama_cpp/lib/ggml-rpc-server,sha256={digest},{len(data)}" in lines
+    assert lines[0] == "llama_cpp/__init__.py,sha256=abc,1" and lines[-1] == rec + ",,"
+
+
+def test_rpc_server_needs_the_rpc_library_in_the_wheel(tmp_path):
+    import zipfile
+
+    whl = tmp_path / "w.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        z.writestr("llama_cpp/lib/libggml.so.0", "lib")
+        z.writestr("x.dist-info/RECORD", "")
+    with pytest.raises(build.BuildError, match="no libggml-rpc"):
+        build.add_rpc_server(tmp_path, whl, tmp_path / "work")

@@ -60,6 +60,9 @@ class ContextConfig:
     # num_gpu); None: 0, or every layer when RPC servers are given (llama.cpp's own default, -1)
     n_gpu_layers: int | None = field(default_factory=lambda: _env_int("EA_LOCAL_N_GPU_LAYERS"))
     seed: int = 0
+    # CPU weight repacking (llama.cpp's extra buffer types, faster CPU matmuls). An RPC server's CPU device
+    # never repacks, so a local run matches a remote one bit for bit only with this off (tests/test_rpc.py)
+    repack: bool = True
     # llama.cpp RPC servers ("HOST:PORT"; ea_local/rpc.py), in front of the local GPUs; EA_LOCAL_RPC sets the default
     rpc: tuple[str, ...] = field(default_factory=lambda: tuple(filter(None, os.environ.get("EA_LOCAL_RPC", "").split(","))))
 
@@ -111,6 +114,7 @@ class Runtime:
         mp = ll.llama_model_default_params()
         ngl = cfg.n_gpu_layers
         mp.n_gpu_layers = ngl if ngl is not None else (-1 if cfg.rpc else 0)
+        mp.use_extra_bufts = cfg.repack
         self._rpc: tuple[str, ...] = ()
         self._shared = shared  # a shared model is freed by its owner, not by this context
         if cfg.rpc and shared is None:
