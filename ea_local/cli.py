@@ -251,6 +251,7 @@ def serve(
     threads: Optional[int] = ThreadsOpt,
     seed: int = SeedOpt,
     log_level: str = typer.Option("info", help="uvicorn log level (warning: no access log)"),
+    rpc: Optional[str] = RpcOpt,
 ) -> None:
     """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions) whose conversations stay inside the KV budget."""
     from .engine.runtime import LlamaError
@@ -272,7 +273,7 @@ def serve(
         _fail(str(e))
     info = _model_info(model)
     scfg = SessionConfig(budget=budget, policy=policy, cache_type=cache_type, seed=seed, n_threads=threads,
-                         n_gpu_layers=n_gpu_layers, chunk=max(1, min(512, budget // 2)))
+                         n_gpu_layers=n_gpu_layers, chunk=max(1, min(512, budget // 2)), rpc=_rpc_endpoints(rpc))
     try:
         scfg.validate()
     except ValueError as e:

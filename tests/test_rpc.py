@@ -263,3 +263,23 @@ def test_cli_bad_rpc_is_one_line_exit_2():
     r = subprocess.run([sys.executable, "-m", "ea_local.cli", "demo", "--rpc", f"127.0.0.1:{port}"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "cannot connect" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serve_with_rpc_answers_like_the_local_server(servers, monkeypatch):
+    """`ea-local serve --rpc`: two slots on one model whose upper layers live on the servers; a greedy
+    answer equals the local server's (both without CPU weight repacking, as the servers' CPU device)."""
+    from .serve_helpers import ServerProcess
+
+    monkeypatch.setenv("EA_LOCAL_REPACK", "0")
+    body = {"model": "x", "messages": [{"role": "user", "content": "Name three colours."}],
+            "max_tokens": 12, "temperature": 0}
+    answers = {}
+    for name, extra in (("remote", ["--rpc", ",".join(servers), "--n-gpu-layers", str(N_GPU_LAYERS)]), ("local", [])):
+        s = ServerProcess(GEMMA, "--budget", "512", "--parallel", "2", *extra)
+        try:
+            r = s.client.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            answers[name] = r.json()["choices"][0]["message"]["content"]
+        finally:
+            s.stop()
+    assert answers["remote"] and answers["remote"] == answers["local"], answers

@@ -61,10 +61,14 @@ class ContextConfig:
     n_gpu_layers: int | None = field(default_factory=lambda: _env_int("EA_LOCAL_N_GPU_LAYERS"))
     seed: int = 0
     # CPU weight repacking (llama.cpp's extra buffer types, faster CPU matmuls). An RPC server's CPU device
-    # never repacks, so a local run matches a remote one bit for bit only with this off (tests/test_rpc.py)
-    repack: bool = True
+    # never repacks, so a local run matches a remote one bit for bit only with this off (EA_LOCAL_REPACK=0)
+    repack: bool = field(default_factory=lambda: _repack_default())
     # llama.cpp RPC servers ("HOST:PORT"; ea_local/rpc.py), in front of the local GPUs; EA_LOCAL_RPC sets the default
     rpc: tuple[str, ...] = field(default_factory=lambda: tuple(filter(None, os.environ.get("EA_LOCAL_RPC", "").split(","))))
+
+
+def _repack_default() -> bool:
+    return os.environ.get("EA_LOCAL_REPACK", "1") != "0"
 
 
 def _env_int(name: str) -> int | None:
@@ -77,21 +81,37 @@ class SharedModel:
 
     llama.cpp allows many contexts on one model; each context has its own KV cache and state."""
 
-    def __init__(self, model_path: str, n_gpu_layers: int | None = None):
+    def __init__(self, model_path: str, n_gpu_layers: int | None = None, rpc: tuple[str, ...] = ()):
         _silence_llama_log()
         ll.llama_backend_init()
         mp = ll.llama_model_default_params()
         ngl = _env_int("EA_LOCAL_N_GPU_LAYERS") if n_gpu_layers is None else n_gpu_layers
-        mp.n_gpu_layers = ngl or 0
+        mp.n_gpu_layers = ngl if ngl is not None else (-1 if rpc else 0)
+        mp.use_extra_bufts = _repack_default()
         self.path = model_path
+        self.rpc: tuple[str, ...] = ()
+        if rpc:
+            from .. import rpc as _rpc
+
+            endpoints = _rpc.parse_endpoints(rpc)
+            self._devices = _rpc.model_devices(endpoints)
+            mp.devices = ctypes.cast(self._devices, ctypes.c_void_p)
+            self.rpc = endpoints
+            _rpc.acquire(endpoints)
         self.ptr = ll.llama_model_load_from_file(model_path.encode(), mp)
         if not self.ptr:
+            self.close()
             raise LlamaError(f"llama.cpp could not load {model_path}")
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
             ll.llama_model_free(self.ptr)
             self.ptr = None
+        if getattr(self, "rpc", ()):
+            from .. import rpc as _rpc
+
+            _rpc.release(self.rpc)
+            self.rpc = ()
 
     def __del__(self) -> None:
         self.close()

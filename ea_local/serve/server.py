@@ -21,7 +21,7 @@ def build_server(info: ModelInfo, cfg: ServeConfig, session_cfg: SessionConfig, 
     """The model's weights are loaded once and shared by the `parallel` contexts (llama.cpp allows
     several contexts on one llama_model); each context costs its own KV cache and compute buffers."""
     path = str(info.path)
-    shared = SharedModel(path, session_cfg.n_gpu_layers)
+    shared = SharedModel(path, session_cfg.n_gpu_layers, tuple(session_cfg.rpc))
     try:
         pool = build_pool(path, session_cfg, parallel, queue, reuse=reuse, shared=shared)
     except Exception:
