@@ -225,7 +225,7 @@ def load(srv: ServerProcess, clients: int, per_client: int) -> bool:
     return all(results)
 
 
-def soak(srv: ServerProcess, n: int, budget: int, warmup: int = 20) -> bool:
+def soak(srv: ServerProcess, n: int, budget: int, warmup: int = 60) -> bool:
     rng = random.Random(1)
     fails = 0
     t0 = time.perf_counter()
@@ -236,14 +236,17 @@ def soak(srv: ServerProcess, n: int, budget: int, warmup: int = 20) -> bool:
         srv.wait_idle()
         rss0, cells0 = srv.rss_kib(), srv.client.get("/health").json()["cells"]
         ev0 = srv.metrics().get("ea_local_evicted_cells_total", 0)
+        trace = []
         for i in range(n):
             fails += not valid_request(c, i, rng, conv)
+            if (i + 1) % 100 == 0:
+                trace.append(f"{srv.rss_kib() / 1024:.1f}")
     h = srv.wait_idle()
     rss1 = srv.rss_kib()
     m = srv.metrics()
     over = [x for x in h["cells"] if x > budget]
     print(f"soak: {n} valid requests (after {warmup} warm-up) in {time.perf_counter() - t0:.0f} s, {fails} failed; "
-          f"RSS {rss0 / 1024:.1f} -> {rss1 / 1024:.1f} MiB ({(rss1 - rss0) / 1024:+.1f}); "
+          f"RSS {rss0 / 1024:.1f} -> {rss1 / 1024:.1f} MiB ({(rss1 - rss0) / 1024:+.1f}; every 100: {', '.join(trace)}); "
           f"cells per slot {cells0} -> {h['cells']} (budget {budget}); slots idle {h['slots_idle']}/{h['slots']}, "
           f"queue {h['queue']}; cells evicted during the soak {m.get('ea_local_evicted_cells_total', 0) - ev0:.0f}")
     return fails == 0 and not over

@@ -371,6 +371,13 @@ def test_queue_bound(srv):
         t.start()
         assert started.wait(30)
         holders.append((t, stop))
+    # a queued client that gives up leaves the queue
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(srv.url + "/v1/completions", json={"prompt": "t1", "max_tokens": 2}, timeout=1.0)
+    deadline = time.monotonic() + 10
+    while srv.client.get("/health").json()["queue"] != 0:
+        assert time.monotonic() < deadline, "the abandoned request stayed in the queue"
+        time.sleep(0.05)
     queued: dict = {}
 
     def waiter():
