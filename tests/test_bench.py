@@ -102,6 +102,7 @@ def _cli(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
     (["--lengths", "4q"], "malformed length"),
     (["--ppl-tokens", "2k,4k"], "--ppl-tokens takes one length"),
     (["--modes", "both"], "unknown mode 'both'"),
+    (["--policies", "none"], "policy 'none' is the full cache"),
 ])
 def test_bad_flags_are_one_line_exit_2(args, msg, tmp_path):
     r = _cli(*args, "--out", str(tmp_path / "o"))
@@ -110,6 +111,50 @@ def test_bad_flags_are_one_line_exit_2(args, msg, tmp_path):
     assert len(lines) == 1 and msg in lines[0], r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+# ---- one prefill, many trials ----
+
+def test_snapshot_restore_gives_the_same_trial_twice(tiny_llama):
+    """Restoring the saved sequence brings back the cells, positions, statistics and logits, so a
+    compression + answer after a restore repeats the first one exactly."""
+    from ea_local.bench.options import BenchOptions
+    from ea_local.bench.snapshot import restore, take
+    from ea_local.bench.suites.common import ask, session_cfg
+    from ea_local.engine.session import Session
+    import numpy as np
+
+    o = BenchOptions(model=tiny_llama, out="", suites=["quality"], policies=["expected-attention"], budgets=[],
+                     threads=1)
+    s = Session(tiny_llama, session_cfg(o, 1024))
+    ctx = [s.rt.bos()] + s.rt.tokenize(data.paragraphs()[3] * 3)[:700]
+    s.prefill(ctx)
+    snap = take(s)
+    logits = s.rt.logits()
+    q = s.rt.tokenize(" The answer is")
+    runs = []
+    for _ in range(2):
+        restore(s, snap)
+        assert s.rt.seq_pos_range() == (0, len(ctx) - 1) and s.n_cells == len(ctx)
+        assert np.array_equal(s.rt.logits(), logits)
+        s.cfg.budget = 200
+        s.compress(200, phase="prefill")
+        kept = sorted(s.live)
+        runs.append((kept, ask(s, q, 6)))
+    assert runs[0] == runs[1]
+    assert len(runs[0][0]) == 200
+    s.close()
+
+
+def test_every_policy_runs_the_one_shot_protocol(tiny_llama, tmp_path):
+    out = tmp_path / "b"
+    r = _cli("--quick", "--suite", "quality", "--model", tiny_llama, "--policies", "context-shift,laq,snapkv,h2o",
+             "--budgets", "50%", "--depths", "0.5", "--lengths", "384", "--threads", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    pk = json.loads((out / "results.json").read_text())["quality"]["passkey"]
+    kept = {x["policy"]: x["needle_kept"] for x in pk}
+    assert kept["context-shift"] is None  # positions renumbered: not measurable
+    assert all(0 <= kept[p] <= 1 for p in ("laq", "snapkv", "h2o"))
 
 
 # ---- end to end ----

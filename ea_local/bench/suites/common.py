@@ -36,6 +36,7 @@ def compress_question_known(s: Session, question: list[int], budget: int) -> Non
     recent = s.cfg.recent
     s.cfg.recent = recent + len(question)  # the question is protected on top of the context's recent window
     try:
+        s.cfg.budget = budget + len(question)
         s.compress(budget + len(question), phase="prefill")
     finally:
         s.cfg.recent = recent
