@@ -21,6 +21,7 @@ from typing import Callable, Iterator, TextIO
 
 from .engine.runtime import LlamaError  # engine first: loads libllama before numpy
 from .engine.sampling import SamplingParams
+from .engine import snapshot
 from .engine.session import BudgetError, Session, SessionConfig
 from .chat_template import TemplateError, TurnRenderer, resolve_template
 from .policies import get_policy
@@ -30,6 +31,8 @@ HELP = """commands:
   /policy NAME    switch the eviction policy (see `ea-local policies`)
   /budget N       change the KV budget (a larger one recreates the session and re-feeds the kept cells)
   /reset          forget the conversation (the system prompt and --file are fed again)
+  /save FILE      save the conversation with its compressed cache
+  /load FILE      continue a conversation saved with /save (same model)
   /help           this list
   //text          send a message that starts with '/'
 input: a line ending with '\\' continues on the next line; Ctrl-C stops an answer; Ctrl-D exits"""
@@ -93,6 +96,15 @@ def fmt_mib(b: float) -> str:
     return f"{b / 2**20:.1f} MiB"
 
 
+class _Stopped(Exception):
+    pass
+
+
+def _stop_if(should_stop: Callable[[], bool] | None) -> None:
+    if should_stop and should_stop():
+        raise _Stopped
+
+
 class Chat:
     """A conversation: template rendering, incremental feeding, budget/policy changes, stats."""
 
@@ -139,7 +151,12 @@ class Chat:
         t_first = None
         started = False
         try:
-            for piece in self.s.generate(prompt, params, max_tokens=self.opts.max_tokens, should_stop=should_stop):
+            # the prompt is fed here, not by generate(), so that Ctrl-C also stops a long prefill between chunks
+            try:
+                self.s.prefill(prompt, progress=lambda d, t: _stop_if(should_stop))
+            except _Stopped:
+                return
+            for piece in self.s.generate([], params, max_tokens=self.opts.max_tokens, should_stop=should_stop):
                 if t_first is None:
                     t_first = time.perf_counter()
                 if not started:  # answers often open with a newline or a space
@@ -219,6 +236,39 @@ class Chat:
         self.turn_count = 0
         n = self.start()
         return f"conversation reset ({n} tokens of system prompt / document fed again)"
+
+    def save(self, path: str) -> str:
+        extra = {"messages": self.turns.messages, "system": self.system, "turn_count": self.turn_count}
+        n = self.s.save(path, extra)
+        return f"saved {self.turn_count} turns, {self.s.n_cells} cells to {path} ({fmt_mib(n)})"
+
+    def load(self, path: str) -> str:
+        """Continue a saved conversation; on any error the current one is kept as it was."""
+        snap = snapshot.read(path, str(self.info.path))
+        extra = snap.extra
+        try:
+            messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in extra["messages"]]
+            turn_count, system = int(extra["turn_count"]), extra["system"]
+        except (KeyError, TypeError, ValueError):
+            raise ChatError(f"{path}: not a chat session (no conversation in it)") from None
+        if snapshot.fits(self.s, snap):
+            snapshot.restore(self.s, snap)
+        else:  # other budget, chunk or cache type: a context of the saved geometry
+            new = Session(str(self.info.path), snapshot.session_config(snap, self.s.cfg))
+            try:
+                snapshot.restore(new, snap)
+            except Exception:
+                new.close()
+                raise
+            self.s.close()
+            self.s = new
+        self.system = system
+        self.turns = TurnRenderer(self.template, None)
+        self.turns.messages = messages
+        self.turn_count = turn_count
+        s = self.s
+        return (f"loaded {turn_count} turns, {s.n_cells} cells ({s.stats.tokens_seen} tokens seen) from {path}; "
+                f"budget {s.cfg.budget}, policy {s.cfg.policy}")
 
     def close(self) -> None:
         self.s.close()
@@ -340,6 +390,11 @@ def run_repl(chat: Chat, interactive: bool, verbose: bool = False, stdin: TextIO
                         say(chat.set_budget(n))
                 elif cmd == "reset":
                     say(chat.reset())
+                elif cmd in ("save", "load"):
+                    if not arg:
+                        say(f"usage: /{cmd} FILE")
+                    else:
+                        say(chat.save(arg) if cmd == "save" else chat.load(arg))
                 elif cmd in ("quit", "exit"):
                     break
                 else:
@@ -393,6 +448,9 @@ def run_chat(info, opts: ChatOptions, verbose: bool = False) -> None:
         raise ChatError("--file -: standard input carries the messages; give a file path")
     document = read_text_file(opts.file) if opts.file else None
     interactive = sys.stdin.isatty()
+    # bytes that are not UTF-8 become U+FFFD instead of ending the session with a decode error
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")
     chat = Chat(info, opts, document)
     try:
         head = out = sys.stdout if interactive else sys.stderr

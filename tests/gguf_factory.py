@@ -87,13 +87,15 @@ def write_tiny_gguf(
     seed: int = 0,
     extra_kv: Mapping[str, Any] | None = None,
     drop_keys: Iterable[str] = (),
+    drop_tensors: Iterable[str] = (),
 ) -> Path:
     """Write a tiny random-weight model of `arch` ("llama", "qwen2" or "gemma3") to `path`.
 
     `n_head_kv` may be a per-layer list (written as an array, as some converters do).
     `head_dim` writes attention.key_length/value_length (default: n_embd / n_head, not written).
     `extra_kv` sets or replaces metadata keys after the standard ones; `drop_keys` removes keys
-    (names may contain "{arch}", e.g. "{arch}.block_count"). Returns the path.
+    (names may contain "{arch}", e.g. "{arch}.block_count"); `drop_tensors` leaves tensors out (a file
+    llama.cpp refuses to load while its header reads fine). Returns the path.
     """
     if arch not in TINY_DEFAULTS:
         raise ValueError(f"arch must be one of {sorted(TINY_DEFAULTS)}")
@@ -186,6 +188,8 @@ def write_tiny_gguf(
     w.add_tensor("output_norm.weight", vec(E, 1.0))
     if arch != "gemma3":  # gemma3 ties the output projection to token_embd
         w.add_tensor("output.weight", mat(n_vocab, E))
+    for name in drop_tensors:
+        del w.tensors[0][name]
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file(progress=False)

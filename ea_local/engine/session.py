@@ -13,6 +13,7 @@ takes a token they still attend to (DESIGN.md, prototype finding).
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -29,6 +30,14 @@ from .textstream import TextStream  # noqa: E402
 
 class BudgetError(ValueError):
     pass
+
+
+class InvariantError(RuntimeError):
+    """EA_LOCAL_DEBUG=1: the session's bookkeeping and llama.cpp's cells disagree (a bug, not bad input)."""
+
+
+# EA_LOCAL_DEBUG=1: after every compression, check the bookkeeping against llama.cpp's cells
+DEBUG = os.environ.get("EA_LOCAL_DEBUG", "") not in ("", "0")
 
 
 @dataclass
@@ -239,6 +248,8 @@ class Session:
         if self.policy.shift:  # contiguous positions before, so renumbering = llama.cpp's seq_add(-n_discard)
             self.compact()
         self.stats.evictions.append(Eviction(self.stats.tokens_seen, phase, n_before, n_evict, t1 - t0, t2 - t1))
+        if DEBUG:
+            self.check_cells()
         return n_evict
 
     def _lookahead(self, view: CellView, k: int) -> None:
@@ -277,6 +288,31 @@ class Session:
             if self.iswa:
                 self.rt.seq_rm(1)
             self.rt.set_logits(logits)
+
+    def check_cells(self) -> None:
+        """Raise InvariantError unless llama.cpp's cells (a global layer) are exactly the live positions."""
+        pos, _, _ = self.rt.kv_read(self.info.global_layers[0], keys=False, values=False)
+        mine = sorted(self.live)
+        if pos.tolist() != mine:
+            extra, missing = sorted(set(pos.tolist()) - set(mine)), sorted(set(mine) - set(pos.tolist()))
+            raise InvariantError(f"KV bookkeeping out of step with llama.cpp after {len(self.stats.evictions)} "
+                                 f"compressions: {len(pos)} cells vs {len(mine)} live positions "
+                                 f"(in llama.cpp only: {extra[:8]}, in the session only: {missing[:8]})")
+
+    # ---- session files (engine/snapshot.py) ----
+    def save(self, path: str, extra: dict | None = None) -> int:
+        """Write the cells and bookkeeping to a session file; returns its size in bytes."""
+        from . import snapshot
+
+        return snapshot.save(self, path, extra)
+
+    def load(self, path: str) -> dict:
+        """Restore a session file saved with this model and cache geometry; returns its `extra`."""
+        from . import snapshot
+
+        snap = snapshot.read(path, self.model_path)
+        snapshot.restore(self, snap)
+        return snap.extra
 
     def compact(self) -> None:
         """Renumber live positions 0..n-1 (llama.cpp re-rotates K) before they reach the training context."""
