@@ -86,6 +86,8 @@ def read_text_file(path: str) -> str:
 
 
 def session_config(opts: ChatOptions) -> SessionConfig:
+    if opts.max_tokens < 1:
+        raise ChatError(f"max-tokens must be at least 1, got {opts.max_tokens}")
     chunk = opts.chunk if opts.chunk is not None else max(1, min(512, opts.budget // 2))
     return SessionConfig(budget=opts.budget, policy=opts.policy, cache_type=opts.cache_type, seed=opts.seed,
                          n_threads=opts.threads, n_gpu_layers=opts.n_gpu_layers, chunk=chunk,

@@ -37,6 +37,8 @@ def passkey_prompt(rt, length: int, depth: float, key: int) -> tuple[list[int], 
 
 def run_demo(info, budget: int, policy: str, length: int, cache_type: str, seed: int,
              threads: int | None, n_gpu_layers: int | None, rpc: tuple[str, ...] = ()) -> dict:
+    if length < 1:
+        raise ValueError(f"length must be a positive number of tokens, got {length}")
     con = Console(stderr=False)
     err = Console(stderr=True)
     cfg = SessionConfig(budget=budget, policy=policy, cache_type=cache_type, seed=seed,

@@ -67,6 +67,10 @@ class SessionConfig:
                               f"+ step {self.step}: use at least {floor}")
         if not 0 < self.chunk <= 4096:
             raise BudgetError(f"chunk must be in 1..4096, got {self.chunk}")
+        if self.n_threads is not None and self.n_threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.n_threads}")
+        if self.n_gpu_layers is not None and self.n_gpu_layers < -1:
+            raise ValueError(f"n-gpu-layers must be -1 (all) or more, got {self.n_gpu_layers}")
 
 
 @dataclass
@@ -95,6 +99,9 @@ class Session:
         self.policy = get_policy(cfg.policy)
         self.info = read_model_info(model_path)
         self.model_path = model_path
+        if cfg.budget > self.info.n_ctx_train:  # positions are compacted below n_ctx_train: the cells must fit there
+            raise BudgetError(f"budget {cfg.budget} is more than the model's training context ({self.info.n_ctx_train} "
+                              "tokens)")
         self.iswa = bool(self.info.sliding_layers)
         gpu = {} if cfg.n_gpu_layers is None else {"n_gpu_layers": cfg.n_gpu_layers}
         if cfg.rpc:
@@ -104,6 +111,8 @@ class Session:
             n_ctx = cfg.budget
         elif self.policy.lookahead:  # pseudo tokens need free cells, on iSWA also in the sliding cache (capped by n_ctx)
             n_ctx = max(n_ctx, self.info.sliding_window + cfg.chunk if self.iswa else 0) + self.policy.lookahead
+        elif self.iswa:  # the sliding cache (capped by n_ctx) holds its window plus a chunk: budgets below the window
+            n_ctx = max(n_ctx, self.info.sliding_window + cfg.chunk)
         self.rt = Runtime(model_path, ContextConfig(
             n_ctx=n_ctx, n_batch=cfg.chunk, cache_type=cfg.cache_type,
             swa_full=not self.iswa, n_threads=cfg.n_threads, seed=cfg.seed, **gpu), shared=shared)

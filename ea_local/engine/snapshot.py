@@ -240,10 +240,11 @@ def read(path: str | os.PathLike[str], model_path: str) -> Snapshot:
 
 
 def fits(s: "Session", snap: Snapshot) -> bool:
-    """Whether `s`'s context can take the snapshot in place (same cache geometry and scored layers)."""
+    """Whether `s`'s context can take the snapshot in place: same cache geometry, scored layers and policy
+    (the policy sizes the context too: "none" has no chunk room, lookahead policies more)."""
     c = snap.config
-    return (c["budget"], c["chunk"], c["cache_type"], c["max_score_layers"]) == (
-        s.cfg.budget, s.cfg.chunk, s.cfg.cache_type, s.cfg.max_score_layers)
+    keys = ("budget", "chunk", "cache_type", "max_score_layers", "policy")
+    return all(c[k] == getattr(s.cfg, k) for k in keys)
 
 
 def session_config(snap: Snapshot, base: Any) -> Any:
