@@ -623,6 +623,21 @@ def _kq_scale(arch_name: str, arch: _Arch, attention_scale: float | None, n_laye
     return 1.0 / math.sqrt(head_dim_k)
 
 
+def _check_attention_tensors(hdr: _Header, n_layers: int, p: str) -> None:
+    """The embeddings and every layer's Q, K, V projections (split or fused) must be in the tensor table:
+    without them llama.cpp refuses the file with a message we would not see (its log is silenced)."""
+    names = {t.name for t in hdr.tensors}
+    need = ["token_embd.weight"]
+    for i in range(n_layers):
+        if f"blk.{i}.attn_qkv.weight" not in names:
+            need += [f"blk.{i}.attn_{x}.weight" for x in ("q", "k", "v")]
+    missing = [n for n in need if n not in names]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ModelFileError(f"incomplete model file: {p} has no tensor '{missing[0]}'{more} "
+                             "(an interrupted download or a broken conversion?)")
+
+
 def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
     """Describe the GGUF model at `path`; raises ModelFileError (one-line message) if it can't."""
     p = os.fspath(path)
@@ -697,6 +712,7 @@ def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
     name = kv.get_str("general.name", None)
     ftype, ftype_id = _file_type(kv, hdr.tensors)
 
+    _check_attention_tensors(hdr, n_layers, p)
     info = ModelInfo(
         path=p, architecture=a, name=name, n_layers=n_layers, n_embd=n_embd,
         n_head=n_head, n_head_kv=n_head_kv_l[0],

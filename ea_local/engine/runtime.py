@@ -22,6 +22,14 @@ class LlamaError(RuntimeError):
 
 
 _log_silenced = False
+_last_error: list[str] = []  # llama.cpp's recent error-level log lines
+
+
+def _why() -> str:
+    """': <why llama.cpp refused the model>' from its error lines (consumed), or ''."""
+    msg = next((m for m in _last_error if "error loading model: " in m), _last_error[-1] if _last_error else "")
+    _last_error.clear()
+    return f": {msg.split('error loading model: ', 1)[-1]}" if msg else ""
 # while a Runtime loads, llama.cpp's own lines about where layers and buffers went (placement.py)
 _log_sink: list[str] | None = None
 _PLACEMENT_PREFIXES = (b"load_tensors:", b"llama_kv_cache:", b"llama_kv_cache_iswa:")
@@ -37,6 +45,8 @@ def _silence_llama_log() -> None:
 
     @ll.llama_log_callback
     def _cb(level, text, user_data):  # noqa: ANN001
+        if level == 4 and text:  # GGML_LOG_LEVEL_ERROR (ggml.h): why a load failed, for LlamaError's one line
+            _last_error[:] = _last_error[-7:] + [text.decode("utf-8", errors="replace").strip()]
         if _log_sink is not None and text and text.startswith(_PLACEMENT_PREFIXES):
             _log_sink.append(text.decode("utf-8", errors="replace"))
         if echo and text:
@@ -101,7 +111,7 @@ class SharedModel:
         self.ptr = ll.llama_model_load_from_file(model_path.encode(), mp)
         if not self.ptr:
             self.close()
-            raise LlamaError(f"llama.cpp could not load {model_path}")
+            raise LlamaError(f"llama.cpp could not load {model_path}{_why()}")
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
@@ -148,7 +158,7 @@ class Runtime:
         self.model = shared.ptr if shared is not None else ll.llama_model_load_from_file(model_path.encode(), mp)
         if not self.model:
             self._release_rpc()
-            raise LlamaError(f"llama.cpp could not load {model_path}")
+            raise LlamaError(f"llama.cpp could not load {model_path}{_why()}")
         self.vocab = ll.llama_model_get_vocab(self.model)
         cp = ll.llama_context_default_params()
         cp.n_ctx = cfg.n_ctx
