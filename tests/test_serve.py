@@ -453,7 +453,7 @@ def test_cut_then_feed_equals_fresh_feed(tmp_path, arch):
     a = [1] + rng.integers(300, 380, 300).tolist()
     b = rng.integers(300, 380, 50).tolist()
     c = rng.integers(300, 380, 40).tolist()
-    cfg = SessionConfig(budget=512, chunk=128)
+    cfg = SessionConfig(budget=512, chunk=128, n_threads=1)
     s = SlotSession(p, cfg)
     s.prefill(a + b)
     assert s.cut(len(a))
@@ -463,7 +463,7 @@ def test_cut_then_feed_equals_fresh_feed(tmp_path, arch):
     assert s.live == ref.live and s.hist == ref.hist and s.hist_pos == ref.hist_pos
     np.testing.assert_array_equal(s.rt.logits(), ref.rt.logits())
     # through evictions and compactions, the history still says where every live cell's token sits
-    t = SlotSession(p, SessionConfig(budget=256, chunk=128))
+    t = SlotSession(p, SessionConfig(budget=256, chunk=128, n_threads=1))
     for _ in range(12):
         t.prefill(rng.integers(300, 380, 150).tolist())
     assert t.stats.compactions >= 1 and t.stats.evictions
@@ -506,3 +506,16 @@ def test_fuzz_then_concurrent_load_no_leaks(tiny):
         assert "Traceback" not in s.output()
     finally:
         s.stop()
+
+
+def test_budget_below_the_sliding_window(tmp_path):
+    """iSWA with a budget smaller than the sliding window (gemma3's 512): the sliding cache must still
+    hold window + chunk cells, or llama.cpp runs out of room at the window (slots and chat alike)."""
+    from ea_local.engine.session import SessionConfig
+    from ea_local.serve.slots import SlotSession
+
+    p = str(write_tiny_gguf(tmp_path / "g.gguf", arch="gemma3", context_length=4096))  # window 512
+    s = SlotSession(p, SessionConfig(budget=256, chunk=128, n_threads=1))
+    s.prefill([1] + np.random.default_rng(0).integers(300, 380, 1200).tolist())
+    assert s.n_cells <= 256 and s.stats.evictions
+    s.close()
