@@ -322,6 +322,7 @@ def bench(
     threads: Optional[int] = ThreadsOpt,
     n_gpu_layers: Optional[int] = GpuOpt,
     seed: int = SeedOpt,
+    rpc: Optional[str] = RpcOpt,
     from_results: Optional[Path] = typer.Option(None, "--from-results",
                                                 help="only re-write report.md and the plots from this results.json"),
 ) -> None:
@@ -333,7 +334,7 @@ def bench(
     try:
         o = BenchOptions(model="", out=str(out), suites=parse_suites(suite), policies=parse_policies(policy_list),
                          budgets=parse_budgets(budgets), modes=parse_modes(modes), cache_type=cache_type,
-                         threads=threads, n_gpu_layers=n_gpu_layers, seed=seed,
+                         threads=threads, n_gpu_layers=n_gpu_layers, seed=seed, rpc=_rpc_endpoints(rpc),
                          command="ea-local bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]))
         if quick:
             quick_sizes(o)

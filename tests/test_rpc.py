@@ -283,3 +283,12 @@ def test_serve_with_rpc_answers_like_the_local_server(servers, monkeypatch):
         finally:
             s.stop()
     assert answers["remote"] and answers["remote"] == answers["local"], answers
+
+
+@pytest.mark.parametrize("cmd", [["demo"], ["chat"], ["summarize", "-"], ["serve"], ["bench", "--quick"], ["info"]])
+def test_every_model_command_takes_rpc(cmd):
+    """--rpc is in the shared option set of every command that runs a model: a bad value is one line, exit 2."""
+    r = subprocess.run([sys.executable, "-m", "ea_local.cli", *cmd, "--rpc", "nohost:x"], capture_output=True,
+                       text=True, timeout=60, input="")
+    assert r.returncode == 2, (cmd, r.stderr)
+    assert "bad RPC endpoint 'nohost:x'" in r.stderr and r.stderr.strip().count("\n") == 0

@@ -131,6 +131,7 @@ class BenchOptions:
     cache_type: str = "f16"
     threads: int | None = None
     n_gpu_layers: int | None = None
+    rpc: tuple[str, ...] = ()  # llama.cpp RPC servers (ea_local/rpc.py)
     seed: int = 0
     quick: bool = False
     command: str = ""

@@ -25,7 +25,8 @@ def _header(res: dict) -> list[str]:
         f"- model: `{m['name']}` ({m['architecture']}, {m['file_type']}, {m['n_layer']} layers, "
         f"{m['global_layers']} global — only those are evicted on iSWA models), KV cache {s['cache_type']}, seed {s['seed']}",
         f"- machine: {mach['cpu']}, {mach['cores']} cores, {mach['platform']}, GPU layers {mach['n_gpu_layers'] or 0}, "
-        f"threads {s['threads'] or 'all'}" + (f"; 1-minute load average after each part: "
+        + (f"RPC servers {', '.join(mach['rpc'])}, " if mach.get("rpc") else "")
+        + f"threads {s['threads'] or 'all'}" + (f"; 1-minute load average after each part: "
                                               f"{', '.join(map(str, mach['load_avg_1min']))}" if mach.get("load_avg_1min") else ""),
         f"- versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v),
         f"- run: {res['started']} → {res['finished']} ({secs})",

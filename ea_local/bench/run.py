@@ -62,7 +62,7 @@ def run_bench(o: BenchOptions, console: Console | None = None) -> dict:
     out = Path(o.out)
     out.mkdir(parents=True, exist_ok=True)
     res: dict = {"command": o.command, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                 "model": _model(o), "machine": {**_machine(), "n_gpu_layers": o.n_gpu_layers},
+                 "model": _model(o), "machine": {**_machine(), "n_gpu_layers": o.n_gpu_layers, "rpc": list(o.rpc)},
                  "versions": _versions(),
                  "settings": {"suites": o.suites, "policies": o.policies, "budgets": [b.label for b in o.budgets],
                               "modes": o.modes, "lengths": o.lengths, "histories": o.histories or o.lengths, "depths": o.depths,

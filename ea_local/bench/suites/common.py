@@ -11,7 +11,7 @@ def session_cfg(o: BenchOptions, budget: int, policy: str = "expected-attention"
     # down below 512 cells; at the sizes of a full run they are the engine's defaults
     return SessionConfig(budget=budget, policy=policy, chunk=chunk, recent=min(64, budget // 8),
                          step=min(128, budget // 4), cache_type=o.cache_type, n_threads=o.threads,
-                         n_gpu_layers=o.n_gpu_layers, seed=o.seed)
+                         n_gpu_layers=o.n_gpu_layers, seed=o.seed, rpc=o.rpc)
 
 
 def set_policy(s: Session, name: str) -> None:

@@ -176,7 +176,7 @@ def perplexity(o: BenchOptions, tick: Tick) -> list[dict]:
         r = q_mod.perplexity(o.model, "streaming-llm" if pol == "full" else pol, cells, n, n // 2,
                              chunk=min(256, max(32, cells // 2)), recent=cfg.recent, step=cfg.step,
                              cache_type=o.cache_type, n_threads=o.threads, n_gpu_layers=o.n_gpu_layers,
-                             seed=o.seed)
+                             seed=o.seed, rpc=o.rpc)
         rows.append({"policy": pol, "budget": "full" if b is None else b.label, "cells": cells, "n_tokens": n,
                      "eval_from": n // 2, "nll": r.nll, "ppl": r.ppl})
         tick(f"{pol} {'full' if b is None else b.label}")
