@@ -64,6 +64,10 @@ def ppl_vs_budget(res: dict, out: Path) -> str | None:
     for p in res["settings"]["policies"]:
         ys = [next((r.get("ppl", math.nan) for r in rows if r["policy"] == p and r["budget"] == b), math.nan) for b in budgets]
         ax.plot(range(len(budgets)), ys, marker="o", label=p)
+    for i, b in enumerate(budgets):
+        if all("ppl" not in r for r in rows if r["budget"] == b):
+            ax.annotate("skipped", (i, full["ppl"]), xytext=(0, 12), textcoords="offset points", ha="center",
+                        fontsize=8, color="gray")
     ax.set_xticks(range(len(budgets)), budgets)
     ax.set_xlabel("KV budget (fraction of the text)")
     ax.set_ylabel("perplexity")
@@ -116,6 +120,9 @@ def decode_speed(res: dict, out: Path) -> str | None:
             ax = axes[i][j]
             hx = [p["history"] for p in full["points"]]
             ax.plot(hx, [p[key] for p in full["points"]], "k--", marker="s", label="full cache")
+            if not any(r["points"] for r in rows[1:] if r["budget"] == b):
+                ax.text(0.5, 0.5, "skipped: below the model's\nsliding window (report.md)", transform=ax.transAxes,
+                        ha="center", va="center", fontsize=9, color="gray")
             for r in rows[1:]:
                 if r["budget"] == b:
                     ax.plot([p["history"] for p in r["points"]], [p[key] for p in r["points"]], marker="o",
