@@ -85,6 +85,11 @@ def read_text_file(path: str) -> str:
     return text
 
 
+def valid_utf8(text: str) -> str:
+    """Command-line text whose bytes were not UTF-8 (Python keeps them as surrogates) with U+FFFD instead."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def session_config(opts: ChatOptions) -> SessionConfig:
     if opts.max_tokens < 1:
         raise ChatError(f"max-tokens must be at least 1, got {opts.max_tokens}")
@@ -118,7 +123,7 @@ class Chat:
         get_policy(opts.policy)  # unknown policy: ValueError before the model loads
         self.s = Session(str(info.path), cfg)
         self.template, self.notice = resolve_template(info, self.s.rt)
-        system = opts.system or ""
+        system = valid_utf8(opts.system or "")
         if document is not None:
             name = Path(opts.file).name if opts.file and opts.file != "-" else "document"
             system = (system + "\n\n" if system else "") + f"Document ({name}):\n\n{document.strip()}"

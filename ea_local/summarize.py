@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .engine.session import Session  # engine first: loads libllama before numpy
-from .chat import ChatError, ChatOptions, fmt_mib, read_text_file, session_config
+from .chat import ChatError, ChatOptions, fmt_mib, read_text_file, session_config, valid_utf8
 from .chat_template import TurnRenderer, resolve_template
 from .engine.sampling import SamplingParams
 from .policies import get_policy
@@ -70,7 +70,7 @@ def run_summarize(info, source: str, opts: SummarizeOptions) -> dict:
         if rt.add_bos() and (not head or head[0] != rt.bos()):
             head = [rt.bos()] + head
         doc = head + rt.tokenize(text.strip(), add_bos=False, special=False)
-        question = rt.tokenize("\n\n" + (opts.prompt or DEFAULT_INSTRUCTION) + tail, add_bos=False, special=True)
+        question = rt.tokenize("\n\n" + valid_utf8(opts.prompt or DEFAULT_INSTRUCTION) + tail, add_bos=False, special=True)
 
         t0 = time.perf_counter()
         with Progress(TextColumn("reading"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
