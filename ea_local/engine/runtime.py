@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
+import threading
 import sys
 from dataclasses import dataclass, field
 
@@ -43,8 +45,7 @@ def _silence_llama_log() -> None:
         return
     echo = os.environ.get("EA_LOCAL_LLAMA_LOG") == "1"
 
-    @ll.llama_log_callback
-    def _cb(level, text, user_data):  # noqa: ANN001
+    def _cb_py(level, text, user_data):  # noqa: ANN001
         if level == 4 and text:  # GGML_LOG_LEVEL_ERROR (ggml.h): why a load failed, for LlamaError's one line
             _last_error[:] = _last_error[-7:] + [text.decode("utf-8", errors="replace").strip()]
         if _log_sink is not None and text and text.startswith(_PLACEMENT_PREFIXES):
@@ -52,6 +53,20 @@ def _silence_llama_log() -> None:
         if echo and text:
             sys.stderr.write(text.decode("utf-8", errors="replace"))
         return None
+
+    def _sigint(signum, frame):  # noqa: ANN001
+        # Ctrl-C while llama.cpp is inside this log callback (model load): a KeyboardInterrupt raised there is
+        # printed and dropped by ctypes ("Exception ignored") and the load goes on. Deliver it again shortly.
+        if frame is not None and frame.f_code is _cb_code:
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+            return
+        raise KeyboardInterrupt
+
+    _cb = ll.llama_log_callback(_cb_py)
+    _cb_code = _cb_py.__code__
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _sigint)
 
     _log_cb = _cb  # keep a reference: ctypes callbacks must outlive their use
     ll.llama_log_set(_log_cb, ctypes.c_void_p())
