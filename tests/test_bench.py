@@ -146,15 +146,25 @@ def test_snapshot_restore_gives_the_same_trial_twice(tiny_llama):
     s.close()
 
 
-def test_every_policy_runs_the_one_shot_protocol(tiny_llama, tmp_path):
+def test_every_policy_runs_the_one_shot_protocol(tmp_path):
+    """Policy switching on one prefilled session, both modes, on an iSWA model (tiny random gemma3:
+    sliding layers with their own cache); streaming parts below its 512-token window are skipped."""
+    from .gguf_factory import write_tiny_gguf
+
+    model = tmp_path / "tiny-gemma3.gguf"
+    write_tiny_gguf(model, arch="gemma3")
     out = tmp_path / "b"
-    r = _cli("--quick", "--suite", "quality", "--model", tiny_llama, "--policies", "context-shift,laq,snapkv,h2o",
-             "--budgets", "50%", "--depths", "0.5", "--lengths", "384", "--threads", "1", "--out", str(out))
+    r = _cli("--quick", "--suite", "quality", "--model", str(model), "--policies", "context-shift,laq,snapkv,h2o",
+             "--budgets", "50%", "--depths", "0.5", "--lengths", "384", "--modes", "agnostic,question",
+             "--threads", "1", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     pk = json.loads((out / "results.json").read_text())["quality"]["passkey"]
-    kept = {x["policy"]: x["needle_kept"] for x in pk}
-    assert kept["context-shift"] is None  # positions renumbered: not measurable
-    assert all(0 <= kept[p] <= 1 for p in ("laq", "snapkv", "h2o"))
+    for mode in ("agnostic", "question"):
+        kept = {x["policy"]: x["needle_kept"] for x in pk if x["mode"] in (mode, "none")}
+        assert kept["context-shift"] is None  # positions renumbered: not measurable
+        assert all(0 <= kept[p] <= 1 for p in ("laq", "snapkv", "h2o"))
+    res = json.loads((out / "results.json").read_text())
+    assert all("skipped" in x for x in res["quality"]["perplexity"] if x["policy"] != "full")  # 256 < 512
 
 
 # ---- end to end ----

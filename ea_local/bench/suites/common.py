@@ -30,7 +30,6 @@ def compress_question_known(s: Session, question: list[int], budget: int) -> Non
     """Second mode: the question is prefilled before compression, so its queries are the statistics
     window (the engine takes a prefill chunk's queries as statistics); then the question's cells are
     removed and it is asked again on the compressed cache, so the answer never saw the full cache."""
-    q0 = s.next_pos
     s.cfg.budget = s.rt.n_ctx
     s.prefill(question)
     recent = s.cfg.recent
@@ -40,6 +39,7 @@ def compress_question_known(s: Session, question: list[int], budget: int) -> Non
         s.compress(budget + len(question), phase="prefill")
     finally:
         s.cfg.recent = recent
+    q0 = s.next_pos - len(question)  # after compression: a shifting policy (context-shift) renumbers positions
     s.rt.seq_rm(0, q0, -1)
     for p in [p for p in s.live if p >= q0]:
         del s.live[p]
