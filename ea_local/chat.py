@@ -56,6 +56,7 @@ class ChatOptions:
     file: str | None = None
     chunk: int | None = None  # None: min(512, budget // 2)
     rpc: tuple[str, ...] = ()  # llama.cpp RPC servers (HOST:PORT)
+    question_agnostic: bool = False  # True: the user's message does not steer compression (issue 11)
 
 
 def read_text_file(path: str) -> str:
@@ -96,7 +97,7 @@ def session_config(opts: ChatOptions) -> SessionConfig:
     chunk = opts.chunk if opts.chunk is not None else max(1, min(512, opts.budget // 2))
     return SessionConfig(budget=opts.budget, policy=opts.policy, cache_type=opts.cache_type, seed=opts.seed,
                          n_threads=opts.threads, n_gpu_layers=opts.n_gpu_layers, chunk=chunk,
-                         rpc=tuple(opts.rpc))
+                         rpc=tuple(opts.rpc), **({"question_weight": 0.0} if opts.question_agnostic else {}))
 
 
 def fmt_mib(b: float) -> str:
@@ -158,9 +159,10 @@ class Chat:
         t_first = None
         started = False
         try:
-            # the prompt is fed here, not by generate(), so that Ctrl-C also stops a long prefill between chunks
+            # the prompt is fed here, not by generate(), so that Ctrl-C also stops a long prefill between chunks;
+            # it is the user's turn: its queries steer compression (issue 11)
             try:
-                self.s.prefill(prompt, progress=lambda d, t: _stop_if(should_stop))
+                self.s.prefill(prompt, progress=lambda d, t: _stop_if(should_stop), turn=True)
             except _Stopped:
                 return
             for piece in self.s.generate([], params, max_tokens=self.opts.max_tokens, should_stop=should_stop):

@@ -26,6 +26,8 @@ TempOpt = typer.Option(0.0, help="sampling temperature (0: greedy)")
 RpcOpt = typer.Option(None, "--rpc", metavar="HOST:PORT[,HOST:PORT...]",
                       help="llama.cpp RPC servers to offload layers to (`ea-local rpc-server` on each; docs/rpc.md); "
                            "without --n-gpu-layers every layer goes to them. Default: EA_LOCAL_RPC")
+AgnosticOpt = typer.Option(False, "--question-agnostic",
+                           help="statistics from the context only, not from the user's message or --prompt")
 
 
 class UserError(Exception):
@@ -148,6 +150,7 @@ def chat(
     file: Optional[str] = typer.Option(None, "--file", "-f", help="a text/markdown file to chat about (read through the budget first)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="a stats line after every answer"),
     rpc: Optional[str] = RpcOpt,
+    question_agnostic: bool = AgnosticOpt,
 ) -> None:
     """Chat in a REPL that streams answers and stays inside the KV budget (piped stdin: one turn per line)."""
     from .chat import ChatError, ChatOptions, run_chat
@@ -158,7 +161,7 @@ def chat(
     info = _model_info(model)
     opts = ChatOptions(budget=budget, policy=policy, cache_type=cache_type, n_gpu_layers=n_gpu_layers,
                        threads=threads, seed=seed, max_tokens=max_tokens, temperature=temperature,
-                       system=system, file=file, rpc=_rpc_endpoints(rpc))
+                       system=system, file=file, rpc=_rpc_endpoints(rpc), question_agnostic=question_agnostic)
     try:
         run_chat(info, opts, verbose=verbose)
     except (UserError, ChatError, TemplateError, LlamaError, ValueError) as e:
@@ -182,6 +185,7 @@ def summarize(
     temperature: float = TempOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="a stats line on stderr at the end"),
     rpc: Optional[str] = RpcOpt,
+    question_agnostic: bool = AgnosticOpt,
 ) -> None:
     """Read a long document through the KV budget (chunked prefill + eviction), then stream a summary."""
     from .chat import ChatError
@@ -193,7 +197,8 @@ def summarize(
     info = _model_info(model)
     opts = SummarizeOptions(budget=budget, policy=policy, cache_type=cache_type, n_gpu_layers=n_gpu_layers,
                             threads=threads, seed=seed, max_tokens=max_tokens, temperature=temperature,
-                            chunk=chunk, prompt=prompt, output=output, verbose=verbose, rpc=_rpc_endpoints(rpc))
+                            chunk=chunk, prompt=prompt, output=output, verbose=verbose, rpc=_rpc_endpoints(rpc),
+                            question_agnostic=question_agnostic)
     try:
         run_summarize(info, source, opts)
     except (UserError, ChatError, TemplateError, LlamaError, ValueError) as e:

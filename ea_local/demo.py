@@ -18,19 +18,29 @@ FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
           "There and back again. ")
 
 
-def passkey_prompt(rt, length: int, depth: float, key: int) -> tuple[list[int], list[int], tuple[int, int]]:
-    """(context tokens, question tokens, (start, end) token span of the needle) for ~length tokens."""
+def passkey_prompt(rt, length: int, depth: float, key: int,
+                   haystack: list[int] | None = None) -> tuple[list[int], list[int], tuple[int, int]]:
+    """(context tokens, question tokens, (start, end) token span of the needle) for ~length tokens.
+
+    haystack: tokens of real text to hide the needle in (cut at token boundaries); None: the
+    repetitive filler of the usual pass-key test."""
     needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
-    unit = rt.tokenize(FILLER)
-    n_fill = max(1, (length - 64) // len(unit))
-    before = int(n_fill * depth)
     head = [rt.bos()] if rt.add_bos() else []
     head += rt.tokenize("There is important info hidden inside a lot of irrelevant text. Find it and memorize it. ")
-    ctx = head + unit * before
+    if haystack is None:
+        unit = rt.tokenize(FILLER)
+        n_fill = max(1, (length - 64) // len(unit))
+        before, after = unit * int(n_fill * depth), unit * (n_fill - int(n_fill * depth))
+    else:
+        n_fill = max(1, length - 64)
+        if len(haystack) < n_fill:
+            raise ValueError(f"haystack has {len(haystack)} tokens, need {n_fill}")
+        before, after = haystack[:int(n_fill * depth)], haystack[int(n_fill * depth):n_fill]
+    ctx = head + before
     start = len(ctx)
     ctx += rt.tokenize(needle)
     span = (start, len(ctx))
-    ctx += unit * (n_fill - before)
+    ctx += after
     question = rt.tokenize("What is the pass key? The pass key is")
     return ctx, question, span
 

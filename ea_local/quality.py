@@ -35,17 +35,24 @@ class PasskeyResult:
     found: bool
     answer: str
     needle_kept: float
+    query_aware: bool = False
+    prose: bool = False
 
 
 def passkey(model: str, policy: str, budget: int, length: int, depth: float, seed: int,
-            one_shot: bool = False, **cfg) -> PasskeyResult:
+            one_shot: bool = False, query_aware: bool = False, prose: bool = False, **cfg) -> PasskeyResult:
     """one_shot: kvpress' main protocol — prefill the whole context, compress once to `budget`
     (statistics: the last prefill chunk's queries), then ask. Otherwise memory stays bounded:
-    compression after every chunk."""
+    compression after every chunk. query_aware: the question is known before the context is
+    compressed (Session.set_question); otherwise it is asked after. prose: the needle is hidden in
+    real text (GPL-3 + GPL-2) instead of the repetitive filler."""
     room = length + 1024 if one_shot else budget
     s = Session(model, SessionConfig(budget=room, policy=policy, seed=seed, **cfg))
     key = random.Random(seed * 1000 + int(depth * 100)).randint(10000, 99999)
-    ctx, question, span = passkey_prompt(s.rt, length, depth, key)
+    hay = s.rt.tokenize(real_text(), add_bos=False, special=False) if prose else None
+    ctx, question, span = passkey_prompt(s.rt, length, depth, key, haystack=hay)
+    if query_aware:
+        s.set_question(question)
     s.prefill(ctx)
     if one_shot:
         s.cfg.budget = budget
@@ -53,7 +60,7 @@ def passkey(model: str, policy: str, budget: int, length: int, depth: float, see
     kept = sum(1 for p in range(*span) if p in s.live) / (span[1] - span[0])
     answer = "".join(s.generate(question, max_tokens=8)).strip()
     s.close()
-    return PasskeyResult(policy, budget, len(ctx), depth, str(key) in answer, answer, kept)
+    return PasskeyResult(policy, budget, len(ctx), depth, str(key) in answer, answer, kept, query_aware, prose)
 
 
 @dataclass

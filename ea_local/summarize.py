@@ -1,9 +1,10 @@
 """`ea-local summarize FILE|-`: read a long document through the KV budget, then summarize it.
 
 The document is prefilled in chunks with compression after each one (Session.prefill), so a
-text many times the budget fits; the instruction comes after the document, inside the recent
-window that is never evicted, and the answer streams to stdout or to `-o FILE` (written to a
-temporary file and renamed at the end: an interrupted run leaves no partial file).
+text many times the budget fits; an explicit `--prompt` is known before the document is read, so
+it steers every compression (Session.set_question; `--question-agnostic` turns that off); the
+instruction comes after the document, inside the recent window that is never evicted, and the
+answer streams to stdout or to `-o FILE` (written to a temporary file and renamed at the end: an interrupted run leaves no partial file).
 """
 from __future__ import annotations
 
@@ -71,6 +72,8 @@ def run_summarize(info, source: str, opts: SummarizeOptions) -> dict:
             head = [rt.bos()] + head
         doc = head + rt.tokenize(text.strip(), add_bos=False, special=False)
         question = rt.tokenize("\n\n" + valid_utf8(opts.prompt or DEFAULT_INSTRUCTION) + tail, add_bos=False, special=True)
+        if opts.prompt and not opts.question_agnostic:
+            s.set_question(question[-(s.cfg.chunk - 1):])  # the question steers what is kept (issue 11)
 
         t0 = time.perf_counter()
         with Progress(TextColumn("reading"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),

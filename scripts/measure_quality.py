@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Issue-5 quality figures on the default model: pass key at 8k compressed to 25%, perplexity at 50/25/12.5%.
+"""Issue-5/11 quality figures on the default model: pass key at 8k compressed to 25%, perplexity at 50/25/12.5%.
 
     .venv/bin/python scripts/measure_quality.py --out docs/quality [--policies expected-attention,streaming-llm]
 Writes results.json and report.md into --out.
@@ -25,6 +25,11 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--skip", default="", help="passkey,ppl")
     ap.add_argument("--recent", type=int, default=64)
+    ap.add_argument("--query-aware", action="store_true",
+                    help="pass key: the question is known before compression (issue 11)")
+    ap.add_argument("--prose", action="store_true", help="pass key: hide the needle in real text, not filler")
+    ap.add_argument("--question-weight", type=float, default=0.5)
+    ap.add_argument("--budget-frac", type=float, default=0.25)
     ap.add_argument("--one-shot", action="store_true",
                     help="pass key: prefill everything, compress once (kvpress' main protocol) instead of per chunk")
     a = ap.parse_args()
@@ -36,12 +41,14 @@ def main() -> None:
            "passkey": [], "ppl": []}
     t0 = time.time()
     if "passkey" not in a.skip:
-        budget = a.length // 4
+        budget = int(a.length * a.budget_frac)
         runs = [("full", a.length + 512)] + [(p, budget) for p in pols]
         for d in depths:
             for pol, b in runs:
                 r = passkey(model, "streaming-llm" if pol == "full" else pol, b, a.length, d, seed=0,
-                            one_shot=a.one_shot and pol != "full", recent=a.recent)
+                            one_shot=a.one_shot and pol != "full", recent=a.recent,
+                            query_aware=a.query_aware and pol != "full", prose=a.prose,
+                            question_weight=a.question_weight)
                 row = as_dict(r)
                 row["policy"] = pol
                 res["passkey"].append(row)

@@ -10,6 +10,16 @@ token at seq_pos_max + 1).
 On iSWA models (gemma2/3) only the global layers' cache is evicted and scored: the sliding
 layers keep their window in a window-sized cache of their own (swa_full off), so eviction never
 takes a token they still attend to (DESIGN.md, prototype finding).
+
+Query-aware statistics (issue 11). Question-agnostic statistics (the recent context's queries,
+kvpress' protocol) lose facts that only the question attends to. So the Session keeps a second
+window, the *focus*: the queries of the user's newest message (`prefill(..., turn=True)`), or of
+a question known before the text is compressed (`set_question`), which is decoded as a probe
+right after the context at each compression and removed again. Policies see the union of the
+two windows with `question_weight` of the total weight on the focus (0: question-agnostic).
+Compression is lazy — it runs only when the next chunk would not fit — so a user turn that fits
+in the headroom (n_ctx - cells, at least `chunk` cells once compressed) is prefilled whole and
+compressed once at its end, with its own queries in the statistics.
 """
 from __future__ import annotations
 
@@ -57,6 +67,7 @@ class SessionConfig:
     rpc: tuple[str, ...] = ()  # llama.cpp RPC servers, HOST:PORT (ea_local/rpc.py); (): EA_LOCAL_RPC or none
     seed: int = 0
     policy_options: dict = field(default_factory=dict)
+    question_weight: float = 0.5  # share of the statistics from the focus window (0: question-agnostic)
 
     def validate(self) -> None:
         if self.budget <= 0:
@@ -71,6 +82,8 @@ class SessionConfig:
             raise ValueError(f"threads must be at least 1, got {self.n_threads}")
         if self.n_gpu_layers is not None and self.n_gpu_layers < -1:
             raise ValueError(f"n-gpu-layers must be -1 (all) or more, got {self.n_gpu_layers}")
+        if not 0.0 <= self.question_weight <= 1.0:
+            raise BudgetError(f"question_weight must be in [0, 1], got {self.question_weight}")
 
 
 @dataclass
@@ -134,6 +147,9 @@ class Session:
         self.next_pos = 0
         self.queries: dict[int, np.ndarray] = {}
         self.query_pos = np.empty(0, dtype=np.int64)
+        self.focus: dict[int, np.ndarray] = {}  # the user's newest message or the probed question
+        self.focus_pos = np.empty(0, dtype=np.int64)
+        self.question: list[int] = []
         self._n_captured = 0
         self.stats = Stats()
 
@@ -154,15 +170,32 @@ class Session:
         return n * per.global_part + swa_cells * per.sliding_part
 
     # ---- feeding tokens ----
-    def prefill(self, tokens: list[int], progress: Callable[[int, int], None] | None = None) -> None:
-        """Feed tokens in chunks, compressing after each chunk that leaves the cache over budget."""
+    def prefill(self, tokens: list[int], progress: Callable[[int, int], None] | None = None,
+                turn: bool = False) -> None:
+        """Feed tokens in chunks; compress only when the next chunk would not fit, and at the end if over budget.
+
+        turn: these tokens are the user's newest message; their queries become the focus window.
+        """
+        reserve = len(self.question)  # the probe needs room next to the context
         for s in range(0, len(tokens), self.cfg.chunk):
             part = tokens[s:s + self.cfg.chunk]
-            self._decode(part)
-            if self.n_cells > self.cfg.budget:
-                self.compress(self.cfg.budget - self.cfg.step, phase="prefill")
+            if self.n_cells + len(part) + reserve > self.rt.n_ctx:
+                self.compress(min(self.cfg.budget - self.cfg.step, self.rt.n_ctx - len(part) - reserve),
+                              phase="prefill")
+            self._decode(part, focus=turn, new_focus=turn and s == 0)
             if progress:
                 progress(min(s + len(part), len(tokens)), len(tokens))
+        if self.n_cells > self.cfg.budget:
+            self.compress(self.cfg.budget - self.cfg.step, phase="prefill")
+
+    def set_question(self, tokens: list[int] | None) -> None:
+        """A question known before the text is read (summarize --prompt, a request that carries its
+        question): decoded after the context at every compression, its queries are the focus window."""
+        tokens = list(tokens or [])
+        if len(tokens) >= self.cfg.chunk:
+            raise BudgetError(f"the question has {len(tokens)} tokens: at most {self.cfg.chunk - 1} (chunk - 1)")
+        self.question = tokens
+        self.focus, self.focus_pos = {}, np.empty(0, dtype=np.int64)
 
     def prefill_scored(self, tokens: list[int]) -> np.ndarray:
         """Feed one chunk (<= cfg.chunk tokens) and return every token's logits, then compress if needed."""
@@ -172,7 +205,8 @@ class Session:
             self.compress(self.cfg.budget - self.cfg.step, phase="prefill")
         return logits
 
-    def _decode(self, tokens: list[int], logits_all: bool = False) -> None:
+    def _decode(self, tokens: list[int], logits_all: bool = False, focus: bool = False,
+                new_focus: bool = False) -> None:
         if not self.policy.evicts and self.n_cells + len(tokens) > self.cfg.budget:
             raise BudgetError(f"policy 'none' keeps the full cache: {self.n_cells} + {len(tokens)} tokens do not fit "
                               f"in its context of {self.cfg.budget}; use a larger --budget or an evicting --policy")
@@ -185,31 +219,60 @@ class Session:
         self.stats.tokens_seen += len(tokens)
         if self.policy.needs_queries:
             self._n_captured += len(tokens)
-            if len(tokens) > 1:  # a prefill chunk: its (last prefill_stats) queries are the statistics window
+            if focus:  # a user turn: its queries (the last `chunk`) are the focus window
+                self._pull_queries(keep=self.cfg.chunk, into_focus=True, extend=not new_focus)
+            elif len(tokens) > 1:  # a prefill chunk: its (last prefill_stats) queries are the statistics window
                 self._pull_queries(keep=min(len(tokens), self.cfg.prefill_stats or len(tokens)))
             elif self._n_captured >= 4 * self.cfg.stats_window:  # decoding: pulled in batches, not per token
                 self._pull_queries(keep=self.cfg.stats_window)
 
-    def _pull_queries(self, keep: int) -> None:
-        """Move captured queries from llama.cpp into the statistics window (the last `keep` queries)."""
+    def _pull_queries(self, keep: int, into_focus: bool = False, extend: bool = True) -> None:
+        """Move captured queries from llama.cpp into a window, keeping its last `keep` queries.
+
+        Statistics window: the new queries, topped up from the old window when fewer than `keep`.
+        Focus window (into_focus): the new queries, appended to the old focus when `extend`."""
+        win = self.focus if into_focus else self.queries
+        wpos = self.focus_pos if into_focus else self.query_pos
+        pos = np.empty(0, dtype=np.int64)
         for il in self.layers:
             pos, q = self.rt.captured(il, self.q_row)
             q = q.reshape(len(pos), self.info.n_head, self.info.head_dim_k)
-            old = self.queries.get(il)
-            if old is not None and len(q) < keep:
+            old = win.get(il)
+            if old is not None and (extend if into_focus else len(q) < keep):
                 q = np.concatenate([old, q])
-            self.queries[il] = q[-keep:]
-        if len(pos) < keep:
-            pos = np.concatenate([self.query_pos, pos])
-        self.query_pos = pos[-keep:]
+            win[il] = q[-keep:]
+        if extend if into_focus else len(pos) < keep:
+            pos = np.concatenate([wpos, pos])
+        if into_focus:
+            self.focus_pos = pos[-keep:]
+        else:
+            self.query_pos = pos[-keep:]
         self.rt.capture_clear()
         self._n_captured = 0
+
+    def _probe_question(self) -> None:
+        """Decode the question right after the context, keep its queries as the focus, remove its cells.
+
+        Invisible to the conversation: positions, bookkeeping and the last logits are restored."""
+        if self._n_captured:
+            self._pull_queries(keep=self.cfg.stats_window)
+        pos = list(range(self.next_pos, self.next_pos + len(self.question)))
+        last = self.rt.logits() if self.stats.tokens_seen else None
+        self.rt.decode(self.question, pos)
+        self._n_captured = len(pos)
+        self._pull_queries(keep=len(pos), into_focus=True, extend=False)
+        self.rt.rm_positions(pos)  # every cache: the sliding layers too
+        if last is not None:
+            self.rt.set_logits(last)
 
     # ---- compression ----
     def view(self) -> CellView:
         """What the policy sees: the live global cells and the statistics window."""
         if self.policy.needs_queries and self._n_captured:
             self._pull_queries(keep=self.cfg.stats_window)
+        if self.policy.needs_queries and self.question and self.cfg.question_weight > 0:
+            self._probe_question()
+        queries, qpos, qw = self._statistics()
         keys, values = {}, {}
         positions = None
         for il in self.layers:
@@ -221,9 +284,22 @@ class Session:
                 values[il] = v
         if positions is None or not self.policy.needs_keys and not self.policy.needs_values:
             positions = np.array(sorted(self.live), dtype=np.int64)
-        return CellView(positions=positions, keys=keys, values=values, queries=self.queries,
-                        query_positions=self.query_pos, rope=self.rope, next_pos=self.next_pos,
+        return CellView(positions=positions, keys=keys, values=values, queries=queries,
+                        query_positions=qpos, query_weights=qw, rope=self.rope, next_pos=self.next_pos,
                         attn_scale=self.info.kq_scale, seed=self.cfg.seed + len(self.stats.evictions))
+
+    def _statistics(self) -> tuple[dict[int, np.ndarray], np.ndarray, np.ndarray | None]:
+        """(queries, positions, weights) for the policy: the statistics window alone, or its union with
+        the focus window, which gets `question_weight` of the total weight."""
+        w = self.cfg.question_weight
+        mf, mc = len(self.focus_pos), len(self.query_pos)
+        if w <= 0 or mf == 0:
+            return self.queries, self.query_pos, None
+        if w >= 1 or mc == 0:
+            return self.focus, self.focus_pos, None
+        queries = {il: np.concatenate([self.queries[il], self.focus[il]]) for il in self.layers}
+        weights = np.concatenate([np.full(mc, (1 - w) / mc), np.full(mf, w / mf)])
+        return queries, np.concatenate([self.query_pos, self.focus_pos]), weights
 
     def compress(self, target: int, phase: str = "decode") -> int:
         """Evict the lowest-scoring cells so that `target` remain. Returns how many were evicted."""
@@ -291,6 +367,7 @@ class Session:
                 old = view.queries.get(il)
                 view.queries[il] = q if old is None or not len(old) else np.concatenate([old, q])
             view.query_positions = np.concatenate([np.asarray(view.query_positions, dtype=np.int64), pos])
+            view.query_weights = None  # LAQ votes with the union of its windows, unweighted
         finally:
             self.rt.capture_clear()
             self.rt.rm_positions(positions)
@@ -331,6 +408,7 @@ class Session:
         remap = dict(zip(old, new))
         self.live = {remap[p]: t for p, t in self.live.items()}
         self.query_pos = np.array([remap.get(int(p), -1) for p in self.query_pos], dtype=np.int64)
+        self.focus_pos = np.array([remap.get(int(p), -1) for p in self.focus_pos], dtype=np.int64)
         self.next_pos = len(old)
         self.stats.compactions += 1
 
@@ -343,11 +421,13 @@ class Session:
     # ---- generation ----
     def generate(self, prompt_tokens: list[int], params: SamplingParams | None = None,
                  stop: list[str] | None = None, max_tokens: int = 256,
-                 should_stop: Callable[[], bool] | None = None) -> Iterator[str]:
-        """Prefill the prompt, then sample; yields text pieces (UTF-8 safe, stop strings held back)."""
+                 should_stop: Callable[[], bool] | None = None, turn: bool = False) -> Iterator[str]:
+        """Prefill the prompt, then sample; yields text pieces (UTF-8 safe, stop strings held back).
+
+        turn: the prompt is the user's newest message (its queries steer compression, see prefill)."""
         params = params or SamplingParams(seed=self.cfg.seed)
         if prompt_tokens:
-            self.prefill(prompt_tokens)
+            self.prefill(prompt_tokens, turn=turn)
         sampler = Sampler(self.rt, params)
         stream = TextStream(stop or [])
         try:

@@ -34,6 +34,7 @@ class CellView:
     values: Mapping[int, np.ndarray] = field(default_factory=dict)  # layer -> (n, n_kv_head, d_v)
     queries: Mapping[int, np.ndarray] = field(default_factory=dict)  # layer -> (m, n_head, d_k) PRE-RoPE
     query_positions: np.ndarray | None = None  # (m,) positions of the captured queries
+    query_weights: np.ndarray | None = None  # (m,) summing to 1 (None: equal); the focus window's share, see Session
     rope: Mapping[int, RopeSpec] = field(default_factory=dict)  # layer -> its RoPE
     next_pos: int = 0  # position the next token will take
     attn_scale: float | None = None  # softmax scale; None -> 1/sqrt(d_k)

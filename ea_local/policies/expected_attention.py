@@ -77,16 +77,24 @@ def kv_group(n_head: int, n_kv_head: int) -> int:
     return n_head // n_kv_head
 
 
-def query_statistics(q: np.ndarray, use_covariance: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-    """Per-head mean (n_head, d) and covariance divided by N (n_head, d, d) of q (m, n_head, d)."""
+def query_statistics(q: np.ndarray, use_covariance: bool = True,
+                     weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-head mean (n_head, d) and covariance divided by N (n_head, d, d) of q (m, n_head, d).
+
+    weights (m,): a weighted sample (normalised here); the statistics of the mixture of the
+    weighted windows, μ = Σ w q, Σ = Σ w (q - μ)(q - μ)ᵀ."""
     q = np.asarray(q, dtype=np.float64)
     if q.ndim != 3 or q.shape[0] == 0:
         raise ValueError(f"queries must be (m>0, n_head, d), got {q.shape}")
-    mu = q.mean(axis=0)
+    w = np.full(q.shape[0], 1.0 / q.shape[0]) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (q.shape[0],) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights must be ({q.shape[0]},) non-negative with a positive sum")
+    w = w / w.sum()
+    mu = np.tensordot(w, q, axes=1)
     if not use_covariance:
         return mu, None
     c = (q - mu).transpose(1, 0, 2)  # (n_head, m, d)
-    return mu, (c.transpose(0, 2, 1) @ c) / q.shape[0]  # batched GEMM: Σ_h = c_hᵀ c_h / N
+    return mu, (c.transpose(0, 2, 1) @ (c * w[None, :, None]))  # batched GEMM: Σ_h = c_hᵀ diag(w) c_h
 
 
 def rotate_cov(cov: np.ndarray, r: np.ndarray) -> np.ndarray:
@@ -125,6 +133,7 @@ def expected_attention_layer(
     use_vnorm: bool = True,
     epsilon: float = 0.0,
     scale: float | None = None,
+    weights: np.ndarray | None = None,
 ) -> np.ndarray:
     """(n_kv_head, n) Expected Attention scores of one layer.
 
@@ -134,7 +143,7 @@ def expected_attention_layer(
     keys = np.asarray(keys, dtype=np.float64)
     d = keys.shape[-1]
     s = 1.0 / np.sqrt(d) if scale is None else float(scale)
-    mu, cov = query_statistics(queries, use_covariance)
+    mu, cov = query_statistics(queries, use_covariance, weights)
     r = mean_rotation(rope, next_pos, n_future_positions, head_dim=d)
     mu = mu @ r.T
     if cov is not None:
@@ -150,13 +159,17 @@ def expected_attention_layer(
     return a + epsilon
 
 
-def _stat_queries(view: CellView, layer: int, n_sink: int) -> np.ndarray:
-    """The layer's captured queries minus those at positions < n_sink (kvpress drops the first n_sink)."""
+def _stat_queries(view: CellView, layer: int, n_sink: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The layer's captured queries and their weights, minus those at positions < n_sink (kvpress
+    drops the first n_sink)."""
     q = np.asarray(view.queries[layer])
+    w = view.query_weights
     if view.query_positions is None or n_sink <= 0:
-        return q
+        return q, w
     keep = np.asarray(view.query_positions) >= n_sink
-    return q[keep] if keep.any() else q  # only sink queries captured: use them rather than nothing
+    if not keep.any():  # only sink queries captured: use them rather than nothing
+        return q, w
+    return q[keep], None if w is None else np.asarray(w)[keep]
 
 
 def score(
@@ -176,19 +189,11 @@ def score(
     Queries at positions < ``n_sink`` are left out of the statistics.
     """
     need = ["keys", "queries", "rope"] + (["values"] if use_vnorm else [])
-    per_layer = [
-        expected_attention_layer(
-            _stat_queries(view, l, n_sink),
-            view.keys[l],
-            view.values[l] if use_vnorm else None,
-            view.rope[l],
-            view.next_pos,
-            n_future_positions=n_future_positions,
-            use_covariance=use_covariance,
-            use_vnorm=use_vnorm,
-            epsilon=epsilon,
-            scale=view.attn_scale,
-        )
-        for l in use_layers(view, layers, need)
-    ]
+    per_layer = []
+    for l in use_layers(view, layers, need):
+        q, w = _stat_queries(view, l, n_sink)
+        per_layer.append(expected_attention_layer(
+            q, view.keys[l], view.values[l] if use_vnorm else None, view.rope[l], view.next_pos,
+            n_future_positions=n_future_positions, use_covariance=use_covariance, use_vnorm=use_vnorm,
+            epsilon=epsilon, scale=view.attn_scale, weights=w))
     return aggregate_scores(per_layer, aggregate)

@@ -72,11 +72,13 @@ def snapkv_layer(
     kernel_size: int = 5,
     pooling: str = "max",
     scale: float | None = None,
+    weights: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(n_kv_head, n) SnapKV votes of one layer."""
+    """(n_kv_head, n) SnapKV votes of one layer; weights (m,) weigh the window's queries (None: a plain sum)."""
     out = np.empty((keys.shape[1], keys.shape[0]))
     for j, attn in group_attention(queries, query_positions, keys, key_positions, rope, scale):
-        out[j] = pool1d(attn.sum(axis=1), kernel_size, pooling).mean(axis=0)
+        votes = attn.sum(axis=1) if weights is None else np.einsum("gmn,m->gn", attn, np.asarray(weights))
+        out[j] = pool1d(votes, kernel_size, pooling).mean(axis=0)
     return out
 
 
@@ -106,7 +108,14 @@ def score(
     aggregate: str = "mean",
     layers: Iterable[int] | None = None,
 ) -> np.ndarray:
-    """(n,) SnapKV score per cell, aggregated over layers (and KV heads)."""
-    return over_window(view, window_size, layers, ["keys", "queries", "rope"], aggregate, lambda l, q, qpos: snapkv_layer(
-        q, qpos, view.keys[l], view.positions, view.rope[l], kernel_size=kernel_size, pooling=pooling,
-        scale=view.attn_scale))
+    """(n,) SnapKV score per cell, aggregated over layers (and KV heads).
+
+    With the Session's focus window the votes are weighted (``view.query_weights``), so the user's
+    message or question has its share whatever the windows' lengths (query-aware SnapKV)."""
+    idx = window(view, window_size)
+    qpos = np.asarray(view.query_positions)[idx]
+    w = None if view.query_weights is None else np.asarray(view.query_weights)[idx]
+    per_layer = [snapkv_layer(np.asarray(view.queries[l])[idx], qpos, view.keys[l], view.positions, view.rope[l],
+                              kernel_size=kernel_size, pooling=pooling, scale=view.attn_scale, weights=w)
+                 for l in use_layers(view, layers, ["keys", "queries", "rope"])]
+    return aggregate_scores(per_layer, aggregate)

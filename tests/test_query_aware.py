@@ -1,0 +1,131 @@
+"""Query-aware statistics (issue 11): the focus window, the question probe, weighted statistics."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ea_local.engine.session import BudgetError, Session, SessionConfig
+from ea_local.policies.base import CellView, RopeSpec
+from ea_local.policies.expected_attention import query_statistics
+from ea_local.policies import expected_attention, snapkv
+
+from .conftest import GEMMA, gpl_tokens
+
+
+def test_weighted_statistics_equal_repeated_samples():
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(5, 2, 8))
+    counts = np.array([1, 3, 2, 1, 4])
+    mu_w, cov_w = query_statistics(q, weights=counts / counts.sum())
+    mu_r, cov_r = query_statistics(np.repeat(q, counts, axis=0))
+    np.testing.assert_allclose(mu_w, mu_r, atol=1e-12)
+    np.testing.assert_allclose(cov_w, cov_r, atol=1e-12)
+    mu_u, cov_u = query_statistics(q, weights=np.ones(5))  # normalised
+    mu, cov = query_statistics(q)
+    np.testing.assert_allclose(mu_u, mu)
+    np.testing.assert_allclose(cov_u, cov)
+    with pytest.raises(ValueError):
+        query_statistics(q, weights=np.array([1.0, -1, 1, 1, 1]))
+
+
+def _view(weights, focus_dir, ctx_dir):
+    """Two keys; context queries point at key 0, focus queries at key 1."""
+    d = 8
+    keys = np.zeros((2, 1, d))
+    keys[0, 0, ctx_dir] = keys[1, 0, focus_dir] = 4.0
+    q = np.zeros((6, 1, d))
+    q[:4, 0, ctx_dir] = 4.0  # 4 context queries
+    q[4:, 0, focus_dir] = 4.0  # 2 focus queries
+    rope = RopeSpec(n_dims=d, freq_base=1e9)  # dims 4..7 barely rotate: the test is about the weights
+    return CellView(positions=np.array([10, 20]), keys={0: keys}, values={0: np.ones((2, 1, d))},
+                    queries={0: q}, query_positions=np.arange(100, 106), query_weights=weights,
+                    rope={0: rope}, next_pos=106)
+
+
+@pytest.mark.parametrize("policy,opts", [(expected_attention, {}), (snapkv, {"kernel_size": 1})])
+def test_focus_weight_moves_the_ranking(policy, opts):
+    """Equal weights: 4 context queries outvote 2 focus queries; focus weight 0.9: the focus key wins."""
+    plain = policy.score(_view(None, 6, 4), **opts)
+    assert plain[0] > plain[1]
+    w = np.concatenate([np.full(4, 0.1 / 4), np.full(2, 0.9 / 2)])
+    steered = policy.score(_view(w, 6, 4), **opts)
+    assert steered[1] > steered[0]
+
+
+@pytest.fixture(scope="module")
+def gemma_ctx():
+    return gpl_tokens(900)
+
+
+def _cells(s: Session, layer: int) -> list[int]:
+    return s.rt.kv_read(layer, keys=False, values=False)[0].tolist()
+
+
+def test_probe_leaves_no_trace(gemma_ctx):
+    """The question probe removes its cells from both caches, keeps positions and restores the logits."""
+    cfg = SessionConfig(budget=1024, chunk=256, question_weight=1.0)
+    s = Session(str(GEMMA), cfg)
+    s.prefill(gemma_ctx)
+    before = (dict(s.live), s.next_pos, _cells(s, s.layers[0]), _cells(s, s.info.sliding_layers[0]))
+    logits = s.rt.logits()
+    question = s.rt.tokenize("What is the pass key? The pass key is")
+    s.set_question(question)
+    s._probe_question()
+    assert (dict(s.live), s.next_pos, _cells(s, s.layers[0]), _cells(s, s.info.sliding_layers[0])) == before
+    np.testing.assert_array_equal(s.rt.logits(), logits)
+    assert s.focus_pos.tolist() == list(range(s.next_pos, s.next_pos + len(question)))
+    assert all(s.focus[il].shape[0] == len(question) for il in s.layers)
+    # the next real token sees the same cache as a session that never probed
+    ref = Session(str(GEMMA), cfg)
+    ref.prefill(gemma_ctx)
+    s._decode([question[0]])
+    ref._decode([question[0]])
+    a, b = s.rt.logits(), ref.rt.logits()
+    assert a.argmax() == b.argmax()
+    assert np.abs(a - b).max() < 0.05 * np.abs(b).max()  # cell order may change float summation only
+    s.close()
+    ref.close()
+
+
+def test_question_too_long_is_refused():
+    s = Session(str(GEMMA), SessionConfig(budget=512, chunk=64))
+    with pytest.raises(BudgetError, match="at most 63"):
+        s.set_question(list(range(10, 80)))
+    s.close()
+
+
+def test_turn_queries_become_the_focus_and_weigh_what_was_asked(gemma_ctx):
+    cfg = SessionConfig(budget=600, chunk=256, step=64, question_weight=0.25)
+    s = Session(str(GEMMA), cfg)
+    s.prefill(gemma_ctx[:500])
+    turn = gemma_ctx[500:540]
+    s.prefill(turn, turn=True)
+    assert s.focus_pos.tolist() == list(range(500, 540))
+    queries, qpos, w = s._statistics()
+    assert len(qpos) == len(s.query_pos) + 40
+    assert w is not None and w.sum() == pytest.approx(1.0) and w[-40:].sum() == pytest.approx(0.25)
+    # a turn that fits in the headroom is prefilled whole and compressed once, at its end
+    n_ev = len(s.stats.evictions)
+    s.prefill(gemma_ctx[540:900], turn=True)  # 540 + 360 > n_ctx: compressed once mid-turn, once at its end
+    assert s.n_cells <= cfg.budget
+    assert s.focus_pos[-1] == 899 and len(s.stats.evictions) > n_ev
+    s.close()
+    agnostic = Session(str(GEMMA), SessionConfig(budget=600, chunk=256, step=64, question_weight=0.0))
+    agnostic.prefill(gemma_ctx[:500])
+    agnostic.prefill(turn, turn=True)
+    assert agnostic._statistics()[2] is None and agnostic._statistics()[1] is agnostic.query_pos
+    agnostic.close()
+
+
+def test_deferred_turn_compresses_once_at_its_end(gemma_ctx):
+    """A turn that fits in n_ctx - cells is decoded whole, then compressed once with its queries in view."""
+    cfg = SessionConfig(budget=512, chunk=128, step=64)
+    s = Session(str(GEMMA), cfg)
+    s.prefill(gemma_ctx[:500])
+    n_ev = len(s.stats.evictions)
+    s.prefill(gemma_ctx[500:620], turn=True)  # 500 + 120 = 620 <= n_ctx 640: no compression before
+    assert len(s.stats.evictions) == n_ev + 1
+    assert s.stats.evictions[-1].at_token == 620  # after the whole turn
+    assert s.focus_pos.tolist() == list(range(500, 620))
+    assert s.n_cells == cfg.budget - cfg.step
+    s.close()
