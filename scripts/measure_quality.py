@@ -23,7 +23,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     ap.add_argument("--ppl-tokens", type=int, default=8192)
-    ap.add_argument("--skip", default="", help="passkey,ppl")
+    ap.add_argument("--skip", default="", help="passkey,ppl,full (full: no full-cache pass-key baseline)")
     ap.add_argument("--recent", type=int, default=64)
     ap.add_argument("--query-aware", action="store_true",
                     help="pass key: the question is known before compression (issue 11)")
@@ -42,7 +42,7 @@ def main() -> None:
     t0 = time.time()
     if "passkey" not in a.skip:
         budget = int(a.length * a.budget_frac)
-        runs = [("full", a.length + 512)] + [(p, budget) for p in pols]
+        runs = ([] if "full" in a.skip else [("full", a.length + 512)]) + [(p, budget) for p in pols]
         for d in depths:
             for pol, b in runs:
                 r = passkey(model, "streaming-llm" if pol == "full" else pol, b, a.length, d, seed=0,
