@@ -23,6 +23,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     ap.add_argument("--ppl-tokens", type=int, default=8192)
+    ap.add_argument("--ppl-fracs", default="0.5,0.25,0.125")
     ap.add_argument("--skip", default="", help="passkey,ppl,full (full: no full-cache pass-key baseline)")
     ap.add_argument("--recent", type=int, default=64)
     ap.add_argument("--query-aware", action="store_true",
@@ -30,11 +31,16 @@ def main() -> None:
     ap.add_argument("--prose", action="store_true", help="pass key: hide the needle in real text, not filler")
     ap.add_argument("--question-weight", type=float, default=0.5)
     ap.add_argument("--budget-frac", type=float, default=0.25)
+    ap.add_argument("--ea-kernel", type=int, default=1, help="expected-attention: max-pool scores over K cells")
     ap.add_argument("--one-shot", action="store_true",
                     help="pass key: prefill everything, compress once (kvpress' main protocol) instead of per chunk")
     a = ap.parse_args()
     model = str(default_model_path())
     pols = a.policies.split(",")
+
+    def opts(pol: str) -> dict:
+        return {"kernel_size": a.ea_kernel} if pol == "expected-attention" and a.ea_kernel > 1 else {}
+
     depths = [float(d) for d in a.depths.split(",")]
     a.out.mkdir(parents=True, exist_ok=True)
     res = {"model": model, "machine": platform.platform(), "cmd": " ".join(__import__("sys").argv),
@@ -48,21 +54,25 @@ def main() -> None:
                 r = passkey(model, "streaming-llm" if pol == "full" else pol, b, a.length, d, seed=0,
                             one_shot=a.one_shot and pol != "full", recent=a.recent,
                             query_aware=a.query_aware and pol != "full", prose=a.prose,
-                            question_weight=a.question_weight)
+                            question_weight=a.question_weight, policy_options=opts(pol))
                 row = as_dict(r)
                 row["policy"] = pol
+                row["ea_kernel"] = a.ea_kernel if pol == "expected-attention" else 1
+                row["question_weight"] = a.question_weight
                 res["passkey"].append(row)
                 print(json.dumps(row), flush=True)
     if "ppl" not in a.skip:
         n = a.ppl_tokens
-        full = perplexity(model, "streaming-llm", n + 512, n, n // 2, recent=a.recent)
-        row = as_dict(full)
-        row["policy"] = "full"
-        res["ppl"].append(row)
-        print(json.dumps(row), flush=True)
-        for frac in (0.5, 0.25, 0.125):
+        full = perplexity(model, "streaming-llm", n + 512, n, n // 2, recent=a.recent) if "full" not in a.skip else None
+        if full is not None:
+            row = as_dict(full)
+            row["policy"] = "full"
+            res["ppl"].append(row)
+            print(json.dumps(row), flush=True)
+        for frac in [float(f) for f in a.ppl_fracs.split(",")]:
             for p in pols:
-                row = as_dict(perplexity(model, p, int(n * frac), n, n // 2, recent=a.recent))
+                row = as_dict(perplexity(model, p, int(n * frac), n, n // 2, recent=a.recent, policy_options=opts(p)))
+                row["ea_kernel"] = a.ea_kernel if p == "expected-attention" else 1
                 row["fraction"] = frac
                 res["ppl"].append(row)
                 print(json.dumps(row), flush=True)

@@ -129,3 +129,19 @@ def test_deferred_turn_compresses_once_at_its_end(gemma_ctx):
     assert s.focus_pos.tolist() == list(range(500, 620))
     assert s.n_cells == cfg.budget - cfg.step
     s.close()
+
+
+def test_expected_attention_pooling_keeps_the_neighbours_of_a_peak():
+    """kernel_size 3: a cell next to the top-scoring cell takes its score; 1 (kvpress) leaves scores alone."""
+    v = _view(None, 6, 4)
+    d = 8
+    keys = np.zeros((5, 1, d))
+    keys[2, 0, 4] = 4.0  # only cell 2 matches the context queries
+    v.keys = {0: keys}
+    v.values = {0: np.ones((5, 1, d))}
+    v.positions = np.array([10, 11, 12, 13, 14])
+    plain = expected_attention.score(v)
+    pooled = expected_attention.score(v, kernel_size=3)
+    assert plain.argmax() == 2 and plain[1] < plain[2] and plain[3] < plain[2]
+    np.testing.assert_allclose(pooled[1:4], plain[2])
+    assert pooled[0] == max(plain[0], plain[1]) and pooled[4] == max(plain[3], plain[4])

@@ -18,7 +18,7 @@ llama.cpp cells are shared by all layers and heads, so ``score`` reduces the per
 per-KV-head scores to one per cell (``aggregate="mean"`` or ``"max"``). Sinks and the
 recent window are protected by the engine, not here.
 
-The helpers ``softmax``, ``use_layers`` and ``aggregate_scores`` are shared with the
+The helpers ``softmax``, ``use_layers``, ``aggregate_scores`` and ``pool1d`` are shared with the
 attention-based baselines.
 """
 from __future__ import annotations
@@ -26,11 +26,13 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from ea_local.policies.base import CellView, RopeSpec
 from ea_local.rope import mean_rotation
 
 AGGREGATES = ("mean", "max")
+POOLINGS = ("max", "avg")
 
 
 def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -68,6 +70,22 @@ def aggregate_scores(per_layer: Sequence[np.ndarray], how: str = "mean") -> np.n
         raise ValueError(f"unknown aggregate {how!r}; choose from: {', '.join(AGGREGATES)}")
     rows = np.concatenate([np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in per_layer], axis=0)
     return rows.mean(axis=0) if how == "mean" else rows.max(axis=0)
+
+
+def pool1d(x: np.ndarray, kernel_size: int, how: str = "max") -> np.ndarray:
+    """Stride-1 pooling along the last axis, same length (padding kernel_size // 2).
+
+    "max" ignores the padding; "avg" counts it as zeros (torch avg_pool1d's default).
+    """
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}")
+    if how not in POOLINGS:
+        raise ValueError(f"unknown pooling {how!r}; choose from: {', '.join(POOLINGS)}")
+    p = kernel_size // 2
+    width = [(0, 0)] * (x.ndim - 1) + [(p, p)]
+    padded = np.pad(x, width, constant_values=-np.inf if how == "max" else 0.0)
+    win = sliding_window_view(padded, kernel_size, axis=-1)
+    return win.max(axis=-1) if how == "max" else win.mean(axis=-1)
 
 
 def kv_group(n_head: int, n_kv_head: int) -> int:
@@ -182,9 +200,13 @@ def score(
     n_sink: int = 4,
     aggregate: str = "mean",
     layers: Iterable[int] | None = None,
+    kernel_size: int = 1,
 ) -> np.ndarray:
     """(n,) Expected Attention per cell, aggregated over the chosen layers and KV heads.
 
+    ``kernel_size`` > 1 max-pools the scores over that many neighbouring live cells (SnapKV's
+    pooling, not in kvpress' EA): a fact spans several tokens, and keeping the whole span is
+    what lets the model read it back (docs/query_aware.md measures it).
     ``layers`` None: every layer with keys, queries and rope in the view (and values if use_vnorm).
     Queries at positions < ``n_sink`` are left out of the statistics.
     """
@@ -196,4 +218,5 @@ def score(
             q, view.keys[l], view.values[l] if use_vnorm else None, view.rope[l], view.next_pos,
             n_future_positions=n_future_positions, use_covariance=use_covariance, use_vnorm=use_vnorm,
             epsilon=epsilon, scale=view.attn_scale, weights=w))
-    return aggregate_scores(per_layer, aggregate)
+    scores = aggregate_scores(per_layer, aggregate)
+    return scores if kernel_size == 1 else pool1d(scores, kernel_size, "max")

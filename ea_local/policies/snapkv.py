@@ -14,14 +14,10 @@ from __future__ import annotations
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from ea_local.policies.base import CellView, RopeSpec
-from ea_local.policies.expected_attention import aggregate_scores, kv_group, softmax, use_layers
+from ea_local.policies.expected_attention import aggregate_scores, kv_group, pool1d, softmax, use_layers
 from ea_local.rope import apply_rope
-
-POOLINGS = ("max", "avg")
-
 
 def group_attention(
     queries: np.ndarray,
@@ -44,22 +40,6 @@ def group_attention(
     for j in range(keys.shape[1]):
         logits = s * (q[j * g : (j + 1) * g] @ keys[:, j, :].T)  # (g, m, n)
         yield j, softmax(np.where(visible, logits, -np.inf), axis=-1)
-
-
-def pool1d(x: np.ndarray, kernel_size: int, how: str = "max") -> np.ndarray:
-    """Stride-1 pooling along the last axis, same length (padding kernel_size // 2).
-
-    "max" ignores the padding; "avg" counts it as zeros (torch avg_pool1d's default).
-    """
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}")
-    if how not in POOLINGS:
-        raise ValueError(f"unknown pooling {how!r}; choose from: {', '.join(POOLINGS)}")
-    p = kernel_size // 2
-    width = [(0, 0)] * (x.ndim - 1) + [(p, p)]
-    padded = np.pad(x, width, constant_values=-np.inf if how == "max" else 0.0)
-    win = sliding_window_view(padded, kernel_size, axis=-1)
-    return win.max(axis=-1) if how == "max" else win.mean(axis=-1)
 
 
 def snapkv_layer(
