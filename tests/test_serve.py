@@ -158,6 +158,8 @@ def test_unknown_fields_ignored_and_kv_extension(srv):
     assert r.status_code == 200, r.text
     kv = r.json()["kv_cache"]
     assert kv["policy"] == "streaming-llm" and kv["budget"] == 200
+    r = chat(srv, [{"role": "user", "content": "t1 t2"}], max_tokens=3, kv_compression={"question_agnostic": True})
+    assert r.status_code == 200, r.text
 
 
 # ---- errors ----
@@ -186,6 +188,8 @@ def test_unknown_fields_ignored_and_kv_extension(srv):
                  "kv_compression": {"polcy": "knorm"}}).encode(), None),
     (json.dumps({"messages": [{"role": "user", "content": "x"}],
                  "kv_compression": {"policy": "none"}}).encode(), "unsupported_policy"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}],
+                 "kv_compression": {"question_agnostic": "yes"}}).encode(), "invalid_type"),
 ])
 def test_bad_chat_requests_are_400(srv, body, code):
     r = srv.client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})

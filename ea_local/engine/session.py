@@ -176,12 +176,12 @@ class Session:
 
         turn: these tokens are the user's newest message; their queries become the focus window.
         """
-        reserve = len(self.question)  # the probe needs room next to the context
+        # the nominal context (llama.cpp may pad n_ctx), less the room a question probe or a lookahead needs
+        room = min(self.cfg.budget + self.cfg.chunk, self.rt.n_ctx - len(self.question) - self.policy.lookahead)
         for s in range(0, len(tokens), self.cfg.chunk):
             part = tokens[s:s + self.cfg.chunk]
-            if self.n_cells + len(part) + reserve > self.rt.n_ctx:
-                self.compress(min(self.cfg.budget - self.cfg.step, self.rt.n_ctx - len(part) - reserve),
-                              phase="prefill")
+            if self.policy.evicts and self.n_cells + len(part) > room:
+                self.compress(min(self.cfg.budget - self.cfg.step, room - len(part)), phase="prefill")
             self._decode(part, focus=turn, new_focus=turn and s == 0)
             if progress:
                 progress(min(s + len(part), len(tokens)), len(tokens))

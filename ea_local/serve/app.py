@@ -141,7 +141,7 @@ class Server:
         if req.top_p is not None:
             params.top_p = req.top_p
         gen = GenRequest(tokens=tokens, params=params, stop=req.stop_list(), max_tokens=max_tokens or cfg.max_tokens,
-                         policy=policy, budget=budget)
+                         policy=policy, budget=budget, question_agnostic=bool(kv and kv.question_agnostic))
         include = bool(req.stream_options and req.stream_options.include_usage)
         return Prepared(tokens, gen, bool(req.stream), include)
 

@@ -90,6 +90,7 @@ class GenRequest:
     max_tokens: int
     policy: str
     budget: int
+    question_agnostic: bool = False
 
 
 @dataclass
@@ -159,7 +160,9 @@ class Slot:
                 if self.cancel.is_set():
                     raise Cancelled()
 
-            s.prefill(req.tokens[k:], progress=check)
+            # the request's new tokens end with the user's newest message: their queries steer compression
+            s.cfg.question_weight = 0.0 if req.question_agnostic else SessionConfig.question_weight
+            s.prefill(req.tokens[k:], progress=check, turn=True)
             res = GenResult(prompt_tokens=len(req.tokens), cached_tokens=k, slot=self.id, policy=req.policy,
                             budget=req.budget)
             res.prefill_s = time.perf_counter() - t0
