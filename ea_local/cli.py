@@ -27,7 +27,7 @@ RpcOpt = typer.Option(None, "--rpc", metavar="HOST:PORT[,HOST:PORT...]",
                       help="llama.cpp RPC servers to offload layers to (`ea-local rpc-server` on each; docs/rpc.md); "
                            "without --n-gpu-layers every layer goes to them. Default: EA_LOCAL_RPC")
 AgnosticOpt = typer.Option(False, "--question-agnostic",
-                           help="statistics from the context only, not from the user's message or --prompt")
+                           help="compression ignores the question: statistics from the context only (kvpress' protocol)")
 
 
 class UserError(Exception):
@@ -117,6 +117,7 @@ def demo(
     threads: Optional[int] = ThreadsOpt,
     n_gpu_layers: Optional[int] = GpuOpt,
     rpc: Optional[str] = RpcOpt,
+    question_agnostic: bool = AgnosticOpt,
 ) -> None:
     """The main job: read a long document with a pass key in it through a small KV budget, then ask for the key."""
     from .demo import run_demo
@@ -125,7 +126,7 @@ def demo(
     info = _model_info(model)
     try:
         run_demo(info, budget=budget, policy=policy, length=length, cache_type=cache_type, seed=seed,
-                 threads=threads, n_gpu_layers=n_gpu_layers, rpc=endpoints)
+                 threads=threads, n_gpu_layers=n_gpu_layers, rpc=endpoints, question_agnostic=question_agnostic)
     except (UserError, ValueError) as e:
         _fail(str(e))
 

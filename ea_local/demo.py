@@ -46,7 +46,8 @@ def passkey_prompt(rt, length: int, depth: float, key: int,
 
 
 def run_demo(info, budget: int, policy: str, length: int, cache_type: str, seed: int,
-             threads: int | None, n_gpu_layers: int | None, rpc: tuple[str, ...] = ()) -> dict:
+             threads: int | None, n_gpu_layers: int | None, rpc: tuple[str, ...] = (),
+             question_agnostic: bool = False) -> dict:
     if length < 1:
         raise ValueError(f"length must be a positive number of tokens, got {length}")
     con = Console(stderr=False)
@@ -60,7 +61,10 @@ def run_demo(info, budget: int, policy: str, length: int, cache_type: str, seed:
               f"({info.path.split('/')[-1]}), budget {budget} cells, policy {policy}, KV cache {cache_type}")
     if not info.has_chat_template:
         con.print("note: this is a base model (no chat template): it continues text rather than chatting")
-    con.print(f"reading {len(ctx)} tokens with a pass key at depth 40% (tokens {span[0]}..{span[1] - 1})")
+    if not question_agnostic:  # the question comes with the document: it steers what is kept (issue 11)
+        s.set_question(question)
+    con.print(f"reading {len(ctx)} tokens with a pass key at depth 40% (tokens {span[0]}..{span[1] - 1}); the "
+              + ("question is asked after reading" if question_agnostic else "question is known while reading"))
     t0 = time.perf_counter()
     with Progress(TextColumn("prefill"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
                   TextColumn("{task.fields[cells]} cells"), TimeElapsedColumn(), console=err,

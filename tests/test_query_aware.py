@@ -145,3 +145,18 @@ def test_expected_attention_pooling_keeps_the_neighbours_of_a_peak():
     assert plain.argmax() == 2 and plain[1] < plain[2] and plain[3] < plain[2]
     np.testing.assert_allclose(pooled[1:4], plain[2])
     assert pooled[0] == max(plain[0], plain[1]) and pooled[4] == max(plain[3], plain[4])
+
+
+def test_focus_window_survives_save_and_load(gemma_ctx, tmp_path):
+    cfg = SessionConfig(budget=600, chunk=256, step=64)
+    s = Session(str(GEMMA), cfg)
+    s.prefill(gemma_ctx[:300])
+    s.prefill(gemma_ctx[300:340], turn=True)
+    s.save(str(tmp_path / "s.eas"))
+    t = Session(str(GEMMA), cfg)
+    t.load(str(tmp_path / "s.eas"))
+    assert t.focus_pos.tolist() == s.focus_pos.tolist() == list(range(300, 340))
+    for il in s.layers:
+        np.testing.assert_array_equal(t.focus[il], s.focus[il])
+    s.close()
+    t.close()

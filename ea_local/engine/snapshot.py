@@ -25,7 +25,7 @@ import json
 import os
 import struct
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,6 +62,8 @@ class Snapshot:
     query_pos: np.ndarray
     queries: dict[int, np.ndarray]
     state: bytes  # llama.cpp's sequence state
+    focus_pos: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # query-aware window
+    focus: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 @lru_cache(maxsize=8)
@@ -129,6 +131,9 @@ def save(s: "Session", path: str | os.PathLike[str], extra: dict | None = None) 
         parts = [a for a in (s.queries.get(il), pending.get(il)) if a is not None]
         if parts:
             sections.append((f"queries.{il}", np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)))
+    sections.append(("focus_pos", np.asarray(s.focus_pos, dtype=np.int64)))
+    for il, q in s.focus.items():
+        sections.append((f"focus.{il}", np.ascontiguousarray(q, dtype=np.float32)))
     sections.append(("llama_state", np.frombuffer(seq_state_get(s.rt.ctx, 0), dtype=np.uint8)))
 
     table, chunks, off = [], [], 0
@@ -231,7 +236,9 @@ def read(path: str | os.PathLike[str], model_path: str) -> Snapshot:
         snap = Snapshot(path=p, model=model, config=dict(header["config"]), next_pos=int(header["next_pos"]),
                         stats=st, extra=header.get("extra") or {}, live_pos=arrays["live_pos"],
                         live_tok=arrays["live_tok"], query_pos=arrays["query_pos"], queries=queries,
-                        state=arrays["llama_state"].tobytes())
+                        state=arrays["llama_state"].tobytes(),
+                        focus_pos=arrays.get("focus_pos", np.empty(0, dtype=np.int64)),
+                        focus={int(k.split(".", 1)[1]): v for k, v in arrays.items() if k.startswith("focus.")})
         if len(snap.live_pos) != len(snap.live_tok) or set(snap.config) != set(CONFIG_FIELDS):
             raise ValueError("inconsistent sections")
     except (KeyError, ValueError, TypeError, IndexError) as e:
@@ -290,6 +297,8 @@ def restore(s: "Session", snap: Snapshot) -> None:
     s.next_pos = snap.next_pos
     s.query_pos = snap.query_pos.copy()
     s.queries = {il: q.copy() for il, q in snap.queries.items() if il in s.layers}
+    s.focus_pos = snap.focus_pos.copy()
+    s.focus = {il: q.copy() for il, q in snap.focus.items() if il in s.layers}
     st = snap.stats
     s.stats = Stats(tokens_seen=int(st["tokens_seen"]), compactions=int(st["compactions"]),
                     evictions=[Eviction(**e) for e in st["evictions"]])
