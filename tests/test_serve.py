@@ -22,7 +22,9 @@ KEY = "test-key-0123"
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> str:
-    return str(write_tiny_gguf(tmp_path_factory.mktemp("serve") / "tiny.gguf", arch="llama"))
+    # a long training context lets a request generate for seconds (the server caps max_tokens at it), so
+    # the tests that hold a slot do not depend on how fast this machine decodes the tiny model (~16k tok/s)
+    return str(write_tiny_gguf(tmp_path_factory.mktemp("serve") / "tiny.gguf", arch="llama", context_length=1_000_000))
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,8 @@ def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dic
 
 def long_stream(s: ServerProcess, started: threading.Event, stop: threading.Event, out: dict, **body):
     """A streaming request that holds a slot until `stop` is set (then it disconnects)."""
-    payload = {"prompt": "t1 t2 t3", "max_tokens": 4000, "stream": True, **body}
+    payload = {"prompt": "t1 t2 t3", "max_tokens": 500_000, "stream": True, "ignore_eos": True,
+               **body}
     with httpx.Client(base_url=s.url, timeout=60) as c:
         with c.stream("POST", "/v1/completions", json=payload, headers=s.headers) as r:
             out["status"] = r.status_code

@@ -66,8 +66,8 @@ def _quality(res: dict, figs: list[str]) -> list[str]:
            "policy and budget (the sequence state is saved and restored). The query-based "
            "policies' statistics are the queries of the context's last prefill chunk (up to 512 tokens; "
            "question-agnostic mode) or of the question "
-           "(question-known mode: the question is prefilled before compression, then removed and asked again "
-           "on the compressed cache). Multi-turn recall and perplexity stream through the budget (compression "
+           "mixed half and half with the question's (question-known mode: the engine decodes the question after "
+           "the context at the compression, then removes it and asks it on the compressed cache). Multi-turn recall and perplexity stream through the budget (compression "
            "after every turn or chunk) and cost one pass per policy and budget.", ""]
     if "question" not in s["modes"]:
         out += ["Question-known mode: not run here (`--modes agnostic,question`).", ""]

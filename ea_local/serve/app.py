@@ -140,6 +140,7 @@ class Server:
         params = SamplingParams(temperature=temp, seed=seed & 0xFFFFFFFF)
         if req.top_p is not None:
             params.top_p = req.top_p
+        params.ignore_eos = req.ignore_eos
         gen = GenRequest(tokens=tokens, params=params, stop=req.stop_list(), max_tokens=max_tokens or cfg.max_tokens,
                          policy=policy, budget=budget, question_agnostic=bool(kv and kv.question_agnostic))
         include = bool(req.stream_options and req.stream_options.include_usage)

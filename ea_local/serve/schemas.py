@@ -54,6 +54,7 @@ class _Common(_Body):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     kv_compression: KVCompression | None = None
+    ignore_eos: bool = False  # llama.cpp server's extension: generate until max_tokens or a stop string
 
     def stop_list(self) -> list[str]:
         s = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

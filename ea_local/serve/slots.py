@@ -43,8 +43,9 @@ class SlotSession(Session):
         self.hist: list[int] = []
         self.hist_pos: list[int] = []
 
-    def _decode(self, tokens: list[int], logits_all: bool = False) -> None:
-        super()._decode(tokens, logits_all)
+    def _decode(self, tokens: list[int], logits_all: bool = False, focus: bool = False,
+                new_focus: bool = False) -> None:
+        super()._decode(tokens, logits_all, focus, new_focus)
         start = self.next_pos - len(tokens)  # contiguous: any compaction ran before these were placed
         self.hist.extend(tokens)
         self.hist_pos.extend(range(start, self.next_pos))

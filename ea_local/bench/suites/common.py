@@ -27,23 +27,14 @@ def ask(s: Session, question: list[int], max_tokens: int) -> str:
 
 
 def compress_question_known(s: Session, question: list[int], budget: int) -> None:
-    """Second mode: the question is prefilled before compression, so its queries are the statistics
-    window (the engine takes a prefill chunk's queries as statistics); then the question's cells are
-    removed and it is asked again on the compressed cache, so the answer never saw the full cache."""
-    s.cfg.budget = s.rt.n_ctx
-    s.prefill(question)
-    recent = s.cfg.recent
-    s.cfg.recent = recent + len(question)  # the question is protected on top of the context's recent window
+    """Second mode: the question is known before compression. The engine probes it (Session.set_question:
+    decoded after the context, its queries steer the statistics, its cells removed again), then it is
+    asked on the compressed cache, so the answer never saw the full cache."""
+    s.set_question(question)
     try:
-        s.cfg.budget = budget + len(question)
-        s.compress(budget + len(question), phase="prefill")
+        s.compress(budget, phase="prefill")
     finally:
-        s.cfg.recent = recent
-    q0 = s.next_pos - len(question)  # after compression: a shifting policy (context-shift) renumbers positions
-    s.rt.seq_rm(0, q0, -1)
-    for p in [p for p in s.live if p >= q0]:
-        del s.live[p]
-    s.next_pos = q0
+        s.set_question(None)
 
 
 def streaming_floor(model: str) -> int:
