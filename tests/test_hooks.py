@@ -152,7 +152,11 @@ def test_global_only_removal_outside_window_equals_full_removal():
     evict = _evict_set(len(toks) - 600)  # all positions < 600: outside the window for the next tokens
     a = _next_logits_real(GEMMA, toks, cont, evict, "f16", False, global_only=True)
     b = _next_logits_real(GEMMA, toks, cont, evict, "f16", False, global_only=False)
-    assert np.array_equal(a, b)
+    # Bit-identical on the CI machine, not on every CPU: the masked cells left in the sliding cache
+    # change how many cells its attention sums over, hence the SIMD reduction order, which this model
+    # amplifies (docs/hooks.md: up to ~2 logits between equivalent caches). Seen on one 2-core machine:
+    # 0.62 of max |logit| 19.6, same prediction.
+    assert a.argmax() == b.argmax() and np.abs(a - b).max() <= 0.05 * np.abs(b).max()
     # and inside the window it is a different operation
     evict_recent = np.arange(1000, 1100)
     c = _next_logits_real(GEMMA, toks, cont, evict_recent, "f16", False, global_only=True)

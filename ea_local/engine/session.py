@@ -178,13 +178,22 @@ class Session:
         """
         # the nominal context (llama.cpp may pad n_ctx), less the room a question probe or a lookahead needs
         room = min(self.cfg.budget + self.cfg.chunk, self.rt.n_ctx - len(self.question) - self.policy.lookahead)
-        for s in range(0, len(tokens), self.cfg.chunk):
-            part = tokens[s:s + self.cfg.chunk]
-            if self.policy.evicts and self.n_cells + len(part) > room:
-                self.compress(min(self.cfg.budget - self.cfg.step, room - len(part)), phase="prefill")
-            self._decode(part, focus=turn, new_focus=turn and s == 0)
-            if progress:
-                progress(min(s + len(part), len(tokens)), len(tokens))
+        try:
+            for s in range(0, len(tokens), self.cfg.chunk):
+                part = tokens[s:s + self.cfg.chunk]
+                if self.policy.evicts and self.n_cells + len(part) > room:
+                    self.compress(min(self.cfg.budget - self.cfg.step, room - len(part)), phase="prefill")
+                self._decode(part, focus=turn, new_focus=turn and s == 0)
+                if progress:
+                    progress(min(s + len(part), len(tokens)), len(tokens))
+        except (KeyboardInterrupt, Exception):
+            # an interrupted prefill (Ctrl-C, a client gone) still leaves the session within its budget
+            if self.policy.evicts and self.n_cells > self.cfg.budget:
+                try:
+                    self.compress(self.cfg.budget - self.cfg.step, phase="prefill")
+                except Exception:  # noqa: BLE001 - the original error is the one to report
+                    pass
+            raise
         if self.n_cells > self.cfg.budget:
             self.compress(self.cfg.budget - self.cfg.step, phase="prefill")
 
