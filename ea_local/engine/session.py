@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -266,13 +267,30 @@ class Session:
         if self._n_captured:
             self._pull_queries(keep=self.cfg.stats_window)
         pos = list(range(self.next_pos, self.next_pos + len(self.question)))
-        last = self.rt.logits() if self.stats.tokens_seen else None
-        self.rt.decode(self.question, pos)
-        self._n_captured = len(pos)
-        self._pull_queries(keep=len(pos), into_focus=True, extend=False)
-        self.rt.rm_positions(pos)  # every cache: the sliding layers too
-        if last is not None:
-            self.rt.set_logits(last)
+        with self._undone(pos):
+            self.rt.decode(self.question, pos)
+            self._n_captured = len(pos)
+            self._pull_queries(keep=len(pos), into_focus=True, extend=False)
+
+    @contextmanager
+    def _undone(self, positions: list[int]):
+        """Decodes made inside leave no trace: their cells are removed from every cache, captured
+        queries not pulled are dropped, and the logits of the last real token are written back
+        (llama.cpp keeps only the last decode's logits and the next sample reads them). On iSWA
+        models the in-window sliding cells are first shared with seq 1, so that llama.cpp cannot
+        reuse them (it reuses cells a later position has pushed out of the window)."""
+        logits = self.rt.logits() if self.stats.tokens_seen else None
+        if self.iswa:
+            self.rt.seq_cp(0, 1, max(0, self.next_pos - self.info.sliding_window), self.next_pos)
+        try:
+            yield
+        finally:
+            self.rt.capture_clear()
+            self.rt.rm_positions(positions)
+            if self.iswa:
+                self.rt.seq_rm(1)
+            if logits is not None:
+                self.rt.set_logits(logits)
 
     # ---- compression ----
     def view(self) -> CellView:
@@ -349,21 +367,14 @@ class Session:
     def _lookahead(self, view: CellView, k: int) -> None:
         """Decode k greedy pseudo tokens, add their captured queries to `view`, then undo them (LAQ).
 
-        Undone exactly: the pseudo cells are removed from every cache, the engine's bookkeeping and
-        the user's sampler are never touched, and the logits of the last real token are written back
-        (llama.cpp keeps only the last decode's logits and the next sample reads them). On iSWA
-        models the in-window sliding cells are first shared with seq 1, so that llama.cpp cannot
-        reuse them for the pseudo tokens (it reuses cells a later position has pushed out of the window).
+        Undone exactly (`_undone`); the engine's bookkeeping and the user's sampler are never touched.
         """
         if not self.policy.needs_queries:
             raise ValueError("a lookahead policy must capture queries")
-        logits = self.rt.logits()
         view.queries = dict(view.queries)  # the view's own copy: the statistics window stays as it was
-        if self.iswa:
-            self.rt.seq_cp(0, 1, max(0, self.next_pos - self.info.sliding_window), self.next_pos)
         positions = list(range(self.next_pos, self.next_pos + k))
-        tok = int(np.argmax(logits))
-        try:
+        tok = int(np.argmax(self.rt.logits()))
+        with self._undone(positions):
             for i, p in enumerate(positions):
                 self.rt.decode([tok], [p])
                 if i + 1 < k:
@@ -377,12 +388,6 @@ class Session:
                 view.queries[il] = q if old is None or not len(old) else np.concatenate([old, q])
             view.query_positions = np.concatenate([np.asarray(view.query_positions, dtype=np.int64), pos])
             view.query_weights = None  # LAQ votes with the union of its windows, unweighted
-        finally:
-            self.rt.capture_clear()
-            self.rt.rm_positions(positions)
-            if self.iswa:
-                self.rt.seq_rm(1)
-            self.rt.set_logits(logits)
 
     def check_cells(self) -> None:
         """Raise InvariantError unless llama.cpp's cells (a global layer) are exactly the live positions."""
