@@ -346,7 +346,8 @@ def test_disconnect_while_waiting_nonstream_frees_slot(srv):
     srv.wait_idle()
     before = srv.metrics()
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(srv.url + "/v1/completions", json={"prompt": "t1 t2", "max_tokens": 4000}, timeout=0.5)
+        httpx.post(srv.url + "/v1/completions", json={"prompt": "t1 t2", "max_tokens": 500_000, "ignore_eos": True},
+                   timeout=0.5)
     srv.wait_idle(timeout=10)
     assert srv.metrics()["ea_local_cancelled_total"] == before["ea_local_cancelled_total"] + 1
 
@@ -413,8 +414,8 @@ def test_sigterm_ends_streams_and_exits_0(tiny):
     s = ServerProcess(tiny, "--budget", "256")
     try:
         with httpx.Client(base_url=s.url, timeout=60) as c:
-            with c.stream("POST", "/v1/completions", json={"prompt": "t1", "max_tokens": 4000,
-                                                           "stream": True}) as r:
+            with c.stream("POST", "/v1/completions", json={"prompt": "t1", "max_tokens": 500_000,
+                                                           "stream": True, "ignore_eos": True}) as r:
                 lines = r.iter_lines()
                 first = next(line for line in lines if line.startswith("data: "))
                 assert json.loads(first[6:])["object"] == "text_completion"
