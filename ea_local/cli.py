@@ -309,7 +309,8 @@ def serve(
 
 @app.command()
 def bench(
-    suite: str = typer.Option("all", help="quality, speed, memory or all (a comma list works too)"),
+    suite: str = typer.Option("all", help="quality, speed, memory or all, or a quality part: passkey, perplexity, "
+                                          "multikey, variable_tracking, multi_turn (a comma list works too)"),
     policy_list: str = typer.Option("expected-attention,streaming-llm,snapkv,knorm,random", "--policies",
                                     help="comma list of policies; the full cache is always measured"),
     budgets: str = typer.Option("50%,25%,12.5%", help="comma list: percentages of each test's context or cell counts"),
@@ -317,6 +318,7 @@ def bench(
     out: Path = typer.Option(Path("bench-out"), "--out", help="folder for results.json, report.md and the PNGs"),
     quick: bool = typer.Option(False, "--quick", help="CI-sized run: tiny contexts, one sample, every file still written"),
     modes: str = typer.Option("agnostic", help="agnostic (compress before the question) and/or question (question known)"),
+    haystack: str = typer.Option("filler", help="what the pass key and the needles hide in: filler or prose"),
     lengths: Optional[str] = typer.Option(None, help="pass-key contexts (and speed histories unless --histories), e.g. 2k,4k,8k"),
     histories: Optional[str] = typer.Option(None, help="speed suite's history lengths, e.g. 1k,2k,4k"),
     task_length: Optional[str] = typer.Option(None, help="context of the needle / variable-tracking / multi-turn tasks"),
@@ -333,13 +335,14 @@ def bench(
                                                 help="only re-write report.md and the plots from this results.json"),
 ) -> None:
     """Measure quality, speed and memory under each budget and policy; write results.json, report.md and plots."""
-    from .bench.options import (BenchError, BenchOptions, parse_budgets, parse_depths, parse_modes, parse_policies,
-                                parse_suites, parse_tokens, quick_sizes)
+    from .bench.options import (BenchError, BenchOptions, parse_budgets, parse_depths, parse_haystack, parse_modes,
+                                parse_policies, parse_suites, parse_tokens, quick_sizes)
 
     _check_cache_type(cache_type)
     try:
         o = BenchOptions(model="", out=str(out), suites=parse_suites(suite), policies=parse_policies(policy_list),
-                         budgets=parse_budgets(budgets), modes=parse_modes(modes), cache_type=cache_type,
+                         budgets=parse_budgets(budgets), modes=parse_modes(modes), haystack=parse_haystack(haystack),
+                         cache_type=cache_type,
                          threads=threads, n_gpu_layers=n_gpu_layers, seed=seed, rpc=_rpc_endpoints(rpc),
                          command="ea-local bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]))
         if quick:

@@ -30,6 +30,9 @@ def main() -> None:
                     help="pass key: the question is known before compression (issue 11)")
     ap.add_argument("--prose", action="store_true", help="pass key: hide the needle in real text, not filler")
     ap.add_argument("--question-weight", type=float, default=0.5)
+    ap.add_argument("--answer-lookahead", type=int, default=0,
+                    help="query-aware: greedy answer tokens probed after the question (their queries join the focus)")
+    ap.add_argument("--seed", type=int, default=0, help="pass key: picks the keys (the depths pick the positions)")
     ap.add_argument("--budget-frac", type=float, default=0.25)
     ap.add_argument("--ea-kernel", type=int, default=1, help="expected-attention: max-pool scores over K cells")
     ap.add_argument("--one-shot", action="store_true",
@@ -51,14 +54,17 @@ def main() -> None:
         runs = ([] if "full" in a.skip else [("full", a.length + 512)]) + [(p, budget) for p in pols]
         for d in depths:
             for pol, b in runs:
-                r = passkey(model, "streaming-llm" if pol == "full" else pol, b, a.length, d, seed=0,
+                r = passkey(model, "streaming-llm" if pol == "full" else pol, b, a.length, d, seed=a.seed,
                             one_shot=a.one_shot and pol != "full", recent=a.recent,
                             query_aware=a.query_aware and pol != "full", prose=a.prose,
-                            question_weight=a.question_weight, policy_options=opts(pol))
+                            question_weight=a.question_weight, answer_lookahead=a.answer_lookahead,
+                            policy_options=opts(pol))
                 row = as_dict(r)
                 row["policy"] = pol
                 row["ea_kernel"] = a.ea_kernel if pol == "expected-attention" else 1
                 row["question_weight"] = a.question_weight
+                row["answer_lookahead"] = a.answer_lookahead
+                row["seed"] = a.seed
                 res["passkey"].append(row)
                 print(json.dumps(row), flush=True)
     if "ppl" not in a.skip:

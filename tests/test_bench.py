@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ea_local.bench import data
+from ea_local.demo import FILLER
 from ea_local.bench.options import BenchError, parse_budgets, parse_policies, parse_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,9 +27,13 @@ def _resolve_vars(text: str) -> dict[str, int]:
     return env
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_variable_tracking_answers_follow_the_chains(seed):
-    t = data.variable_tracking(random.Random(seed), n_units=50, n_hops=4, n_chains=2)
+def _haystack(kind: str, n: int) -> list[str]:
+    return [FILLER] * n if kind == "filler" else [p + "\n\n" for p in data.paragraphs()[:n]]
+
+
+@pytest.mark.parametrize("seed,hay", [(s, h) for s in range(5) for h in ("filler", "prose")])
+def test_variable_tracking_answers_follow_the_chains(seed, hay):
+    t = data.variable_tracking(random.Random(seed), _haystack(hay, 50), n_hops=4, n_chains=2)
     env = _resolve_vars(t.context)
     assert len(env) == 8  # every assignment made it into the text, each once
     assert len(t.questions) == 2
@@ -41,9 +46,9 @@ def test_variable_tracking_answers_follow_the_chains(seed):
     assert len(values) == 2  # the two chains carry different values
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_multikey_needle_answers_are_in_the_text(seed):
-    t = data.multikey_needle(random.Random(seed), n_units=40, n_keys=4)
+@pytest.mark.parametrize("seed,hay", [(s, h) for s in range(5) for h in ("filler", "prose")])
+def test_multikey_needle_answers_are_in_the_text(seed, hay):
+    t = data.multikey_needle(random.Random(seed), _haystack(hay, 40), n_keys=4)
     found = dict(re.findall(r"special magic numbers for (\w+) is: (\d+)\.", t.context))
     assert len(found) == 4
     for q in t.questions:
@@ -55,8 +60,9 @@ def test_multikey_needle_answers_are_in_the_text(seed):
 
 
 def test_place_puts_statements_at_their_depths():
-    text = data.place("x ", 10, ["A", "B", "C"], [0.0, 0.5, 1.0])
+    text = data.place(["x "] * 10, ["A", "B", "C"], [0.0, 0.5, 1.0])
     assert text == "A " + "x " * 5 + "B " + "x " * 5 + "C "
+    assert data.place(["p1 ", "p2 ", "p3 ", "p4 "], ["N"], [0.5]) == "p1 p2 N p3 p4 "
 
 
 def test_multi_turn_facts_come_first_and_match_the_questions():
@@ -103,6 +109,7 @@ def _cli(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
     (["--ppl-tokens", "2k,4k"], "--ppl-tokens takes one length"),
     (["--modes", "both"], "unknown mode 'both'"),
     (["--policies", "none"], "policy 'none' is the full cache"),
+    (["--haystack", "hay"], "unknown haystack 'hay'"),
 ])
 def test_bad_flags_are_one_line_exit_2(args, msg, tmp_path):
     r = _cli(*args, "--out", str(tmp_path / "o"))
@@ -167,6 +174,24 @@ def test_every_policy_runs_the_one_shot_protocol(tmp_path):
     assert all("skipped" in x for x in res["quality"]["perplexity"] if x["policy"] != "full")  # 256 < 512
 
 
+def test_quality_parts_alone_and_the_prose_haystack(tmp_path, tiny_llama):
+    """--suite names quality parts; --haystack prose hides the needles in the GPL; multi-turn recall
+    runs in both modes (question-known: every turn steers the compressions)."""
+    out = tmp_path / "b"
+    r = _cli("--quick", "--suite", "passkey,multikey,multi_turn", "--haystack", "prose", "--model", tiny_llama,
+             "--policies", "expected-attention", "--budgets", "50%", "--depths", "0.5", "--modes", "agnostic,question",
+             "--threads", "1", "--out", str(out), timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["quality"]) == ["passkey", "multikey", "multi_turn"]
+    assert "speed" not in res and "memory" not in res and res["settings"]["haystack"] == "prose"
+    assert {(x["policy"], x["mode"]) for x in res["quality"]["multi_turn"]} == \
+        {("full", "agnostic"), ("expected-attention", "agnostic"), ("expected-attention", "question")}
+    assert all(0 <= x["needle_kept"] <= 1 for x in res["quality"]["passkey"])
+    assert "hidden in real prose (GPL-3 + GPL-2" in (out / "report.md").read_text()
+
+
+
 # ---- end to end ----
 
 def test_quick_run_writes_every_file_with_sane_content(tmp_path, tiny_llama):
@@ -185,9 +210,8 @@ def test_quick_run_writes_every_file_with_sane_content(tmp_path, tiny_llama):
     for task in ("passkey", "multikey", "variable_tracking", "multi_turn"):
         rows = q[task]
         seen = {(x["policy"], x["budget"], x["mode"]) for x in rows}
-        modes = ["agnostic"] if task == "multi_turn" else ["agnostic", "question"]
         assert seen == {("full", "full", "none" if task != "multi_turn" else "agnostic")} | \
-            {(p, b, m) for p in pols for b in budgets for m in modes}, task
+            {(p, b, m) for p in pols for b in budgets for m in ("agnostic", "question")}, task
         assert all(isinstance(x["found"], bool) for x in rows)
     for x in q["passkey"]:
         if x["policy"] != "full":

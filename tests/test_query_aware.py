@@ -87,11 +87,48 @@ def test_probe_leaves_no_trace(gemma_ctx):
     ref.close()
 
 
+def test_answer_lookahead_probes_the_greedy_answer(gemma_ctx):
+    """answer_lookahead k: the focus holds the question's queries and those of the k greedy answer
+    tokens, exactly what decoding the question and then answering greedily captures; no trace left."""
+    k = 4
+    s = Session(str(GEMMA), SessionConfig(budget=1024, chunk=256, question_weight=1.0, answer_lookahead=k))
+    s.prefill(gemma_ctx)
+    before = (dict(s.live), s.next_pos, _cells(s, s.layers[0]), _cells(s, s.info.sliding_layers[0]))
+    logits = s.rt.logits()
+    question = s.rt.tokenize("What is the licence called? It is called")
+    s.set_question(question)
+    s._probe_question()
+    assert (dict(s.live), s.next_pos, _cells(s, s.layers[0]), _cells(s, s.info.sliding_layers[0])) == before
+    np.testing.assert_array_equal(s.rt.logits(), logits)
+    n = len(question) + k
+    assert s.focus_pos.tolist() == list(range(s.next_pos, s.next_pos + n))
+
+    ref = Session(str(GEMMA), SessionConfig(budget=1024, chunk=256))
+    ref.prefill(gemma_ctx)
+    ref.rt.capture_clear()
+    pos = list(range(ref.next_pos, ref.next_pos + n))
+    ref.rt.decode(question, pos[:len(question)])
+    for p in pos[len(question):]:
+        ref.rt.decode([int(np.argmax(ref.rt.logits()))], [p])
+    for il in s.layers:
+        got_pos, q = ref.rt.captured(il, ref.q_row)
+        assert got_pos.tolist() == pos
+        np.testing.assert_allclose(s.focus[il].reshape(n, -1), q.reshape(n, -1), rtol=1e-3, atol=1e-3)
+    s.close()
+    ref.close()
+
+
 def test_question_too_long_is_refused():
     s = Session(str(GEMMA), SessionConfig(budget=512, chunk=64))
     with pytest.raises(BudgetError, match="at most 63"):
         s.set_question(list(range(10, 80)))
     s.close()
+    s = Session(str(GEMMA), SessionConfig(budget=512, chunk=64, answer_lookahead=8))
+    with pytest.raises(BudgetError, match="at most 55"):
+        s.set_question(list(range(10, 70)))
+    s.close()
+    with pytest.raises(BudgetError, match="answer_lookahead"):
+        SessionConfig(budget=512, chunk=64, answer_lookahead=32).validate()
 
 
 def test_turn_queries_become_the_focus_and_weigh_what_was_asked(gemma_ctx):

@@ -13,7 +13,6 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..demo import FILLER
 
 # Debian base-files: real English prose for the multi-turn chat's filler turns
 LICENSES = [Path("/usr/share/common-licenses/GPL-3"), Path("/usr/share/common-licenses/GPL-2")]
@@ -34,21 +33,21 @@ class Task:
     questions: list[Question]
 
 
-def place(filler: str, n_units: int, statements: list[str], depths: list[float]) -> str:
-    """`n_units` copies of `filler` with statement i inserted after int(n_units * depths[i]) units
-    (statements at the same depth keep their order)."""
+def place(units: list[str], statements: list[str], depths: list[float]) -> str:
+    """The haystack `units` (filler sentences or paragraphs) with statement i inserted after
+    int(len(units) * depths[i]) units (statements at the same depth keep their order)."""
     at: dict[int, list[str]] = {}
     for s, d in zip(statements, depths):
-        at.setdefault(int(n_units * d), []).append(s)
+        at.setdefault(int(len(units) * d), []).append(s)
     parts = []
-    for i in range(n_units + 1):
+    for i in range(len(units) + 1):
         parts.extend(s + " " for s in at.get(i, []))
-        if i < n_units:
-            parts.append(filler)
+        if i < len(units):
+            parts.append(units[i])
     return "".join(parts)
 
 
-def multikey_needle(rng: random.Random, n_units: int, n_keys: int = 4) -> Task:
+def multikey_needle(rng: random.Random, haystack: list[str], n_keys: int = 4) -> Task:
     """Several needles at evenly spread depths; one question per needle."""
     words = rng.sample(WORDS, n_keys)
     nums = [str(rng.randint(100000, 999999)) for _ in words]
@@ -57,7 +56,7 @@ def multikey_needle(rng: random.Random, n_units: int, n_keys: int = 4) -> Task:
     head = "Some special magic numbers are hidden inside the following text. Remember them.\n"
     qs = [Question(f"\nWhat is the special magic number for {w}? The special magic number for {w} is:", n)
           for w, n in zip(words, nums)]
-    return Task(head + place(FILLER, n_units, statements, depths), qs)
+    return Task(head + place(haystack, statements, depths), qs)
 
 
 def _var_names(rng: random.Random, n: int) -> list[str]:
@@ -67,7 +66,7 @@ def _var_names(rng: random.Random, n: int) -> list[str]:
     return sorted(names, key=lambda _: rng.random())
 
 
-def variable_tracking(rng: random.Random, n_units: int, n_hops: int = 4, n_chains: int = 2) -> Task:
+def variable_tracking(rng: random.Random, haystack: list[str], n_hops: int = 4, n_chains: int = 2) -> Task:
     """`n_chains` chains `VAR A = v; VAR B = VAR A; ...` of n_hops assignments each, interleaved and
     spread over the text; one question per chain asks for the value of its last variable."""
     names = _var_names(rng, n_hops * n_chains)
@@ -82,7 +81,7 @@ def variable_tracking(rng: random.Random, n_units: int, n_hops: int = 4, n_chain
     head = "Memorize and track the chain(s) of variable assignments hidden in the following text.\n"
     qs = [Question(f"\nQuestion: what is the value of VAR {chain[-1]}? Answer: VAR {chain[-1]} =", str(values[c]))
           for c, chain in enumerate(chains)]
-    return Task(head + place(FILLER, n_units, statements, depths), qs)
+    return Task(head + place(haystack, statements, depths), qs)
 
 
 FACTS = [  # (what the user says, the question, the answer cue)

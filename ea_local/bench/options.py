@@ -7,7 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SUITES = ("quality", "speed", "memory")
+QUALITY_PARTS = ("passkey", "perplexity", "multikey", "variable_tracking", "multi_turn")  # one of them: that part only
 MODES = ("agnostic", "question")
+HAYSTACKS = ("filler", "prose")
 
 
 class BenchError(ValueError):
@@ -71,9 +73,16 @@ def parse_suites(spec: str) -> list[str]:
         return list(SUITES)
     names = [s.strip() for s in spec.split(",")]
     for n in names:
-        if n not in SUITES:
-            raise BenchError(f"unknown suite {n!r}; choose from: {', '.join(SUITES)}, all")
+        if n not in SUITES + QUALITY_PARTS:
+            raise BenchError(f"unknown suite {n!r}; choose from: {', '.join(SUITES)}, all, or a part of the "
+                             f"quality suite: {', '.join(QUALITY_PARTS)}")
     return names
+
+
+def parse_haystack(spec: str) -> str:
+    if spec not in HAYSTACKS:
+        raise BenchError(f"unknown haystack {spec!r}; choose from: {', '.join(HAYSTACKS)}")
+    return spec
 
 
 def parse_tokens(spec: str, what: str) -> list[int]:
@@ -120,6 +129,7 @@ class BenchOptions:
     policies: list[str]
     budgets: list[Budget]
     modes: list[str] = field(default_factory=lambda: ["agnostic"])
+    haystack: str = "filler"  # what the pass key and the needles hide in: repetitive filler or real prose
     lengths: list[int] = field(default_factory=lambda: [2048, 4096, 8192])  # passkey contexts
     histories: list[int] | None = None  # speed suite's history points (None: the lengths)
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
@@ -135,6 +145,9 @@ class BenchOptions:
     seed: int = 0
     quick: bool = False
     command: str = ""
+
+    def quality_parts(self) -> list[str]:
+        return [p for p in QUALITY_PARTS if "quality" in self.suites or p in self.suites]
 
 
 def quick_sizes(o: BenchOptions) -> BenchOptions:

@@ -65,14 +65,18 @@ def _quality(res: dict, figs: list[str]) -> list[str]:
            "8 tokens; found = the answer contains the expected string). One prefill per sample serves every "
            "policy and budget (the sequence state is saved and restored). The query-based "
            "policies' statistics are the queries of the context's last prefill chunk (up to 512 tokens; "
-           "question-agnostic mode) or of the question "
-           "mixed half and half with the question's (question-known mode: the engine decodes the question after "
-           "the context at the compression, then removes it and asks it on the compressed cache). Multi-turn recall and perplexity stream through the budget (compression "
-           "after every turn or chunk) and cost one pass per policy and budget.", ""]
+           "question-agnostic mode), or those mixed half and half with the question's (question-known mode: the "
+           "engine decodes the question after the context at the compression, then removes it and asks it on "
+           "the compressed cache). Multi-turn recall and perplexity stream through the budget (compression "
+           "after every turn or chunk) and cost one pass per policy and budget; in multi-turn recall's "
+           "question-known mode every turn, the question included, is a user turn whose queries steer the "
+           "compressions, as in `ea-local chat`.", ""]
     if "question" not in s["modes"]:
         out += ["Question-known mode: not run here (`--modes agnostic,question`).", ""]
     pk = q.get("passkey", [])
-    out += [f"Data: pass key in repetitive filler (`ea_local/demo.py`), contexts {', '.join(map(str, s['lengths']))} "
+    hay = ("real prose (GPL-3 + GPL-2, Debian base-files)" if s.get("haystack") == "prose"
+           else "repetitive filler (`ea_local/demo.py`)")
+    out += [f"Data: the pass key and the needles hidden in {hay}; pass-key contexts {', '.join(map(str, s['lengths']))} "
             f"tokens × depths {', '.join(f'{d:.0%}' for d in s['depths'])} (one sample each); multi-key needle "
             f"(4 needles, each asked) and variable tracking (2 chains of 4 hops, each asked), RULER formats, "
             f"{s['task_samples']} documents of ~{s['task_length']} tokens each; multi-turn recall: 3 facts in the "
@@ -84,8 +88,6 @@ def _quality(res: dict, figs: list[str]) -> list[str]:
             continue
         body = []
         for p, m in columns(res)[1:]:
-            if key == "multi_turn" and m != "agnostic":
-                continue
             body.append([p, m] + [_pct(*accuracy(rows, p, b, m)) for b in s["budgets"]])
         out += [f"### {title}", "", f"Full cache: **{_pct(*full_accuracy(rows))}**.", ""] + \
             _table(["policy", "mode"] + s["budgets"], body) + [""]

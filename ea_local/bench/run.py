@@ -65,7 +65,7 @@ def run_bench(o: BenchOptions, console: Console | None = None) -> dict:
                  "model": _model(o), "machine": {**_machine(), "n_gpu_layers": o.n_gpu_layers, "rpc": list(o.rpc)},
                  "versions": _versions(),
                  "settings": {"suites": o.suites, "policies": o.policies, "budgets": [b.label for b in o.budgets],
-                              "modes": o.modes, "lengths": o.lengths, "histories": o.histories or o.lengths, "depths": o.depths,
+                              "modes": o.modes, "haystack": o.haystack, "lengths": o.lengths, "histories": o.histories or o.lengths, "depths": o.depths,
                               "task_length": o.task_length, "task_samples": o.task_samples,
                               "ppl_tokens": o.ppl_tokens, "chat_tokens": o.chat_tokens,
                               "decode_tokens": o.decode_tokens, "cache_type": o.cache_type, "seed": o.seed,
@@ -100,12 +100,12 @@ def run_bench(o: BenchOptions, console: Console | None = None) -> dict:
             res["speed"] = speed.run(o, tick_for("speed", speed.steps(o)))
             res["seconds"]["speed"] = time.time() - t0
             save()
-        if "quality" in o.suites:
+        if parts := o.quality_parts():
             t0 = time.time()
             n = quality.steps(o)
             res["quality"] = {}
-            for part, fn in quality.PARTS.items():
-                res["quality"][part] = fn(o, tick_for(f"quality: {part}", n[part]))
+            for part in parts:
+                res["quality"][part] = quality.PARTS[part](o, tick_for(f"quality: {part}", n[part]))
                 res["seconds"]["quality"] = time.time() - t0
                 save()
     res["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -25,6 +25,8 @@ class Snapshot:
     next_pos: int
     queries: dict
     query_pos: object
+    focus: dict  # the newest user turn's queries (question-known multi-turn)
+    focus_pos: object
     stats: object
     budget: int
     logits: object  # of the last prefilled token: what a lookahead policy (laq) and the sampler read first
@@ -39,7 +41,8 @@ def take(s: Session) -> Snapshot:
     if n == 0:
         raise LlamaError("llama_state_seq_get_data copied nothing")
     return Snapshot(buf, n, dict(s.live), s.next_pos, {k: v.copy() for k, v in s.queries.items()},
-                    s.query_pos.copy(), copy.deepcopy(s.stats), s.cfg.budget, s.rt.logits())
+                    s.query_pos.copy(), {k: v.copy() for k, v in s.focus.items()}, s.focus_pos.copy(),
+                    copy.deepcopy(s.stats), s.cfg.budget, s.rt.logits())
 
 
 def restore(s: Session, snap: Snapshot) -> None:
@@ -51,6 +54,8 @@ def restore(s: Session, snap: Snapshot) -> None:
     s.next_pos = snap.next_pos
     s.queries = {k: v.copy() for k, v in snap.queries.items()}
     s.query_pos = snap.query_pos.copy()
+    s.focus = {k: v.copy() for k, v in snap.focus.items()}
+    s.focus_pos = snap.focus_pos.copy()
     s._n_captured = 0
     s.stats = copy.deepcopy(snap.stats)
     s.cfg.budget = snap.budget

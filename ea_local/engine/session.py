@@ -69,6 +69,7 @@ class SessionConfig:
     seed: int = 0
     policy_options: dict = field(default_factory=dict)
     question_weight: float = 0.5  # share of the statistics from the focus window (0: question-agnostic)
+    answer_lookahead: int = 0  # greedy answer tokens decoded after a probed question; their queries join the focus
 
     def validate(self) -> None:
         if self.budget <= 0:
@@ -85,6 +86,8 @@ class SessionConfig:
             raise ValueError(f"n-gpu-layers must be -1 (all) or more, got {self.n_gpu_layers}")
         if not 0.0 <= self.question_weight <= 1.0:
             raise BudgetError(f"question_weight must be in [0, 1], got {self.question_weight}")
+        if not 0 <= self.answer_lookahead < self.chunk // 2:
+            raise BudgetError(f"answer_lookahead must be in 0..{self.chunk // 2 - 1}, got {self.answer_lookahead}")
 
 
 @dataclass
@@ -178,7 +181,7 @@ class Session:
         turn: these tokens are the user's newest message; their queries become the focus window.
         """
         # the nominal context (llama.cpp may pad n_ctx), less the room a question probe or a lookahead needs
-        room = min(self.cfg.budget + self.cfg.chunk, self.rt.n_ctx - len(self.question) - self.policy.lookahead)
+        room = min(self.cfg.budget + self.cfg.chunk, self.rt.n_ctx - self._probe_len() - self.policy.lookahead)
         try:
             for s in range(0, len(tokens), self.cfg.chunk):
                 part = tokens[s:s + self.cfg.chunk]
@@ -202,8 +205,9 @@ class Session:
         """A question known before the text is read (summarize --prompt, a request that carries its
         question): decoded after the context at every compression, its queries are the focus window."""
         tokens = list(tokens or [])
-        if len(tokens) >= self.cfg.chunk:
-            raise BudgetError(f"the question has {len(tokens)} tokens: at most {self.cfg.chunk - 1} (chunk - 1)")
+        most = self.cfg.chunk - 1 - self.cfg.answer_lookahead
+        if len(tokens) > most:
+            raise BudgetError(f"the question has {len(tokens)} tokens: at most {most} (chunk - 1 - answer_lookahead)")
         self.question = tokens
         self.focus, self.focus_pos = {}, np.empty(0, dtype=np.int64)
 
@@ -260,15 +264,25 @@ class Session:
         self.rt.capture_clear()
         self._n_captured = 0
 
-    def _probe_question(self) -> None:
-        """Decode the question right after the context, keep its queries as the focus, remove its cells.
+    def _probe_len(self) -> int:
+        return len(self.question) + self.cfg.answer_lookahead if self.question else 0
 
+    def _probe_question(self) -> None:
+        """Decode the question right after the context, then `answer_lookahead` greedy answer tokens,
+        keep their queries as the focus, remove their cells.
+
+        The answer's own queries are the ones that read the fact back (a pass key's later digits are
+        attended to while the earlier ones are written, not while the question is read): LAQ's
+        pseudo queries (arXiv 2505.20334), taken after the question instead of after the context.
         Invisible to the conversation: positions, bookkeeping and the last logits are restored."""
         if self._n_captured:
             self._pull_queries(keep=self.cfg.stats_window)
-        pos = list(range(self.next_pos, self.next_pos + len(self.question)))
+        n_q = len(self.question)
+        pos = list(range(self.next_pos, self.next_pos + self._probe_len()))
         with self._undone(pos):
-            self.rt.decode(self.question, pos)
+            self.rt.decode(self.question, pos[:n_q])
+            for p in pos[n_q:]:
+                self.rt.decode([int(np.argmax(self.rt.logits()))], [p])
             self._n_captured = len(pos)
             self._pull_queries(keep=len(pos), into_focus=True, extend=False)
 

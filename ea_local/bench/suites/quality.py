@@ -84,17 +84,27 @@ def passkey(o: BenchOptions, tick: Tick) -> list[dict]:
     rows = []
     for length in o.lengths:
         s = _room(o, length)
+        hay = s.rt.tokenize(q_mod.real_text(), add_bos=False, special=False) if o.haystack == "prose" else None
         for d in o.depths:
             key = random.Random(o.seed * 1000 + int(d * 100) + length).randint(10000, 99999)
-            ctx, question, span = passkey_prompt(s.rt, length, d, key)
+            ctx, question, span = passkey_prompt(s.rt, length, d, key, haystack=hay)
             rows += _trials(o, s, ctx, [(question, str(key))], {"length": length, "depth": d}, span, tick)
             s.reset()
         s.close()
     return rows
 
 
-def _units(rt: Runtime, n_tokens: int, reserve: int) -> int:
-    return max(1, (n_tokens - reserve) // len(rt.tokenize(FILLER)))
+def _haystack(rt: Runtime, kind: str, n_tokens: int) -> list[str]:
+    """Units of text (the filler sentence repeated, or paragraphs of real prose) of about n_tokens."""
+    if kind == "filler":
+        return [FILLER] * max(1, n_tokens // len(rt.tokenize(FILLER)))
+    units, total = [], 0
+    for p in data.paragraphs():
+        if total >= n_tokens:
+            break
+        units.append(p + "\n\n")
+        total += len(rt.tokenize(units[-1], add_bos=False, special=False))
+    return units
 
 
 def one_shot_task(o: BenchOptions, name: str, tick: Tick) -> list[dict]:
@@ -104,8 +114,8 @@ def one_shot_task(o: BenchOptions, name: str, tick: Tick) -> list[dict]:
     bos = [s.rt.bos()] if s.rt.add_bos() else []
     for i in range(o.task_samples):
         rng = random.Random(f"{name}-{o.seed}-{i}")
-        n_units = _units(s.rt, o.task_length, 128)
-        task = data.multikey_needle(rng, n_units) if name == "multikey" else data.variable_tracking(rng, n_units)
+        hay = _haystack(s.rt, o.haystack, o.task_length - 128)
+        task = data.multikey_needle(rng, hay) if name == "multikey" else data.variable_tracking(rng, hay)
         ctx = bos + s.rt.tokenize(task.context)
         qs = [(s.rt.tokenize(q.prompt), q.answer) for q in task.questions]
         rows += _trials(o, s, ctx, qs, {"length": len(ctx), "sample": i}, None, tick)
@@ -131,7 +141,10 @@ def _chat_tokens(rt: Runtime, o: BenchOptions, sample: int) -> tuple[list[list[i
 
 
 def multi_turn(o: BenchOptions, tick: Tick) -> list[dict]:
-    """Facts in the first turns, then prose turns until task_length tokens, then one question per fact."""
+    """Facts in the first turns, then prose turns until task_length tokens, then one question per fact,
+    each a new turn of the chat under the same budget. Question-known mode: every turn is a user turn
+    whose queries steer the compressions (Session.prefill(turn=True), as `ea-local chat` does), the
+    question's too; agnostic: the context's queries alone (question_weight 0)."""
     rows = []
     rt = Runtime(o.model, ContextConfig(n_ctx=64, n_gpu_layers=0))
     chats = [_chat_tokens(rt, o, i) for i in range(o.task_samples)]
@@ -139,26 +152,30 @@ def multi_turn(o: BenchOptions, tick: Tick) -> list[dict]:
     floor = streaming_floor(o.model)
     for i, (turns, qs) in enumerate(chats):
         total = sum(map(len, turns))
-        runs = [("full", None, total + 256)] + [(p, b, b.resolve(total)) for p in o.policies for b in o.budgets]
-        for pol, b, cells in runs:
+        runs = [("full", None, total + 256, "agnostic")] + \
+            [(p, b, b.resolve(total), m) for p in o.policies for b in o.budgets for m in o.modes]
+        for pol, b, cells, mode in runs:
+            label = "full" if b is None else b.label
             if why := skipped(floor, cells):
-                rows.append({"sample": i, "policy": pol, "budget": b.label, "cells": cells, "skipped": why})
-                tick(f"{pol} {b.label} skipped")
+                rows.append({"sample": i, "policy": pol, "budget": label, "cells": cells, "mode": mode, "skipped": why})
+                tick(f"{pol} {label} skipped")
                 continue
             cfg = session_cfg(o, cells, "streaming-llm" if pol == "full" else pol, chunk=min(256, max(32, cells // 2)))
+            if mode == "agnostic":
+                cfg.question_weight = 0.0
             s = Session(o.model, cfg)
             for t in turns:
-                s.prefill(t)
+                s.prefill(t, turn=mode == "question")
             snap = take(s)
             n_ev = len(s.stats.evictions)
             for qi, (qt, answer) in enumerate(qs):
                 restore(s, snap)
-                reply = ask(s, qt, ANSWER_TOKENS)
+                reply = "".join(s.generate(qt, max_tokens=ANSWER_TOKENS, turn=True)).strip()
                 rows.append({"sample": i, "length": total, "turns": len(turns), "question": qi, "policy": pol,
-                             "budget": "full" if b is None else b.label, "cells": cells, "mode": "agnostic",
-                             "evictions": n_ev, "found": answer in reply, "answer": reply, "expected": answer})
+                             "budget": label, "cells": cells, "mode": mode, "evictions": n_ev,
+                             "found": answer in reply, "answer": reply, "expected": answer})
             s.close()
-            tick(f"{pol} {'full' if b is None else b.label}")
+            tick(f"{pol} {label} {mode}")
     return rows
 
 
@@ -193,7 +210,7 @@ def steps(o: BenchOptions) -> dict[str, int]:
     return {"passkey": len(o.lengths) * len(o.depths) * n_trials(o, 1),
             "multikey": o.task_samples * n_trials(o, task_questions("multikey")),
             "variable_tracking": o.task_samples * n_trials(o, task_questions("variable_tracking")),
-            "multi_turn": o.task_samples * per_policy,
+            "multi_turn": o.task_samples * (1 + len(o.policies) * len(o.budgets) * len(o.modes)),
             "perplexity": per_policy}
 
 
