@@ -91,6 +91,12 @@ def _quality(res: dict, figs: list[str]) -> list[str]:
             body.append([p, m] + [_pct(*accuracy(rows, p, b, m)) for b in s["budgets"]])
         out += [f"### {title}", "", f"Full cache: **{_pct(*full_accuracy(rows))}**.", ""] + \
             _table(["policy", "mode"] + s["budgets"], body) + [""]
+        if key == "passkey" and len({r["length"] for r in rows}) > 1:
+            longest = max(r["length"] for r in rows)
+            at = [r for r in rows if r["length"] == longest]
+            out += [f"At the longest context alone ({longest} tokens; full cache {_pct(*full_accuracy(at))}):", ""] + \
+                _table(["policy", "mode"] + s["budgets"],
+                       [[p, m] + [_pct(*accuracy(at, p, b, m)) for b in s["budgets"]] for p, m in columns(res)[1:]]) + [""]
         if key == "passkey":
             kept = []
             for p, m in columns(res)[1:]:
