@@ -61,18 +61,23 @@ def _cells(s: Session, layer: int) -> list[int]:
     return s.rt.kv_read(layer, keys=False, values=False)[0].tolist()
 
 
+def _probe_without_trace(s: Session, question: list[int]) -> None:
+    """Probe the question; the cells of both caches, the positions and the logits are as before."""
+    before = (dict(s.live), s.next_pos, _cells(s, s.layers[0]), _cells(s, s.info.sliding_layers[0]))
+    logits = s.rt.logits()
+    s.set_question(question)
+    s._probe_question()
+    assert (dict(s.live), s.next_pos, _cells(s, s.layers[0]), _cells(s, s.info.sliding_layers[0])) == before
+    np.testing.assert_array_equal(s.rt.logits(), logits)
+
+
 def test_probe_leaves_no_trace(gemma_ctx):
     """The question probe removes its cells from both caches, keeps positions and restores the logits."""
     cfg = SessionConfig(budget=1024, chunk=256, question_weight=1.0)
     s = Session(str(GEMMA), cfg)
     s.prefill(gemma_ctx)
-    before = (dict(s.live), s.next_pos, _cells(s, s.layers[0]), _cells(s, s.info.sliding_layers[0]))
-    logits = s.rt.logits()
     question = s.rt.tokenize("What is the pass key? The pass key is")
-    s.set_question(question)
-    s._probe_question()
-    assert (dict(s.live), s.next_pos, _cells(s, s.layers[0]), _cells(s, s.info.sliding_layers[0])) == before
-    np.testing.assert_array_equal(s.rt.logits(), logits)
+    _probe_without_trace(s, question)
     assert s.focus_pos.tolist() == list(range(s.next_pos, s.next_pos + len(question)))
     assert all(s.focus[il].shape[0] == len(question) for il in s.layers)
     # the next real token sees the same cache as a session that never probed
@@ -93,13 +98,8 @@ def test_answer_lookahead_probes_the_greedy_answer(gemma_ctx):
     k = 4
     s = Session(str(GEMMA), SessionConfig(budget=1024, chunk=256, question_weight=1.0, answer_lookahead=k))
     s.prefill(gemma_ctx)
-    before = (dict(s.live), s.next_pos, _cells(s, s.layers[0]), _cells(s, s.info.sliding_layers[0]))
-    logits = s.rt.logits()
     question = s.rt.tokenize("What is the licence called? It is called")
-    s.set_question(question)
-    s._probe_question()
-    assert (dict(s.live), s.next_pos, _cells(s, s.layers[0]), _cells(s, s.info.sliding_layers[0])) == before
-    np.testing.assert_array_equal(s.rt.logits(), logits)
+    _probe_without_trace(s, question)
     n = len(question) + k
     assert s.focus_pos.tolist() == list(range(s.next_pos, s.next_pos + n))
 
