@@ -73,7 +73,7 @@ def _probe_without_trace(s: Session, question: list[int]) -> None:
 
 def test_probe_leaves_no_trace(gemma_ctx):
     """The question probe removes its cells from both caches, keeps positions and restores the logits."""
-    cfg = SessionConfig(budget=1024, chunk=256, question_weight=1.0)
+    cfg = SessionConfig(budget=1024, chunk=256, question_weight=1.0, answer_lookahead=0)
     s = Session(str(GEMMA), cfg)
     s.prefill(gemma_ctx)
     question = s.rt.tokenize("What is the pass key? The pass key is")
@@ -119,16 +119,17 @@ def test_answer_lookahead_probes_the_greedy_answer(gemma_ctx):
 
 
 def test_question_too_long_is_refused():
-    s = Session(str(GEMMA), SessionConfig(budget=512, chunk=64))
+    s = Session(str(GEMMA), SessionConfig(budget=512, chunk=64, answer_lookahead=0))
     with pytest.raises(BudgetError, match="at most 63"):
         s.set_question(list(range(10, 80)))
     s.close()
-    s = Session(str(GEMMA), SessionConfig(budget=512, chunk=64, answer_lookahead=8))
+    s = Session(str(GEMMA), SessionConfig(budget=512, chunk=64))  # 8 answer tokens are probed too
     with pytest.raises(BudgetError, match="at most 55"):
         s.set_question(list(range(10, 70)))
+    s.set_question(list(range(10, 65)))
     s.close()
     with pytest.raises(BudgetError, match="answer_lookahead"):
-        SessionConfig(budget=512, chunk=64, answer_lookahead=32).validate()
+        SessionConfig(budget=512, chunk=64, answer_lookahead=-1).validate()
 
 
 def test_turn_queries_become_the_focus_and_weigh_what_was_asked(gemma_ctx):

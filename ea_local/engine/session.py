@@ -69,7 +69,7 @@ class SessionConfig:
     seed: int = 0
     policy_options: dict = field(default_factory=dict)
     question_weight: float = 0.5  # share of the statistics from the focus window (0: question-agnostic)
-    answer_lookahead: int = 0  # greedy answer tokens decoded after a probed question; their queries join the focus
+    answer_lookahead: int = 8  # greedy answer tokens decoded after a probed question; their queries join the focus
 
     def validate(self) -> None:
         if self.budget <= 0:
@@ -86,8 +86,8 @@ class SessionConfig:
             raise ValueError(f"n-gpu-layers must be -1 (all) or more, got {self.n_gpu_layers}")
         if not 0.0 <= self.question_weight <= 1.0:
             raise BudgetError(f"question_weight must be in [0, 1], got {self.question_weight}")
-        if not 0 <= self.answer_lookahead < self.chunk // 2:
-            raise BudgetError(f"answer_lookahead must be in 0..{self.chunk // 2 - 1}, got {self.answer_lookahead}")
+        if self.answer_lookahead < 0:
+            raise BudgetError(f"answer_lookahead must be at least 0, got {self.answer_lookahead}")
 
 
 @dataclass
@@ -201,13 +201,18 @@ class Session:
         if self.n_cells > self.cfg.budget:
             self.compress(self.cfg.budget - self.cfg.step, phase="prefill")
 
+    @property
+    def max_question(self) -> int:
+        """Longest question set_question takes: the probe (question + answer lookahead) fits in one chunk."""
+        return max(0, self.cfg.chunk - 1 - self.cfg.answer_lookahead)
+
     def set_question(self, tokens: list[int] | None) -> None:
         """A question known before the text is read (summarize --prompt, a request that carries its
         question): decoded after the context at every compression, its queries are the focus window."""
         tokens = list(tokens or [])
-        most = self.cfg.chunk - 1 - self.cfg.answer_lookahead
-        if len(tokens) > most:
-            raise BudgetError(f"the question has {len(tokens)} tokens: at most {most} (chunk - 1 - answer_lookahead)")
+        if len(tokens) > self.max_question:
+            raise BudgetError(f"the question has {len(tokens)} tokens: at most {self.max_question} "
+                              "(chunk - 1 - answer_lookahead)")
         self.question = tokens
         self.focus, self.focus_pos = {}, np.empty(0, dtype=np.int64)
 
