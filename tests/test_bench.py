@@ -170,6 +170,8 @@ def test_every_policy_runs_the_one_shot_protocol(tmp_path):
         kept = {x["policy"]: x["needle_kept"] for x in pk if x["mode"] in (mode, "none")}
         assert kept["context-shift"] is None  # positions renumbered: not measurable
         assert all(0 <= kept[p] <= 1 for p in ("laq", "snapkv", "h2o"))
+    # every policy, context-shift included, is within its budget in both modes when the question is asked
+    assert all(x["cells_after"] <= x["cells"] for x in pk if x["policy"] != "full")
     res = json.loads((out / "results.json").read_text())
     assert all("skipped" in x for x in res["quality"]["perplexity"] if x["policy"] != "full")  # 256 < 512
 

@@ -52,20 +52,21 @@ def _trials(o: BenchOptions, s: Session, ctx: list[int], questions: list[tuple[l
                     restore(s, snap)
                     set_policy(s, pol)
                     s.cfg.recent = min(64, cells // 8)
+                    s.cfg.budget = cells  # a policy may size its eviction from the budget (context-shift)
                     t0 = time.perf_counter()
                     if mode == "agnostic":
-                        s.cfg.budget = cells  # a policy may size its eviction from the budget (context-shift)
                         s.compress(cells, phase="prefill")
                     else:
                         compress_question_known(s, qt, cells)
                     t_comp = time.perf_counter() - t0
+                    n_after = s.n_cells
                     # a shifting policy renumbers positions: the needle's span no longer names its cells
                     kept = (sum(1 for p in range(*span) if p in s.live) / (span[1] - span[0])
                             if span and not s.policy.shift else None)
                     reply = ask(s, qt, ANSWER_TOKENS)
                     rows.append({**base, "context": len(ctx), "question": qi, "policy": pol, "budget": b.label, "cells": cells,
                                  "mode": mode, "found": answer in reply, "answer": reply, "expected": answer,
-                                 "needle_kept": kept, "compress_s": t_comp})
+                                 "needle_kept": kept, "compress_s": t_comp, "cells_after": n_after})
                     tick(f"{pol} {b.label}")
     return rows
 
