@@ -31,7 +31,8 @@ def _header(res: dict) -> list[str]:
         f"- versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v),
         f"- run: {res['started']} → {res['finished']} ({secs})",
         f"- policies: {', '.join(s['policies'])}; budgets: {', '.join(s['budgets'])} "
-        "(a percentage is of each test's own context; the full cache is always measured)", ""]
+        "(a percentage is of each test's own context; the full cache is always measured)"] + \
+        [f"- note: {n}" for n in res.get("notes", [])] + [""]
 
 
 def _headline(res: dict) -> list[str]:
