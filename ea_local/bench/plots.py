@@ -113,7 +113,7 @@ def decode_speed(res: dict, out: Path) -> str | None:
     if not rows:
         return None
     full = rows[0]
-    budgets = res["settings"]["budgets"]
+    budgets = [b for b in res["settings"]["budgets"] if any(r["budget"] == b for r in rows[1:])]
     fig, axes = plt.subplots(2, len(budgets), figsize=(4.5 * len(budgets), 7), squeeze=False, sharex=True)
     for j, b in enumerate(budgets):
         for i, (key, label) in enumerate([("decode_tok_s", "decode tok/s"), ("prefill_tok_s", "prefill tok/s")]):
