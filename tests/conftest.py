@@ -42,3 +42,11 @@ def tiny_llama(tmp_path_factory) -> str:
     p = tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"
     write_tiny_gguf(p, arch="llama")
     return str(p)
+
+
+def default_sigint() -> None:
+    """preexec_fn for CLI processes a test interrupts: a test runner started in the background by a
+    shell inherits SIGINT ignored, and so would the CLI (Python installs its handler only over SIG_DFL)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from . import gguf_factory as gf
-from .conftest import GPL3
+from .conftest import GPL3, default_sigint
 
 CLI = [sys.executable, "-m", "ea_local.cli"]
 
@@ -203,7 +203,7 @@ def test_one_megabyte_line_tiny_model(tiny_llama, tmp_path):
     with open(err_path, "wb") as err:
         p = subprocess.Popen([*CLI, "chat", "--model", tiny_llama, "--budget", "1024", "--policy", "streaming-llm",
                               "--max-tokens", "2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                             preexec_fn=_default_sigint)
+                             preexec_fn=default_sigint)
         text = lambda: err_path.read_text(errors="replace")  # noqa: E731
         _wait_for(lambda: "template" in text(), 120)
         p.stdin.write(line.encode() + b"\n")
@@ -225,14 +225,9 @@ def test_one_megabyte_line_tiny_model(tiny_llama, tmp_path):
 
 # ---- Ctrl-C ----
 
-def _default_sigint() -> None:
-    # a test runner started in the background by a shell inherits SIGINT ignored, and so would the CLI
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _spawn(args: list[str], **kw) -> subprocess.Popen:
     return subprocess.Popen([*CLI, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=_default_sigint, **kw)
+                            preexec_fn=default_sigint, **kw)
 
 
 def _wait_for(pred, timeout: float) -> None:
@@ -250,7 +245,7 @@ def test_chat_ctrl_c_during_prefill_and_generation(tmp_path):
     err_path = tmp_path / "err"
     with open(err_path, "wb") as err:
         p = subprocess.Popen([*CLI, "chat", "--budget", "512", "--max-tokens", "3000", "--temperature", "0.8"],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, preexec_fn=_default_sigint)
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, preexec_fn=default_sigint)
         text = lambda: err_path.read_text(errors="replace")  # noqa: E731
         _wait_for(lambda: "base model" in text(), 120)  # the banner: the model is loaded
         p.stdin.write(big[: 2**20].encode() + b"\n")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from .conftest import GPL3
+from .conftest import GPL3, default_sigint
 
 
 def summarize(*args: str, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -92,7 +92,8 @@ def test_summarize_ctrl_c_exits_130_without_partial_file(tmp_path):
     doc.write_text(document(30000))  # long enough to still be reading when the signal comes
     out = tmp_path / "summary.txt"
     p = subprocess.Popen([sys.executable, "-m", "ea_local.cli", "summarize", str(doc), "--budget", "512",
-                          "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=default_sigint)
     assert "base model" in p.stderr.readline()  # printed once the model is loaded, before reading
     time.sleep(1)
     assert p.poll() is None, p.communicate()
