@@ -8,22 +8,12 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from .engine.session import Session, SessionConfig  # engine first: loads libllama before numpy
 import numpy as np  # noqa: E402
 
 from .demo import passkey_prompt  # noqa: E402
-
-# Debian's base-files ships these: real English prose, no download at run time
-TEXTS = [Path("/usr/share/common-licenses/GPL-3"), Path("/usr/share/common-licenses/GPL-2")]
-
-
-def real_text() -> str:
-    missing = [str(p) for p in TEXTS if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"reference texts missing (Debian base-files): {', '.join(missing)}")
-    return "\n\n".join(p.read_text() for p in TEXTS)
+from .bench.data import real_text  # noqa: E402  (GPL-3 + GPL-2, Debian base-files)
 
 
 @dataclass

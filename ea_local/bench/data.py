@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-# Debian base-files: real English prose for the multi-turn chat's filler turns
+# Debian base-files: real English prose, no download at run time
 LICENSES = [Path("/usr/share/common-licenses/GPL-3"), Path("/usr/share/common-licenses/GPL-2")]
 
 WORDS = ["apple", "river", "candle", "falcon", "meadow", "silver", "harbor", "pepper", "tunnel", "violet",
@@ -91,12 +91,16 @@ FACTS = [  # (what the user says, the question, the answer cue)
 ]
 
 
-def paragraphs() -> list[str]:
+def real_text() -> str:
+    """GPL-3 followed by GPL-2: the real English prose of every quality measurement."""
     missing = [str(p) for p in LICENSES if not p.exists()]
     if missing:
         raise FileNotFoundError(f"reference texts missing (Debian base-files): {', '.join(missing)}")
-    text = "\n\n".join(p.read_text() for p in LICENSES)
-    return [" ".join(p.split()) for p in text.split("\n\n") if len(p.split()) >= 20]
+    return "\n\n".join(p.read_text() for p in LICENSES)
+
+
+def paragraphs() -> list[str]:
+    return [" ".join(p.split()) for p in real_text().split("\n\n") if len(p.split()) >= 20]
 
 
 @dataclass

@@ -85,7 +85,7 @@ def passkey(o: BenchOptions, tick: Tick) -> list[dict]:
     rows = []
     for length in o.lengths:
         s = _room(o, length)
-        hay = s.rt.tokenize(q_mod.real_text(), add_bos=False, special=False) if o.haystack == "prose" else None
+        hay = s.rt.tokenize(data.real_text(), add_bos=False, special=False) if o.haystack == "prose" else None
         for d in o.depths:
             key = random.Random(o.seed * 1000 + int(d * 100) + length).randint(10000, 99999)
             ctx, question, span = passkey_prompt(s.rt, length, d, key, haystack=hay)
@@ -211,7 +211,7 @@ def steps(o: BenchOptions) -> dict[str, int]:
     return {"passkey": len(o.lengths) * len(o.depths) * n_trials(o, 1),
             "multikey": o.task_samples * n_trials(o, task_questions("multikey")),
             "variable_tracking": o.task_samples * n_trials(o, task_questions("variable_tracking")),
-            "multi_turn": o.task_samples * (1 + len(o.policies) * len(o.budgets) * len(o.modes)),
+            "multi_turn": o.task_samples * n_trials(o, 1),  # one session per policy x budget x mode
             "perplexity": per_policy}
 
 
