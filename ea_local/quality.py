@@ -67,10 +67,11 @@ class PplResult:
 
 
 def perplexity(model: str, policy: str, budget: int, n_tokens: int, eval_from: int, chunk: int = 256,
-               **cfg) -> PplResult:
-    """Teacher-forced NLL of real text streamed through the budgeted engine (chunked prefill)."""
+               text: str | None = None, **cfg) -> PplResult:
+    """Teacher-forced NLL of real text (default: real_text()) streamed through the budgeted engine
+    (chunked prefill)."""
     s = Session(model, SessionConfig(budget=budget, policy=policy, chunk=chunk, **cfg))
-    toks = ([s.rt.bos()] if s.rt.add_bos() else []) + s.rt.tokenize(real_text())
+    toks = ([s.rt.bos()] if s.rt.add_bos() else []) + s.rt.tokenize(text if text is not None else real_text())
     toks = toks[:n_tokens + 1]
     if len(toks) <= n_tokens:
         raise ValueError(f"reference text has only {len(toks)} tokens, need {n_tokens + 1}")

@@ -65,6 +65,19 @@ def test_place_puts_statements_at_their_depths():
     assert data.place(["p1 ", "p2 ", "p3 ", "p4 "], ["N"], [0.5]) == "p1 p2 N p3 p4 "
 
 
+def test_held_out_text_shares_no_paragraph_with_the_reported_text():
+    # settings are tuned on HELD_OUT and reported on LICENSES; GFDL-1.3 reuses GPL-3's two
+    # termination paragraphs, which is all the two texts share
+    reported = {" ".join(p.split()) for p in data.real_text().split("\n\n")}
+    held = [" ".join(p.split()) for p in data.real_text(data.HELD_OUT).split("\n\n")]
+    words = len(" ".join(held).split())
+    assert words > 6000  # enough for the 8k-token perplexity runs
+    shared = [p for p in held if len(p.split()) >= 20 and p in reported]
+    assert len(shared) <= 2 and sum(len(p.split()) for p in shared) < 0.02 * words
+    with pytest.raises(FileNotFoundError, match="reference texts missing"):
+        data.real_text([Path("/nonexistent/licence")])
+
+
 def test_multi_turn_facts_come_first_and_match_the_questions():
     paras = data.paragraphs()
     chat = data.multi_turn(random.Random(3), 20, paras)

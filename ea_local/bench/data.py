@@ -15,7 +15,10 @@ from pathlib import Path
 
 
 # Debian base-files: real English prose, no download at run time
-LICENSES = [Path("/usr/share/common-licenses/GPL-3"), Path("/usr/share/common-licenses/GPL-2")]
+_LICENSE_DIR = Path("/usr/share/common-licenses")
+LICENSES = [_LICENSE_DIR / "GPL-3", _LICENSE_DIR / "GPL-2"]
+# other licences of the same package: the text engine settings are tuned on, never the reported one
+HELD_OUT = [_LICENSE_DIR / f for f in ("GFDL-1.3", "MPL-2.0", "Apache-2.0", "Artistic", "CC0-1.0")]
 
 WORDS = ["apple", "river", "candle", "falcon", "meadow", "silver", "harbor", "pepper", "tunnel", "violet",
          "anchor", "glacier", "lantern", "orchard", "pebble", "saddle", "thunder", "walnut", "zephyr", "copper"]
@@ -91,12 +94,12 @@ FACTS = [  # (what the user says, the question, the answer cue)
 ]
 
 
-def real_text() -> str:
-    """GPL-3 followed by GPL-2: the real English prose of every quality measurement."""
-    missing = [str(p) for p in LICENSES if not p.exists()]
+def real_text(files: list[Path] = LICENSES) -> str:
+    """GPL-3 followed by GPL-2 (by default): the real English prose of every quality measurement."""
+    missing = [str(p) for p in files if not p.exists()]
     if missing:
         raise FileNotFoundError(f"reference texts missing (Debian base-files): {', '.join(missing)}")
-    return "\n\n".join(p.read_text() for p in LICENSES)
+    return "\n\n".join(p.read_text() for p in files)
 
 
 def paragraphs() -> list[str]:

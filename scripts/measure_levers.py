@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Issue 5's levers for Expected Attention, measured on held-out data (docs/quality.md, "Levers").
+
+    .venv/bin/python scripts/measure_levers.py --part ppl|passkey|all [--out docs/quality/levers.jsonl]
+
+ppl: perplexity of held-out licence text (bench.data.HELD_OUT, not the reported GPL text) at 12.5% and
+25% for the protected recent window, the statistics window, pooling and n_future_positions.
+passkey: the question-agnostic one-shot pass key (8k filler -> 25%, kvpress' protocol) at depths and a
+seed the reported run does not use, one prefill per depth shared by every setting (bench snapshot).
+One JSON line per measurement, appended to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+from ea_local.quality import as_dict, perplexity  # loads libllama first
+from ea_local.bench.data import HELD_OUT, real_text
+from ea_local.bench.snapshot import restore, take
+from ea_local.bench.suites.common import ask, set_policy
+from ea_local.demo import passkey_prompt
+from ea_local.engine.session import Session, SessionConfig
+from ea_local.models import default_model_path
+import numpy as np
+
+# name -> Session settings (recent, prefill_stats) and EA options; "policy" swaps in a baseline
+PPL_SETTINGS = {
+    "streaming-llm": {"policy": "streaming-llm"},
+    "ea": {},
+    "ea recent 256": {"recent": 256},
+    "ea stats last 128": {"prefill_stats": 128},
+    "ea pool 5": {"opts": {"kernel_size": 5}},
+    "ea n_future 128": {"opts": {"n_future_positions": 128}},
+    "ea recent 256 + stats 128": {"recent": 256, "prefill_stats": 128},
+}
+# name -> statistics window ("all": every context query, kvpress' own choice; N: the last N) and EA options
+PASSKEY_SETTINGS = {
+    "ea": {},
+    "ea stats all context queries": {"stats": "all"},
+    "ea stats last 128": {"stats": 128},
+    "ea pool 5": {"opts": {"kernel_size": 5}},
+    "ea pool 3": {"opts": {"kernel_size": 3}},
+    "ea n_future 2048": {"opts": {"n_future_positions": 2048}},
+    "ea no value norm": {"opts": {"use_vnorm": False}},
+    "ea aggregate max": {"opts": {"aggregate": "max"}},
+}
+
+
+def ppl_part(model: str, n: int, fracs: list[float], threads: int | None, emit) -> None:
+    text = real_text(HELD_OUT)
+    full = perplexity(model, "streaming-llm", n + 512, n, n // 2, text=text, n_threads=threads)
+    emit({"part": "ppl", "setting": "full", **as_dict(full)})
+    for frac in fracs:
+        for name, st in PPL_SETTINGS.items():
+            r = perplexity(model, st.get("policy", "expected-attention"), int(n * frac), n, n // 2, text=text,
+                           recent=st.get("recent", 64), prefill_stats=st.get("prefill_stats"),
+                           policy_options=st.get("opts", {}), n_threads=threads)
+            emit({"part": "ppl", "setting": name, "fraction": frac, **as_dict(r)})
+
+
+def passkey_part(model: str, length: int, frac: float, depths: list[float], seed: int, threads: int | None,
+                 emit) -> None:
+    chunk = 512
+    s = Session(model, SessionConfig(budget=length + 256, chunk=chunk, n_threads=threads))
+    cells = int(length * frac)
+    for d in depths:
+        key = random.Random(seed * 1000 + int(d * 100) + length).randint(10000, 99999)
+        ctx, question, span = passkey_prompt(s.rt, length, d, key)
+        s.reset()
+        set_policy(s, "expected-attention")
+        every_q: dict[int, list[np.ndarray]] = {}
+        every_pos = []
+        for start in range(0, len(ctx), chunk):  # each chunk's queries become the statistics window
+            part = ctx[start:start + chunk]
+            s.prefill(part)
+            for il, q in s.queries.items():
+                every_q.setdefault(il, []).append(q[-len(part):])
+            every_pos.append(s.query_pos[-len(part):])
+        snap = take(s)
+        for name, st in PASSKEY_SETTINGS.items():
+            restore(s, snap)
+            s.cfg.policy_options = st.get("opts", {})
+            if st.get("stats") == "all":
+                s.queries = {il: np.concatenate(qs) for il, qs in every_q.items()}
+                s.query_pos = np.concatenate(every_pos)
+            elif st.get("stats"):
+                s.queries = {il: q[-st["stats"]:] for il, q in s.queries.items()}
+                s.query_pos = s.query_pos[-st["stats"]:]
+            s.cfg.budget = cells
+            s.compress(cells, phase="prefill")
+            kept = sum(1 for p in range(*span) if p in s.live) / (span[1] - span[0])
+            reply = ask(s, question, 8)
+            emit({"part": "passkey", "setting": name, "length": len(ctx), "cells": cells, "depth": d, "seed": seed,
+                  "found": str(key) in reply, "needle_kept": kept, "answer": reply})
+    s.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", choices=["ppl", "passkey", "all"], default="all")
+    ap.add_argument("--out", type=Path, default=Path("docs/quality/levers.jsonl"))
+    ap.add_argument("--ppl-tokens", type=int, default=8192)
+    ap.add_argument("--fracs", default="0.125,0.25")
+    ap.add_argument("--length", type=int, default=8192)
+    ap.add_argument("--depths", default="0.05,0.15,0.25,0.4")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args()
+    model = str(default_model_path())
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    def emit(row: dict) -> None:
+        row["seconds"] = round(time.time() - t0, 1)
+        line = json.dumps(row)
+        print(line, flush=True)
+        with a.out.open("a") as f:
+            f.write(line + "\n")
+
+    if a.part in ("ppl", "all"):
+        ppl_part(model, a.ppl_tokens, [float(f) for f in a.fracs.split(",")], a.threads, emit)
+    if a.part in ("passkey", "all"):
+        passkey_part(model, a.length, 0.25, [float(d) for d in a.depths.split(",")], a.seed, a.threads, emit)
+
+
+if __name__ == "__main__":
+    main()
