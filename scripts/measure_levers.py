@@ -34,6 +34,7 @@ PPL_SETTINGS = {
     "ea stats last 128": {"prefill_stats": 128},
     "ea pool 5": {"opts": {"kernel_size": 5}},
     "ea n_future 128": {"opts": {"n_future_positions": 128}},
+    "ea aggregate share": {"opts": {"aggregate": "share"}},
     "ea recent 256 + stats 128": {"recent": 256, "prefill_stats": 128},
 }
 # name -> statistics window ("all": every context query, kvpress' own choice; N: the last N) and EA options
@@ -46,7 +47,9 @@ PASSKEY_SETTINGS = {
     "ea n_future 2048": {"opts": {"n_future_positions": 2048}},
     "ea no value norm": {"opts": {"use_vnorm": False}},
     "ea aggregate max": {"opts": {"aggregate": "max"}},
-}
+    "ea aggregate share": {"opts": {"aggregate": "share"}},
+    "ea n_future 16": {"opts": {"n_future_positions": 16}},
+}  # + "ea layer L only" for each scored layer L
 
 
 def ppl_part(model: str, n: int, fracs: list[float], threads: int | None, emit) -> None:
@@ -66,6 +69,7 @@ def passkey_part(model: str, length: int, frac: float, depths: list[float], seed
     chunk = 512
     s = Session(model, SessionConfig(budget=length + 256, chunk=chunk, n_threads=threads))
     cells = int(length * frac)
+    settings = dict(PASSKEY_SETTINGS, **{f"ea layer {il} only": {"opts": {"layers": [il]}} for il in s.layers})
     for d in depths:
         key = random.Random(seed * 1000 + int(d * 100) + length).randint(10000, 99999)
         ctx, question, span = passkey_prompt(s.rt, length, d, key)
@@ -80,7 +84,7 @@ def passkey_part(model: str, length: int, frac: float, depths: list[float], seed
                 every_q.setdefault(il, []).append(q[-len(part):])
             every_pos.append(s.query_pos[-len(part):])
         snap = take(s)
-        for name, st in PASSKEY_SETTINGS.items():
+        for name, st in settings.items():
             restore(s, snap)
             s.cfg.policy_options = st.get("opts", {})
             if st.get("stats") == "all":

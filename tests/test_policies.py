@@ -337,6 +337,12 @@ def test_aggregate_scores():
     b = np.array([[5.0, 1.0], [1.0, 1.0]])
     np.testing.assert_allclose(aggregate_scores([a, b], "mean"), [2.5, 1.0])
     np.testing.assert_allclose(aggregate_scores([a, b], "max"), [5.0, 2.0])
+    # share: each row sums to 1 over the evictable cells before the mean
+    np.testing.assert_allclose(aggregate_scores([a, b], "share"), np.mean([[1/3, 2/3], [1, 0], [5/6, 1/6], [.5, .5]], 0))
+    # a layer that puts its mass on a sink (cell 0, not evictable) still votes in full on the rest
+    sink_heavy, flat = np.array([100.0, 1.0, 3.0]), np.array([0.0, 2.0, 2.0])
+    ev = np.array([False, True, True])
+    np.testing.assert_allclose(aggregate_scores([sink_heavy, flat], "share", evictable=ev)[1:], [0.375, 0.625])
 
 
 def test_tova_averages_all_heads_of_layer_and_layers():

@@ -31,7 +31,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from ea_local.policies.base import CellView, RopeSpec
 from ea_local.rope import mean_rotation
 
-AGGREGATES = ("mean", "max")
+AGGREGATES = ("mean", "max", "share")
 POOLINGS = ("max", "avg")
 
 
@@ -64,12 +64,21 @@ def use_layers(view: CellView, layers: Iterable[int] | None, need: Sequence[str]
     return chosen
 
 
-def aggregate_scores(per_layer: Sequence[np.ndarray], how: str = "mean") -> np.ndarray:
-    """Reduce per-layer (n_kv_head, n) (or (n,)) scores to (n,) by mean or max over layers and heads."""
+def aggregate_scores(per_layer: Sequence[np.ndarray], how: str = "mean",
+                     evictable: np.ndarray | None = None) -> np.ndarray:
+    """Reduce per-layer (n_kv_head, n) (or (n,)) scores to (n,) over layers and heads.
+
+    "mean", "max"; "share": the mean of each row divided by its sum over the `evictable` cells (all
+    if None), so that every layer and head votes with the same weight. Without it, a layer whose
+    attention goes mostly to the sinks (kept anyway), or whose values are small, hardly counts.
+    """
     if how not in AGGREGATES:
         raise ValueError(f"unknown aggregate {how!r}; choose from: {', '.join(AGGREGATES)}")
     rows = np.concatenate([np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in per_layer], axis=0)
-    return rows.mean(axis=0) if how == "mean" else rows.max(axis=0)
+    if how == "share":
+        mass = rows.sum(axis=1, keepdims=True) if evictable is None else rows[:, evictable].sum(axis=1, keepdims=True)
+        rows = rows / np.where(mass > 0, mass, 1.0)
+    return rows.max(axis=0) if how == "max" else rows.mean(axis=0)
 
 
 def pool1d(x: np.ndarray, kernel_size: int, how: str = "max") -> np.ndarray:
@@ -218,5 +227,5 @@ def score(
             q, view.keys[l], view.values[l] if use_vnorm else None, view.rope[l], view.next_pos,
             n_future_positions=n_future_positions, use_covariance=use_covariance, use_vnorm=use_vnorm,
             epsilon=epsilon, scale=view.attn_scale, weights=w))
-    scores = aggregate_scores(per_layer, aggregate)
+    scores = aggregate_scores(per_layer, aggregate, evictable=np.asarray(view.positions) >= n_sink)
     return scores if kernel_size == 1 else pool1d(scores, kernel_size, "max")
