@@ -50,8 +50,9 @@ def _headline(res: dict) -> list[str]:
                      f"{_f(r['decode_tok_s'], '.1f')}", ratio])
     return ["## Headline", "",
             f"Budget {b} (full cache: no eviction). Pass key: question-agnostic, context {length} tokens, every "
-            f"depth; perplexity: Δ against the full cache; decode: tok/s at the longest history "
-            f"({rows[0]['history']} tokens) and the ratio to the full cache in the same run.", ""] + \
+            f"depth; perplexity: Δ against the full cache"
+            + (f"; decode: tok/s at the longest history ({rows[0]['history']} tokens) and the ratio to the full "
+               "cache in the same run." if rows[0]["history"] else "; decode: speed suite not run."), ""] + \
         _table(["policy", f"pass key @ {length}", "perplexity (Δ)", "decode tok/s", "decode speed ratio"], body) + [""]
 
 
@@ -77,12 +78,19 @@ def _quality(res: dict, figs: list[str]) -> list[str]:
     pk = q.get("passkey", [])
     hay = ("real prose (GPL-3 + GPL-2, Debian base-files)" if s.get("haystack") == "prose"
            else "repetitive filler (`ea_local/demo.py`)")
-    out += [f"Data: the pass key and the needles hidden in {hay}; pass-key contexts {', '.join(map(str, s['lengths']))} "
-            f"tokens × depths {', '.join(f'{d:.0%}' for d in s['depths'])} (one sample each); multi-key needle "
-            f"(4 needles, each asked) and variable tracking (2 chains of 4 hops, each asked), RULER formats, "
-            f"{s['task_samples']} documents of ~{s['task_length']} tokens each; multi-turn recall: 3 facts in the "
-            f"first turns of a plain-text chat followed by turns quoting the GPL (Debian base-files) up to "
-            f"~{s['task_length']} tokens, {s['task_samples']} chats, each fact asked.", ""]
+    n, tl = s["task_samples"], s["task_length"]
+    data = {  # what each part that ran was measured on
+        "passkey": f"pass-key contexts {', '.join(map(str, s['lengths']))} tokens × depths "
+                   f"{', '.join(f'{d:.0%}' for d in s['depths'])} (one sample each)",
+        "multikey": f"multi-key needle (4 needles, each asked; RULER format), {n} documents of ~{tl} tokens",
+        "variable_tracking": f"variable tracking (2 chains of 4 hops, each asked; RULER format), {n} documents "
+                             f"of ~{tl} tokens",
+        "multi_turn": f"multi-turn recall: 3 facts in the first turns of a plain-text chat followed by turns "
+                      f"quoting the GPL (Debian base-files) up to ~{tl} tokens, {n} chats, each fact asked",
+    }
+    ran = [text for key, text in data.items() if q.get(key)]
+    if ran:
+        out += [f"Data: the pass key and the needles hidden in {hay}; " + "; ".join(ran) + ".", ""]
     for key, title in TASKS.items():
         rows = q.get(key, [])
         if not rows:
