@@ -3,8 +3,8 @@
 
     .venv/bin/python scripts/measure_levers.py --part ppl|passkey|all [--out docs/quality/levers.jsonl]
 
-ppl: perplexity of held-out licence text (bench.data.HELD_OUT, not the reported GPL text) at 12.5% and
-25% for the protected recent window, the statistics window, pooling and n_future_positions.
+ppl: perplexity of held-out licence text (bench.data.HELD_OUT, not the reported GPL text; --ppl-text
+reported for that one) at 12.5% and 25% for the protected recent window, the statistics window, pooling and n_future_positions.
 passkey: the question-agnostic one-shot pass key (8k filler -> 25%, kvpress' protocol) at depths and a
 seed the reported run does not use, one prefill per depth shared by every setting (bench snapshot).
 One JSON line per measurement, appended to --out.
@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 
 from ea_local.quality import as_dict, perplexity  # loads libllama first
-from ea_local.bench.data import HELD_OUT, real_text
+from ea_local.bench.data import HELD_OUT, LICENSES, real_text
 from ea_local.bench.snapshot import restore, take
 from ea_local.bench.suites.common import ask, set_policy
 from ea_local.demo import passkey_prompt
 from ea_local.engine.session import Session, SessionConfig
+from ea_local.model_info import read_model_info
 from ea_local.models import default_model_path
 import numpy as np
 
@@ -35,8 +36,9 @@ PPL_SETTINGS = {
     "ea pool 5": {"opts": {"kernel_size": 5}},
     "ea n_future 128": {"opts": {"n_future_positions": 128}},
     "ea aggregate share": {"opts": {"aggregate": "share"}},
+    "ea aggregate union": {"opts": {"aggregate": "union"}},
     "ea recent 256 + stats 128": {"recent": 256, "prefill_stats": 128},
-}
+}  # + "ea layer L only" for each global layer L
 # name -> statistics window ("all": every context query, kvpress' own choice; N: the last N) and EA options
 PASSKEY_SETTINGS = {
     "ea": {},
@@ -48,28 +50,36 @@ PASSKEY_SETTINGS = {
     "ea no value norm": {"opts": {"use_vnorm": False}},
     "ea aggregate max": {"opts": {"aggregate": "max"}},
     "ea aggregate share": {"opts": {"aggregate": "share"}},
+    "ea aggregate union": {"opts": {"aggregate": "union"}},
     "ea n_future 16": {"opts": {"n_future_positions": 16}},
 }  # + "ea layer L only" for each scored layer L
 
 
-def ppl_part(model: str, n: int, fracs: list[float], threads: int | None, emit) -> None:
-    text = real_text(HELD_OUT)
-    full = perplexity(model, "streaming-llm", n + 512, n, n // 2, text=text, n_threads=threads)
-    emit({"part": "ppl", "setting": "full", **as_dict(full)})
+def ppl_part(model: str, n: int, fracs: list[float], threads: int | None, emit, only: set[str],
+             text_name: str) -> None:
+    text = real_text(HELD_OUT if text_name == "held-out" else LICENSES)
+    settings = dict(PPL_SETTINGS, **{f"ea layer {il} only": {"opts": {"layers": [il]}}
+                                     for il in read_model_info(model).global_layers})
+    if not only or "full" in only:
+        full = perplexity(model, "streaming-llm", n + 512, n, n // 2, text=text, n_threads=threads)
+        emit({"part": "ppl", "text": text_name, "setting": "full", **as_dict(full)})
     for frac in fracs:
-        for name, st in PPL_SETTINGS.items():
+        for name, st in settings.items():
+            if only and name not in only:
+                continue
             r = perplexity(model, st.get("policy", "expected-attention"), int(n * frac), n, n // 2, text=text,
                            recent=st.get("recent", 64), prefill_stats=st.get("prefill_stats"),
                            policy_options=st.get("opts", {}), n_threads=threads)
-            emit({"part": "ppl", "setting": name, "fraction": frac, **as_dict(r)})
+            emit({"part": "ppl", "text": text_name, "setting": name, "fraction": frac, **as_dict(r)})
 
 
 def passkey_part(model: str, length: int, frac: float, depths: list[float], seed: int, threads: int | None,
-                 emit) -> None:
+                 emit, only: set[str]) -> None:
     chunk = 512
     s = Session(model, SessionConfig(budget=length + 256, chunk=chunk, n_threads=threads))
     cells = int(length * frac)
     settings = dict(PASSKEY_SETTINGS, **{f"ea layer {il} only": {"opts": {"layers": [il]}} for il in s.layers})
+    settings = {k: v for k, v in settings.items() if not only or k in only}
     for d in depths:
         key = random.Random(seed * 1000 + int(d * 100) + length).randint(10000, 99999)
         ctx, question, span = passkey_prompt(s.rt, length, d, key)
@@ -77,8 +87,9 @@ def passkey_part(model: str, length: int, frac: float, depths: list[float], seed
         set_policy(s, "expected-attention")
         every_q: dict[int, list[np.ndarray]] = {}
         every_pos = []
-        for start in range(0, len(ctx), chunk):  # each chunk's queries become the statistics window
-            part = ctx[start:start + chunk]
+        split = max(0, len(ctx) - chunk)  # as the bench does: the last chunk is a full one
+        for start, end in [(a, min(a + chunk, split)) for a in range(0, split, chunk)] + [(split, len(ctx))]:
+            part = ctx[start:end]  # each chunk's queries become the statistics window
             s.prefill(part)
             for il, q in s.queries.items():
                 every_q.setdefault(il, []).append(q[-len(part):])
@@ -108,12 +119,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("docs/quality/levers.jsonl"))
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--fracs", default="0.125,0.25")
+    ap.add_argument("--ppl-text", choices=["held-out", "reported"], default="held-out",
+                    help="held-out licences (settings are chosen on these) or GPL-3 + GPL-2 (reported)")
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--depths", default="0.05,0.15,0.25,0.4")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--only", default="", help="comma list of setting names to run (default: all)")
     a = ap.parse_args()
     model = str(default_model_path())
+    only = {x.strip() for x in a.only.split(",") if x.strip()}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
@@ -125,9 +140,9 @@ def main() -> None:
             f.write(line + "\n")
 
     if a.part in ("ppl", "all"):
-        ppl_part(model, a.ppl_tokens, [float(f) for f in a.fracs.split(",")], a.threads, emit)
+        ppl_part(model, a.ppl_tokens, [float(f) for f in a.fracs.split(",")], a.threads, emit, only, a.ppl_text)
     if a.part in ("passkey", "all"):
-        passkey_part(model, a.length, 0.25, [float(d) for d in a.depths.split(",")], a.seed, a.threads, emit)
+        passkey_part(model, a.length, 0.25, [float(d) for d in a.depths.split(",")], a.seed, a.threads, emit, only)
 
 
 if __name__ == "__main__":

@@ -343,6 +343,10 @@ def test_aggregate_scores():
     sink_heavy, flat = np.array([100.0, 1.0, 3.0]), np.array([0.0, 2.0, 2.0])
     ev = np.array([False, True, True])
     np.testing.assert_allclose(aggregate_scores([sink_heavy, flat], "share", evictable=ev)[1:], [0.375, 0.625])
+    # union: a cell's best rank in any row; keeping the top 2 keeps each layer's own best cell
+    u = aggregate_scores([np.array([1.0, 5.0, 3.0, 3.0]), np.array([9.0, 0.0, 1.0, 2.0])], "union")
+    np.testing.assert_allclose(u, [0.75, 0.75, 0.25, 0.5])
+    assert set(np.argsort(-u, kind="stable")[:2]) == {0, 1}
 
 
 def test_tova_averages_all_heads_of_layer_and_layers():

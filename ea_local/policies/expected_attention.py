@@ -31,7 +31,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from ea_local.policies.base import CellView, RopeSpec
 from ea_local.rope import mean_rotation
 
-AGGREGATES = ("mean", "max", "share")
+AGGREGATES = ("mean", "max", "share", "union")
 POOLINGS = ("max", "avg")
 
 
@@ -71,10 +71,16 @@ def aggregate_scores(per_layer: Sequence[np.ndarray], how: str = "mean",
     "mean", "max"; "share": the mean of each row divided by its sum over the `evictable` cells (all
     if None), so that every layer and head votes with the same weight. Without it, a layer whose
     attention goes mostly to the sinks (kept anyway), or whose values are small, hardly counts.
+    "union": the best rank a cell has in any row (rank / n, ties share a rank), so keeping the top k
+    keeps the union of every layer's and head's own best cells — what evicting each layer on its own
+    (as kvpress does) would keep, when all layers must share one set of cells.
     """
     if how not in AGGREGATES:
         raise ValueError(f"unknown aggregate {how!r}; choose from: {', '.join(AGGREGATES)}")
     rows = np.concatenate([np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in per_layer], axis=0)
+    if how == "union":
+        ranks = np.stack([np.searchsorted(np.sort(r), r, side="left") for r in rows])
+        return ranks.max(axis=0) / rows.shape[1]
     if how == "share":
         mass = rows.sum(axis=1, keepdims=True) if evictable is None else rows[:, evictable].sum(axis=1, keepdims=True)
         rows = rows / np.where(mass > 0, mass, 1.0)
