@@ -7,7 +7,8 @@ ppl: perplexity of held-out licence text (bench.data.HELD_OUT, not the reported 
 reported for that one) at 12.5% and 25% for the protected recent window, the statistics window, pooling and n_future_positions.
 passkey: the question-agnostic one-shot pass key (8k filler -> 25%, kvpress' protocol) at depths and a
 seed the reported run does not use, one prefill per depth shared by every setting (bench snapshot).
-One JSON line per measurement, appended to --out.
+One JSON line per measurement, appended to --out. Every "ea" setting is Expected Attention with
+aggregate="mean" (the default until session 4) plus the one change its name says.
 """
 from __future__ import annotations
 
@@ -55,6 +56,13 @@ PASSKEY_SETTINGS = {
 }  # + "ea layer L only" for each scored layer L
 
 
+def _opts(setting: dict) -> dict:
+    """EA options of a setting: mean over layers unless it names another aggregate (baselines: none)."""
+    if setting.get("policy", "expected-attention") != "expected-attention":
+        return {}
+    return {"aggregate": "mean", **setting.get("opts", {})}
+
+
 def ppl_part(model: str, n: int, fracs: list[float], threads: int | None, emit, only: set[str],
              text_name: str) -> None:
     text = real_text(HELD_OUT if text_name == "held-out" else LICENSES)
@@ -69,7 +77,7 @@ def ppl_part(model: str, n: int, fracs: list[float], threads: int | None, emit, 
                 continue
             r = perplexity(model, st.get("policy", "expected-attention"), int(n * frac), n, n // 2, text=text,
                            recent=st.get("recent", 64), prefill_stats=st.get("prefill_stats"),
-                           policy_options=st.get("opts", {}), n_threads=threads)
+                           policy_options=_opts(st), n_threads=threads)
             emit({"part": "ppl", "text": text_name, "setting": name, "fraction": frac, **as_dict(r)})
 
 
@@ -97,7 +105,7 @@ def passkey_part(model: str, length: int, frac: float, depths: list[float], seed
         snap = take(s)
         for name, st in settings.items():
             restore(s, snap)
-            s.cfg.policy_options = st.get("opts", {})
+            s.cfg.policy_options = _opts(st)
             if st.get("stats") == "all":
                 s.queries = {il: np.concatenate(qs) for il, qs in every_q.items()}
                 s.query_pos = np.concatenate(every_pos)

@@ -220,7 +220,8 @@ def test_expected_attention_aggregates_and_drops_sink_queries():
     ea = get_policy("expected-attention").score
     np.testing.assert_allclose(ea(view, aggregate="mean", n_sink=0), np.mean(np.concatenate(per), axis=0))
     np.testing.assert_allclose(ea(view, aggregate="max", n_sink=0), np.max(np.concatenate(per), axis=0))
-    np.testing.assert_allclose(ea(view, layers=[1], n_sink=0), per[1].mean(axis=0))
+    np.testing.assert_allclose(ea(view, n_sink=0), aggregate_scores(per, "union"))  # the default
+    np.testing.assert_allclose(ea(view, layers=[1], n_sink=0, aggregate="mean"), per[1].mean(axis=0))
     with pytest.raises(ValueError, match="aggregate"):
         ea(view, aggregate="median")
     with pytest.raises(ValueError, match="layers"):
@@ -229,8 +230,8 @@ def test_expected_attention_aggregates_and_drops_sink_queries():
     view.query_positions = np.arange(view.queries[0].shape[0])  # 0..15
     view.queries[0][:4] += 50.0
     kept = expected_attention_layer(view.queries[0][4:], view.keys[0], view.values[0], view.rope[0], view.next_pos)
-    np.testing.assert_allclose(ea(view, layers=[0], n_sink=4), kept.mean(axis=0))
-    assert not np.allclose(ea(view, layers=[0], n_sink=0), kept.mean(axis=0))
+    np.testing.assert_allclose(ea(view, layers=[0], n_sink=4, aggregate="mean"), kept.mean(axis=0))
+    assert not np.allclose(ea(view, layers=[0], n_sink=0, aggregate="mean"), kept.mean(axis=0))
 
 
 def test_streaming_llm_ranks_newest_highest():

@@ -15,7 +15,7 @@ kvpress uses s = 1/√d; we use the model's softmax scale when the engine knows 
 prompt length; we start it at the true next position (``CellView.next_pos``).
 
 llama.cpp cells are shared by all layers and heads, so ``score`` reduces the per-layer,
-per-KV-head scores to one per cell (``aggregate="mean"`` or ``"max"``). Sinks and the
+per-KV-head scores to one per cell (``aggregate``: "union", the default, "mean", "max" or "share"). Sinks and the
 recent window are protected by the engine, not here.
 
 The helpers ``softmax``, ``use_layers``, ``aggregate_scores`` and ``pool1d`` are shared with the
@@ -213,11 +213,16 @@ def score(
     use_vnorm: bool = True,
     epsilon: float = 0.0,
     n_sink: int = 4,
-    aggregate: str = "mean",
+    aggregate: str = "union",
     layers: Iterable[int] | None = None,
     kernel_size: int = 1,
 ) -> np.ndarray:
     """(n,) Expected Attention per cell, aggregated over the chosen layers and KV heads.
+
+    ``aggregate`` "union" (default): kvpress evicts each layer and KV head on its own; with cells
+    shared by every layer, a cell is kept if any layer ranks it high. Measured against "mean" on the
+    default model (docs/quality.md, "Levers"): pass key 8k -> 25% question-agnostic 5/5 vs 4/5
+    (held-out depths 3/4 vs 2/4), perplexity the same within noise at 25% and 12.5%.
 
     ``kernel_size`` > 1 max-pools the scores over that many neighbouring live cells (SnapKV's
     pooling, not in kvpress' EA): a fact spans several tokens, and keeping the whole span is
