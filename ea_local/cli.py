@@ -54,12 +54,11 @@ def _rpc_endpoints(rpc: Optional[str]) -> tuple[str, ...]:
 
 def _model_info(model: Optional[Path]):
     from .model_info import ModelFileError, read_model_info
-    from .models import resolve_model
+    from .models import ModelNotFound, resolve_model
 
-    path = resolve_model(str(model) if model else None)
     try:
-        return read_model_info(path)
-    except ModelFileError as e:
+        return read_model_info(resolve_model(str(model) if model else None))
+    except (ModelFileError, ModelNotFound) as e:
         _fail(str(e))
 
 

