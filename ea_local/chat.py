@@ -12,6 +12,7 @@ notices and stats on stderr.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import sys
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
 from .engine.runtime import LlamaError  # engine first: loads libllama before numpy
-from .engine.sampling import SamplingParams
+from .engine.sampling import CHAT_TEMPERATURE, SamplingParams
 from .engine import snapshot
 from .engine.session import BudgetError, Session, SessionConfig
 from .chat_template import TemplateError, TurnRenderer, resolve_template
@@ -49,14 +50,23 @@ class ChatOptions:
     cache_type: str = "f16"
     n_gpu_layers: int | None = None
     threads: int | None = None
-    seed: int = 0
+    seed: int | None = None  # None: a random sampling seed, as llama.cpp
     max_tokens: int = 512
-    temperature: float = 0.0
+    temperature: float = CHAT_TEMPERATURE  # llama.cpp's sampling defaults; 0: greedy
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
     system: str | None = None
     file: str | None = None
     chunk: int | None = None  # None: min(512, budget // 2)
     rpc: tuple[str, ...] = ()  # llama.cpp RPC servers (HOST:PORT)
     question_agnostic: bool = False  # True: the user's message does not steer compression (issue 11)
+
+    def sampling(self, seed: int) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                              repeat_penalty=self.repeat_penalty, repeat_last_n=self.repeat_last_n, seed=seed)
 
 
 def read_text_file(path: str) -> str:
@@ -94,8 +104,12 @@ def valid_utf8(text: str) -> str:
 def session_config(opts: ChatOptions) -> SessionConfig:
     if opts.max_tokens < 1:
         raise ChatError(f"max-tokens must be at least 1, got {opts.max_tokens}")
+    try:
+        opts.sampling(0).validate()
+    except ValueError as e:
+        raise ChatError(str(e)) from None
     chunk = opts.chunk if opts.chunk is not None else max(1, min(512, opts.budget // 2))
-    return SessionConfig(budget=opts.budget, policy=opts.policy, cache_type=opts.cache_type, seed=opts.seed,
+    return SessionConfig(budget=opts.budget, policy=opts.policy, cache_type=opts.cache_type, seed=opts.seed or 0,
                          n_threads=opts.threads, n_gpu_layers=opts.n_gpu_layers, chunk=chunk,
                          rpc=tuple(opts.rpc), **({"question_weight": 0.0} if opts.question_agnostic else {}))
 
@@ -132,14 +146,12 @@ class Chat:
         self.turns = TurnRenderer(self.template, self.system)
         self.turn_count = 0
         self.last_turn: dict = {}
+        self.seed = opts.seed if opts.seed is not None else secrets.randbits(31)
+        self._stopped_on = ""  # the stop string that ended the last answer: already in the cache
 
     # ---- feeding ----
     def tokens(self, text: str, first: bool = False) -> list[int]:
-        rt = self.s.rt
-        toks = rt.tokenize(text, add_bos=False, special=True)
-        if first and rt.add_bos() and (not toks or toks[0] != rt.bos()):
-            toks = [rt.bos()] + toks
-        return toks
+        return self.template.tokenize(self.s.rt, text, first=first)
 
     def start(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Feed what precedes the first user message (BOS, system prompt, --file). Returns its tokens."""
@@ -151,8 +163,11 @@ class Chat:
     def ask(self, text: str, should_stop: Callable[[], bool] | None = None) -> Iterator[str]:
         """Stream the answer to one user message; the (possibly partial) answer joins the history."""
         glue, tail = self.turns.split()
+        if self._stopped_on and glue.startswith(self._stopped_on):
+            glue = glue[len(self._stopped_on):]
+        self._stopped_on = ""
         prompt = self.tokens(glue + text + tail)
-        params = SamplingParams(temperature=self.opts.temperature, seed=self.opts.seed + self.turn_count)
+        params = self.opts.sampling((self.seed + self.turn_count) & 0x7FFFFFFF)
         pieces: list[str] = []
         t0 = time.perf_counter()
         n0 = self.s.stats.tokens_seen
@@ -165,7 +180,8 @@ class Chat:
                 self.s.prefill(prompt, progress=lambda d, t: _stop_if(should_stop), turn=True)
             except _Stopped:
                 return
-            for piece in self.s.generate([], params, max_tokens=self.opts.max_tokens, should_stop=should_stop):
+            for piece in self.s.generate([], params, stop=list(self.template.stop), max_tokens=self.opts.max_tokens,
+                                         should_stop=should_stop):
                 if t_first is None:
                     t_first = time.perf_counter()
                 if not started:  # answers often open with a newline or a space
@@ -176,6 +192,7 @@ class Chat:
                 pieces.append(piece)
                 yield piece
         finally:
+            self._stopped_on = self._cached_stop()
             answer = "".join(pieces).rstrip()
             self.turns.add("user", text)
             self.turns.add("assistant", answer)
@@ -185,6 +202,14 @@ class Chat:
             dt = t1 - (t_first or t1)
             self.last_turn = {"prompt": len(prompt), "generated": max(0, n_gen),
                               "tok_s": n_gen / dt if dt > 0 and n_gen > 0 else 0.0, "seconds": t1 - t0}
+
+    def _cached_stop(self) -> str:
+        """The stop string the cache ends with (a base model's "\nUser:"), or ""."""
+        if not self.template.stop or not self.s.live:
+            return ""
+        last = [self.s.live[p] for p in sorted(self.s.live)[-16:]]
+        text = b"".join(self.s.rt.token_bytes(t) for t in last).decode("utf-8", errors="replace")
+        return next((st for st in self.template.stop if text.endswith(st)), "")
 
     # ---- commands ----
     def stats_lines(self) -> list[str]:
@@ -243,6 +268,7 @@ class Chat:
         self.s.reset()
         self.turns = TurnRenderer(self.template, self.system)
         self.turn_count = 0
+        self._stopped_on = ""
         n = self.start()
         return f"conversation reset ({n} tokens of system prompt / document fed again)"
 
@@ -441,9 +467,6 @@ def banner(chat: Chat) -> list[str]:
     s = chat.s
     lines = [f"ea-local chat: {info.architecture} {info.file_type or ''} ({Path(str(info.path)).name}), "
              f"budget {s.cfg.budget} cells, policy {s.cfg.policy}, KV cache {s.cfg.cache_type}"]
-    if not info.has_chat_template:
-        lines.append("note: this is a base model (no chat template in the file): it continues text rather "
-                     "than following instructions")
     if chat.notice:
         lines.append(chat.notice)
     return lines

@@ -1,23 +1,35 @@
-"""Chat templates: the GGUF's own (tokenizer.chat_template) or, when the file has none, the
-architecture's known one.
+"""Chat templates: the GGUF's own (tokenizer.chat_template), rendered as written, or, for files
+without one, llama.cpp's built-in template of the architecture (instruct models) or a plain
+"User: / Assistant:" transcript (base models).
 
-Rendering goes through llama.cpp's `llama_chat_apply_template`, which recognises the common
-templates (gemma, llama3, chatml, mistral, ...) from the template text or a built-in name; a
-GGUF template it does not recognise is run with jinja2 (sandboxed) instead.
+The file's own template is run with sandboxed jinja2 the way llama-cpp-python's
+`Jinja2ChatFormatter` and Hugging Face's `apply_chat_template` run it: trim_blocks and
+lstrip_blocks, the loopcontrols extension, a pass-through `{% generation %}` tag, a `tojson` that
+keeps non-ASCII text, and the variables `messages`, `bos_token`, `eos_token`,
+`add_generation_prompt`, `raise_exception`, `strftime_now`, `tools`/`functions` (None). It is not
+given to `llama_chat_apply_template`: that recognises a ChatML-looking template as "chatml" and
+drops what the template itself adds (a default system prompt, for instance). The rendered text
+carries its own special tokens (BOS included when the template writes `bos_token`) and is
+tokenized with `special=True` and no BOS added, as llama-cpp-python and `apply_chat_template` do.
 
-Incremental feeding: a conversation's KV cache already holds everything up to some point of
-the rendered text. `TurnRenderer.split` renders the conversation with sentinels in place of the
-last answer and of the new user message; the text between them (the end-of-turn markers and the
-next turn's header) and after the user sentinel (the generation prompt) is what must be fed.
+Incremental feeding: a conversation's KV cache already holds everything up to some point of the
+rendered text. `TurnRenderer.split` renders the conversation with sentinels in place of the last
+answer and of the new user message; the text between them (the end-of-turn markers and the next
+turn's header) and after the user sentinel (the generation prompt) is what must be fed. It also
+checks that the template rendered the earlier turns the same way as when they were fed (`exact`).
 """
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
 import llama_cpp.llama_cpp as ll
 
-# architecture -> llama.cpp built-in template name, for files without tokenizer.chat_template
+# architecture -> llama.cpp built-in template name, for instruct files without tokenizer.chat_template
 KNOWN_TEMPLATES = {
     "gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma",
     "llama": "llama3",
@@ -32,6 +44,9 @@ DEFAULT_TEMPLATE = "chatml"
 USER_SENTINEL = "EALOCALUSERSLOT7Q"
 ANSWER_SENTINEL = "EALOCALANSWERSLOT3Z"
 
+# a file without a template whose name says it was tuned to follow instructions
+_INSTRUCT_NAME = re.compile(r"instruct|chat|(^|[-_. ])it($|[-_. ])|sft|dpo|rlhf", re.IGNORECASE)
+
 
 class TemplateError(ValueError):
     pass
@@ -39,32 +54,101 @@ class TemplateError(ValueError):
 
 @dataclass
 class ChatTemplate:
+    """One way of turning messages into prompt text.
+
+    origin: "gguf" (the file's jinja template), "builtin" (a llama.cpp template by name) or
+    "plain" (a User:/Assistant: transcript for base models)."""
     source: str  # the template text, or a llama.cpp built-in name
-    origin: str  # "gguf" or "builtin"
-    name: str  # for messages: "the model's own", "gemma", ...
+    origin: str
+    name: str  # for messages: "the model's own", "gemma", "plain transcript", ...
     bos_token: str = ""
     eos_token: str = ""
-    _jinja: object | None = None
+    stop: tuple[str, ...] = ()  # stop strings the generation needs besides end-of-generation tokens
+    _jinja: Any = field(default=None, repr=False)
+
+    @property
+    def adds_bos(self) -> bool:
+        """Whether the rendered text brings its own BOS (the file's template writes `bos_token` if the
+        model wants one); otherwise the tokenizer adds it when the model asks for one."""
+        return self.origin == "gguf"
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        if self._jinja is None:
+        if self.origin == "plain":
+            return _render_plain(messages, add_generation_prompt)
+        if self.origin == "builtin":
             out = _apply_llama(self.source, messages, add_generation_prompt)
-            if out is not None:
-                return out
-            if self.origin == "builtin":
+            if out is None:
                 raise TemplateError(f"llama.cpp does not know the chat template {self.source!r}")
-            self._jinja = _compile_jinja(self.source)
+            return out
+        if self._jinja is None:
+            self._jinja = compile_jinja(self.source)
         try:
             return self._jinja.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                      bos_token=self.bos_token, eos_token=self.eos_token)
-        except Exception as e:  # noqa: BLE001 — jinja raise_exception and template bugs alike
+                                      bos_token=self.bos_token, eos_token=self.eos_token,
+                                      raise_exception=_raise_exception, strftime_now=_strftime_now,
+                                      functions=None, function_call=None, tools=None, tool_choice=None)
+        except TemplateError:
+            raise
+        except Exception as e:  # noqa: BLE001 — template bugs, undefined attributes, sandbox refusals
             raise TemplateError(f"the model's chat template failed: {e}") from e
 
+    def tokenize(self, rt, text: str, first: bool = True) -> list[int]:
+        """Tokens of rendered text (special tokens parsed); a BOS is added to the first piece of a
+        conversation only when the template does not write its own and the model wants one."""
+        toks = rt.tokenize(text, add_bos=False, special=True)
+        if first and not self.adds_bos and rt.add_bos() and (not toks or toks[0] != rt.bos()):
+            toks = [rt.bos()] + toks
+        return toks
+
+
+# ---- the file's own template (jinja2) ----
+
+def _raise_exception(message: str) -> None:
+    raise TemplateError(f"the model's chat template refused the messages: {message}")
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: tuple[str, str] | None = None,
+            sort_keys: bool = False) -> str:
+    # Hugging Face's chat-template tojson: non-ASCII text kept as is (jinja's own escapes it for HTML)
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def compile_jinja(source: str):
+    """The template compiled in a sandbox (no attribute writes, no unsafe calls)."""
+    try:
+        import jinja2
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError as e:  # pragma: no cover - llama-cpp-python depends on jinja2
+        raise TemplateError("the model's chat template needs jinja2, which is not installed") from e
+
+    class GenerationTag(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}` (Hugging Face marks trainable text with it): its body as is."""
+        tags = {"generation"}
+
+        def parse(self, parser):  # noqa: ANN001
+            parser.stream.skip(1)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    env = ImmutableSandboxedEnvironment(loader=jinja2.BaseLoader(), trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    try:
+        return env.from_string(source)
+    except Exception as e:  # noqa: BLE001
+        raise TemplateError(f"the model's chat template does not parse: {e}") from e
+
+
+# ---- llama.cpp's built-in templates ----
 
 def _apply_llama(tmpl: str, messages: list[dict], add_ass: bool) -> str | None:
-    """llama.cpp's renderer; None when it does not recognise the template."""
+    """llama.cpp's renderer; None when it does not know the template."""
     keep = [(m["role"].encode(), m["content"].encode()) for m in messages]
-    arr = (ll.llama_chat_message * len(keep))()
+    arr = (ll.llama_chat_message * max(1, len(keep)))()
     for i, (role, content) in enumerate(keep):
         arr[i].role = role
         arr[i].content = content
@@ -79,52 +163,97 @@ def _apply_llama(tmpl: str, messages: list[dict], add_ass: bool) -> str | None:
     return buf.raw[:n].decode("utf-8", errors="replace")
 
 
-def _compile_jinja(source: str):
-    try:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError as e:  # pragma: no cover - llama-cpp-python depends on jinja2
-        raise TemplateError("the model's chat template needs jinja2, which is not installed") from e
+# ---- base models: a transcript they can continue ----
 
-    def raise_exception(msg):
-        raise TemplateError(msg)
+PLAIN_STOP = ("\nUser:", "\nAssistant:")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    try:
-        return env.from_string(source)
-    except Exception as e:  # noqa: BLE001
-        raise TemplateError(f"the model's chat template does not parse: {e}") from e
+
+def _render_plain(messages: list[dict], add_generation_prompt: bool) -> str:
+    """System text, then "User: ..." / "Assistant: ..." lines; the generation prompt is "Assistant:",
+    so the model's first token carries its own space, as in the text it was trained on."""
+    out = []
+    for m in messages:
+        role, content = m["role"], m["content"]
+        if role == "system":
+            out.append(content + "\n\n")
+        elif role == "assistant":
+            out.append(f"Assistant: {content}\n")
+        else:
+            out.append(f"User: {content}\n")
+    if add_generation_prompt:
+        out.append("Assistant:")
+    return "".join(out)
+
+
+def looks_instruct(info) -> bool:
+    """A file without a template whose general.name or file name says instruct/chat/it."""
+    names = [str(getattr(info, "name", "") or ""), str(info.path).replace("\\", "/").rsplit("/", 1)[-1]]
+    return any(_INSTRUCT_NAME.search(n) for n in names)
+
+
+def _token_text(rt, token: int) -> str:
+    # the token's text as the vocabulary stores it, as llama-cpp-python passes bos_token/eos_token
+    if token < 0:
+        return ""
+    t = ll.llama_vocab_get_text(rt.vocab, token)
+    return t.decode("utf-8", errors="replace") if t else ""
 
 
 def resolve_template(info, rt=None) -> tuple[ChatTemplate, str | None]:
-    """(template, notice): the GGUF's template, else the architecture's known one with a notice."""
+    """(template, notice): the GGUF's template; else a built-in one (instruct-looking files) or a plain
+    transcript (base models), with a one-line notice."""
     bos = eos = ""
     if rt is not None:
-        bos = rt.token_bytes(rt.bos(), special=True).decode("utf-8", errors="replace")
-        eos_id = ll.llama_vocab_eos(rt.vocab)
-        if eos_id >= 0:
-            eos = rt.token_bytes(eos_id, special=True).decode("utf-8", errors="replace")
+        bos = _token_text(rt, ll.llama_vocab_bos(rt.vocab))
+        eos = _token_text(rt, ll.llama_vocab_eos(rt.vocab))
+    file = str(info.path).replace("\\", "/").split("/")[-1]
     if info.chat_template:
         return ChatTemplate(info.chat_template, "gguf", "the model's own", bos, eos), None
+    if not looks_instruct(info):
+        notice = (f"note: {file} has no chat template and looks like a base model: it continues text rather "
+                  "than following instructions (it is fed a plain User:/Assistant: transcript)")
+        return ChatTemplate("plain", "plain", "plain transcript", bos, eos, stop=PLAIN_STOP), notice
     name = KNOWN_TEMPLATES.get(info.architecture, DEFAULT_TEMPLATE)
-    notice = (f"note: {info.path.split('/')[-1]} has no chat template; using the {name} template "
-              f"known for {info.architecture}")
+    notice = f"note: {file} has no chat template; using the {name} template known for {info.architecture}"
     return ChatTemplate(name, "builtin", name, bos, eos), notice
 
 
 class TurnRenderer:
-    """Turns a growing conversation into the text still to feed, turn by turn."""
+    """Turns a growing conversation into the text still to feed, turn by turn.
+
+    Templates that accept no system message (they call raise_exception) get it folded into the first
+    user message, as their authors suggest. `exact` turns False when the template renders earlier
+    turns differently from when they were fed (a system prompt placed before the last user message,
+    earlier reasoning dropped): the cache then keeps them as they were fed."""
 
     def __init__(self, template: ChatTemplate, system: str | None = None):
         self.t = template
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.fold_system = False
+        self.exact = True
+        self._fed: str | None = None  # rendered text before the last answer, as it was fed
+        self._pending: tuple[str, str] | None = None  # (text before the new user message, its tail)
+
+    def _render(self, messages: list[dict]) -> str:
+        if self.fold_system:
+            messages = _fold_system(messages)
+        try:
+            return self.t.render(messages, True)
+        except TemplateError:
+            if self.fold_system or not messages or messages[0]["role"] != "system":
+                raise
+            out = self.t.render(_fold_system(messages), True)
+            self.fold_system = True
+            return out
 
     def prefix(self) -> str:
         """Text before the first user message's content (system prompt, headers): can be fed at once."""
-        r = self.t.render(self.messages + [{"role": "user", "content": USER_SENTINEL}], True)
+        r = self._render(self.messages + [{"role": "user", "content": USER_SENTINEL}])
         i = r.find(USER_SENTINEL)
         if i < 0:
             raise TemplateError("the chat template drops the user message")
+        if not any(m["role"] == "user" for m in self.messages):
+            self._fed = r[:i]
         return r[:i]
 
     def split(self) -> tuple[str, str]:
@@ -136,19 +265,59 @@ class TurnRenderer:
         answered = bool(msgs) and msgs[-1]["role"] == "assistant"
         if answered:
             msgs[-1]["content"] = ANSWER_SENTINEL
-        r = self.t.render(msgs + [{"role": "user", "content": USER_SENTINEL}], True)
+        r = self._render(msgs + [{"role": "user", "content": USER_SENTINEL}])
         u = r.rfind(USER_SENTINEL)
         if u < 0:
             raise TemplateError("the chat template drops the user message")
+        glue, before = "", r[:u]
         if answered:
             a = r.rfind(ANSWER_SENTINEL, 0, u)
             if a < 0:  # the template drops earlier answers: nothing to close
-                glue = ""
+                self._check(None)
             else:
+                self._check(r[:a])
                 glue = r[a + len(ANSWER_SENTINEL):u]
+                before = r[:a] + self.messages[-1]["content"] + glue
         else:
-            glue = ""
-        return glue, r[u + len(USER_SENTINEL):]
+            self._check(r[:u])
+        tail = r[u + len(USER_SENTINEL):]
+        self._pending = (before, tail)
+        return glue, tail
+
+    def _check(self, rendered_before: str | None) -> None:
+        if self._fed is not None and rendered_before != self._fed:
+            self.exact = False
 
     def add(self, role: str, content: str) -> None:
+        if role == "user" and self._pending is not None:
+            before, tail = self._pending
+            self._fed = before + content + tail
+            self._pending = None
         self.messages.append({"role": role, "content": content})
+
+
+def _fold_system(messages: list[dict]) -> list[dict]:
+    """The system message joined to the first user message (templates without a system role)."""
+    if not messages or messages[0]["role"] != "system":
+        return messages
+    system, rest = messages[0]["content"], [dict(m) for m in messages[1:]]
+    for m in rest:
+        if m["role"] == "user":
+            m["content"] = f"{system}\n\n{m['content']}"
+            break
+    return rest
+
+
+def conversation_text(template: ChatTemplate, messages: list[dict], system: str | None = None) -> list[str]:
+    """The pieces a TurnRenderer feeds for a finished conversation (prefix, then user+tail, answer, glue...):
+    their concatenation equals the full rendering when the feeding is exact."""
+    tr = TurnRenderer(template, system)
+    pieces = [tr.prefix()]
+    for m in messages:
+        if m["role"] == "user":
+            glue, tail = tr.split()
+            pieces += [glue, m["content"], tail]
+        tr.add(m["role"], m["content"])
+        if m["role"] == "assistant":
+            pieces.append(m["content"])
+    return pieces

@@ -15,7 +15,10 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Long contexts on local GGUF models inside a fixed KV budget (Expected Attention eviction).")
 
-ModelOpt = typer.Option(None, "--model", "-m", help="GGUF file (default: the embedded Gemma 3 270M Q4_K_M)")
+ModelOpt = typer.Option(None, "--model", "-m", help="GGUF file or embedded model name (default: gemma3-270m, "
+                                                   "the embedded Gemma 3 270M Q4_K_M base model; `ea-local info` lists them)")
+ChatModelOpt = typer.Option(None, "--model", "-m", help="GGUF file or embedded model name (default: smollm2-135m, "
+                                                       "the embedded SmolLM2-135M-Instruct; `ea-local info` lists them)")
 # the flags every command that runs a model shares
 PolicyOpt = typer.Option("expected-attention", help="eviction policy (see `ea-local policies`)")
 CacheOpt = typer.Option("f16", help="KV cache type: f16, q8_0 or q4_0")
@@ -23,6 +26,16 @@ GpuOpt = typer.Option(None, help="layers to offload to the GPU (default: EA_LOCA
 ThreadsOpt = typer.Option(None, help="CPU threads (default: all cores)")
 SeedOpt = typer.Option(0)
 TempOpt = typer.Option(0.0, help="sampling temperature (0: greedy)")
+# chat and summarize sample as llama.cpp does by default (engine/sampling.py)
+ChatTempOpt = typer.Option(0.8, help="sampling temperature (0: greedy, the same answer every time)")
+TopKOpt = typer.Option(40, "--top-k", help="sample among the k likeliest tokens (0: off)")
+TopPOpt = typer.Option(0.95, "--top-p", help="... and the likeliest ones that make up this probability (1: off)")
+MinPOpt = typer.Option(0.05, "--min-p", help="... dropping tokens less likely than min-p times the likeliest (0: off)")
+RepeatPenaltyOpt = typer.Option(1.0, "--repeat-penalty",
+                                help="divide the logits of tokens among the last --repeat-last-n generated ones by "
+                                     "this (1: off; 1.1 is llama-cpp-python's default)")
+RepeatLastNOpt = typer.Option(64, "--repeat-last-n", help="generated tokens the repeat penalty looks back on")
+ChatSeedOpt = typer.Option(None, "--seed", help="sampling seed (default: a random one, as llama.cpp)")
 RpcOpt = typer.Option(None, "--rpc", metavar="HOST:PORT[,HOST:PORT...]",
                       help="llama.cpp RPC servers to offload layers to (`ea-local rpc-server` on each; docs/rpc.md); "
                            "without --n-gpu-layers every layer goes to them. Default: EA_LOCAL_RPC")
@@ -52,19 +65,21 @@ def _rpc_endpoints(rpc: Optional[str]) -> tuple[str, ...]:
         _fail(str(e))
 
 
-def _model_info(model: Optional[Path]):
+def _model_info(model: Optional[Path], default: Optional[str] = None):
+    """--model (a path or an embedded model's name) read, or `default` (an embedded name; None: Gemma)."""
     from .model_info import ModelFileError, read_model_info
-    from .models import ModelNotFound, resolve_model
+    from .models import BASE_MODEL, ModelNotFound, resolve_model
 
     try:
-        return read_model_info(resolve_model(str(model) if model else None))
+        return read_model_info(resolve_model(str(model) if model else None, default=default or BASE_MODEL))
     except (ModelFileError, ModelNotFound) as e:
         _fail(str(e))
 
 
 @app.command()
 def info(
-    model: Optional[Path] = typer.Argument(None, help="GGUF file (default: the embedded model)"),
+    model: Optional[Path] = typer.Argument(None, help="GGUF file or embedded model name (default: gemma3-270m; "
+                                                      "without one the embedded models are listed too)"),
     rpc: Optional[str] = RpcOpt,
     n_gpu_layers: Optional[int] = GpuOpt,
     ctx: int = typer.Option(4096, "--ctx", help="with --rpc/--n-gpu-layers: KV cells of the context to place"),
@@ -74,11 +89,13 @@ def info(
 
     With --rpc or --n-gpu-layers the model is loaded (weights are sent to the RPC servers) and llama.cpp's
     placement is shown: which device holds each layer's weights and KV cache, and how many MiB each buffer holds."""
-    from .info_format import format_info
+    from .info_format import format_embedded, format_info
 
     endpoints = _rpc_endpoints(rpc)
     mi = _model_info(model)
     typer.echo(format_info(mi))
+    if model is None:
+        typer.echo("\n" + format_embedded())
     if not endpoints and n_gpu_layers is None:
         return
     _check_cache_type(cache_type)
@@ -135,17 +152,30 @@ def _check_cache_type(cache_type: str) -> None:
         _fail(f"unknown cache type {cache_type!r}; choose from f16, q8_0, q4_0")
 
 
+def _check_sampling(opts) -> None:
+    """Sampling options checked before the model loads (one line, exit 2)."""
+    try:
+        opts.sampling(0).validate()
+    except ValueError as e:
+        _fail(f"--{e}")
+
+
 @app.command()
 def chat(
-    model: Optional[Path] = ModelOpt,
+    model: Optional[Path] = ChatModelOpt,
     budget: int = typer.Option(2048, help="KV cells the conversation may occupy"),
     policy: str = PolicyOpt,
     cache_type: str = CacheOpt,
     n_gpu_layers: Optional[int] = GpuOpt,
     threads: Optional[int] = ThreadsOpt,
-    seed: int = SeedOpt,
+    seed: Optional[int] = ChatSeedOpt,
     max_tokens: int = typer.Option(512, help="most tokens per answer"),
-    temperature: float = TempOpt,
+    temperature: float = ChatTempOpt,
+    top_k: int = TopKOpt,
+    top_p: float = TopPOpt,
+    min_p: float = MinPOpt,
+    repeat_penalty: float = RepeatPenaltyOpt,
+    repeat_last_n: int = RepeatLastNOpt,
     system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
     file: Optional[str] = typer.Option(None, "--file", "-f", help="a text/markdown file to chat about (read through the budget first)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="a stats line after every answer"),
@@ -157,11 +187,16 @@ def chat(
     from .chat_template import TemplateError
     from .engine.runtime import LlamaError
 
+    from .models import CHAT_MODEL
+
     _check_cache_type(cache_type)
-    info = _model_info(model)
     opts = ChatOptions(budget=budget, policy=policy, cache_type=cache_type, n_gpu_layers=n_gpu_layers,
                        threads=threads, seed=seed, max_tokens=max_tokens, temperature=temperature,
-                       system=system, file=file, rpc=_rpc_endpoints(rpc), question_agnostic=question_agnostic)
+                       top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                       repeat_last_n=repeat_last_n, system=system, file=file, rpc=_rpc_endpoints(rpc),
+                       question_agnostic=question_agnostic)
+    _check_sampling(opts)
+    info = _model_info(model, default=CHAT_MODEL)
     try:
         run_chat(info, opts, verbose=verbose)
     except (UserError, ChatError, TemplateError, LlamaError, ValueError) as e:
@@ -171,7 +206,7 @@ def chat(
 @app.command()
 def summarize(
     source: str = typer.Argument(..., metavar="FILE|-", help="text or markdown file; - reads standard input"),
-    model: Optional[Path] = ModelOpt,
+    model: Optional[Path] = ChatModelOpt,
     output: Optional[str] = typer.Option(None, "--output", "-o", help="write the summary here (default: stdout)"),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="instruction asked after the document"),
     budget: int = typer.Option(2048, help="KV cells the document may occupy"),
@@ -180,9 +215,14 @@ def summarize(
     cache_type: str = CacheOpt,
     n_gpu_layers: Optional[int] = GpuOpt,
     threads: Optional[int] = ThreadsOpt,
-    seed: int = SeedOpt,
+    seed: Optional[int] = ChatSeedOpt,
     max_tokens: int = typer.Option(512, help="most tokens of summary"),
-    temperature: float = TempOpt,
+    temperature: float = ChatTempOpt,
+    top_k: int = TopKOpt,
+    top_p: float = TopPOpt,
+    min_p: float = MinPOpt,
+    repeat_penalty: float = RepeatPenaltyOpt,
+    repeat_last_n: int = RepeatLastNOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="a stats line on stderr at the end"),
     rpc: Optional[str] = RpcOpt,
     question_agnostic: bool = AgnosticOpt,
@@ -193,12 +233,16 @@ def summarize(
     from .engine.runtime import LlamaError
     from .summarize import SummarizeOptions, run_summarize
 
+    from .models import CHAT_MODEL
+
     _check_cache_type(cache_type)
-    info = _model_info(model)
     opts = SummarizeOptions(budget=budget, policy=policy, cache_type=cache_type, n_gpu_layers=n_gpu_layers,
                             threads=threads, seed=seed, max_tokens=max_tokens, temperature=temperature,
-                            chunk=chunk, prompt=prompt, output=output, verbose=verbose, rpc=_rpc_endpoints(rpc),
-                            question_agnostic=question_agnostic)
+                            top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                            repeat_last_n=repeat_last_n, chunk=chunk, prompt=prompt, output=output, verbose=verbose,
+                            rpc=_rpc_endpoints(rpc), question_agnostic=question_agnostic)
+    _check_sampling(opts)
+    info = _model_info(model, default=CHAT_MODEL)
     try:
         run_summarize(info, source, opts)
     except (UserError, ChatError, TemplateError, LlamaError, ValueError) as e:

@@ -146,3 +146,22 @@ def format_info(info: ModelInfo) -> str:
     lines = [f"{title}  ({info.path})"]
     lines += [f"  {k.ljust(width)}  {v}" for k, v in rows]
     return "\n".join(lines)
+
+
+def format_embedded() -> str:
+    """The embedded models: short name (what --model takes), what they are, which commands default to
+    them, and where the file is (or how to install it)."""
+    from ea_local.models import BASE_MODEL, CHAT_MODEL, EMBEDDED, ModelNotFound
+
+    uses = {BASE_MODEL: "default of demo and bench", CHAT_MODEL: "default of chat, serve and summarize"}
+    width = max(map(len, EMBEDDED))
+    lines = ["embedded models (--model NAME):"]
+    for m in EMBEDDED.values():
+        try:
+            where = str(m.locate())
+        except (ModelNotFound, ImportError, OSError) as e:
+            where = f"not installed: {e}"
+        use = f"; {uses[m.name]}" if m.name in uses else ""
+        lines.append(f"  {m.name.ljust(width)}  {m.description}{use}")
+        lines.append(f"  {''.ljust(width)}  {where}")
+    return "\n".join(lines)

@@ -9,6 +9,7 @@ answer streams to stdout or to `-o FILE` (written to a temporary file and rename
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 import tempfile
 import time
@@ -18,7 +19,6 @@ from pathlib import Path
 from .engine.session import Session  # engine first: loads libllama before numpy
 from .chat import ChatError, ChatOptions, fmt_mib, read_text_file, session_config, valid_utf8
 from .chat_template import TurnRenderer, resolve_template
-from .engine.sampling import SamplingParams
 from .policies import get_policy
 
 DEFAULT_INSTRUCTION = "Summarize the document above in a few sentences."
@@ -58,18 +58,14 @@ def run_summarize(info, source: str, opts: SummarizeOptions) -> dict:
     tmp = None
     try:
         template, notice = resolve_template(info, s.rt)
-        if not info.has_chat_template:
-            print("note: this is a base model (no chat template in the file): expect a continuation "
-                  "more than a summary", file=sys.stderr)
         if notice:
-            print(notice, file=sys.stderr)
+            print(notice + ("; expect a continuation more than a summary" if template.origin == "plain" else ""),
+                  file=sys.stderr, flush=True)
         turns = TurnRenderer(template)
         prefix = turns.prefix()
         _, tail = turns.split()
         rt = s.rt
-        head = rt.tokenize(prefix, add_bos=False, special=True)
-        if rt.add_bos() and (not head or head[0] != rt.bos()):
-            head = [rt.bos()] + head
+        head = template.tokenize(rt, prefix, first=True)
         doc = head + rt.tokenize(text.strip(), add_bos=False, special=False)
         question = rt.tokenize("\n\n" + valid_utf8(opts.prompt or DEFAULT_INSTRUCTION) + tail, add_bos=False, special=True)
         if opts.prompt and not opts.question_agnostic:
@@ -96,12 +92,12 @@ def run_summarize(info, source: str, opts: SummarizeOptions) -> dict:
             sink = os.fdopen(fd, "w", encoding="utf-8")
         else:
             sink = sys.stdout
-        params = SamplingParams(temperature=opts.temperature, seed=opts.seed)
+        params = opts.sampling(opts.seed if opts.seed is not None else secrets.randbits(31))
         started = False
         pieces = []
         t1 = time.perf_counter()
         n0 = s.stats.tokens_seen
-        for piece in s.generate(question, params, max_tokens=opts.max_tokens):
+        for piece in s.generate(question, params, stop=list(template.stop), max_tokens=opts.max_tokens):
             if not started:
                 piece = piece.lstrip()
                 if not piece:

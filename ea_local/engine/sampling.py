@@ -6,16 +6,36 @@ from dataclasses import dataclass
 import llama_cpp.llama_cpp as ll
 
 
+# llama.cpp's sampling defaults (common/common.h, common_params_sampling): temperature 0.8, top-k 40,
+# top-p 0.95, min-p 0.05, repeat penalty 1.0 (off) over the last 64 tokens. `chat` and `summarize`
+# sample with them; the engine's own default stays greedy (reproducible tests, the server's choice).
+CHAT_TEMPERATURE = 0.8
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 0.0  # 0: greedy
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
+    top_k: int = 40  # 0: off
+    top_p: float = 0.95  # 1: off
+    min_p: float = 0.05  # 0: off
+    repeat_penalty: float = 1.0  # 1: off; > 1 makes the last repeat_last_n tokens less likely
     repeat_last_n: int = 64
     seed: int = 0
     ignore_eos: bool = False  # as llama.cpp's --ignore-eos: end-of-generation tokens get -inf
+
+    def validate(self) -> None:
+        """ValueError (one line, naming the option) for values llama.cpp's samplers would misread."""
+        checks = (
+            (self.temperature >= 0, f"temperature must be 0 (greedy) or more, got {self.temperature:g}"),
+            (self.top_k >= 0, f"top-k must be 0 (off) or more, got {self.top_k}"),
+            (0 < self.top_p <= 1, f"top-p must be in (0, 1], got {self.top_p:g}"),
+            (0 <= self.min_p <= 1, f"min-p must be in [0, 1], got {self.min_p:g}"),
+            (self.repeat_penalty > 0, f"repeat-penalty must be positive (1: off), got {self.repeat_penalty:g}"),
+            (self.repeat_last_n >= 0, f"repeat-last-n must be 0 or more, got {self.repeat_last_n}"),
+        )
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
 
 
 class Sampler:
