@@ -162,11 +162,11 @@ class Chat:
 
     def ask(self, text: str, should_stop: Callable[[], bool] | None = None) -> Iterator[str]:
         """Stream the answer to one user message; the (possibly partial) answer joins the history."""
-        glue, tail = self.turns.split()
-        if self._stopped_on and glue.startswith(self._stopped_on):
-            glue = glue[len(self._stopped_on):]
+        feed = self.turns.turn(text)
+        if self._stopped_on and feed.startswith(self._stopped_on):
+            feed = feed[len(self._stopped_on):]
         self._stopped_on = ""
-        prompt = self.tokens(glue + text + tail)
+        prompt = self.tokens(feed)
         params = self.opts.sampling((self.seed + self.turn_count) & 0x7FFFFFFF)
         pieces: list[str] = []
         t0 = time.perf_counter()

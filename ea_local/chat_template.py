@@ -232,7 +232,8 @@ class TurnRenderer:
         self.fold_system = False
         self.exact = True
         self._fed: str | None = None  # rendered text before the last answer, as it was fed
-        self._pending: tuple[str, str] | None = None  # (text before the new user message, its tail)
+        # (text before the new user message, its tail, the user text, its rendering) from split()/turn()
+        self._pending: tuple[str, str, str | None, str | None] | None = None
 
     def _render(self, messages: list[dict]) -> str:
         if self.fold_system:
@@ -277,21 +278,42 @@ class TurnRenderer:
             else:
                 self._check(r[:a])
                 glue = r[a + len(ANSWER_SENTINEL):u]
-                before = r[:a] + self.messages[-1]["content"] + glue
+            # the answer as the template writes it (it may trim it): what the next turn compares with
+            real = self._render(self.messages + [{"role": "user", "content": USER_SENTINEL}])
+            before = real[:real.rfind(USER_SENTINEL)]
         else:
             self._check(r[:u])
         tail = r[u + len(USER_SENTINEL):]
-        self._pending = (before, tail)
+        self._pending = (before, tail, None, None)
         return glue, tail
 
+    def turn(self, text: str) -> str:
+        """The text to feed for the next user message: glue + the message as the template writes it (some
+        trim it) + tail. Call add("user", text) and add("assistant", answer) afterwards."""
+        glue, tail = self.split()
+        before = self._pending[0]
+        full = self._render(self.messages + [{"role": "user", "content": text}])
+        if full.startswith(before) and full.endswith(tail) and len(full) >= len(before) + len(tail):
+            shown = full[len(before):len(full) - len(tail)]
+        else:  # the message changes what comes before it: feed it as written
+            shown = text
+            self.exact = False
+        self._pending = (before, tail, text, shown)
+        return glue + shown + tail
+
     def _check(self, rendered_before: str | None) -> None:
-        if self._fed is not None and rendered_before != self._fed:
+        """Earlier turns must render as they were fed; whitespace the template writes between the generation
+        prompt and the answer ("[/INST] answer") is the model's to generate, not a difference."""
+        if self._fed is None:
+            return
+        if rendered_before is None or not rendered_before.startswith(self._fed) \
+                or rendered_before[len(self._fed):].strip():
             self.exact = False
 
     def add(self, role: str, content: str) -> None:
         if role == "user" and self._pending is not None:
-            before, tail = self._pending
-            self._fed = before + content + tail
+            before, tail, text, shown = self._pending
+            self._fed = before + (shown if text == content else content) + tail
             self._pending = None
         self.messages.append({"role": role, "content": content})
 
@@ -307,17 +329,3 @@ def _fold_system(messages: list[dict]) -> list[dict]:
             break
     return rest
 
-
-def conversation_text(template: ChatTemplate, messages: list[dict], system: str | None = None) -> list[str]:
-    """The pieces a TurnRenderer feeds for a finished conversation (prefix, then user+tail, answer, glue...):
-    their concatenation equals the full rendering when the feeding is exact."""
-    tr = TurnRenderer(template, system)
-    pieces = [tr.prefix()]
-    for m in messages:
-        if m["role"] == "user":
-            glue, tail = tr.split()
-            pieces += [glue, m["content"], tail]
-        tr.add(m["role"], m["content"])
-        if m["role"] == "assistant":
-            pieces.append(m["content"])
-    return pieces

@@ -9,7 +9,7 @@ arguments give the same bytes.
 
 Broken files: `write_empty`, `write_not_gguf`, `write_truncated`, `write_random_after_magic`,
 `write_wrong_version`, `write_unsupported_arch`, and `write_tiny_gguf(drop_keys=...)` for a
-file that lacks a required key.
+file that lacks a required key. `CHAT_TEMPLATES` holds chat templates for `chat_template=`.
 """
 from __future__ import annotations
 
@@ -28,6 +28,40 @@ TINY_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2": dict(n_layers=2, n_embd=128, n_head=4, n_head_kv=2, n_ff=256, rope_freq_base=1000000.0),
     "gemma3": dict(n_layers=6, n_embd=64, n_head=4, n_head_kv=1, n_ff=128, head_dim=32,
                    rope_freq_base=1000000.0, sliding_window=512),
+}
+
+
+# Chat templates written for the tests in the style of four model families (string content only):
+# ChatML, Llama 3 (BOS + header ids, trimmed content), Gemma (system folded into the first user turn,
+# alternation enforced with raise_exception) and Mistral [INST] (no system role: raise_exception).
+CHAT_TEMPLATES: dict[str, str] = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
+        " + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+    "llama3": (
+        "{{- bos_token }}\n{%- for message in messages %}\n"
+        "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim"
+        " + '<|eot_id|>' }}\n{%- endfor %}\n"
+        "{%- if add_generation_prompt %}\n    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}\n"
+        "{%- endif %}\n"),
+    "gemma": (
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+        "{% set first_user_prefix = messages[0]['content'] + '\n\n' %}{% set loop_messages = messages[1:] %}"
+        "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+        "{% for message in loop_messages %}"
+        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+        "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+        "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"),
+    "mistral": (
+        "{{ bos_token }}{% for message in messages %}"
+        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+        "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+        "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"),
 }
 
 
