@@ -147,7 +147,6 @@ class Chat:
         self.turn_count = 0
         self.last_turn: dict = {}
         self.seed = opts.seed if opts.seed is not None else secrets.randbits(31)
-        self._stopped_on = ""  # the stop string that ended the last answer: already in the cache
 
     # ---- feeding ----
     def tokens(self, text: str, first: bool = False) -> list[int]:
@@ -162,11 +161,7 @@ class Chat:
 
     def ask(self, text: str, should_stop: Callable[[], bool] | None = None) -> Iterator[str]:
         """Stream the answer to one user message; the (possibly partial) answer joins the history."""
-        feed = self.turns.turn(text)
-        if self._stopped_on and feed.startswith(self._stopped_on):
-            feed = feed[len(self._stopped_on):]
-        self._stopped_on = ""
-        prompt = self.tokens(feed)
+        prompt = self.tokens(self.turns.turn(text))
         params = self.opts.sampling((self.seed + self.turn_count) & 0x7FFFFFFF)
         pieces: list[str] = []
         t0 = time.perf_counter()
@@ -192,7 +187,7 @@ class Chat:
                 pieces.append(piece)
                 yield piece
         finally:
-            self._stopped_on = self._cached_stop()
+            self._drop_stop_string(self.s.stats.tokens_seen - n0 - len(prompt))
             answer = "".join(pieces).rstrip()
             self.turns.add("user", text)
             self.turns.add("assistant", answer)
@@ -203,13 +198,23 @@ class Chat:
             self.last_turn = {"prompt": len(prompt), "generated": max(0, n_gen),
                               "tok_s": n_gen / dt if dt > 0 and n_gen > 0 else 0.0, "seconds": t1 - t0}
 
-    def _cached_stop(self) -> str:
-        """The stop string the cache ends with (a base model's "\nUser:"), or ""."""
-        if not self.template.stop or not self.s.live:
-            return ""
-        last = [self.s.live[p] for p in sorted(self.s.live)[-16:]]
-        text = b"".join(self.s.rt.token_bytes(t) for t in last).decode("utf-8", errors="replace")
-        return next((st for st in self.template.stop if text.endswith(st)), "")
+    def _drop_stop_string(self, n_generated: int) -> None:
+        """A generation that ended on a stop string (a base model writing the next "\nUser:" line) has fed it:
+        forget the cells from the token where it starts, so the next turn's text follows the answer once."""
+        if not self.template.stop or n_generated <= 0 or not self.s.live:
+            return
+        positions = sorted(self.s.live)[-min(16, n_generated):]
+        pieces = [self.s.rt.token_bytes(self.s.live[p]) for p in positions]
+        text = b"".join(pieces)
+        at = max((text.rfind(st.encode()) for st in self.template.stop), default=-1)
+        if at < 0:
+            return
+        end = 0
+        for pos, piece in zip(positions, pieces):
+            end += len(piece)
+            if end > at:
+                self.s.truncate(pos)
+                return
 
     # ---- commands ----
     def stats_lines(self) -> list[str]:
@@ -268,7 +273,6 @@ class Chat:
         self.s.reset()
         self.turns = TurnRenderer(self.template, self.system)
         self.turn_count = 0
-        self._stopped_on = ""
         n = self.start()
         return f"conversation reset ({n} tokens of system prompt / document fed again)"
 

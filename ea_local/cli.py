@@ -357,7 +357,10 @@ def bench(
     policy_list: str = typer.Option("expected-attention,streaming-llm,snapkv,knorm,random", "--policies",
                                     help="comma list of policies; the full cache is always measured"),
     budgets: str = typer.Option("50%,25%,12.5%", help="comma list: percentages of each test's context or cell counts"),
-    model: Optional[Path] = ModelOpt,
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="GGUF file or embedded model name, or a comma list of them "
+                                             "(e.g. gemma3-270m,smollm2-135m: each is measured, results in "
+                                             "--out/NAME/); default: gemma3-270m"),
     out: Path = typer.Option(Path("bench-out"), "--out", help="folder for results.json, report.md and the PNGs"),
     quick: bool = typer.Option(False, "--quick", help="CI-sized run: tiny contexts, one sample, every file still written"),
     modes: str = typer.Option("agnostic", help="agnostic (compress before the question) and/or question (question known)"),
@@ -411,16 +414,33 @@ def bench(
     if from_results is not None:
         _bench_report_only(from_results, out)
         return
-    o.model = str(_model_info(model).path)
+    runs = _bench_models(model, out)  # every model checked before the first is measured
+    from dataclasses import replace
+
     from .bench.run import run_bench
     from .engine.runtime import LlamaError
     from .engine.session import BudgetError
 
-    try:
-        run_bench(o)
-    except (BudgetError, LlamaError, OSError) as e:
-        _fail(str(e))
-    typer.echo(f"wrote {out}/results.json, {out}/report.md and plots")
+    for path, folder in runs:
+        try:
+            run_bench(replace(o, model=path, out=str(folder)))
+        except (BudgetError, LlamaError, OSError) as e:
+            _fail(f"{Path(path).name}: {e}" if len(runs) > 1 else str(e))
+        typer.echo(f"wrote {folder}/results.json, {folder}/report.md and plots")
+
+
+def _bench_models(model: Optional[str], out: Path) -> list[tuple[str, Path]]:
+    """(model path, output folder) per model of --model: one model writes into --out, a list into --out/NAME."""
+    names = [model] if not model or Path(model).exists() else [m.strip() for m in model.split(",")]
+    if any(not n for n in names) or len(set(names)) != len(names):
+        _fail(f"--model: a comma list of distinct models, got {model!r}")
+    paths = [str(_model_info(Path(n) if n else None).path) for n in names]
+    if len(paths) == 1:
+        return [(paths[0], out)]
+    folders = [Path(n).stem if n.lower().endswith(".gguf") else Path(n).name for n in names]
+    if len(set(folders)) != len(folders):
+        _fail(f"--model: two models would share the folder name ({', '.join(folders)})")
+    return [(p, out / f) for p, f in zip(paths, folders)]
 
 
 def _bench_report_only(results: Path, out: Path) -> None:

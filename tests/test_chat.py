@@ -69,28 +69,20 @@ def test_turn_renderer_jinja_fallback():
     assert tr.split() == (" [/]\n[USER] ", " [/]\n[ASSISTANT] ")
 
 
-def test_resolve_template_known_architectures():
-    from types import SimpleNamespace
-
-    from ea_local.chat_template import resolve_template
-
-    for arch, name in [("gemma3", "gemma"), ("llama", "llama3"), ("qwen2", "chatml"), ("qwen3", "chatml")]:
-        t, notice = resolve_template(SimpleNamespace(chat_template=None, architecture=arch, path=f"/m/{arch}.gguf"))
-        assert t.source == name and t.origin == "builtin" and name in notice
-    t, notice = resolve_template(SimpleNamespace(chat_template="{{ x }}", architecture="llama", path="/m/x.gguf"))
-    assert t.origin == "gguf" and notice is None
-
-
 # ---- the command ----
 
-def test_chat_piped_answers_and_stats():
-    r = chat("--budget", "512", "--max-tokens", "12", stdin="What is the capital of France?\n/stats\n"
+@pytest.mark.parametrize("model", ["gemma3-270m", "smollm2-135m"])
+def test_chat_piped_answers_and_stats(model):
+    r = chat("--model", model, "--budget", "512", "--max-tokens", "12", stdin="What is the capital of France?\n/stats\n"
              "Tell me more\\\nabout Paris.\n/stats\n")
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     assert r.stdout.strip(), "answers go to stdout"
     assert "/stats" not in r.stdout and "cells" not in r.stdout  # stats go to stderr when piped
-    assert "base model" in r.stderr and "gemma template" in r.stderr
+    if model == "gemma3-270m":  # a base model: one notice, a transcript it can continue
+        assert "looks like a base model" in r.stderr and "plain User:/Assistant: transcript" in r.stderr
+    else:  # the instruct model's own template: no notice
+        assert "note:" not in r.stderr and "SmolLM2-135M-Instruct" in r.stderr
     blocks = stats_fields(r.stderr)
     assert len(blocks) == 3  # two /stats and the closing summary
     first, second = blocks[0], blocks[1]
@@ -150,7 +142,8 @@ def test_chat_file_longer_than_budget(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["budget", "policy", "cache_type", "not_gguf", "missing_file", "binary_file",
-                                  "empty_file", "stdin_file"])
+                                  "empty_file", "stdin_file", "unknown_model", "temperature", "top_p", "min_p",
+                                  "repeat_penalty"])
 def test_chat_bad_input_one_line_exit_2(case, tmp_path):
     args: list[str] = ["--budget", "512"]
     if case == "budget":
@@ -173,6 +166,11 @@ def test_chat_bad_input_one_line_exit_2(case, tmp_path):
         p = tmp_path / "e.md"
         p.write_text("  \n")
         args += ["--file", str(p)]
+    elif case == "unknown_model":
+        args += ["--model", "smollm9"]
+    elif case in ("temperature", "top_p", "min_p", "repeat_penalty"):
+        args += [f"--{case.replace('_', '-')}", {"temperature": "-0.5", "top_p": "0", "min_p": "1.5",
+                                                 "repeat_penalty": "0"}[case]]
     else:
         args += ["--file", "-"]
     r = chat(*args, stdin="hello\n")

@@ -247,7 +247,7 @@ def test_chat_ctrl_c_during_prefill_and_generation(tmp_path):
         p = subprocess.Popen([*CLI, "chat", "--budget", "512", "--max-tokens", "3000", "--temperature", "0.8"],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, preexec_fn=default_sigint)
         text = lambda: err_path.read_text(errors="replace")  # noqa: E731
-        _wait_for(lambda: "base model" in text(), 120)  # the banner: the model is loaded
+        _wait_for(lambda: "ea-local chat:" in text(), 120)  # the banner: the model is loaded
         p.stdin.write(big[: 2**20].encode() + b"\n")
         p.stdin.flush()
         time.sleep(4)  # well inside the ~250k-token prefill

@@ -27,7 +27,7 @@ STATS = re.compile(r"read (\d+) tokens in .* through (\d+) cells: (\d+) eviction
 def test_summarize_longer_than_budget_to_stdout(tmp_path):
     doc = tmp_path / "doc.md"
     doc.write_text(document(3200))  # ~700 tokens
-    r = summarize(str(doc), "--budget", "512", "--max-tokens", "16", "-v")
+    r = summarize(str(doc), "--model", "gemma3-270m", "--budget", "512", "--max-tokens", "16", "-v")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
     assert "base model" in r.stderr
@@ -91,8 +91,8 @@ def test_summarize_ctrl_c_exits_130_without_partial_file(tmp_path):
     doc = tmp_path / "doc.md"
     doc.write_text(document(30000))  # long enough to still be reading when the signal comes
     out = tmp_path / "summary.txt"
-    p = subprocess.Popen([sys.executable, "-m", "ea_local.cli", "summarize", str(doc), "--budget", "512",
-                          "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    p = subprocess.Popen([sys.executable, "-m", "ea_local.cli", "summarize", str(doc), "--model", "gemma3-270m",
+                          "--budget", "512", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          preexec_fn=default_sigint)
     assert "base model" in p.stderr.readline()  # printed once the model is loaded, before reading
     time.sleep(1)

@@ -51,7 +51,8 @@ class Sampler:
             bias = (ll.llama_logit_bias * len(eog))(*[ll.llama_logit_bias(t, float("-inf")) for t in eog])
             add(ll.llama_sampler_init_logit_bias(rt.n_vocab, len(eog), bias))
         if p.repeat_penalty != 1.0:
-            add(ll.llama_sampler_init_penalties(p.repeat_last_n, p.repeat_penalty, 0.0, 0.0))
+            # this llama.cpp's penalties sampler takes n_vocab first (llama.h of the vendored version)
+            add(ll.llama_sampler_init_penalties(rt.n_vocab, p.repeat_last_n, p.repeat_penalty, 0.0, 0.0))
         if p.temperature <= 0:
             add(ll.llama_sampler_init_greedy())
         else:

@@ -1,0 +1,118 @@
+"""`chat` and `summarize` on both embedded models; greedy chat answers equal llama-cpp-python's
+`Llama.create_chat_completion` on the instruct model; sampling options behave as llama.cpp's."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from ea_local.models import chat_model_path, model_path
+
+from .conftest import GPL3
+
+CLI = [sys.executable, "-m", "ea_local.cli"]
+
+
+def run(*args: str, stdin: str = "", timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], input=stdin, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """llama-cpp-python's high-level Llama on the same file, as a user of that library would run it."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(chat_model_path()), n_ctx=2048, n_threads=1, verbose=False)
+    yield llm
+    llm.close()
+
+
+# (extra chat flags, user messages, repeat penalty; create_chat_completion's default is 1.0)
+GREEDY_CASES = {
+    "one turn, the template's default system prompt": ([], ["Hello! My name is Arvid and my dog is called Pickle."],
+                                                        1.0),
+    "system prompt, two turns": (["--system", "You are a pirate."],
+                                 ["What is the capital of France?", "And of Germany?"], 1.0),
+    "two turns, repeat penalty 1.1": ([], ["Write a haiku about the sea.", "Now one about mountains."], 1.1),
+}
+
+
+@pytest.mark.parametrize("case", list(GREEDY_CASES))
+def test_greedy_chat_equals_create_chat_completion(reference, case):
+    """Every answer of a greedy multi-turn `chat` equals create_chat_completion's on the whole conversation so far:
+    the template, the turn-by-turn feeding and the sampler chain agree with llama-cpp-python's."""
+    extra, msgs, penalty = GREEDY_CASES[case]
+    n = 48
+    args = ["chat", "--temperature", "0", "--max-tokens", str(n), "--budget", "2048", "--repeat-penalty", str(penalty),
+            *extra]
+    r = run(*args, stdin="".join(m + "\n" for m in msgs))
+    assert r.returncode == 0, r.stderr[-2000:]
+    history = [{"role": "system", "content": extra[1]}] if extra else []
+    want = []
+    for m in msgs:
+        history.append({"role": "user", "content": m})
+        out = reference.create_chat_completion(messages=history, temperature=0, max_tokens=n, repeat_penalty=penalty)
+        answer = out["choices"][0]["message"]["content"].strip()
+        want.append(answer)
+        history.append({"role": "assistant", "content": answer})
+    assert r.stdout == "".join(a + "\n" for a in want)
+
+
+def test_arvid_stops_instead_of_looping():
+    """The instruct model with its own template answers the greeting and stops well before the limit."""
+    r = run("chat", "--temperature", "0", "--max-tokens", "200",
+            stdin="Hello! My name is Arvid and my dog is called Pickle.\n")
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = re.search(r"\[turn 1: (\d+) prompt \+ (\d+) generated tokens", r.stderr)
+    assert m and int(m.group(2)) < 200, r.stderr[-1000:]
+    assert r.stdout.count("I'm so glad you're here") <= 1
+
+
+def test_sampling_seed_reproducible_and_varied():
+    """Default sampling (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05): the same --seed gives the same
+    answer, other seeds other answers."""
+    msg = "Tell me a short story about a fox.\n"
+    outs = [run("chat", "--max-tokens", "24", "--seed", str(seed), stdin=msg) for seed in (1, 1, 2, 3)]
+    for r in outs:
+        assert r.returncode == 0, r.stderr[-2000:]
+    texts = [r.stdout for r in outs]
+    assert texts[0] == texts[1] and texts[0].strip()
+    assert len(set(texts)) > 1
+
+
+@pytest.mark.parametrize("model", ["gemma3-270m", "smollm2-135m"])
+def test_summarize_on_both_models(model, tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("# GNU GPL\n\n" + GPL3.read_text()[:3200])  # ~700 tokens
+    r = run("summarize", str(doc), "--model", model, "--budget", "512", "--max-tokens", "24", "--temperature", "0",
+            "-v")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip()
+    m = re.search(r"read (\d+) tokens in .* through 512 cells: (\d+) evictions, \d+ cells evicted, (\d+) kept", r.stderr)
+    assert m and int(m.group(1)) > 512 and int(m.group(2)) >= 1 and int(m.group(3)) <= 512, r.stderr[-2000:]
+    assert ("looks like a base model" in r.stderr) == (model == "gemma3-270m")
+
+
+def test_base_model_gets_a_plain_transcript():
+    """Gemma 3 270M (base) in a chat: the cache holds a User:/Assistant: transcript, no turn markers it never saw,
+    and an answer that ran into the next "User:" line is cut there and not fed twice."""
+    from ea_local.chat import Chat, ChatOptions
+    from ea_local.model_info import read_model_info
+
+    chat = Chat(read_model_info(model_path("gemma3-270m")), ChatOptions(budget=1024, temperature=0, max_tokens=48,
+                                                                        system="A conversation between two friends."))
+    try:
+        assert chat.template.origin == "plain" and "base model" in chat.notice
+        chat.start()
+        answers = ["".join(chat.ask(q)) for q in ("Hi! How are you today?", "What did you do yesterday?")]
+        rt = chat.s.rt
+        text = b"".join(rt.token_bytes(chat.s.live[p]) for p in sorted(chat.s.live)).decode("utf-8", "replace")
+        assert text.startswith("A conversation between two friends.\n\nUser: Hi! How are you today?\nAssistant:")
+        assert "\nUser: What did you do yesterday?\nAssistant:" in text
+        assert "<start_of_turn>" not in text and "\nUser:\nUser:" not in text and "\nUser: \nUser:" not in text
+        for a in answers:
+            assert "User:" not in a
+    finally:
+        chat.close()
