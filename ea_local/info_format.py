@@ -153,7 +153,7 @@ def format_embedded() -> str:
     them, and where the file is (or how to install it)."""
     from ea_local.models import BASE_MODEL, CHAT_MODEL, EMBEDDED, ModelNotFound
 
-    uses = {BASE_MODEL: "default of demo and bench", CHAT_MODEL: "default of chat, serve and summarize"}
+    uses = {BASE_MODEL: "default of demo and bench", CHAT_MODEL: "default of chat and summarize"}
     width = max(map(len, EMBEDDED))
     lines = ["embedded models (--model NAME):"]
     for m in EMBEDDED.values():

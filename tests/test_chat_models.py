@@ -116,3 +116,17 @@ def test_base_model_gets_a_plain_transcript():
             assert "User:" not in a
     finally:
         chat.close()
+
+
+def test_info_lists_the_embedded_models():
+    r = run("info")
+    assert r.returncode == 0, r.stderr
+    listing = r.stdout.split("embedded models (--model NAME):")[1]
+    for name, path, use in (("gemma3-270m", model_path("gemma3-270m"), "default of demo and bench"),
+                            ("smollm2-135m", chat_model_path(), "default of chat and summarize")):
+        assert name in listing and str(path) in listing
+        assert use in next(ln for ln in listing.splitlines() if name in ln)
+    r = run("info", "smollm2-135m")
+    assert r.returncode == 0, r.stderr
+    assert "llama" in r.stdout and "30" in r.stdout and "none (every layer attends" in r.stdout
+    assert "chat template" in r.stdout and "embedded models" not in r.stdout
