@@ -277,7 +277,8 @@ class Chat:
         return f"conversation reset ({n} tokens of system prompt / document fed again)"
 
     def save(self, path: str) -> str:
-        extra = {"messages": self.turns.messages, "system": self.system, "turn_count": self.turn_count}
+        extra = {"messages": self.turns.messages, "system": self.system, "turn_count": self.turn_count,
+                 "seed": self.seed}
         n = self.s.save(path, extra)
         return f"saved {self.turn_count} turns, {self.s.n_cells} cells to {path} ({fmt_mib(n)})"
 
@@ -305,6 +306,8 @@ class Chat:
         self.turns = TurnRenderer(self.template, None)
         self.turns.messages = messages
         self.turn_count = turn_count
+        if self.opts.seed is None and isinstance(extra.get("seed"), int):  # sample on as the saved chat would have
+            self.seed = extra["seed"]
         s = self.s
         return (f"loaded {turn_count} turns, {s.n_cells} cells ({s.stats.tokens_seen} tokens seen) from {path}; "
                 f"budget {s.cfg.budget}, policy {s.cfg.policy}")
