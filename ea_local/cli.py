@@ -32,8 +32,8 @@ TopKOpt = typer.Option(40, "--top-k", help="sample among the k likeliest tokens 
 TopPOpt = typer.Option(0.95, "--top-p", help="... and the likeliest ones that make up this probability (1: off)")
 MinPOpt = typer.Option(0.05, "--min-p", help="... dropping tokens less likely than min-p times the likeliest (0: off)")
 RepeatPenaltyOpt = typer.Option(1.0, "--repeat-penalty",
-                                help="divide the logits of tokens among the last --repeat-last-n generated ones by "
-                                     "this (1: off; 1.1 is llama-cpp-python's default)")
+                                help="make tokens among the last --repeat-last-n generated ones less likely: their "
+                                     "logits are divided by this (negative ones multiplied); 1: off, 1.1 a common choice")
 RepeatLastNOpt = typer.Option(64, "--repeat-last-n", help="generated tokens the repeat penalty looks back on")
 ChatSeedOpt = typer.Option(None, "--seed", help="sampling seed (default: a random one, as llama.cpp)")
 RpcOpt = typer.Option(None, "--rpc", metavar="HOST:PORT[,HOST:PORT...]",
