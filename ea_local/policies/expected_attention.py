@@ -130,13 +130,6 @@ def query_statistics(q: np.ndarray, use_covariance: bool = True,
     return mu, (c.transpose(0, 2, 1) @ (c * w[None, :, None]))  # batched GEMM: Σ_h = c_hᵀ diag(w) c_h
 
 
-def rotate_cov(cov: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """R Σ_h Rᵀ for every head of a symmetric cov (n_head, d, d), as two flat GEMMs."""
-    h, d, _ = cov.shape
-    y = (cov.reshape(h * d, d) @ r.T).reshape(h, d, d)  # Σ_h Rᵀ
-    return (y.transpose(0, 2, 1).reshape(h * d, d) @ r.T).reshape(h, d, d)  # (Σ_h Rᵀ)ᵀ Rᵀ = R Σ_h Rᵀ
-
-
 def expected_logits(mu: np.ndarray, cov: np.ndarray | None, keys: np.ndarray, scale: float) -> np.ndarray:
     """z (n_head, n) = s μ'·k + ½ s² kᵀΣ'k for rotated stats mu (n_head, d), cov, keys (n, n_kv_head, d)."""
     n_head = mu.shape[0]
@@ -151,6 +144,45 @@ def expected_logits(mu: np.ndarray, cov: np.ndarray | None, keys: np.ndarray, sc
             d = k.shape[1]
             kc = (k @ cov[heads].transpose(1, 0, 2).reshape(d, g * d)).reshape(-1, g, d)  # k Σ'_h, one GEMM
             z[heads] += 0.5 * scale**2 * (kc * k[:, None, :]).sum(-1).T
+    return z
+
+
+def query_factor(q: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-head mean μ (n_head, d) and a factor P (n_head, r, d) with Σ_h = P_hᵀ P_h, r ≤ min(m, d).
+
+    The quadratic term then costs ‖P k‖² (r columns) instead of kᵀΣk (d columns): with m ≤ d
+    queries P is the weighted, centred queries themselves (Σ = Σ_i w_i c_i c_iᵀ); with more, the
+    eigendecomposition of Σ (exact up to float error; negative eigenvalues from rounding are 0)."""
+    q = np.asarray(q, dtype=np.float64)
+    m, _, d = q.shape
+    if m > d:
+        mu, cov = query_statistics(q, True, weights)
+        lam, vec = np.linalg.eigh(cov)  # (h, d), (h, d, d): Σ = V diag(λ) Vᵀ
+        return mu, np.sqrt(np.clip(lam, 0.0, None))[:, :, None] * vec.transpose(0, 2, 1)
+    mu, _ = query_statistics(q, False, weights)
+    w = np.full(m, 1.0 / m) if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    return mu, ((q - mu) * np.sqrt(w)[:, None, None]).transpose(1, 0, 2)
+
+
+def expected_logits_factored(mu: np.ndarray, factor: np.ndarray | None, keys: np.ndarray,
+                             scale: float) -> np.ndarray:
+    """z (n_head, n) = s μ'·k + ½ s² ‖P'k‖², the same z as ``expected_logits`` with Σ' = P'ᵀP'.
+
+    keys (n, n_kv_head, d) in float32: one GEMM per KV group against its heads' μ' and P' stacked,
+    in float32 (the scores only rank cells; float64 doubles the time of the largest product)."""
+    n_head, d = mu.shape
+    n_kv = keys.shape[1]
+    g = kv_group(n_head, n_kv)
+    r = 0 if factor is None else factor.shape[1]
+    z = np.empty((n_head, keys.shape[0]))
+    for j in range(n_kv):
+        heads = slice(j * g, (j + 1) * g)
+        cols = [mu[heads].T] if factor is None else [mu[heads].T, factor[heads].reshape(g * r, d).T]
+        y = keys[:, j, :] @ np.concatenate(cols, axis=1).astype(np.float32)  # (n, g + g r)
+        z[heads] = scale * y[:, :g].T
+        if factor is not None:
+            yq = y[:, g:].reshape(-1, g, r)
+            z[heads] += 0.5 * scale**2 * np.einsum("ngr,ngr->gn", yq, yq)
     return z
 
 
@@ -173,15 +205,15 @@ def expected_attention_layer(
     queries (m, n_head, d) pre-RoPE; keys (n, n_kv_head, d) post-RoPE; values (n, n_kv_head, d_v)
     (needed only with use_vnorm); scale None -> 1/sqrt(d).
     """
-    keys = np.asarray(keys, dtype=np.float64)
+    keys = np.ascontiguousarray(keys, dtype=np.float32)
     d = keys.shape[-1]
     s = 1.0 / np.sqrt(d) if scale is None else float(scale)
-    mu, cov = query_statistics(queries, use_covariance, weights)
+    mu, factor = query_factor(queries, weights) if use_covariance else (query_statistics(queries, False, weights)[0], None)
     r = mean_rotation(rope, next_pos, n_future_positions, head_dim=d)
     mu = mu @ r.T
-    if cov is not None:
-        cov = rotate_cov(cov, r)
-    a = softmax(expected_logits(mu, cov, keys, s), axis=-1)  # (n_head, n)
+    if factor is not None:
+        factor = factor @ r.T  # rows rotated: Σ' = R̄ Σ R̄ᵀ = (P R̄ᵀ)ᵀ (P R̄ᵀ)
+    a = softmax(expected_logits_factored(mu, factor, keys, s), axis=-1)  # (n_head, n)
     n_kv = keys.shape[1]
     a = a.reshape(n_kv, -1, keys.shape[0]).mean(axis=1)  # heads j*g .. j*g+g-1 -> KV head j
     if use_vnorm:
