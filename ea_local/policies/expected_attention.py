@@ -147,42 +147,52 @@ def expected_logits(mu: np.ndarray, cov: np.ndarray | None, keys: np.ndarray, sc
     return z
 
 
-def query_factor(q: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-head mean μ (n_head, d) and a factor P (n_head, r, d) with Σ_h = P_hᵀ P_h, r ≤ min(m, d).
+def query_factor(q: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Per-head mean μ (n_head, d) and an operand M for the quadratic term, and whether it is a factor.
 
-    The quadratic term then costs ‖P k‖² (r columns) instead of kᵀΣk (d columns): with m ≤ d
-    queries P is the weighted, centred queries themselves (Σ = Σ_i w_i c_i c_iᵀ); with more, the
-    eigendecomposition of Σ (exact up to float error; negative eigenvalues from rounding are 0)."""
+    With m ≤ d queries, M (n_head, m, d) is the weighted, centred queries, a factor of the
+    covariance (Σ_h = M_hᵀ M_h, so kᵀΣk = ‖M k‖², m columns instead of d); with more, M = Σ
+    itself (n_head, d, d). Either way the scoring is one GEMM of at most d columns per head."""
     q = np.asarray(q, dtype=np.float64)
     m, _, d = q.shape
     if m > d:
         mu, cov = query_statistics(q, True, weights)
-        lam, vec = np.linalg.eigh(cov)  # (h, d), (h, d, d): Σ = V diag(λ) Vᵀ
-        return mu, np.sqrt(np.clip(lam, 0.0, None))[:, :, None] * vec.transpose(0, 2, 1)
+        return mu, cov, False
     mu, _ = query_statistics(q, False, weights)
     w = np.full(m, 1.0 / m) if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
-    return mu, ((q - mu) * np.sqrt(w)[:, None, None]).transpose(1, 0, 2)
+    return mu, ((q - mu) * np.sqrt(w)[:, None, None]).transpose(1, 0, 2), True
 
 
-def expected_logits_factored(mu: np.ndarray, factor: np.ndarray | None, keys: np.ndarray,
-                             scale: float) -> np.ndarray:
-    """z (n_head, n) = s μ'·k + ½ s² ‖P'k‖², the same z as ``expected_logits`` with Σ' = P'ᵀP'.
+def rotate_cov(cov: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """R Σ_h Rᵀ for every head of a symmetric cov (n_head, d, d), as two flat GEMMs."""
+    h, d, _ = cov.shape
+    y = (cov.reshape(h * d, d) @ r.T).reshape(h, d, d)  # Σ_h Rᵀ
+    return (y.transpose(0, 2, 1).reshape(h * d, d) @ r.T).reshape(h, d, d)  # (Σ_h Rᵀ)ᵀ Rᵀ = R Σ_h Rᵀ
 
-    keys (n, n_kv_head, d) in float32: one GEMM per KV group against its heads' μ' and P' stacked,
+
+def expected_logits_fast(mu: np.ndarray, op: np.ndarray | None, factored: bool, keys: np.ndarray,
+                         scale: float) -> np.ndarray:
+    """z (n_head, n) = s μ'·k + ½ s² kᵀΣ'k, the same z as ``expected_logits``, with the rotated operand
+    of ``query_factor`` (op None: no covariance term).
+
+    keys (n, n_kv_head, d) float32: one GEMM per KV group against its heads' μ' and operand stacked,
     in float32 (the scores only rank cells; float64 doubles the time of the largest product)."""
     n_head, d = mu.shape
     n_kv = keys.shape[1]
     g = kv_group(n_head, n_kv)
-    r = 0 if factor is None else factor.shape[1]
+    c = 0 if op is None else op.shape[1]
     z = np.empty((n_head, keys.shape[0]))
     for j in range(n_kv):
         heads = slice(j * g, (j + 1) * g)
-        cols = [mu[heads].T] if factor is None else [mu[heads].T, factor[heads].reshape(g * r, d).T]
-        y = keys[:, j, :] @ np.concatenate(cols, axis=1).astype(np.float32)  # (n, g + g r)
+        k = keys[:, j, :]
+        cols = [mu[heads].T] if op is None else [mu[heads].T, op[heads].reshape(g * c, d).T]
+        y = k @ np.concatenate(cols, axis=1).astype(np.float32)  # (n, g + g c)
         z[heads] = scale * y[:, :g].T
-        if factor is not None:
-            yq = y[:, g:].reshape(-1, g, r)
-            z[heads] += 0.5 * scale**2 * np.einsum("ngr,ngr->gn", yq, yq)
+        if op is not None:
+            yq = y[:, g:].reshape(-1, g, c)
+            # factor: ‖M k‖²; covariance (symmetric): k·(Σ k)
+            quad = np.einsum("ngc,ngc->gn", yq, yq) if factored else np.einsum("ngc,nc->gn", yq, k)
+            z[heads] += 0.5 * scale**2 * quad
     return z
 
 
@@ -208,12 +218,15 @@ def expected_attention_layer(
     keys = np.ascontiguousarray(keys, dtype=np.float32)
     d = keys.shape[-1]
     s = 1.0 / np.sqrt(d) if scale is None else float(scale)
-    mu, factor = query_factor(queries, weights) if use_covariance else (query_statistics(queries, False, weights)[0], None)
+    if use_covariance:
+        mu, op, factored = query_factor(queries, weights)
+    else:
+        (mu, op), factored = query_statistics(queries, False, weights), False
     r = mean_rotation(rope, next_pos, n_future_positions, head_dim=d)
     mu = mu @ r.T
-    if factor is not None:
-        factor = factor @ r.T  # rows rotated: Σ' = R̄ Σ R̄ᵀ = (P R̄ᵀ)ᵀ (P R̄ᵀ)
-    a = softmax(expected_logits_factored(mu, factor, keys, s), axis=-1)  # (n_head, n)
+    if op is not None:  # Σ' = R̄ Σ R̄ᵀ; for a factor, (M R̄ᵀ)ᵀ (M R̄ᵀ)
+        op = op @ r.T if factored else rotate_cov(op, r)
+    a = softmax(expected_logits_fast(mu, op, factored, keys, s), axis=-1)  # (n_head, n)
     n_kv = keys.shape[1]
     a = a.reshape(n_kv, -1, keys.shape[0]).mean(axis=1)  # heads j*g .. j*g+g-1 -> KV head j
     if use_vnorm:
