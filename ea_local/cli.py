@@ -95,12 +95,14 @@ def info(
 
 @app.command()
 def policies() -> None:
-    """List the eviction policies with a one-line description and their paper."""
+    """List the eviction policies with a one-line description, their paper and their options."""
     from .policies import POLICIES, UNAVAILABLE
 
     width = max(map(len, POLICIES))
     for p in POLICIES.values():
         typer.echo(f"{p.name:<{width}}  {p.description}\n{'':<{width}}  {p.paper}")
+        if p.options:
+            typer.echo(f"{'':<{width}}  options: {', '.join(f'{k}={v!r}' for k, v in p.options.items())}")
     for name, why in UNAVAILABLE.items():
         typer.echo(f"\nnot available: {name}: {why}")
 
