@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
-from .engine.runtime import LlamaError  # engine first: loads libllama before numpy
+from .engine.runtime import LlamaError
 from .engine.sampling import SamplingParams
 from .engine import snapshot
 from .engine.session import BudgetError, Session, SessionConfig

@@ -1,7 +1,7 @@
 """`ea-local`: the command line.
 
-llama_cpp is imported (through the engine) before numpy-heavy code: on CUDA builds the other
-order was seen to crash at model load (DESIGN.md). Errors a user can fix are one line on stderr
+The package's `__init__` loads libllama before anything imports numpy (DESIGN.md: the CUDA
+build crashed at model load with the other order). Errors a user can fix are one line on stderr
 and exit code 2, never a traceback.
 """
 from __future__ import annotations

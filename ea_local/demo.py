@@ -9,10 +9,11 @@ from __future__ import annotations
 import random
 import time
 
-from .engine.session import Session, SessionConfig  # engine first: loads libllama before numpy
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from .engine.session import Session, SessionConfig
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
           "There and back again. ")

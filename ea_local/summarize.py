@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .engine.session import Session  # engine first: loads libllama before numpy
+from .engine.session import Session
 from .chat import ChatError, ChatOptions, fmt_mib, read_text_file, session_config, valid_utf8
 from .chat_template import TurnRenderer, resolve_template
 from .engine.sampling import SamplingParams

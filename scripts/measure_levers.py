@@ -19,7 +19,7 @@ import random
 import time
 from pathlib import Path
 
-from ea_local.quality import as_dict, perplexity  # loads libllama first
+from ea_local.quality import as_dict, perplexity
 from ea_local.bench.data import HELD_OUT, LICENSES, real_text
 from ea_local.bench.snapshot import restore, take
 from ea_local.bench.suites.common import ask, set_policy

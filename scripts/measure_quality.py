@@ -13,7 +13,7 @@ import platform
 import time
 from pathlib import Path
 
-from ea_local.quality import as_dict, passkey, perplexity  # loads libllama first
+from ea_local.quality import as_dict, passkey, perplexity
 from ea_local.models import default_model_path
 
 

@@ -29,14 +29,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from .runtime import ContextConfig, LlamaError, Runtime, SharedModel  # runtime first: loads libllama before numpy
-import numpy as np  # noqa: E402
+import numpy as np
 
-from ..model_info import read_model_info  # noqa: E402
-from ..policies import get_policy  # noqa: E402
-from ..policies.base import CellView  # noqa: E402
-from .sampling import Sampler, SamplingParams  # noqa: E402
-from .textstream import TextStream  # noqa: E402
+from ..model_info import read_model_info
+from ..policies import get_policy
+from ..policies.base import CellView
+from .runtime import ContextConfig, LlamaError, Runtime, SharedModel
+from .sampling import Sampler, SamplingParams
+from .textstream import TextStream
 
 
 class BudgetError(ValueError):
