@@ -15,29 +15,28 @@ import statistics
 import time
 from pathlib import Path
 
-from ea_local import kvhooks  # noqa: F401  (loads the patched libllama before numpy)
-
-import numpy as np
-
 from ea_local.engine.session import Session, SessionConfig
 from ea_local.models import resolve_model
 from ea_local.policies import expected_attention as ea
+from ea_local.policies.common import aggregate_scores, softmax, use_layers
 from ea_local.rope import mean_rotation
+
+import numpy as np
 
 
 def score_float64(view, n_sink: int = 4) -> np.ndarray:
     """The explicit form, float64 throughout (the reference the fast path is tested against)."""
     per_layer = []
-    for l in ea.use_layers(view, None, ["keys", "queries", "rope", "values"]):
+    for l in use_layers(view, None, ["keys", "queries", "rope", "values"]):
         q, w = ea._stat_queries(view, l, n_sink)
         keys = np.asarray(view.keys[l], dtype=np.float64)
         d = keys.shape[-1]
         mu, cov = ea.query_statistics(q, True, w)
         r = mean_rotation(view.rope[l], view.next_pos, 512, head_dim=d)
         z = ea.expected_logits(mu @ r.T, r @ cov @ r.T, keys, view.attn_scale or 1 / np.sqrt(d))
-        a = ea.softmax(z, axis=-1).reshape(keys.shape[1], -1, keys.shape[0]).mean(axis=1)
+        a = softmax(z, axis=-1).reshape(keys.shape[1], -1, keys.shape[0]).mean(axis=1)
         per_layer.append(a * np.linalg.norm(np.asarray(view.values[l], dtype=np.float64), axis=-1).T)
-    return ea.aggregate_scores(per_layer, "union")
+    return aggregate_scores(per_layer, "union")
 
 
 def main() -> None:
