@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
-from .engine.runtime import LlamaError  # engine first: loads libllama before numpy
+from .engine.runtime import LlamaError
 from .engine.sampling import CHAT_TEMPERATURE, SamplingParams
 from .engine import snapshot
 from .engine.session import BudgetError, Session, SessionConfig
@@ -62,7 +62,7 @@ class ChatOptions:
     file: str | None = None
     chunk: int | None = None  # None: min(512, budget // 2)
     rpc: tuple[str, ...] = ()  # llama.cpp RPC servers (HOST:PORT)
-    question_agnostic: bool = False  # True: the user's message does not steer compression (issue 11)
+    question_agnostic: bool = False  # True: the user's message does not steer compression (docs/query_aware.md)
 
     def sampling(self, seed: int) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
@@ -170,7 +170,7 @@ class Chat:
         started = False
         try:
             # the prompt is fed here, not by generate(), so that Ctrl-C also stops a long prefill between chunks;
-            # it is the user's turn: its queries steer compression (issue 11)
+            # it is the user's turn: its queries steer compression
             try:
                 self.s.prefill(prompt, progress=lambda d, t: _stop_if(should_stop), turn=True)
             except _Stopped:

@@ -1,7 +1,7 @@
 """`ea-local`: the command line.
 
-llama_cpp is imported (through the engine) before numpy-heavy code: on CUDA builds the other
-order was seen to crash at model load (DESIGN.md). Errors a user can fix are one line on stderr
+The package's `__init__` loads libllama before anything imports numpy (DESIGN.md: the CUDA
+build crashed at model load with the other order). Errors a user can fix are one line on stderr
 and exit code 2, never a traceback.
 """
 from __future__ import annotations
@@ -112,12 +112,14 @@ def info(
 
 @app.command()
 def policies() -> None:
-    """List the eviction policies with a one-line description and their paper."""
+    """List the eviction policies with a one-line description, their paper and their options."""
     from .policies import POLICIES, UNAVAILABLE
 
     width = max(map(len, POLICIES))
     for p in POLICIES.values():
         typer.echo(f"{p.name:<{width}}  {p.description}\n{'':<{width}}  {p.paper}")
+        if p.options:
+            typer.echo(f"{'':<{width}}  options: {', '.join(f'{k}={v!r}' for k, v in p.options.items())}")
     for name, why in UNAVAILABLE.items():
         typer.echo(f"\nnot available: {name}: {why}")
 

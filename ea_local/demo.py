@@ -9,10 +9,11 @@ from __future__ import annotations
 import random
 import time
 
-from .engine.session import Session, SessionConfig  # engine first: loads libllama before numpy
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from .engine.session import Session, SessionConfig
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
           "There and back again. ")
@@ -61,7 +62,7 @@ def run_demo(info, budget: int, policy: str, length: int, cache_type: str, seed:
               f"({info.path.split('/')[-1]}), budget {budget} cells, policy {policy}, KV cache {cache_type}")
     if not info.has_chat_template:
         con.print("note: this is a base model (no chat template): it continues text rather than chatting")
-    if not question_agnostic:  # the question comes with the document: it steers what is kept (issue 11)
+    if not question_agnostic:  # the question comes with the document: it steers what is kept
         s.set_question(question)
     con.print(f"reading {len(ctx)} tokens with a pass key at depth 40% (tokens {span[0]}..{span[1] - 1}); the "
               + ("question is asked after reading" if question_agnostic else "question is known while reading"))

@@ -1,8 +1,7 @@
 """ctypes declarations of the patched C API (include/llama-ea.h in patches/); no logic.
 
-Loads through llama-cpp-python's own `_lib`, so llama_cpp must be importable. Import this
-module (or llama_cpp) before numpy-heavy modules: the CUDA build was seen to segfault when
-numpy was imported first (DESIGN.md).
+Loads through llama-cpp-python's own `_lib`, so llama_cpp must be importable. The library
+itself is already in the process: `ea_local/__init__.py` loads it before numpy (DESIGN.md).
 """
 from __future__ import annotations
 

@@ -9,11 +9,11 @@ import math
 import random
 from dataclasses import asdict, dataclass
 
-from .engine.session import Session, SessionConfig  # engine first: loads libllama before numpy
-import numpy as np  # noqa: E402
+import numpy as np
 
-from .demo import passkey_prompt  # noqa: E402
-from .bench.data import real_text  # noqa: E402  (GPL-3 + GPL-2, Debian base-files)
+from .bench.data import real_text  # GPL-3 + GPL-2, Debian base-files
+from .demo import passkey_prompt
+from .engine.session import Session, SessionConfig
 
 
 @dataclass

@@ -19,8 +19,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from . import kvhooks  # loads libllama (and with it libggml*) first
-import llama_cpp.llama_cpp as ll  # noqa: E402
+import llama_cpp.llama_cpp as ll
+
+from . import kvhooks
 
 SERVER_NAME = "ggml-rpc-server"
 DEFAULT_PORT = 50052

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .engine.session import Session  # engine first: loads libllama before numpy
+from .engine.session import Session
 from .chat import ChatError, ChatOptions, fmt_mib, read_text_file, session_config, valid_utf8
 from .chat_template import TurnRenderer, resolve_template
 from .policies import get_policy
@@ -69,7 +69,7 @@ def run_summarize(info, source: str, opts: SummarizeOptions) -> dict:
         doc = head + rt.tokenize(text.strip(), add_bos=False, special=False)
         question = rt.tokenize("\n\n" + valid_utf8(opts.prompt or DEFAULT_INSTRUCTION) + tail, add_bos=False, special=True)
         if opts.prompt and not opts.question_agnostic:
-            s.set_question(question[len(question) - s.max_question:])  # the question steers what is kept (issue 11)
+            s.set_question(question[len(question) - s.max_question:])  # the question steers what is kept
 
         t0 = time.perf_counter()
         with Progress(TextColumn("reading"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),

@@ -17,7 +17,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from ea_local.bench.options import BenchOptions, Budget  # noqa: E402
-from ea_local.bench.suites.speed import profile  # noqa: E402  (loads libllama before numpy)
+from ea_local.bench.suites.speed import profile  # noqa: E402
 
 
 def main() -> None:

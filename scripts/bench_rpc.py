@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ea_local import rpc  # noqa: E402  (loads libllama before numpy)
+from ea_local import rpc  # noqa: E402
 from ea_local.engine.runtime import ContextConfig, Runtime  # noqa: E402
 from ea_local.model_info import read_model_info  # noqa: E402
 from ea_local.models import default_model_path  # noqa: E402

@@ -1,4 +1,4 @@
-"""Hardening run for `ea-local serve` (issue 10, server part): fuzz, concurrent load, soak, SIGTERM.
+"""Hardening run for `ea-local serve`: fuzz, concurrent load, soak, SIGTERM.
 
 1. fuzz: N malformed requests of many kinds (bad JSON, wrong types, out-of-range values, huge and
    chunked bodies, invalid UTF-8, unknown routes and methods, missing or wrong API key); each must

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Issue 5's levers for Expected Attention, measured on held-out data (docs/quality.md, "Levers").
+"""The levers of Expected Attention (statistics, recent window, pooling, aggregation), measured on
+held-out data (docs/quality.md, "Levers").
 
     .venv/bin/python scripts/measure_levers.py --part ppl|passkey|all [--out docs/quality/levers.jsonl]
 
@@ -8,7 +9,7 @@ reported for that one) at 12.5% and 25% for the protected recent window, the sta
 passkey: the question-agnostic one-shot pass key (8k filler -> 25%, kvpress' protocol) at depths and a
 seed the reported run does not use, one prefill per depth shared by every setting (bench snapshot).
 One JSON line per measurement, appended to --out. Every "ea" setting is Expected Attention with
-aggregate="mean" (the default until session 4) plus the one change its name says.
+aggregate="mean" plus the one change its name says.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import random
 import time
 from pathlib import Path
 
-from ea_local.quality import as_dict, perplexity  # loads libllama first
+from ea_local.quality import as_dict, perplexity
 from ea_local.bench.data import HELD_OUT, LICENSES, real_text
 from ea_local.bench.snapshot import restore, take
 from ea_local.bench.suites.common import ask, set_policy

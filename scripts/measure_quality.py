@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Issue-5/11 quality figures on the default model: pass key at 8k compressed to 25%, perplexity at 50/25/12.5%.
+"""Quality figures on the default model with options the bench does not take (docs/quality.md, docs/query_aware.md):
+pass key at 8k compressed to 25% with chunked prefill, perplexity at 50/25/12.5%.
 
     .venv/bin/python scripts/measure_quality.py --out docs/quality [--policies expected-attention,streaming-llm]
 Writes results.json and report.md into --out.
@@ -12,7 +13,7 @@ import platform
 import time
 from pathlib import Path
 
-from ea_local.quality import as_dict, passkey, perplexity  # loads libllama first
+from ea_local.quality import as_dict, passkey, perplexity
 from ea_local.models import default_model_path
 
 
@@ -27,7 +28,7 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="passkey,ppl,full (full: no full-cache pass-key baseline)")
     ap.add_argument("--recent", type=int, default=64)
     ap.add_argument("--query-aware", action="store_true",
-                    help="pass key: the question is known before compression (issue 11)")
+                    help="pass key: the question is known before compression (docs/query_aware.md)")
     ap.add_argument("--prose", action="store_true", help="pass key: hide the needle in real text, not filler")
     ap.add_argument("--question-weight", type=float, default=0.5)
     ap.add_argument("--answer-lookahead", type=int, default=0,

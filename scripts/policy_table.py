@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Issue 6's table from a bench run: per policy, the pass key at the longest context and a budget
+"""The per-policy table of docs/policies.md from a bench run: per policy, the pass key at the longest context and a budget
 (both modes, with the share of the needle kept) and Δ perplexity at every budget.
 
     python scripts/policy_table.py docs/bench/results.json [--budget 25%]

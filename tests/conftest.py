@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from ea_local import kvhooks  # noqa: F401  (loads the patched libllama before numpy)
+from ea_local import kvhooks  # noqa: F401  (no patched build: every test errors at once, with the fix)
 from ea_local.models import default_model_path
 
 try:

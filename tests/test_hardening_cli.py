@@ -1,4 +1,4 @@
-"""Issue #10, CLI half: every command survives bad model files, bad flags, bad text and Ctrl-C.
+"""Hardening of the CLI: every command survives bad model files, bad flags, bad text and Ctrl-C.
 
 What test_model_info.py (the header reader) and test_cli.py / test_chat.py (info, chat) already
 cover is not repeated: here each broken file goes through every command that takes a model

@@ -1,4 +1,4 @@
-"""The patched C API, checked against llama.cpp itself (issue: KV-cell hooks).
+"""The patched C API (KV-cell hooks), checked against llama.cpp itself.
 
 Equivalence anchor (DESIGN.md): removing cells for real must give the logits of the masked
 reference — the same prefill on a second context, the positions removed from a seq_cp copy

@@ -9,6 +9,7 @@ from ea_local.policies.expected_attention import (
     aggregate_scores,
     expected_attention_layer,
     expected_logits,
+    query_statistics,
     softmax,
 )
 from ea_local.policies.snapkv import pool1d
@@ -176,7 +177,7 @@ def test_expected_attention_gqa_groups_consecutive_heads():
     for h in range(4):
         z = keys[:, h // 2, :] @ q[0, h] / np.sqrt(d)
         ref[h // 2] += softmax(z) / 2
-    np.testing.assert_allclose(a, ref, rtol=1e-12)
+    np.testing.assert_allclose(a, ref, rtol=1e-5, atol=1e-12)  # keys are scored in float32
     with pytest.raises(ValueError):
         expected_attention_layer(q[:, :3], keys, None, spec, 0, use_vnorm=False)
 
@@ -195,9 +196,9 @@ def test_expected_attention_covariance_changes_ranking():
     no_cov = expected_attention_layer(q, keys, None, spec, 0, use_covariance=False, **kw)[0]
     assert no_cov[0] > no_cov[1] > no_cov[2]
     assert with_cov[1] > with_cov[0] > with_cov[2]
-    # closed form: z1 - z0 = s (1 - 1.2) + ½ s² k1ᵀΣk1, Σ11 = 9 (covariance divided by N)
-    assert np.log(with_cov[1] / with_cov[0]) == pytest.approx(-0.2 * s + 0.5 * s**2 * 0.64 * 9.0, rel=1e-9)
-    assert np.log(no_cov[1] / no_cov[0]) == pytest.approx(-0.2 * s, rel=1e-9)
+    # closed form: z1 - z0 = s (1 - 1.2) + ½ s² k1ᵀΣk1, Σ11 = 9 (covariance divided by N); keys in float32
+    assert np.log(with_cov[1] / with_cov[0]) == pytest.approx(-0.2 * s + 0.5 * s**2 * 0.64 * 9.0, rel=1e-6)
+    assert np.log(no_cov[1] / no_cov[0]) == pytest.approx(-0.2 * s, rel=1e-6)
 
 
 def test_expected_attention_vnorm_and_epsilon():
@@ -360,3 +361,23 @@ def test_tova_averages_all_heads_of_layer_and_layers():
         per_layer.append(np.mean([softmax(view.keys[l][:, h // 2, :] @ q[h] / np.sqrt(d)) for h in range(4)], axis=0))
     np.testing.assert_allclose(get_policy("tova").score(view), np.mean(per_layer, axis=0), rtol=1e-12)
     np.testing.assert_allclose(get_policy("tova").score(view, aggregate="max"), np.max(per_layer, axis=0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("m", [7, 40])  # fewer queries than head_dim (centred queries as the factor), more (eigh)
+def test_factored_float32_scores_equal_the_float64_covariance_form(m):
+    """The layer's fast path (Σ = PᵀP, keys in float32) gives the scores of the explicit float64 form
+    z = s μ'·k + ½ s² kᵀ(R̄ΣR̄ᵀ)k, GQA groups of 3 query heads per KV head included."""
+    rng = np.random.default_rng(m)
+    d, n_head, n_kv, n = 32, 6, 2, 300
+    spec = RopeSpec(d, 10000.0, 1.0, False)
+    q = rng.normal(size=(m, n_head, d)) * 2.0 + rng.normal(size=(1, n_head, d))
+    keys = rng.normal(size=(n, n_kv, d)) * 1.5
+    w = rng.uniform(0.5, 2.0, size=m)
+    got = expected_attention_layer(q, keys, None, spec, 900, n_future_positions=64, use_vnorm=False, weights=w)
+    mu, cov = query_statistics(q, True, w)
+    r = mean_rotation(spec, 900, 64, head_dim=d)
+    z = expected_logits(mu @ r.T, r @ cov @ r.T, keys, 1.0 / np.sqrt(d))
+    ref = softmax(z, axis=-1).reshape(n_kv, n_head // n_kv, n).mean(axis=1)
+    np.testing.assert_allclose(got, ref, rtol=2e-4, atol=1e-9)
+    for a, b in zip(got, ref):  # the same cells would be evicted
+        assert set(np.argsort(a)[:150]) == set(np.argsort(b)[:150])

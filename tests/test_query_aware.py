@@ -1,4 +1,4 @@
-"""Query-aware statistics (issue 11): the focus window, the question probe, weighted statistics."""
+"""Query-aware statistics: the focus window, the question probe, weighted statistics."""
 from __future__ import annotations
 
 import numpy as np

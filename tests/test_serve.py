@@ -302,7 +302,7 @@ def test_long_chat_stays_in_budget_and_reuses(srv):
 
 
 def test_gemma_50_turns_on_512_cells():
-    """The issue's check on the default model: 50 turns, a 512-cell budget, reuse on."""
+    """A long conversation on the default model: 50 turns, a 512-cell budget, reuse on."""
     s = ServerProcess(GEMMA, "--budget", "512")
     try:
         msgs: list[dict] = []
@@ -484,7 +484,7 @@ def test_cut_then_feed_equals_fresh_feed(tmp_path, arch):
         x.close()
 
 
-# ---- hardening (issue 10): fuzz and concurrent load, short versions of scripts/fuzz_server.py ----
+# ---- hardening: fuzz and concurrent load, short versions of scripts/fuzz_server.py ----
 
 def test_fuzz_then_concurrent_load_no_leaks(tiny):
     import importlib.util

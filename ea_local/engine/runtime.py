@@ -12,9 +12,10 @@ import threading
 import sys
 from dataclasses import dataclass, field
 
-from .. import kvhooks  # loads libllama before numpy (DESIGN.md: import order on CUDA)
-import llama_cpp.llama_cpp as ll  # noqa: E402
-import numpy as np  # noqa: E402
+import llama_cpp.llama_cpp as ll
+import numpy as np
+
+from .. import kvhooks
 
 CACHE_TYPES = {"f32": ll.GGML_TYPE_F32, "f16": ll.GGML_TYPE_F16, "q8_0": ll.GGML_TYPE_Q8_0, "q4_0": ll.GGML_TYPE_Q4_0}
 

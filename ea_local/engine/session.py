@@ -9,9 +9,9 @@ token at seq_pos_max + 1).
 
 On iSWA models (gemma2/3) only the global layers' cache is evicted and scored: the sliding
 layers keep their window in a window-sized cache of their own (swa_full off), so eviction never
-takes a token they still attend to (DESIGN.md, prototype finding).
+takes a token they still attend to (DESIGN.md).
 
-Query-aware statistics (issue 11). Question-agnostic statistics (the recent context's queries,
+Query-aware statistics (docs/query_aware.md). Question-agnostic statistics (the recent context's queries,
 kvpress' protocol) lose facts that only the question attends to. So the Session keeps a second
 window, the *focus*: the queries of the user's newest message (`prefill(..., turn=True)`), or of
 a question known before the text is compressed (`set_question`), which is decoded as a probe
@@ -29,14 +29,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from .runtime import ContextConfig, LlamaError, Runtime, SharedModel  # runtime first: loads libllama before numpy
-import numpy as np  # noqa: E402
+import numpy as np
 
-from ..model_info import read_model_info  # noqa: E402
-from ..policies import get_policy  # noqa: E402
-from ..policies.base import CellView  # noqa: E402
-from .sampling import Sampler, SamplingParams  # noqa: E402
-from .textstream import TextStream  # noqa: E402
+from ..model_info import read_model_info
+from ..policies import get_policy
+from ..policies.base import CellView
+from .runtime import ContextConfig, LlamaError, Runtime, SharedModel
+from .sampling import Sampler, SamplingParams
+from .textstream import TextStream
 
 
 class BudgetError(ValueError):

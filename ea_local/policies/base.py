@@ -6,6 +6,7 @@ live cell; the engine keeps the highest-scoring cells. Policies never see llama.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -67,3 +68,10 @@ class Policy:
     target: Callable[[int, int, int], int] | None = None  # (n_cells, n_keep, budget) -> cells left
     shift: bool = False  # evict from every cache, then renumber positions contiguously (context shift)
     lookahead: int = 0  # greedy pseudo-decode steps whose queries join the view, then undone (LAQ)
+
+    @property
+    def options(self) -> dict[str, object]:
+        """The policy's options and their defaults: the score function's keyword-only arguments,
+        so the function is the one place they are declared (`SessionConfig.policy_options` sets them)."""
+        return {name: p.default for name, p in inspect.signature(self.score).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty}

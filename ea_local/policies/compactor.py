@@ -25,8 +25,8 @@ from typing import Iterable
 
 import numpy as np
 
-from ea_local.policies.base import CellView
-from ea_local.policies.expected_attention import aggregate_scores, use_layers
+from ea_local.policies.base import CellView, Policy
+from ea_local.policies.common import aggregate_scores, use_layers
 from ea_local.policies.snapkv import group_attention, pool1d, window
 from ea_local.rope import apply_rope
 
@@ -98,3 +98,13 @@ def score(
             out[:, ~sel] = layer.max()
         per_layer.append(out)
     return aggregate_scores(per_layer, aggregate)
+
+
+POLICY = Policy(
+    name="compactor",
+    description="approximate leverage of the pre-RoPE keys, blended with window attention times value norm",
+    paper="Chari & Van Durme 2025, Compactor: Calibrated Query-Agnostic KV Cache Compression with Approximate Leverage Scores, arXiv 2507.08143 (kvpress CompactorPress)",
+    score=score,
+    needs_values=True,
+    needs_queries=True,
+)

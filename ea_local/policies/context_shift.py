@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ea_local.policies.base import CellView
+from ea_local.policies.base import CellView, Policy
 
 
 def n_discard(n_tokens: int, n_keep: int) -> int:
@@ -44,3 +44,14 @@ def target(n_cells: int, n_keep: int, budget: int) -> int:
 def score(view: CellView) -> np.ndarray:
     """(n,) the positions: the oldest cells after the kept prefix (engine-protected) go first."""
     return np.asarray(view.positions, dtype=np.float64).copy()
+
+
+POLICY = Policy(
+    name="context-shift",
+    description="llama.cpp server's context shift: keep the first n_keep tokens, drop half of the rest, shift positions",
+    paper="baseline: ggml-org/llama.cpp tools/server (n_discard = (n_past - n_keep) / 2)",
+    score=score,
+    needs_keys=False,
+    target=target,
+    shift=True,
+)

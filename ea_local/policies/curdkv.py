@@ -17,8 +17,8 @@ from typing import Iterable
 
 import numpy as np
 
-from ea_local.policies.base import CellView
-from ea_local.policies.expected_attention import aggregate_scores, use_layers
+from ea_local.policies.base import CellView, Policy
+from ea_local.policies.common import aggregate_scores, use_layers
 
 COMBINES = ("kv_product", "kv_avg", "key", "value")
 
@@ -84,3 +84,12 @@ def score(
             for j in range(k.shape[1])
         ]))
     return aggregate_scores(per_layer, aggregate)
+
+
+POLICY = Policy(
+    name="curdkv",
+    description="CUR leverage (squared row norms, local blocks) of keys times that of values",
+    paper="Sengupta, Chaudhary & Chakraborty 2025, Value-Guided KV Compression for LLMs via Approximated CUR Decomposition (CurDKV), arXiv 2509.15038 (kvpress CURPress)",
+    score=score,
+    needs_values=True,
+)

@@ -18,96 +18,18 @@ llama.cpp cells are shared by all layers and heads, so ``score`` reduces the per
 per-KV-head scores to one per cell (``aggregate``: "union", the default, "mean", "max" or "share"). Sinks and the
 recent window are protected by the engine, not here.
 
-The helpers ``softmax``, ``use_layers``, ``aggregate_scores`` and ``pool1d`` are shared with the
-attention-based baselines.
+The helpers it shares with the attention-based baselines (``softmax``, ``use_layers``,
+``aggregate_scores``, ``pool1d``, ``kv_group``) live in ``common.py``.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
-from ea_local.policies.base import CellView, RopeSpec
+from ea_local.policies.base import CellView, Policy, RopeSpec
+from ea_local.policies.common import aggregate_scores, kv_group, pool1d, softmax, use_layers
 from ea_local.rope import mean_rotation
-
-AGGREGATES = ("mean", "max", "share", "union")
-POOLINGS = ("max", "avg")
-
-
-def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Numerically stable softmax; entries at -inf get 0, an all -inf row gives all 0."""
-    z = np.asarray(z, dtype=np.float64)
-    zmax = np.max(z, axis=axis, keepdims=True)
-    zmax = np.where(np.isfinite(zmax), zmax, 0.0)
-    e = np.exp(z - zmax)
-    tot = np.sum(e, axis=axis, keepdims=True)
-    return e / np.where(tot > 0, tot, 1.0)
-
-
-def use_layers(view: CellView, layers: Iterable[int] | None, need: Sequence[str]) -> list[int]:
-    """The layers to score: ``layers`` if given, else every layer present in all of ``need``.
-
-    ``need`` names CellView mappings ("keys", "values", "queries", "rope").
-    """
-    maps = [getattr(view, name) for name in need]
-    if layers is None:
-        chosen = sorted(set.intersection(*(set(m) for m in maps)))
-    else:
-        chosen = [int(l) for l in layers]
-        for name, m in zip(need, maps):
-            missing = [l for l in chosen if l not in m]
-            if missing:
-                raise ValueError(f"layers {missing} have no {name} in the view")
-    if not chosen:
-        raise ValueError(f"the view has no layer with all of: {', '.join(need)}")
-    return chosen
-
-
-def aggregate_scores(per_layer: Sequence[np.ndarray], how: str = "mean",
-                     evictable: np.ndarray | None = None) -> np.ndarray:
-    """Reduce per-layer (n_kv_head, n) (or (n,)) scores to (n,) over layers and heads.
-
-    "mean", "max"; "share": the mean of each row divided by its sum over the `evictable` cells (all
-    if None), so that every layer and head votes with the same weight. Without it, a layer whose
-    attention goes mostly to the sinks (kept anyway), or whose values are small, hardly counts.
-    "union": the best rank a cell has in any row (rank / n, ties share a rank), so keeping the top k
-    keeps the union of every layer's and head's own best cells — what evicting each layer on its own
-    (as kvpress does) would keep, when all layers must share one set of cells.
-    """
-    if how not in AGGREGATES:
-        raise ValueError(f"unknown aggregate {how!r}; choose from: {', '.join(AGGREGATES)}")
-    rows = np.concatenate([np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in per_layer], axis=0)
-    if how == "union":
-        ranks = np.stack([np.searchsorted(np.sort(r), r, side="left") for r in rows])
-        return ranks.max(axis=0) / rows.shape[1]
-    if how == "share":
-        mass = rows.sum(axis=1, keepdims=True) if evictable is None else rows[:, evictable].sum(axis=1, keepdims=True)
-        rows = rows / np.where(mass > 0, mass, 1.0)
-    return rows.max(axis=0) if how == "max" else rows.mean(axis=0)
-
-
-def pool1d(x: np.ndarray, kernel_size: int, how: str = "max") -> np.ndarray:
-    """Stride-1 pooling along the last axis, same length (padding kernel_size // 2).
-
-    "max" ignores the padding; "avg" counts it as zeros (torch avg_pool1d's default).
-    """
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}")
-    if how not in POOLINGS:
-        raise ValueError(f"unknown pooling {how!r}; choose from: {', '.join(POOLINGS)}")
-    p = kernel_size // 2
-    width = [(0, 0)] * (x.ndim - 1) + [(p, p)]
-    padded = np.pad(x, width, constant_values=-np.inf if how == "max" else 0.0)
-    win = sliding_window_view(padded, kernel_size, axis=-1)
-    return win.max(axis=-1) if how == "max" else win.mean(axis=-1)
-
-
-def kv_group(n_head: int, n_kv_head: int) -> int:
-    """Query heads per KV head (GQA); query head h reads KV head h // group."""
-    if n_kv_head <= 0 or n_head % n_kv_head:
-        raise ValueError(f"n_head {n_head} is not a multiple of n_kv_head {n_kv_head}")
-    return n_head // n_kv_head
 
 
 def query_statistics(q: np.ndarray, use_covariance: bool = True,
@@ -130,13 +52,6 @@ def query_statistics(q: np.ndarray, use_covariance: bool = True,
     return mu, (c.transpose(0, 2, 1) @ (c * w[None, :, None]))  # batched GEMM: Σ_h = c_hᵀ diag(w) c_h
 
 
-def rotate_cov(cov: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """R Σ_h Rᵀ for every head of a symmetric cov (n_head, d, d), as two flat GEMMs."""
-    h, d, _ = cov.shape
-    y = (cov.reshape(h * d, d) @ r.T).reshape(h, d, d)  # Σ_h Rᵀ
-    return (y.transpose(0, 2, 1).reshape(h * d, d) @ r.T).reshape(h, d, d)  # (Σ_h Rᵀ)ᵀ Rᵀ = R Σ_h Rᵀ
-
-
 def expected_logits(mu: np.ndarray, cov: np.ndarray | None, keys: np.ndarray, scale: float) -> np.ndarray:
     """z (n_head, n) = s μ'·k + ½ s² kᵀΣ'k for rotated stats mu (n_head, d), cov, keys (n, n_kv_head, d)."""
     n_head = mu.shape[0]
@@ -151,6 +66,55 @@ def expected_logits(mu: np.ndarray, cov: np.ndarray | None, keys: np.ndarray, sc
             d = k.shape[1]
             kc = (k @ cov[heads].transpose(1, 0, 2).reshape(d, g * d)).reshape(-1, g, d)  # k Σ'_h, one GEMM
             z[heads] += 0.5 * scale**2 * (kc * k[:, None, :]).sum(-1).T
+    return z
+
+
+def query_factor(q: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Per-head mean μ (n_head, d) and an operand M for the quadratic term, and whether it is a factor.
+
+    With m ≤ d queries, M (n_head, m, d) is the weighted, centred queries, a factor of the
+    covariance (Σ_h = M_hᵀ M_h, so kᵀΣk = ‖M k‖², m columns instead of d); with more, M = Σ
+    itself (n_head, d, d). Either way the scoring is one GEMM of at most d columns per head."""
+    q = np.asarray(q, dtype=np.float64)
+    m, _, d = q.shape
+    if m > d:
+        mu, cov = query_statistics(q, True, weights)
+        return mu, cov, False
+    mu, _ = query_statistics(q, False, weights)
+    w = np.full(m, 1.0 / m) if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    return mu, ((q - mu) * np.sqrt(w)[:, None, None]).transpose(1, 0, 2), True
+
+
+def rotate_cov(cov: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """R Σ_h Rᵀ for every head of a symmetric cov (n_head, d, d), as two flat GEMMs."""
+    h, d, _ = cov.shape
+    y = (cov.reshape(h * d, d) @ r.T).reshape(h, d, d)  # Σ_h Rᵀ
+    return (y.transpose(0, 2, 1).reshape(h * d, d) @ r.T).reshape(h, d, d)  # (Σ_h Rᵀ)ᵀ Rᵀ = R Σ_h Rᵀ
+
+
+def expected_logits_fast(mu: np.ndarray, op: np.ndarray | None, factored: bool, keys: np.ndarray,
+                         scale: float) -> np.ndarray:
+    """z (n_head, n) = s μ'·k + ½ s² kᵀΣ'k, the same z as ``expected_logits``, with the rotated operand
+    of ``query_factor`` (op None: no covariance term).
+
+    keys (n, n_kv_head, d) float32: one GEMM per KV group against its heads' μ' and operand stacked,
+    in float32 (the scores only rank cells; float64 doubles the time of the largest product)."""
+    n_head, d = mu.shape
+    n_kv = keys.shape[1]
+    g = kv_group(n_head, n_kv)
+    c = 0 if op is None else op.shape[1]
+    z = np.empty((n_head, keys.shape[0]))
+    for j in range(n_kv):
+        heads = slice(j * g, (j + 1) * g)
+        k = keys[:, j, :]
+        cols = [mu[heads].T] if op is None else [mu[heads].T, op[heads].reshape(g * c, d).T]
+        y = k @ np.concatenate(cols, axis=1).astype(np.float32)  # (n, g + g c)
+        z[heads] = scale * y[:, :g].T
+        if op is not None:
+            yq = y[:, g:].reshape(-1, g, c)
+            # factor: ‖M k‖²; covariance (symmetric): k·(Σ k)
+            quad = np.einsum("ngc,ngc->gn", yq, yq) if factored else np.einsum("ngc,nc->gn", yq, k)
+            z[heads] += 0.5 * scale**2 * quad
     return z
 
 
@@ -173,15 +137,18 @@ def expected_attention_layer(
     queries (m, n_head, d) pre-RoPE; keys (n, n_kv_head, d) post-RoPE; values (n, n_kv_head, d_v)
     (needed only with use_vnorm); scale None -> 1/sqrt(d).
     """
-    keys = np.asarray(keys, dtype=np.float64)
+    keys = np.ascontiguousarray(keys, dtype=np.float32)
     d = keys.shape[-1]
     s = 1.0 / np.sqrt(d) if scale is None else float(scale)
-    mu, cov = query_statistics(queries, use_covariance, weights)
+    if use_covariance:
+        mu, op, factored = query_factor(queries, weights)
+    else:
+        (mu, op), factored = query_statistics(queries, False, weights), False
     r = mean_rotation(rope, next_pos, n_future_positions, head_dim=d)
     mu = mu @ r.T
-    if cov is not None:
-        cov = rotate_cov(cov, r)
-    a = softmax(expected_logits(mu, cov, keys, s), axis=-1)  # (n_head, n)
+    if op is not None:  # Σ' = R̄ Σ R̄ᵀ; for a factor, (M R̄ᵀ)ᵀ (M R̄ᵀ)
+        op = op @ r.T if factored else rotate_cov(op, r)
+    a = softmax(expected_logits_fast(mu, op, factored, keys, s), axis=-1)  # (n_head, n)
     n_kv = keys.shape[1]
     a = a.reshape(n_kv, -1, keys.shape[0]).mean(axis=1)  # heads j*g .. j*g+g-1 -> KV head j
     if use_vnorm:
@@ -240,3 +207,13 @@ def score(
             epsilon=epsilon, scale=view.attn_scale, weights=w))
     scores = aggregate_scores(per_layer, aggregate, evictable=np.asarray(view.positions) >= n_sink)
     return scores if kernel_size == 1 else pool1d(scores, kernel_size, "max")
+
+
+POLICY = Policy(
+    name="expected-attention",
+    description="expected attention of future queries (Gaussian queries, averaged RoPE), times value norm",
+    paper="Devoto, Jeblick & Jégou 2025, Expected Attention, arXiv 2510.00636 (kvpress ExpectedAttentionPress)",
+    score=score,
+    needs_values=True,
+    needs_queries=True,
+)

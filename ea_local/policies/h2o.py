@@ -18,7 +18,7 @@ from typing import Iterable
 
 import numpy as np
 
-from ea_local.policies.base import CellView
+from ea_local.policies.base import CellView, Policy
 from ea_local.policies.snapkv import score as snapkv_score
 
 
@@ -31,3 +31,12 @@ def score(
 ) -> np.ndarray:
     """(n,) sum over the last ``window_size`` captured queries (all if None) of their attention to each cell."""
     return snapkv_score(view, window_size=window_size, kernel_size=1, aggregate=aggregate, layers=layers)
+
+
+POLICY = Policy(
+    name="h2o",
+    description="heavy hitters: attention summed over the observation-window queries (window approximation)",
+    paper="Zhang et al. 2023, H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models, arXiv 2306.14048",
+    score=score,
+    needs_queries=True,
+)

@@ -19,8 +19,8 @@ from typing import Iterable
 
 import numpy as np
 
-from ea_local.policies.base import CellView
-from ea_local.policies.expected_attention import aggregate_scores, use_layers
+from ea_local.policies.base import CellView, Policy
+from ea_local.policies.common import aggregate_scores, use_layers
 from ea_local.policies.snapkv import snapkv_layer
 
 
@@ -53,3 +53,13 @@ def score(
                               kernel_size=kernel_size, pooling=pooling, scale=view.attn_scale)
                  for l in use_layers(view, layers, ["keys", "queries", "rope"])]
     return aggregate_scores(per_layer, aggregate)
+
+
+POLICY = Policy(
+    name="laq",
+    description="Lookahead Q-Cache: SnapKV votes of the queries of 8 greedy pseudo-decode steps (then undone)",
+    paper="Wang et al. 2025, Lookahead Q-Cache: Achieving More Consistent KV Cache Eviction via Pseudo Query, arXiv 2505.20334",
+    score=score,
+    needs_queries=True,
+    lookahead=8,
+)

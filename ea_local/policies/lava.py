@@ -27,7 +27,7 @@ from typing import Iterable
 
 import numpy as np
 
-from ea_local.policies.base import CellView, RopeSpec
+from ea_local.policies.base import CellView, Policy, RopeSpec
 from ea_local.policies.snapkv import group_attention, over_window, pool1d
 
 VALUE_NORMS = ("head", "token")
@@ -77,3 +77,13 @@ def score(
         return s / total if total > 0 else s
 
     return over_window(view, window_size, layers, ["keys", "values", "queries", "rope"], aggregate, layer_score)
+
+
+POLICY = Policy(
+    name="lava",
+    description="LAVa's residual-stream loss score: pooled window attention times the head's max value norm",
+    paper="Shen et al. 2025, LAVa: Layer-wise KV Cache Eviction with Dynamic Budget Allocation, arXiv 2509.09754",
+    score=score,
+    needs_values=True,
+    needs_queries=True,
+)

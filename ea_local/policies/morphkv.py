@@ -18,7 +18,7 @@ from typing import Iterable
 
 import numpy as np
 
-from ea_local.policies.base import CellView, RopeSpec
+from ea_local.policies.base import CellView, Policy, RopeSpec
 from ea_local.policies.snapkv import group_attention, over_window
 
 FUSIONS = ("max", "sum")
@@ -60,3 +60,12 @@ def score(
     """(n,) MorphKV score per cell; the window is the last ``window_size`` captured queries (all if None)."""
     return over_window(view, window_size, layers, ["keys", "queries", "rope"], aggregate, lambda l, q, qpos: morphkv_layer(
         q, qpos, view.keys[l], view.positions, view.rope[l], fusion=fusion, scale=view.attn_scale))
+
+
+POLICY = Policy(
+    name="morphkv",
+    description="distant cells most attended (max or sum) by the recent-window queries",
+    paper="Ghadia et al. 2025, Dialogue Without Limits: Constant-Sized KV Caches for Extended Responses in LLMs (MorphKV), ICML 2025, arXiv 2503.00979",
+    score=score,
+    needs_queries=True,
+)

@@ -8,9 +8,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from ea_local.policies.base import CellView
+from ea_local.policies.base import CellView, Policy
 
 
 def score(view: CellView) -> np.ndarray:
     """Never called by the engine (Policy.evicts is False): there is nothing to score."""
     raise ValueError("the 'none' policy keeps every cell: it has nothing to score")
+
+
+POLICY = Policy(
+    name="none",
+    description="full cache, no eviction: refuses to run past its context (= the budget)",
+    paper="baseline (llama.cpp with --no-context-shift)",
+    score=score,
+    needs_keys=False,
+    evicts=False,
+)

@@ -22,8 +22,8 @@ from typing import Iterable
 
 import numpy as np
 
-from ea_local.policies.base import CellView, RopeSpec
-from ea_local.policies.expected_attention import kv_group
+from ea_local.policies.base import CellView, Policy, RopeSpec
+from ea_local.policies.common import kv_group
 from ea_local.policies.snapkv import group_attention, over_window
 from ea_local.rope import apply_rope
 
@@ -79,3 +79,13 @@ def score(
     need = ["keys", "values", "queries", "rope"]
     return over_window(view, window_size, layers, need, aggregate, lambda l, q, qpos: obcache_layer(
         q, qpos, view.keys[l], view.values[l], view.positions, view.rope[l], saliency=saliency, scale=view.attn_scale))
+
+
+POLICY = Policy(
+    name="obcache",
+    description="output-aware saliency: attention-output change when a cell's value (or key) is pruned",
+    paper="Gu, Liang, Zhao & Diao 2025, OBCache: Optimal Brain KV Cache Pruning for Efficient Long-Context LLM Inference, arXiv 2510.07651",
+    score=score,
+    needs_values=True,
+    needs_queries=True,
+)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ea_local.policies.base import CellView
+from ea_local.policies.base import CellView, Policy
 
 
 def score(view: CellView, *, seed: int | None = None) -> np.ndarray:
@@ -15,3 +15,12 @@ def score(view: CellView, *, seed: int | None = None) -> np.ndarray:
     s = view.seed if seed is None else seed
     rng = np.random.default_rng([int(s), int(view.next_pos)])
     return rng.random(view.n)
+
+
+POLICY = Policy(
+    name="random",
+    description="uniformly random scores (seeded): the floor to beat",
+    paper="baseline",
+    score=score,
+    needs_keys=False,
+)

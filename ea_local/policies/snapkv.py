@@ -15,8 +15,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from ea_local.policies.base import CellView, RopeSpec
-from ea_local.policies.expected_attention import aggregate_scores, kv_group, pool1d, softmax, use_layers
+from ea_local.policies.base import CellView, Policy, RopeSpec
+from ea_local.policies.common import aggregate_scores, kv_group, pool1d, softmax, use_layers
 from ea_local.rope import apply_rope
 
 def group_attention(
@@ -99,3 +99,12 @@ def score(
                               kernel_size=kernel_size, pooling=pooling, scale=view.attn_scale, weights=w)
                  for l in use_layers(view, layers, ["keys", "queries", "rope"])]
     return aggregate_scores(per_layer, aggregate)
+
+
+POLICY = Policy(
+    name="snapkv",
+    description="attention of the observation-window queries, pooled over neighbouring cells",
+    paper="Li et al. 2024, SnapKV: LLM Knows What You are Looking for Before Generation, arXiv 2404.14469",
+    score=score,
+    needs_queries=True,
+)

@@ -8,8 +8,8 @@ from typing import Iterable
 
 import numpy as np
 
-from ea_local.policies.base import CellView, RopeSpec
-from ea_local.policies.expected_attention import aggregate_scores, use_layers
+from ea_local.policies.base import CellView, Policy, RopeSpec
+from ea_local.policies.common import aggregate_scores, use_layers
 from ea_local.policies.snapkv import group_attention, window
 
 
@@ -37,3 +37,12 @@ def score(view: CellView, *, aggregate: str = "mean", layers: Iterable[int] | No
         for l in use_layers(view, layers, ["keys", "queries", "rope"])
     ]
     return aggregate_scores(per_layer, aggregate)
+
+
+POLICY = Policy(
+    name="tova",
+    description="attention of the last query, averaged over heads",
+    paper="Oren et al. 2024, Transformers are Multi-State RNNs (TOVA), arXiv 2401.06104",
+    score=score,
+    needs_queries=True,
+)

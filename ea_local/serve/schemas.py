@@ -26,7 +26,7 @@ class KVCompression(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # a misspelt key here should not pass silently
     policy: str | None = None
     budget: int | None = None
-    question_agnostic: bool = False  # True: the newest message does not steer compression (issue 11)
+    question_agnostic: bool = False  # True: the newest message does not steer compression (docs/query_aware.md)
 
 
 class StreamOptions(_Body):

@@ -9,7 +9,7 @@ from pathlib import Path
 import uvicorn
 
 from ..chat_template import resolve_template
-from ..engine.runtime import SharedModel  # engine first: loads libllama before numpy
+from ..engine.runtime import SharedModel
 from ..engine.session import SessionConfig
 from ..model_info import ModelInfo
 from .app import Server, ServeConfig, create_app

@@ -21,14 +21,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..engine.runtime import LlamaError, SharedModel  # engine first: loads libllama before numpy
+import numpy as np
+
+from ..engine.runtime import LlamaError, SharedModel
 from ..engine.sampling import SamplingParams
 from ..engine.session import Session, SessionConfig
 from ..engine.textstream import TextStream
 from ..policies import get_policy
 from .errors import APIError
-
-import numpy as np  # noqa: E402
 
 
 class Cancelled(Exception):

@@ -34,7 +34,7 @@ def rss_bytes() -> int:
 
 def chat_run(o: BenchOptions, policy: str, cells: int) -> list[dict]:
     """One long chat through one budget; runs in a child process."""
-    from ...engine.session import Session  # libllama before numpy, in the child too
+    from ...engine.session import Session
     from .. import data
     from .common import session_cfg
 
