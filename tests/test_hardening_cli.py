@@ -63,7 +63,7 @@ BAD_MODELS = ["empty", "not_gguf", "trunc_8", "trunc_header", "trunc_tensor_tabl
 PHRASES = {"empty": "empty", "not_gguf": "not a GGUF", "trunc_8": "truncated", "trunc_header": "truncated",
            "trunc_tensor_table": "truncated", "trunc_data": "past the end", "random_magic": "", "version_1":
            "version 1", "version_99": "version 99", "missing_tensor": "blk.1.attn_k.weight", "bert": "unsupported",
-           "gpt2_no_rope": "RoPE", "directory": "directory", "missing": "no such file", "unreadable": "permission"}
+           "gpt2_no_rope": "RoPE", "directory": "directory", "missing": "no such model file", "unreadable": "permission"}
 
 
 def make_bad_model(kind: str, d: Path, tiny: str) -> str:
