@@ -65,6 +65,15 @@ X86_EXTRA: dict[str, tuple[tuple[str, ...], str, str]] = {
     "GFNI": (("gfni",), "-mgfni", "GGML_AVX2"),
     "AVX_VNNI_INT8": (("avx_vnni_int8",), "-mavxvnniint8", "GGML_AVX2"),
 }
+# the CPU backend's feature names (ggml-cpu.cpp ggml_backend_cpu_get_features, what `ea-local info` shows)
+# -> the /proc/cpuinfo flags that mean the CPU has it
+FEATURE_CPUINFO: dict[str, tuple[str, ...]] = {
+    "SSE3": ("pni",), "SSSE3": ("ssse3",), "AVX": ("avx",), "AVX_VNNI": ("avx_vnni",), "AVX2": ("avx2",),
+    "F16C": ("f16c",), "FMA": ("fma",), "BMI2": ("bmi2",), "AVX512": ("avx512f",), "AVX512_VBMI": ("avx512vbmi",),
+    "AVX512_VNNI": ("avx512_vnni",), "AVX512_BF16": ("avx512_bf16",), "AMX_INT8": ("amx_int8",),
+    "NEON": ("asimd",), "DOTPROD": ("asimddp",), "SVE": ("sve",), "MATMUL_INT8": ("i8mm",), "FP16_VA": ("asimdhp",),
+    "SME": ("sme",),
+}
 # the safe level: x86-64-v3 and below
 SAFE_X86 = ("GGML_SSE42", "GGML_AVX", "GGML_AVX2", "GGML_FMA", "GGML_F16C", "GGML_BMI2")
 X86_MACHINES = ("x86_64", "amd64", "i386", "i486", "i586", "i686", "x86")
