@@ -182,4 +182,13 @@ def choose(level: str = "auto", cpuinfo: str | None = None, machine: str | None 
             return Choice(level, ("-DGGML_NATIVE=OFF",) + tuple(f"-D{o}=OFF" for o in (*X86_OPTIONS, *X86_OFF_ALWAYS)),
                           "x86 safe: /proc/cpuinfo unreadable, no SIMD beyond SSE2")
         return Choice(level, (), "x86: /proc/cpuinfo unreadable, native (-march=native)")
-    return _x86(flags, level, supports or compiler_probe())
+    return _x86(flags, level, supports or _default_probe())
+
+
+_probe: list[Callable[[str], bool]] = []
+
+
+def _default_probe() -> Callable[[str], bool]:
+    if not _probe:  # one probe per process: the compilers do not change under it
+        _probe.append(compiler_probe())
+    return _probe[0]
