@@ -30,8 +30,8 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
-import os
 import importlib.util
+import os
 import platform
 import shlex
 import shutil
