@@ -22,7 +22,8 @@ ChatModelOpt = typer.Option(None, "--model", "-m", help="GGUF file or embedded m
 # the flags every command that runs a model shares
 PolicyOpt = typer.Option("expected-attention", help="eviction policy (see `ea-local policies`)")
 CacheOpt = typer.Option("f16", help="KV cache type: f16, q8_0 or q4_0")
-GpuOpt = typer.Option(None, help="layers to offload to the GPU (default: EA_LOCAL_N_GPU_LAYERS or 0)")
+GpuOpt = typer.Option(None, help="layers to offload to the GPU, -1 all (default: EA_LOCAL_N_GPU_LAYERS, else all "
+                                  "on a CUDA/Metal build, 0 on a CPU build; `ea-local info` shows it)")
 ThreadsOpt = typer.Option(None, help="CPU threads (default: all cores)")
 SeedOpt = typer.Option(0)
 TempOpt = typer.Option(0.0, help="sampling temperature (0: greedy)")
@@ -85,7 +86,8 @@ def info(
     ctx: int = typer.Option(4096, "--ctx", help="with --rpc/--n-gpu-layers: KV cells of the context to place"),
     cache_type: str = CacheOpt,
 ) -> None:
-    """Architecture, attention geometry, RoPE, sliding window and KV bytes per token of a GGUF (no weights loaded).
+    """Architecture, attention geometry, RoPE, sliding window and KV bytes per token of a GGUF (no weights loaded),
+    and the llama.cpp build: backends, CPU features compiled in, what goes to the GPU.
 
     With --rpc or --n-gpu-layers the model is loaded (weights are sent to the RPC servers) and llama.cpp's
     placement is shown: which device holds each layer's weights and KV cache, and how many MiB each buffer holds."""
@@ -96,6 +98,14 @@ def info(
     typer.echo(format_info(mi))
     if model is None:
         typer.echo("\n" + format_embedded())
+    from .build_info import format_build, read_build_info
+
+    if n_gpu_layers is not None and n_gpu_layers < -1:
+        _fail(f"--n-gpu-layers must be -1 (all) or more, got {n_gpu_layers}")
+    try:
+        typer.echo(format_build(read_build_info(), mi.n_layers, n_gpu_layers))
+    except ValueError as e:  # a bad EA_LOCAL_N_GPU_LAYERS
+        _fail(str(e))
     if not endpoints and n_gpu_layers is None:
         return
     _check_cache_type(cache_type)

@@ -12,6 +12,12 @@ the same inputs reuses the wheel and builds nothing.
     EA_LOCAL_CMAKE_ARGS="-DGGML_AVX512=OFF" python scripts/build_llama.py
     python scripts/build_llama.py --export-source out.tgz    # patched, trimmed tree (offline GPU box)
     python scripts/build_llama.py --no-rpc                   # leave out the RPC backend and ggml-rpc-server
+    python scripts/build_llama.py --cpu-flags safe           # or EA_LOCAL_CPU_FLAGS=safe|native (default auto)
+    python scripts/build_llama.py --describe                 # the flags and cache key it would use, no build
+
+CPU instruction sets (ea_local/cpu_flags.py): on x86 Linux the flags are picked from /proc/cpuinfo with
+GGML_NATIVE=OFF and never AMX (llama.cpp's AMX matmul segfaults; DESIGN.md); ARM and macOS keep
+-march=native. The chosen flags are CMake arguments, so they are part of the cache key.
 
 The RPC backend (GGML_RPC=ON) is built by default: the client side goes into the wheel as
 libggml-rpc, and the server, ggml-rpc-server, is compiled from the same patched tree and added to the
@@ -24,13 +30,16 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import importlib.util
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import typing
 import zipfile
 from pathlib import Path
 
@@ -39,6 +48,9 @@ SDIST_VERSION = "0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 ROOT = Path(__file__).resolve().parent.parent
 PATCH_DIR = ROOT / "patches"
+# marker left in a wheel's cache directory by scripts/smoke.py when that build crashed here: the auto
+# choice then falls back to the safe flags without crashing again
+CRASHED = "smoke-crashed"
 
 BACKEND_FLAGS = {
     "cpu": [],
@@ -149,6 +161,18 @@ def unpack(sdist: Path, into: Path, trim: bool) -> Path:
     return src
 
 
+def _cpu_flags():
+    # loaded by path: the ea_local package (and its dependencies) may not be installed yet
+    spec = importlib.util.spec_from_file_location("ea_local_cpu_flags", ROOT / "ea_local" / "cpu_flags.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+cpu_flags = _cpu_flags()
+
+
 def build_key(backend: str, cmake_args: list[str]) -> str:
     tag = f"py{sys.version_info[0]}{sys.version_info[1]}-{platform.system()}-{platform.machine()}"
     h = hashlib.sha256("\n".join([SDIST_SHA256, patch_hash(), backend, *cmake_args, tag]).encode())
@@ -157,7 +181,7 @@ def build_key(backend: str, cmake_args: list[str]) -> str:
 
 def build_wheel(src: Path, out: Path, backend: str, cmake_args: list[str], isolation: bool) -> Path:
     env = dict(os.environ)
-    env["CMAKE_ARGS"] = " ".join(cmake_args)
+    env["CMAKE_ARGS"] = shlex.join(cmake_args)  # scikit-build-core splits it with shlex (CMAKE_C_FLAGS has spaces)
     env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out), str(src)]
     if not isolation:
@@ -238,11 +262,42 @@ def add_rpc_server(src: Path, wheel: Path, work: Path) -> None:
     log(f"added {arc} to {wheel.name}")
 
 
+class Plan(typing.NamedTuple):
+    backend: str
+    cpu: typing.Any  # cpu_flags.Choice
+    cmake_args: list[str]
+    key: str
+
+    def describe(self) -> str:
+        return f"{self.backend} build {self.key} (CPU: {self.cpu.summary})"
+
+
+def plan(backend: str, cpu_level: str, rpc: bool, extra: list[str], cache: Path | None = None) -> Plan:
+    """The flags and cache key a build with these inputs uses. An auto choice that crashed in the smoke
+    run on this machine before (scripts/smoke.py left a marker) becomes the safe one."""
+    cache = cache or cache_dir()
+
+    def make(level: str) -> Plan:
+        cpu = cpu_flags.choose(level)
+        args = COMMON_FLAGS + BACKEND_FLAGS[backend] + list(cpu.cmake_args) + (RPC_FLAGS if rpc else []) + extra
+        return Plan(backend, cpu, args, build_key(backend, args))
+
+    p = make(cpu_level)
+    if cpu_level == "auto" and (cache / "wheels" / p.key / CRASHED).exists():
+        log(f"the {p.describe()} crashed in the smoke run here before: using the safe CPU flags")
+        p = make("safe")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default=os.environ.get("EA_LOCAL_BACKEND", "cpu"), choices=sorted(BACKEND_FLAGS))
     ap.add_argument("--cmake-args", default=os.environ.get("EA_LOCAL_CMAKE_ARGS", ""),
-                    help="extra CMake flags, passed through")
+                    help="extra CMake flags, passed through (after the chosen ones, so they win)")
+    ap.add_argument("--cpu-flags", default=os.environ.get("EA_LOCAL_CPU_FLAGS", "auto"), choices=cpu_flags.LEVELS,
+                    help="CPU instruction sets: auto (from this CPU, never AMX), safe (at most AVX2), native "
+                         "(-march=native); default: EA_LOCAL_CPU_FLAGS or auto")
+    ap.add_argument("--describe", action="store_true", help="print the build's key and CPU flags and exit")
     ap.add_argument("--sdist", type=Path, help="use this local sdist instead of downloading (sha256 still checked)")
     ap.add_argument("--install", action="store_true", help="pip install the wheel into this Python")
     ap.add_argument("--no-build-isolation", action="store_true", help="build with this Python's packages (offline)")
@@ -253,7 +308,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="include llama.cpp's RPC backend and ggml-rpc-server (default: on; EA_LOCAL_RPC_BUILD=0 turns it off)")
     a = ap.parse_args(argv)
 
-    cmake_args = COMMON_FLAGS + BACKEND_FLAGS[a.backend] + (RPC_FLAGS if a.rpc else []) + a.cmake_args.split()
+    try:
+        user_args = shlex.split(a.cmake_args)
+    except ValueError as e:
+        log(f"error: EA_LOCAL_CMAKE_ARGS / --cmake-args: {e}")
+        return 2
+    pl = plan(a.backend, a.cpu_flags, a.rpc, user_args)
+    if a.describe:
+        print(pl.describe())
+        print(shlex.join(pl.cmake_args))
+        return 0
+    cmake_args = pl.cmake_args
+    log(f"CPU flags: {pl.cpu.summary}")
     cache = cache_dir()
     try:
         sdist = fetch_sdist(cache / "sdist", a.sdist)
@@ -265,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                     tf.add(src, arcname=src.name)
             log(f"wrote {a.export_source} ({a.export_source.stat().st_size / 2**20:.1f} MiB)")
             return 0
-        key = build_key(a.backend, cmake_args)
+        key = pl.key
         wdir = cache / "wheels" / key
         wheels = sorted(wdir.glob("llama_cpp_python-*.whl"))
         rev = wdir / "rpc-server.rev"

@@ -110,3 +110,36 @@ def test_rpc_server_needs_the_rpc_library_in_the_wheel(tmp_path):
         z.writestr("x.dist-info/RECORD", "")
     with pytest.raises(build.BuildError, match="no libggml-rpc"):
         build.add_rpc_server(tmp_path, whl, tmp_path / "work")
+
+
+def test_cpu_flag_choice_is_in_the_cache_key(tmp_path):
+    auto = build.plan("cpu", "auto", True, [], cache=tmp_path)
+    safe = build.plan("cpu", "safe", True, [], cache=tmp_path)
+    native = build.plan("cpu", "native", True, [], cache=tmp_path)
+    assert safe.key not in (auto.key, native.key)
+    assert (auto.key != native.key) == bool(auto.cpu.cmake_args)  # x86 Linux: chosen flags; ARM/macOS: native
+    for p in (auto, safe, native):
+        assert list(p.cpu.cmake_args) == [a for a in p.cmake_args if a in p.cpu.cmake_args]
+        assert p.key == build.build_key("cpu", p.cmake_args)
+    # native is what the build passed before the choice existed: the same key, so such wheels stay usable
+    assert native.key == build.build_key("cpu", build.COMMON_FLAGS + build.RPC_FLAGS)
+    # the user's flags come last (CMake: the last -D wins)
+    assert build.plan("cpu", "auto", True, ["-DGGML_AVX512=OFF"], cache=tmp_path).cmake_args[-1] == "-DGGML_AVX512=OFF"
+
+
+def test_a_build_that_crashed_here_is_not_chosen_again(tmp_path):
+    auto = build.plan("cpu", "auto", True, [], cache=tmp_path)
+    if auto.cpu.cmake_args == build.plan("cpu", "safe", True, [], cache=tmp_path).cpu.cmake_args:
+        pytest.skip("auto and safe are the same flags on this machine")
+    (tmp_path / "wheels" / auto.key).mkdir(parents=True)
+    (tmp_path / "wheels" / auto.key / build.CRASHED).write_text("x")
+    again = build.plan("cpu", "auto", True, [], cache=tmp_path)
+    assert again.cpu.level == "safe" and again.key != auto.key
+
+
+def test_describe_prints_key_and_flags(capsys):
+    assert build.main(["--describe", "--cpu-flags", "safe"]) == 0
+    first, args = capsys.readouterr().out.splitlines()
+    p = build.plan("cpu", "safe", True, build.shlex.split(build.os.environ.get("EA_LOCAL_CMAKE_ARGS", "")))
+    assert first == p.describe() and build.shlex.split(args) == p.cmake_args
+    assert build.main(["--describe", "--cmake-args=-DX='unclosed"]) == 2

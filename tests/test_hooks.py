@@ -6,19 +6,19 @@ with stock llama_memory_seq_rm, so that the cells stay in the cache but are mask
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
-from ea_local import kvhooks
+from ea_local import build_info, kvhooks
 from ea_local.engine.runtime import ContextConfig, Runtime
 from ea_local.rope import apply_rope
 
 from .conftest import GEMMA, gpl_tokens
 
 # CUDA kernels sum in a layout-dependent order too: what is bit-exact on the CPU is ~5e-4 there
-ON_GPU = int(os.environ.get("EA_LOCAL_N_GPU_LAYERS", "0")) > 0
+# (a build with a GPU device offloads every layer unless EA_LOCAL_N_GPU_LAYERS says otherwise)
+ON_GPU = bool(build_info.read_build_info().gpus) and (build_info.env_gpu_layers() if build_info.env_gpu_layers()
+                                                       is not None else build_info.default_gpu_layers()) != 0
 
 
 def _tol(cpu: float) -> float:

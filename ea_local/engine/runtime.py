@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import llama_cpp.llama_cpp as ll
 import numpy as np
 
-from .. import kvhooks
+from .. import build_info, kvhooks
 
 CACHE_TYPES = {"f32": ll.GGML_TYPE_F32, "f16": ll.GGML_TYPE_F16, "q8_0": ll.GGML_TYPE_Q8_0, "q4_0": ll.GGML_TYPE_Q4_0}
 
@@ -83,7 +83,8 @@ class ContextConfig:
     swa_full: bool = True
     n_threads: int | None = None
     # layers offloaded to the GPU (and RPC) devices; EA_LOCAL_N_GPU_LAYERS sets the default (like OLLAMA's
-    # num_gpu); None: 0, or every layer when RPC servers are given (llama.cpp's own default, -1)
+    # num_gpu); None: every layer on a build with a GPU device or with RPC servers (llama.cpp's own default,
+    # -1), 0 on a CPU build (build_info.default_gpu_layers)
     n_gpu_layers: int | None = field(default_factory=lambda: _env_int("EA_LOCAL_N_GPU_LAYERS"))
     seed: int = 0
     # CPU weight repacking (llama.cpp's extra buffer types, faster CPU matmuls). An RPC server's CPU device
@@ -112,7 +113,7 @@ class SharedModel:
         ll.llama_backend_init()
         mp = ll.llama_model_default_params()
         ngl = _env_int("EA_LOCAL_N_GPU_LAYERS") if n_gpu_layers is None else n_gpu_layers
-        mp.n_gpu_layers = ngl if ngl is not None else (-1 if rpc else 0)
+        mp.n_gpu_layers = ngl if ngl is not None else build_info.default_gpu_layers(bool(rpc))
         mp.use_extra_bufts = _repack_default()
         self.path = model_path
         self.rpc: tuple[str, ...] = ()
@@ -159,7 +160,7 @@ class Runtime:
             raise ValueError(f"unknown cache type {cfg.cache_type!r}; choose from {', '.join(CACHE_TYPES)}")
         mp = ll.llama_model_default_params()
         ngl = cfg.n_gpu_layers
-        mp.n_gpu_layers = ngl if ngl is not None else (-1 if cfg.rpc else 0)
+        mp.n_gpu_layers = ngl if ngl is not None else build_info.default_gpu_layers(bool(cfg.rpc))
         mp.use_extra_bufts = cfg.repack
         self._rpc: tuple[str, ...] = ()
         self._shared = shared  # a shared model is freed by its owner, not by this context

@@ -64,7 +64,7 @@ class SessionConfig:
     prefill_stats: int | None = None  # statistics from the last N queries of a prefill chunk (None: all)
     cache_type: str = "f16"
     n_threads: int | None = None
-    n_gpu_layers: int | None = None  # None: EA_LOCAL_N_GPU_LAYERS or 0 (all layers with rpc)
+    n_gpu_layers: int | None = None  # None: EA_LOCAL_N_GPU_LAYERS, else all on a GPU build or with rpc, 0 on CPU
     rpc: tuple[str, ...] = ()  # llama.cpp RPC servers, HOST:PORT (ea_local/rpc.py); (): EA_LOCAL_RPC or none
     seed: int = 0
     policy_options: dict = field(default_factory=dict)
