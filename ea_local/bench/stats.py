@@ -38,6 +38,8 @@ class McNemar:
     a_only: int  # trials A got right and B wrong (discordant)
     b_only: int  # trials B got right and A wrong (discordant)
     p_value: float  # two-sided exact
+    a_hits: int = 0  # trials A got right
+    b_hits: int = 0
 
     @property
     def significant(self) -> bool:
@@ -56,7 +58,8 @@ def mcnemar_exact(a: Sequence[bool], b: Sequence[bool]) -> McNemar:
         raise ValueError(f"paired samples differ in length: {len(a)} vs {len(b)}")
     a_only = sum(1 for x, y in zip(a, b) if x and not y)
     b_only = sum(1 for x, y in zip(a, b) if y and not x)
-    return McNemar(len(a), a_only, b_only, binomial_two_sided(a_only, a_only + b_only))
+    return McNemar(len(a), a_only, b_only, binomial_two_sided(a_only, a_only + b_only), sum(map(bool, a)),
+                   sum(map(bool, b)))
 
 
 def binomial_two_sided(k: int, n: int) -> float:
