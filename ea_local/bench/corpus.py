@@ -3,9 +3,9 @@ into the repository or downloaded): licences (base-files), Perl's POD manuals (p
 the documentation strings of Python's standard library (the running interpreter).
 
 The documents form two named, disjoint sets: TUNING (what settings are chosen on) and REPORTING
-(what the reported figures are measured on). A paragraph of a tuning document that also occurs in
-a reporting document is dropped from the tuning one (GFDL-1.3 quotes two GPL-3 paragraphs), so the
-two sets share no text.
+(what the reported figures are measured on). A paragraph of a tuning document that shares a run of
+30 words with a reporting document is dropped from the tuning one (GFDL-1.3 quotes GPL-3's
+termination paragraphs; zipfile's docstrings repeat tarfile's), so the two sets share no text.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import importlib
 import inspect
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +106,9 @@ def pod_to_text(pod: str) -> str:
                 skip = False
             elif cmd.startswith("head") or cmd == "item":
                 rest = " ".join(rest.split())
-                if rest and rest not in ("*", "o") and not skip:
+                if cmd == "item":  # a bullet ("=item *", "=item o") is no text
+                    rest = re.sub(r"^[*o](\s+|$)", "", rest)
+                if rest and not skip:
                     out.append(_pod_inline(rest))
             continue
         if not in_pod or skip:
@@ -121,7 +124,12 @@ def python_docs(module: str) -> str:
     """The documentation strings of a standard-library module, in definition order: the module's,
     then each public class (and its public methods) and function defined in it. Doctest lines
     (>>> and their output) are kept: they are what the documentation says."""
-    mod = importlib.import_module(module)
+    with warnings.catch_warnings():  # typing's deprecated aliases warn when their docstrings are read
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _python_docs(importlib.import_module(module))
+
+
+def _python_docs(mod) -> str:
     parts = [inspect.getdoc(mod) or ""]
     for name, obj in vars(mod).items():
         if name.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
@@ -154,14 +162,20 @@ def _paras(text: str) -> list[str]:
     return [p for p in re.split(r"\n\s*\n", text) if p.strip()]
 
 
-def _norm(p: str) -> str:
-    return " ".join(p.split()).lower()
+SHINGLE = 30  # words: longer than any licence boilerplate line two unrelated documents may share
+
+
+def _shingles(text: str) -> set[tuple[str, ...]]:
+    """Every run of SHINGLE words (lower case, punctuation ignored): two texts share text iff they
+    share one, whatever their paragraphs' layout."""
+    w = re.findall(r"[a-z0-9]+", text.lower())
+    return {tuple(w[i:i + SHINGLE]) for i in range(len(w) - SHINGLE + 1)}
 
 
 @functools.lru_cache(maxsize=None)
 def documents(which: str = "reporting") -> tuple[Document, ...]:
     """The documents of a named set that this machine has (in the set's order), tuning documents
-    stripped of any paragraph a reporting document has too. Missing sources are left out (see
+    stripped of any paragraph that shares a run of 30 words with a reporting document. Missing sources are left out (see
     missing()); the bench names the documents it used in its report."""
     if which not in SETS:
         raise ValueError(f"unknown text set {which!r}; choose from: {', '.join(SETS)}")
@@ -173,8 +187,8 @@ def documents(which: str = "reporting") -> tuple[Document, ...]:
             continue
         docs.append(Document(src.name, text))
     if which == "tuning":
-        seen = {_norm(p) for d in documents("reporting") for p in _paras(d.text)}
-        docs = [Document(d.name, "\n\n".join(p for p in _paras(d.text) if _norm(p) not in seen)) for d in docs]
+        seen = set().union(*(_shingles(d.text) for d in documents("reporting")))
+        docs = [Document(d.name, "\n\n".join(p for p in _paras(d.text) if not _shingles(p) & seen)) for d in docs]
     return tuple(d for d in docs if d.text.strip())
 
 
