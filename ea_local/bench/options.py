@@ -210,7 +210,7 @@ def report_sizes(o: BenchOptions) -> BenchOptions:
     o.haystack = "filler"
     o.task_length = 2048
     o.task_samples = 10  # per haystack: 20 documents per task
-    o.multikey_keys = 2
+    o.multikey_keys = 4  # full cache 20/24 at 2k in filler (2 needles: 8/12, no easier)
     o.vt_hops, o.vt_chains, o.vt_style = 2, 1, "completion"
     o.ppl_tokens = 4096
     o.ppl_docs = 16
