@@ -20,7 +20,7 @@ def _slug(s: str) -> str:
 
 def _save(fig, out: Path, name: str) -> str:
     fig.tight_layout()
-    fig.savefig(out / name, dpi=110)
+    fig.savefig(out / name, dpi=110, bbox_inches="tight")  # legends placed outside the axes stay in
     plt.close(fig)
     return name
 
@@ -30,8 +30,12 @@ def accuracy_vs_budget(res: dict, out: Path) -> str | None:
     if not q:
         return None
     budgets = res["settings"]["budgets"]
-    fig, axes = plt.subplots(1, len(TASKS), figsize=(4.2 * len(TASKS), 3.8), sharey=True)
-    for ax, (key, title) in zip(axes, TASKS.items()):
+    tasks = [(k, t) for k, t in TASKS.items() if q.get(k)]  # the parts that ran
+    if not tasks:
+        return None
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks) + 1.5, 3.8), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, (key, title) in zip(axes, tasks):
         rows = q.get(key, [])
         hit, n = full_accuracy(rows)
         if n:
@@ -54,7 +58,7 @@ def accuracy_vs_budget(res: dict, out: Path) -> str | None:
         ax.set_xlabel("KV budget")
         ax.set_ylim(-0.05, 1.05)
     axes[0].set_ylabel("accuracy")
-    axes[-1].legend(fontsize=7, loc="best")
+    axes[-1].legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return _save(fig, out, "accuracy_vs_budget.png")
 
 
