@@ -57,6 +57,18 @@ def test_report_cells_carry_wilson_intervals_and_mcnemar_verdicts():
     md = report.render(_res(_passkey_rows([True] * 4 + [False], [True] * 3 + [False] * 2)), [])
     assert "| 25% | agnostic | streaming-llm | 4/5 vs 3/5 | 1 / 0 | 1 | **not significant** |" in md
     assert "4/5 (80%, 38–96)" in md
+    assert "full cache fails" not in md
+
+
+def test_a_task_the_full_cache_fails_is_flagged():
+    rows = _passkey_rows([False] * 10, [False] * 10)
+    for r in rows:
+        if r["policy"] == "full":
+            r["found"] = r["depth"] == 0  # 2/10: interval 6–51%, top above 50%: not flagged
+    assert "full cache fails" not in report.render(_res(rows), [])
+    for r in rows:
+        r["found"] = False if r["policy"] == "full" else r["found"]  # 0/10: 0–28%
+    assert "**The full cache fails this task**" in report.render(_res(rows), [])
 
 
 def test_pairing_uses_the_same_trials_only():

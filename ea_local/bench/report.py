@@ -1,7 +1,7 @@
 """report.md: the tables of a bench run, written from results.json's dict."""
 from __future__ import annotations
 
-from .stats import fmt_p, fmt_rate
+from .stats import fmt_p, fmt_rate, wilson
 from .summary import (TASKS, accuracy, columns, delta_ci, full_accuracy, headline, headline_budget, paired, ppl_ci,
                       ppl_of, ppl_units)
 
@@ -156,7 +156,12 @@ def _quality(res: dict, figs: list[str]) -> list[str]:
         body = []
         for p, m in columns(res)[1:]:
             body.append([p, m] + [_pct(*accuracy(rows, p, b, m)) for b in s["budgets"]])
-        out += [f"### {title}", "", f"Full cache: **{_pct(*full_accuracy(rows))}**.", ""] + \
+        fk, fn = full_accuracy(rows)
+        warn = []
+        if fn and wilson(fk, fn)[1] < 0.5:  # even the interval's top is a coin flip: the model cannot do the task
+            warn = ["**The full cache fails this task** (its 95% interval stays below 50%): the model cannot do it, "
+                    "so the rows below say nothing about eviction.", ""]
+        out += [f"### {title}", "", f"Full cache: **{_pct(fk, fn)}**.", ""] + warn + \
             _table(["policy", "mode"] + s["budgets"], body) + [""]
         if key != "multi_turn":
             out += _comparisons(res, rows)
