@@ -198,8 +198,9 @@ def report_sizes(o: BenchOptions) -> BenchOptions:
     """`--preset report`: enough trials for intervals that can tell policies apart. Pass key: 5 depths
     x 3 keys x 2 haystacks = 30 trials per (length, budget, mode); multi-key needle and variable
     tracking: 10 documents per haystack, 20 in all; budgets 25% and 12.5%; perplexity: 16 windows
-    of 4k tokens from the reporting texts, 2,048 scored each (32,768 scored tokens). Task variants: docs/bench-report.md has the full cache's accuracy on
-    each; multi-turn recall streams one pass per configuration and is left out."""
+    of 4k tokens from the reporting texts, 2,048 scored each (32,768 scored tokens). Task variants:
+    docs/bench-report.md has the full cache's accuracy on each; multi-turn recall streams one pass
+    per configuration and is left out."""
     o.suites = ["passkey", "perplexity", "multikey", "variable_tracking"]
     o.budgets = parse_budgets("25%,12.5%")  # the headline budget and the hard one
     o.modes = ["agnostic", "question"]
