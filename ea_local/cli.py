@@ -368,15 +368,25 @@ def bench(
                                           "multikey, variable_tracking, multi_turn (a comma list works too)"),
     policy_list: str = typer.Option("expected-attention,streaming-llm,snapkv,knorm,random", "--policies",
                                     help="comma list of policies; the full cache is always measured"),
-    budgets: str = typer.Option("50%,25%,12.5%", help="comma list: percentages of each test's context or cell counts"),
+    budgets: Optional[str] = typer.Option(None, help="comma list: percentages of each test's context or cell counts "
+                                                     "(default 50%,25%,12.5%; --preset report: 25%,12.5%)"),
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="GGUF file or embedded model name, or a comma list of them "
                                              "(e.g. gemma3-270m,smollm2-135m: each is measured, results in "
                                              "--out/NAME/); default: gemma3-270m"),
     out: Path = typer.Option(Path("bench-out"), "--out", help="folder for results.json, report.md and the PNGs"),
     quick: bool = typer.Option(False, "--quick", help="CI-sized run: tiny contexts, one sample, every file still written"),
-    modes: str = typer.Option("agnostic", help="agnostic (compress before the question) and/or question (question known)"),
-    haystack: str = typer.Option("filler", help="what the pass key and the needles hide in: filler or prose"),
+    modes: Optional[str] = typer.Option(None, help="agnostic (compress before the question) and/or question (question known)"),
+    haystack: Optional[str] = typer.Option(None, help="what the pass key and the needles hide in: filler "
+                                                      "(default) or prose, or both (filler,prose: trials in each)"),
+    preset: Optional[str] = typer.Option(None, help="report: the sizes of the reported figures (>=30 trials per "
+                                                    "cell, 20 documents per task, 32k scored tokens); flags given "
+                                                    "after it override its sizes"),
+    seeds: Optional[int] = typer.Option(None, help="pass keys per (length, depth, haystack)"),
+    ppl_docs: Optional[int] = typer.Option(None, "--ppl-docs", help="perplexity windows, from different documents"),
+    texts: str = typer.Option("reporting", help="real-text set for prose and perplexity: reporting or tuning "
+                                                "(disjoint; settings are chosen on tuning)"),
+    estimate_only: bool = typer.Option(False, "--estimate-only", help="calibrate, print the estimated time, exit"),
     lengths: Optional[str] = typer.Option(None, help="pass-key contexts (and speed histories unless --histories), e.g. 2k,4k,8k"),
     histories: Optional[str] = typer.Option(None, help="speed suite's history lengths, e.g. 1k,2k,4k"),
     task_length: Optional[str] = typer.Option(None, help="context of the needle / variable-tracking / multi-turn tasks"),
@@ -393,16 +403,30 @@ def bench(
                                                 help="only re-write report.md and the plots from this results.json"),
 ) -> None:
     """Measure quality, speed and memory under each budget and policy; write results.json, report.md and plots."""
-    from .bench.options import (BenchError, BenchOptions, parse_budgets, parse_depths, parse_haystack, parse_modes,
-                                parse_policies, parse_suites, parse_tokens, quick_sizes)
+    from .bench.options import (PRESETS, BenchError, BenchOptions, parse_budgets, parse_depths, parse_haystacks,
+                                parse_modes, parse_policies, parse_suites, parse_texts, parse_tokens, quick_sizes,
+                                report_sizes)
 
     _check_cache_type(cache_type)
     try:
         o = BenchOptions(model="", out=str(out), suites=parse_suites(suite), policies=parse_policies(policy_list),
-                         budgets=parse_budgets(budgets), modes=parse_modes(modes), haystack=parse_haystack(haystack),
+                         budgets=parse_budgets(budgets or "50%,25%,12.5%"), modes=parse_modes(modes or "agnostic"), texts=parse_texts(texts),
                          cache_type=cache_type,
                          threads=threads, n_gpu_layers=n_gpu_layers, seed=seed, rpc=_rpc_endpoints(rpc),
                          command="ea-local bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]))
+        if preset is not None:
+            if preset not in PRESETS:
+                raise BenchError(f"unknown preset {preset!r}; choose from: {', '.join(PRESETS)}")
+            report_sizes(o)
+            if budgets:
+                o.budgets = parse_budgets(budgets)
+            if suite != "all":
+                o.suites = parse_suites(suite)
+            if modes:
+                o.modes = parse_modes(modes)
+        if haystack or not o.haystacks:
+            hays = parse_haystacks(haystack or "filler")
+            o.haystack, o.haystacks = hays[0], (hays if len(hays) > 1 else None)
         if quick:
             quick_sizes(o)
         if lengths:
@@ -421,6 +445,11 @@ def bench(
             if samples < 1:
                 raise BenchError(f"--samples must be at least 1, got {samples}")
             o.task_samples = samples
+        for flag, val, attr in (("--seeds", seeds, "seeds"), ("--ppl-docs", ppl_docs, "ppl_docs")):
+            if val is not None:
+                if val < 1:
+                    raise BenchError(f"{flag} must be at least 1, got {val}")
+                setattr(o, attr, val)
     except BenchError as e:
         _fail(str(e))
     if from_results is not None:
@@ -429,6 +458,11 @@ def bench(
     runs = _bench_models(model, out)  # every model checked before the first is measured
     from dataclasses import replace
 
+    if estimate_only:
+        from .bench.run import print_estimate
+
+        print_estimate(replace(o, model=runs[0][0]))
+        return
     from .bench.run import run_bench
     from .engine.runtime import LlamaError
     from .engine.session import BudgetError
@@ -436,7 +470,7 @@ def bench(
     for path, folder in runs:
         try:
             run_bench(replace(o, model=path, out=str(folder)))
-        except (BudgetError, LlamaError, OSError) as e:
+        except (BudgetError, LlamaError, OSError, ValueError) as e:
             _fail(f"{Path(path).name}: {e}" if len(runs) > 1 else str(e))
         typer.echo(f"wrote {folder}/results.json, {folder}/report.md and plots")
 

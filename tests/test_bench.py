@@ -203,7 +203,10 @@ def test_quality_parts_alone_and_the_prose_haystack(tmp_path, tiny_llama):
     assert {(x["policy"], x["mode"]) for x in res["quality"]["multi_turn"]} == \
         {("full", "agnostic"), ("expected-attention", "agnostic"), ("expected-attention", "question")}
     assert all(0 <= x["needle_kept"] <= 1 for x in res["quality"]["passkey"])
-    assert "hidden in real prose (GPL-3 + GPL-2" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "hidden in real prose (the reporting texts below)" in md
+    assert "Real text: the **reporting** set" in md and "`license:GPL-3`" in md
+    assert [d["name"] for d in res["texts"]["documents"]][:2] == ["license:GPL-3", "license:GPL-2"]
 
 
 

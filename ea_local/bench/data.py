@@ -69,7 +69,14 @@ def _var_names(rng: random.Random, n: int) -> list[str]:
     return sorted(names, key=lambda _: rng.random())
 
 
-def variable_tracking(rng: random.Random, haystack: list[str], n_hops: int = 4, n_chains: int = 2) -> Task:
+VT_QUESTIONS = {  # how the value of the chain's last variable is asked
+    "question": "\nQuestion: what is the value of VAR {v}? Answer: VAR {v} =",
+    "completion": "\nThe value of VAR {v} is",  # a base model continues a statement more readily
+}
+
+
+def variable_tracking(rng: random.Random, haystack: list[str], n_hops: int = 4, n_chains: int = 2,
+                      style: str = "question") -> Task:
     """`n_chains` chains `VAR A = v; VAR B = VAR A; ...` of n_hops assignments each, interleaved and
     spread over the text; one question per chain asks for the value of its last variable."""
     names = _var_names(rng, n_hops * n_chains)
@@ -82,8 +89,7 @@ def variable_tracking(rng: random.Random, haystack: list[str], n_hops: int = 4, 
             statements.append(f"VAR {chain[hop]} = {rhs}.")
     depths = [(i + 0.5) / len(statements) for i in range(len(statements))]
     head = "Memorize and track the chain(s) of variable assignments hidden in the following text.\n"
-    qs = [Question(f"\nQuestion: what is the value of VAR {chain[-1]}? Answer: VAR {chain[-1]} =", str(values[c]))
-          for c, chain in enumerate(chains)]
+    qs = [Question(VT_QUESTIONS[style].format(v=chain[-1]), str(values[c])) for c, chain in enumerate(chains)]
     return Task(head + place(haystack, statements, depths), qs)
 
 

@@ -85,6 +85,25 @@ def parse_haystack(spec: str) -> str:
     return spec
 
 
+def parse_haystacks(spec: str) -> list[str]:
+    """`filler,prose`: the pass key and the needles are hidden in each (trials multiply)."""
+    names = [parse_haystack(h.strip()) for h in spec.split(",")]
+    if len(set(names)) != len(names):
+        raise BenchError(f"--haystack {spec!r} repeats a haystack")
+    return names
+
+
+TEXT_SETS = ("reporting", "tuning")  # bench/corpus.py: disjoint sets of real text
+PRESETS = ("report",)
+
+
+def parse_texts(spec: str) -> str:
+    if spec not in TEXT_SETS:
+        raise BenchError(f"unknown text set {spec!r}; choose from: {', '.join(TEXT_SETS)} "
+                         "(settings are chosen on tuning texts, figures reported on reporting texts)")
+    return spec
+
+
 def parse_tokens(spec: str, what: str) -> list[int]:
     """`2k,4k,8192` -> [2048, 4096, 8192]."""
     out = []
@@ -130,6 +149,15 @@ class BenchOptions:
     budgets: list[Budget]
     modes: list[str] = field(default_factory=lambda: ["agnostic"])
     haystack: str = "filler"  # what the pass key and the needles hide in: repetitive filler or real prose
+    haystacks: list[str] | None = None  # several of them (None: [haystack]); trials are made in each
+    texts: str = "reporting"  # which real text set (bench/corpus.py) the prose haystack and perplexity read
+    seeds: int = 1  # pass keys per (length, depth, haystack): different keys and, in prose, different documents
+    ppl_docs: int = 1  # perplexity windows of ppl_tokens tokens, from different documents where they suffice
+    multikey_keys: int = 4  # needles per multi-key document (the others are its distractors)
+    vt_hops: int = 4  # variable tracking: assignments per chain
+    vt_chains: int = 2  # variable tracking: chains per document
+    vt_style: str = "question"  # data.VT_QUESTIONS: how the value is asked
+    preset: str | None = None
     lengths: list[int] = field(default_factory=lambda: [2048, 4096, 8192])  # passkey contexts
     histories: list[int] | None = None  # speed suite's history points (None: the lengths)
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
@@ -149,6 +177,9 @@ class BenchOptions:
     def quality_parts(self) -> list[str]:
         return [p for p in QUALITY_PARTS if "quality" in self.suites or p in self.suites]
 
+    def haystack_list(self) -> list[str]:
+        return self.haystacks or [self.haystack]
+
 
 def quick_sizes(o: BenchOptions) -> BenchOptions:
     """CI-sized: tiny contexts and few samples, every suite and file still produced."""
@@ -160,4 +191,31 @@ def quick_sizes(o: BenchOptions) -> BenchOptions:
     o.chat_tokens = 768
     o.decode_tokens = 8
     o.quick = True
+    return o
+
+
+def report_sizes(o: BenchOptions) -> BenchOptions:
+    """`--preset report`: enough trials for intervals that can tell policies apart. Pass key: 5 depths
+    x 3 keys x 2 haystacks = 30 trials per (length, budget, mode); multi-key needle and variable
+    tracking: 10 documents per haystack, 20 in all; budgets 25% and 12.5%; perplexity: 16 windows
+    of 4k tokens from the reporting texts, 2,048 scored each (32,768 scored tokens). Task variants:
+    docs/bench-report.md has the full cache's accuracy on each; multi-turn recall streams one pass
+    per configuration and is left out."""
+    o.suites = ["passkey", "perplexity", "multikey", "variable_tracking"]
+    o.budgets = parse_budgets("25%,12.5%")  # the headline budget and the hard one
+    o.modes = ["agnostic", "question"]
+    o.lengths = [4096]
+    o.depths = [0.1, 0.3, 0.5, 0.7, 0.9]
+    o.seeds = 3
+    o.haystacks = ["filler", "prose"]
+    o.haystack = "filler"
+    o.task_length = 2048
+    o.task_samples = 10  # per haystack: 20 documents per task
+    o.multikey_keys = 4  # full cache 20/24 at 2k in filler (2 needles: 8/12, no easier)
+    # the easiest variant that still needs a hop; the default model's full cache solves none measured
+    # (2 hops, completion 1/6; 4 hops x 2 chains 0/12): the report flags such a task
+    o.vt_hops, o.vt_chains, o.vt_style = 2, 1, "completion"
+    o.ppl_tokens = 4096
+    o.ppl_docs = 16
+    o.preset = "report"
     return o

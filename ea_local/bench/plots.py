@@ -10,7 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .summary import TASKS, accuracy, columns, full_accuracy, passkey_grid  # noqa: E402
+from .stats import wilson  # noqa: E402
+from .summary import TASKS, accuracy, columns, full_accuracy, passkey_grid, ppl_ci  # noqa: E402
 
 
 def _slug(s: str) -> str:
@@ -19,7 +20,7 @@ def _slug(s: str) -> str:
 
 def _save(fig, out: Path, name: str) -> str:
     fig.tight_layout()
-    fig.savefig(out / name, dpi=110)
+    fig.savefig(out / name, dpi=110, bbox_inches="tight")  # legends placed outside the axes stay in
     plt.close(fig)
     return name
 
@@ -29,27 +30,35 @@ def accuracy_vs_budget(res: dict, out: Path) -> str | None:
     if not q:
         return None
     budgets = res["settings"]["budgets"]
-    fig, axes = plt.subplots(1, len(TASKS), figsize=(4.2 * len(TASKS), 3.8), sharey=True)
-    for ax, (key, title) in zip(axes, TASKS.items()):
+    tasks = [(k, t) for k, t in TASKS.items() if q.get(k)]  # the parts that ran
+    if not tasks:
+        return None
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks) + 1.5, 3.8), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, (key, title) in zip(axes, tasks):
         rows = q.get(key, [])
         hit, n = full_accuracy(rows)
         if n:
             ax.axhline(hit / n, color="black", ls="--", lw=1, label="full cache")
-        for p, m in columns(res)[1:]:
-            if key == "multi_turn" and m != "agnostic":
-                continue
-            ys = []
+        cols = [c for c in columns(res)[1:] if not (key == "multi_turn" and c[1] != "agnostic")]
+        for j, (p, m) in enumerate(cols):
+            ys, lo, hi = [], [], []
             for b in budgets:
                 h, k = accuracy(rows, p, b, m)
                 ys.append(h / k if k else math.nan)
-            ax.plot(range(len(budgets)), ys, marker="o", ls="-" if m == "agnostic" else ":",
-                    label=p if m == "agnostic" else f"{p} (question known)")
+                w = wilson(h, k) if k else (math.nan, math.nan)
+                lo.append(ys[-1] - w[0] if k else 0)
+                hi.append(w[1] - ys[-1] if k else 0)
+            # 95% Wilson intervals; lines nudged sideways so overlapping bars stay readable
+            xs = [i + 0.06 * (j - (len(cols) - 1) / 2) for i in range(len(budgets))]
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", ls="-" if m == "agnostic" else ":", capsize=2, lw=1,
+                        label=p if m == "agnostic" else f"{p} (question known)")
         ax.set_xticks(range(len(budgets)), budgets)
-        ax.set_title(f"{title} (n={n} per point)")
+        ax.set_title(f"{title} (n={n} per point, 95% CI)", fontsize=9)
         ax.set_xlabel("KV budget")
         ax.set_ylim(-0.05, 1.05)
     axes[0].set_ylabel("accuracy")
-    axes[-1].legend(fontsize=7, loc="best")
+    axes[-1].legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return _save(fig, out, "accuracy_vs_budget.png")
 
 
@@ -61,9 +70,17 @@ def ppl_vs_budget(res: dict, out: Path) -> str | None:
     fig, ax = plt.subplots(figsize=(6, 4))
     full = next(r for r in rows if r["policy"] == "full")
     ax.axhline(full["ppl"], color="black", ls="--", lw=1, label=f"full cache ({full['ppl']:.2f})")
-    for p in res["settings"]["policies"]:
-        ys = [next((r.get("ppl", math.nan) for r in rows if r["policy"] == p and r["budget"] == b), math.nan) for b in budgets]
-        ax.plot(range(len(budgets)), ys, marker="o", label=p)
+    pols = res["settings"]["policies"]
+    for j, p in enumerate(pols):
+        ys, lo, hi = [], [], []
+        for b in budgets:
+            r = next((r for r in rows if r["policy"] == p and r["budget"] == b and "ppl" in r), None)
+            ci = ppl_ci(r) if r else None
+            ys.append(r["ppl"] if r else math.nan)
+            lo.append(r["ppl"] - ci.lo if ci else 0)
+            hi.append(ci.hi - r["ppl"] if ci else 0)
+        xs = [i + 0.05 * (j - (len(pols) - 1) / 2) for i in range(len(budgets))]
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=2, lw=1, label=p)  # 95% bootstrap intervals
     for i, b in enumerate(budgets):
         if all("ppl" not in r for r in rows if r["budget"] == b):
             ax.annotate("skipped", (i, full["ppl"]), xytext=(0, 12), textcoords="offset points", ha="center",
@@ -71,7 +88,9 @@ def ppl_vs_budget(res: dict, out: Path) -> str | None:
     ax.set_xticks(range(len(budgets)), budgets)
     ax.set_xlabel("KV budget (fraction of the text)")
     ax.set_ylabel("perplexity")
-    ax.set_title(f"perplexity of GPL text, tokens {full['eval_from']}-{full['n_tokens']}")
+    n_win = len(full.get("windows") or []) or 1
+    ax.set_title(f"perplexity of real text, {n_win} window(s), tokens {full['eval_from']}-{full['n_tokens']} (95% CI)",
+                 fontsize=9)
     ax.legend(fontsize=8)
     return _save(fig, out, "ppl_vs_budget.png")
 

@@ -1,11 +1,14 @@
 """report.md: the tables of a bench run, written from results.json's dict."""
 from __future__ import annotations
 
-from .summary import TASKS, accuracy, columns, full_accuracy, headline, headline_budget
+from .stats import fmt_p, fmt_rate, wilson
+from .summary import (TASKS, accuracy, columns, delta_ci, full_accuracy, headline, headline_budget, paired, ppl_ci,
+                      ppl_of, ppl_units)
 
 
 def _pct(h: int, n: int) -> str:
-    return f"{h}/{n} ({100 * h / n:.0f}%)" if n else "–"
+    """k/n (rate%, 95% Wilson interval in %)."""
+    return fmt_rate(h, n)
 
 
 def _f(x, fmt: str = ".2f") -> str:
@@ -29,7 +32,8 @@ def _header(res: dict) -> list[str]:
         + f"threads {s['threads'] or 'all'}" + (f"; 1-minute load average after each part: "
                                               f"{', '.join(map(str, mach['load_avg_1min']))}" if mach.get("load_avg_1min") else ""),
         f"- versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v),
-        f"- run: {res['started']} → {res['finished']} ({secs})",
+        f"- run: {res['started']} → {res['finished']} ({secs})"
+        + (f"; estimated before it started: {_hours(res['estimate']['total_s'])} of CPU" if res.get("estimate") else ""),
         f"- policies: {', '.join(s['policies'])}; budgets: {', '.join(s['budgets'])} "
         "(a percentage is of each test's own context; the full cache is always measured)"] + \
         [f"- note: {n}" for n in res.get("notes", [])] + [""]
@@ -45,6 +49,9 @@ def _headline(res: dict) -> list[str]:
     for r in rows:
         pk = _pct(*r["passkey"]) if r["passkey"] else "–"
         dppl = "" if r["policy"] == "full" else f" ({'+' if (r['delta_ppl'] or 0) >= 0 else ''}{_f(r['delta_ppl'])})"
+        prow, pfull = ppl_of(res, r["policy"], r["budget"]), ppl_of(res, "full", "full")
+        if r["policy"] != "full" and prow and pfull and "ppl" in prow and (d := delta_ci(prow, pfull)):
+            dppl = f" (Δ {d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}])"
         ratio = "1.00 (reference)" if r["policy"] == "full" else _f(r["decode_ratio"])
         body.append([r["policy"], pk, _f(r["ppl"]) + (dppl if r["ppl"] is not None else ""),
                      f"{_f(r['decode_tok_s'], '.1f')}", ratio])
@@ -54,6 +61,48 @@ def _headline(res: dict) -> list[str]:
             + (f"; decode: tok/s at the longest history ({rows[0]['history']} tokens) and the ratio to the full "
                "cache in the same run." if rows[0]["history"] else "; decode: speed suite not run."), ""] + \
         _table(["policy", f"pass key @ {length}", "perplexity (Δ)", "decode tok/s", "decode speed ratio"], body) + [""]
+
+
+def _hours(sec: float) -> str:
+    return f"{sec / 3600:.1f} h" if sec >= 3600 else f"{sec / 60:.0f} min"
+
+
+def _texts(res: dict) -> list[str]:
+    t = res.get("texts")
+    if not t:
+        return []
+    other = "tuning" if t["set"] == "reporting" else "reporting"
+    docs = ", ".join(f"`{d['name']}` ({d['chars']:,} chars, sha256 {d['sha256']})" for d in t["documents"])
+    out = [f"Real text: the **{t['set']}** set (`ea_local/bench/corpus.py`, read at run time from Debian's "
+           f"base-files and perl-modules and from Python {t['python']}'s docstrings; disjoint from the {other} set, "
+           f"on which settings are chosen): {docs}."]
+    if t.get("missing"):
+        out[0] += f" Not on this machine, left out: {', '.join(t['missing'])}."
+    return out + [""]
+
+
+def _comparisons(res: dict, rows: list[dict]) -> list[str]:
+    """The first policy against each other one on the same trials (exact McNemar)."""
+    s = res["settings"]
+    pols = s["policies"]
+    if len(pols) < 2:
+        return []
+    a = pols[0]
+    body = []
+    for b in s["budgets"]:
+        for m in s["modes"]:
+            for other in pols[1:]:
+                t = paired(rows, a, other, b, m)
+                if t is None:
+                    continue
+                body.append([b, m, other, f"{t.a_hits}/{t.n} vs {t.b_hits}/{t.n}", f"{t.a_only} / {t.b_only}",
+                             fmt_p(t.p_value), t.verdict(a, other) if t.significant else "**not significant**"])
+    if not body:
+        return []
+    return [f"{a} against each other policy on the same trials (exact McNemar test on the discordant pairs: "
+            f"trials only one of the two got right; two-sided, significant below p = 0.05, no correction for the "
+            f"{len(body)} comparisons):", ""] + \
+        _table(["budget", "mode", "vs", f"{a} vs it", "only " + a + " / only it", "p", "verdict"], body) + [""]
 
 
 def _quality(res: dict, figs: list[str]) -> list[str]:
@@ -72,25 +121,34 @@ def _quality(res: dict, figs: list[str]) -> list[str]:
            "the compressed cache). Multi-turn recall and perplexity stream through the budget (compression "
            "after every turn or chunk) and cost one pass per policy and budget; in multi-turn recall's "
            "question-known mode every turn, the question included, is a user turn whose queries steer the "
-           "compressions, as in `ea-local chat`.", ""]
+           "compressions, as in `ea-local chat`.", "",
+           "Every accuracy is k/n (rate, 95% Wilson interval in %). Two policies are compared on the same trials "
+           "with an exact McNemar test; where it says *not significant*, the data cannot tell them apart.", ""]
     if "question" not in s["modes"]:
         out += ["Question-known mode: not run here (`--modes agnostic,question`).", ""]
     pk = q.get("passkey", [])
-    hay = ("real prose (GPL-3 + GPL-2, Debian base-files)" if s.get("haystack") == "prose"
-           else "repetitive filler (`ea_local/demo.py`)")
-    n, tl = s["task_samples"], s["task_length"]
+    hays = s.get("haystacks") or [s.get("haystack", "filler")]
+    texts = s.get("texts", "reporting")
+    hay = " and ".join("real prose (the " + texts + " texts below)" if h == "prose" else "repetitive filler (`ea_local/demo.py`)"
+                       for h in hays)
+    n, tl = s["task_samples"] * len(hays), s["task_length"]
+    seeds = s.get("seeds", 1)
+    per_cell = len(s["depths"]) * seeds * len(hays)
+    keys, hops, chains = s.get("multikey_keys", 4), s.get("vt_hops", 4), s.get("vt_chains", 2)
     data = {  # what each part that ran was measured on
         "passkey": f"pass-key contexts {', '.join(map(str, s['lengths']))} tokens × depths "
-                   f"{', '.join(f'{d:.0%}' for d in s['depths'])} (one sample each)",
-        "multikey": f"multi-key needle (4 needles, each asked; RULER format), {n} documents of ~{tl} tokens",
-        "variable_tracking": f"variable tracking (2 chains of 4 hops, each asked; RULER format), {n} documents "
-                             f"of ~{tl} tokens",
+                   f"{', '.join(f'{d:.0%}' for d in s['depths'])} × {seeds} key(s) × {len(hays)} haystack(s) "
+                   f"({per_cell} trials per length, budget and mode)",
+        "multikey": f"multi-key needle ({keys} needles, each asked; RULER format), {n} documents of ~{tl} tokens",
+        "variable_tracking": f"variable tracking ({chains} chain(s) of {hops} hops, each asked, "
+                             f"{s.get('vt_style', 'question')} style; RULER format), {n} documents of ~{tl} tokens",
         "multi_turn": f"multi-turn recall: 3 facts in the first turns of a plain-text chat followed by turns "
-                      f"quoting the GPL (Debian base-files) up to ~{tl} tokens, {n} chats, each fact asked",
+                      f"quoting the GPL (Debian base-files) up to ~{tl} tokens, {s['task_samples']} chats, each fact asked",
     }
     ran = [text for key, text in data.items() if q.get(key)]
     if ran:
         out += [f"Data: the pass key and the needles hidden in {hay}; " + "; ".join(ran) + ".", ""]
+    out += _texts(res)
     for key, title in TASKS.items():
         rows = q.get(key, [])
         if not rows:
@@ -98,14 +156,27 @@ def _quality(res: dict, figs: list[str]) -> list[str]:
         body = []
         for p, m in columns(res)[1:]:
             body.append([p, m] + [_pct(*accuracy(rows, p, b, m)) for b in s["budgets"]])
-        out += [f"### {title}", "", f"Full cache: **{_pct(*full_accuracy(rows))}**.", ""] + \
+        fk, fn = full_accuracy(rows)
+        warn = []
+        if fn and wilson(fk, fn)[1] < 0.5:  # even the interval's top is a coin flip: the model cannot do the task
+            warn = ["**The full cache fails this task** (its 95% interval stays below 50%): the model cannot do it, "
+                    "so the rows below say nothing about eviction.", ""]
+        out += [f"### {title}", "", f"Full cache: **{_pct(fk, fn)}**.", ""] + warn + \
             _table(["policy", "mode"] + s["budgets"], body) + [""]
+        if key != "multi_turn":
+            out += _comparisons(res, rows)
         if key == "passkey" and len({r["length"] for r in rows}) > 1:
             longest = max(r["length"] for r in rows)
             at = [r for r in rows if r["length"] == longest]
             out += [f"At the longest context alone ({longest} tokens; full cache {_pct(*full_accuracy(at))}):", ""] + \
                 _table(["policy", "mode"] + s["budgets"],
                        [[p, m] + [_pct(*accuracy(at, p, b, m)) for b in s["budgets"]] for p, m in columns(res)[1:]]) + [""]
+        if key in ("passkey", "multikey", "variable_tracking") and len({r.get("haystack") for r in rows}) > 1:
+            for h in hays:
+                at = [r for r in rows if r.get("haystack") == h]
+                out += [f"In the {h} haystack alone (full cache {_pct(*full_accuracy(at))}):", ""] + \
+                    _table(["policy", "mode"] + s["budgets"],
+                           [[p, m] + [_pct(*accuracy(at, p, b, m)) for b in s["budgets"]] for p, m in columns(res)[1:]]) + [""]
         if key == "passkey":
             kept = []
             for p, m in columns(res)[1:]:
@@ -121,21 +192,54 @@ def _quality(res: dict, figs: list[str]) -> list[str]:
             ev = {(r["policy"], r["budget"]): r.get("evictions", "skipped") for r in rows}
             out += ["Compression events before the questions: " + ", ".join(
                 f"{b} {ev.get((s['policies'][0], b), '–')}" for b in s["budgets"]) + f" ({s['policies'][0]}).", ""]
-    ppl = q.get("perplexity", [])
-    if ppl:
-        full = ppl[0]
-        out += ["### perplexity", "",
-                f"GPL-3 + GPL-2 (Debian base-files), the first {full['n_tokens']} tokens streamed through the budget in "
-                f"256-token chunks (compression after every chunk over budget); mean NLL of tokens "
-                f"{full['eval_from']}–{full['n_tokens'] - 1}. One text. Full cache: **{full['ppl']:.3f}**.", ""]
-        body = [[p] + [next((f"{r['ppl']:.3f} ({r['delta_ppl']:+.3f})" if "ppl" in r else "skipped*" for r in ppl
-                             if r["policy"] == p and r["budget"] == b), "–") for b in s["budgets"]]
-                for p in s["policies"]]
-        out += _table(["policy"] + s["budgets"], body) + [""]
+    out += _perplexity(res)
     for f in figs:
         if f.startswith(("accuracy", "ppl", "passkey")):
             out += [f"![{f}]({f})", ""]
     return out
+
+
+def _ppl_cell(r: dict, full: dict) -> str:
+    if "ppl" not in r:
+        return "skipped*"
+    ci, d = ppl_ci(r), delta_ci(r, full)
+    cell = f"{r['ppl']:.3f}" + (f" [{ci.lo:.3f}–{ci.hi:.3f}]" if ci else "")
+    if d:
+        cell += f" (Δ {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}])"
+    else:
+        cell += f" ({r['delta_ppl']:+.3f})"
+    return cell
+
+
+def _perplexity(res: dict) -> list[str]:
+    ppl = res.get("quality", {}).get("perplexity", [])
+    if not ppl:
+        return []
+    s = res["settings"]
+    full = ppl[0]
+    wins = full.get("windows") or []
+    _, counts, unit = ppl_units(full)
+    if len(wins) >= 2:
+        docs = sorted({w["doc"].split(" #")[0] for w in wins})
+        what = (f"{len(wins)} windows of {full['n_tokens']} tokens from {len(docs)} documents of the "
+                f"{s.get('texts', 'reporting')} texts, each streamed through the budget in 256-token chunks "
+                f"(compression after every chunk over budget); mean NLL of each window's tokens "
+                f"{full['eval_from']}–{full['n_tokens'] - 1}, {sum(counts):,} scored tokens in all")
+    else:
+        what = (f"{(wins[0]['doc'] if wins else 'GPL-3 + GPL-2 (Debian base-files)')}, the first {full['n_tokens']} "
+                f"tokens streamed through the budget in 256-token chunks (compression after every chunk over budget); "
+                f"mean NLL of tokens {full['eval_from']}–{full['n_tokens'] - 1}. One text")
+    ci = ppl_ci(full)
+    interval = (f"; in brackets 95% bootstrap intervals over the {len(counts)} {unit}s (2,000 resamples, seeded), "
+                "Δ paired: the same resampled units for the policy and the full cache"
+                + (" — scored chunks of one text are not independent, so these intervals are too narrow"
+                   if unit == "chunk" else "") if ci else "")
+    out = ["### perplexity", "",
+           f"{what}{interval}. Full cache: **{full['ppl']:.3f}**"
+           + (f" [{ci.lo:.3f}–{ci.hi:.3f}]" if ci else "") + ".", ""]
+    body = [[p] + [next((_ppl_cell(r, full) for r in ppl if r["policy"] == p and r["budget"] == b), "–")
+                   for b in s["budgets"]] for p in s["policies"]]
+    return out + _table(["policy"] + s["budgets"], body) + [""]
 
 
 def _speed(res: dict, figs: list[str]) -> list[str]:

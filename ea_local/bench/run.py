@@ -12,8 +12,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from . import corpus
 from .options import BenchOptions
 from .suites import memory, quality, speed
 
@@ -64,28 +65,44 @@ def run_bench(o: BenchOptions, console: Console | None = None) -> dict:
                  "model": _model(o), "machine": {**_machine(), "n_gpu_layers": o.n_gpu_layers, "rpc": list(o.rpc)},
                  "versions": _versions(),
                  "settings": {"suites": o.suites, "policies": o.policies, "budgets": [b.label for b in o.budgets],
-                              "modes": o.modes, "haystack": o.haystack, "lengths": o.lengths, "histories": o.histories or o.lengths, "depths": o.depths,
+                              "modes": o.modes, "haystack": o.haystack, "haystacks": o.haystack_list(),
+                              "texts": o.texts, "seeds": o.seeds, "ppl_docs": o.ppl_docs, "preset": o.preset,
+                              "multikey_keys": o.multikey_keys, "vt_hops": o.vt_hops, "vt_chains": o.vt_chains,
+                              "vt_style": o.vt_style, "lengths": o.lengths, "histories": o.histories or o.lengths, "depths": o.depths,
                               "task_length": o.task_length, "task_samples": o.task_samples,
                               "ppl_tokens": o.ppl_tokens, "chat_tokens": o.chat_tokens,
                               "decode_tokens": o.decode_tokens, "cache_type": o.cache_type, "seed": o.seed,
                               "threads": o.threads, "quick": o.quick},
                  "seconds": {}}
+    if o.quality_parts():  # which real text the figures were measured on, named and hashed
+        res["texts"] = corpus.describe(o.texts)
+    if o.preset:  # a long run: say how long before starting
+        res["estimate"] = print_estimate(o, err)
+
     def save() -> None:  # after every part: a run cut short still leaves what it measured
         if hasattr(os, "getloadavg"):  # speed figures on a shared machine are only as good as its load
             res["machine"].setdefault("load_avg_1min", []).append(round(os.getloadavg()[0], 2))
         (out / "results.json").write_text(json.dumps(res, indent=1))
 
     with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[now]}"), TimeElapsedColumn(), console=err,
+                  TextColumn("{task.fields[now]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=err,
                   disable=not err.is_terminal) as prog:
         def tick_for(name: str, total: int):
             task = prog.add_task(name, total=total, now="")
             t0 = time.time()
 
+            every = max(1, total // 20)
+
             def tick(now: str) -> None:
                 prog.update(task, advance=1, now=now)
-                if not err.is_terminal and prog.tasks[task].finished:  # logs: one line per finished part
+                if err.is_terminal:
+                    return
+                done = int(prog.tasks[task].completed)
+                if prog.tasks[task].finished:  # logs: a line every 5% and one per finished part
                     err.print(f"{name}: {total} steps in {time.time() - t0:.0f} s")
+                elif done % every == 0:
+                    el = time.time() - t0
+                    err.print(f"{name}: {done}/{total} in {el:.0f} s, about {el * (total - done) / done:.0f} s left")
             return tick
 
         # cheapest first, so a run cut short has every kind of figure
@@ -111,6 +128,18 @@ def run_bench(o: BenchOptions, console: Console | None = None) -> dict:
     save()
     write_outputs(res, out)
     return res
+
+
+def print_estimate(o: BenchOptions, console: Console | None = None) -> dict:
+    """Calibrate on this machine, print the estimated time of the quality parts, return it."""
+    from . import estimate
+
+    err = console or Console(stderr=True)
+    err.print(f"calibrating on {Path(o.model).name} (a few seconds) ...")
+    costs = estimate.calibrate(o)
+    parts = estimate.estimate(o, costs)
+    err.print(estimate.describe(o, costs, parts))
+    return estimate.as_dict(costs, parts)
 
 
 def write_outputs(res: dict, out: Path) -> list[str]:

@@ -1,6 +1,8 @@
 """Aggregates of results.json shared by the report and the plots."""
 from __future__ import annotations
 
+from .stats import McNemar, PplInterval, delta_ppl_interval, mcnemar_exact, pair, ppl_interval
+
 TASKS = {"passkey": "pass key", "multikey": "multi-key needle", "variable_tracking": "variable tracking",
          "multi_turn": "multi-turn recall"}
 
@@ -73,3 +75,44 @@ def headline(res: dict) -> list[dict]:
                      "decode_tok_s": last["decode_tok_s"] if last else None,
                      "history": last["history"] if last else None})
     return rows
+
+
+TRIAL_FIELDS = ("length", "depth", "seed", "haystack", "sample", "question")
+
+
+def trial_key(r: dict) -> tuple:
+    """What identifies one trial across policies: the same document, needle and question."""
+    return tuple(r.get(k) for k in TRIAL_FIELDS)
+
+
+def paired(rows: list[dict], a: str, b: str, budget: str, mode: str) -> McNemar | None:
+    """Exact McNemar of policy a vs policy b on the trials both ran at this budget and mode."""
+    ra = [r for r in rows if r["policy"] == a and r["budget"] == budget and r.get("mode") == mode and "skipped" not in r]
+    rb = [r for r in rows if r["policy"] == b and r["budget"] == budget and r.get("mode") == mode and "skipped" not in r]
+    fa, fb = pair(ra, rb, trial_key)
+    return mcnemar_exact(fa, fb) if fa else None
+
+
+def ppl_units(row: dict) -> tuple[list[float], list[int], str]:
+    """Bootstrap units of a perplexity row: its windows when there are several documents' worth,
+    else the scored chunks of its one window (correlated: the interval is then optimistic)."""
+    wins = row.get("windows") or []
+    if len(wins) >= 2:
+        return [w["nll_sum"] for w in wins], [w["n"] for w in wins], "window"
+    if len(wins) == 1 and len(wins[0]["chunk_n"]) >= 2:
+        return wins[0]["chunk_nll"], wins[0]["chunk_n"], "chunk"
+    return [], [], ""
+
+
+def ppl_ci(row: dict, seed: int = 0) -> PplInterval | None:
+    num, den, _ = ppl_units(row)
+    return ppl_interval(num, den, seed=seed) if num else None
+
+
+def delta_ci(row: dict, full: dict, seed: int = 0) -> tuple[float, float, float] | None:
+    """ΔPPL against the full cache with a paired bootstrap interval over the same units."""
+    a, n, kind = ppl_units(row)
+    r, n2, kind2 = ppl_units(full)
+    if not a or kind != kind2 or n != n2:
+        return None
+    return delta_ppl_interval(a, r, n, seed=seed)

@@ -9,6 +9,7 @@ so they cannot share a prefill and cost one pass per policy x budget.
 """
 from __future__ import annotations
 
+import math
 import random
 import time
 from typing import Callable
@@ -17,7 +18,7 @@ from ...engine.runtime import ContextConfig, Runtime
 from ...engine.session import Session
 from ...demo import FILLER, passkey_prompt
 from ... import quality as q_mod
-from .. import data
+from .. import corpus, data
 from ..options import BenchOptions
 from ..snapshot import restore, take
 from .common import ask, compress_question_known, session_cfg, set_policy, skipped, streaming_floor
@@ -81,26 +82,40 @@ def n_trials(o: BenchOptions, n_questions: int) -> int:
     return n_questions * (1 + len(o.policies) * len(o.budgets) * len(o.modes))
 
 
+def _prose_tokens(rt: Runtime, texts: str, start: int, n: int) -> list[int]:
+    """At least n tokens of the text set beginning with its document `start` (all of it if shorter)."""
+    full = corpus.text(texts, start=start)
+    cut = 8 * n  # characters: far more than n tokens of English (about 4 per token), far less than the set
+    toks = rt.tokenize(full[:cut], add_bos=False, special=False)
+    return toks if len(toks) >= n or cut >= len(full) else rt.tokenize(full, add_bos=False, special=False)
+
+
 def passkey(o: BenchOptions, tick: Tick) -> list[dict]:
+    """length x haystack x key (seed) x depth trials; key k of a prose haystack hides in the text set
+    beginning with its document k, so the keys read different documents."""
     rows = []
     for length in o.lengths:
         s = _room(o, length)
-        hay = s.rt.tokenize(data.real_text(), add_bos=False, special=False) if o.haystack == "prose" else None
-        for d in o.depths:
-            key = random.Random(o.seed * 1000 + int(d * 100) + length).randint(10000, 99999)
-            ctx, question, span = passkey_prompt(s.rt, length, d, key, haystack=hay)
-            rows += _trials(o, s, ctx, [(question, str(key))], {"length": length, "depth": d}, span, tick)
-            s.reset()
+        for hay_kind in o.haystack_list():
+            for k in range(o.seeds):
+                hay = _prose_tokens(s.rt, o.texts, k, length) if hay_kind == "prose" else None
+                for d in o.depths:
+                    key = random.Random(o.seed * 1000 + int(d * 100) + length + 7919 * k).randint(10000, 99999)
+                    ctx, question, span = passkey_prompt(s.rt, length, d, key, haystack=hay)
+                    base = {"length": length, "depth": d, "seed": k, "haystack": hay_kind}
+                    rows += _trials(o, s, ctx, [(question, str(key))], base, span, tick)
+                    s.reset()
         s.close()
     return rows
 
 
-def _haystack(rt: Runtime, kind: str, n_tokens: int) -> list[str]:
-    """Units of text (the filler sentence repeated, or paragraphs of real prose) of about n_tokens."""
+def _haystack(rt: Runtime, kind: str, n_tokens: int, start: int = 0, texts: str = "reporting") -> list[str]:
+    """Units of text (the filler sentence repeated, or paragraphs of real prose from the named text
+    set, beginning with its document `start`) of about n_tokens."""
     if kind == "filler":
         return [FILLER] * max(1, n_tokens // len(rt.tokenize(FILLER)))
     units, total = [], 0
-    for p in data.paragraphs():
+    for p in corpus.paragraphs(texts, start=start):
         if total >= n_tokens:
             break
         units.append(p + "\n\n")
@@ -108,25 +123,33 @@ def _haystack(rt: Runtime, kind: str, n_tokens: int) -> list[str]:
     return units
 
 
+def make_task(o: BenchOptions, name: str, rng: random.Random, hay: list[str]) -> data.Task:
+    if name == "multikey":
+        return data.multikey_needle(rng, hay, n_keys=o.multikey_keys)
+    return data.variable_tracking(rng, hay, n_hops=o.vt_hops, n_chains=o.vt_chains, style=o.vt_style)
+
+
 def one_shot_task(o: BenchOptions, name: str, tick: Tick) -> list[dict]:
-    """multikey (RULER niah_multikey) or variable_tracking (RULER vt), task_samples documents."""
+    """multikey (RULER niah_multikey) or variable_tracking (RULER vt): task_samples documents per
+    haystack; document i of a prose haystack begins with the text set's document i."""
     rows = []
     s = _room(o, o.task_length + 128)
     bos = [s.rt.bos()] if s.rt.add_bos() else []
-    for i in range(o.task_samples):
-        rng = random.Random(f"{name}-{o.seed}-{i}")
-        hay = _haystack(s.rt, o.haystack, o.task_length - 128)
-        task = data.multikey_needle(rng, hay) if name == "multikey" else data.variable_tracking(rng, hay)
-        ctx = bos + s.rt.tokenize(task.context)
-        qs = [(s.rt.tokenize(q.prompt), q.answer) for q in task.questions]
-        rows += _trials(o, s, ctx, qs, {"length": len(ctx), "sample": i}, None, tick)
-        s.reset()
+    for hay_kind in o.haystack_list():
+        for i in range(o.task_samples):
+            rng = random.Random(f"{name}-{o.seed}-{i}")
+            hay = _haystack(s.rt, hay_kind, o.task_length - 128, start=i, texts=o.texts)
+            task = make_task(o, name, rng, hay)
+            ctx = bos + s.rt.tokenize(task.context)
+            qs = [(s.rt.tokenize(q.prompt), q.answer) for q in task.questions]
+            rows += _trials(o, s, ctx, qs, {"length": len(ctx), "sample": i, "haystack": hay_kind}, None, tick)
+            s.reset()
     s.close()
     return rows
 
 
-def task_questions(name: str) -> int:
-    return 4 if name == "multikey" else 2  # data.multikey_needle's n_keys, data.variable_tracking's n_chains
+def task_questions(o: BenchOptions, name: str) -> int:
+    return o.multikey_keys if name == "multikey" else o.vt_chains  # one question per needle / chain
 
 
 def _chat_tokens(rt: Runtime, o: BenchOptions, sample: int) -> tuple[list[list[int]], list[tuple[list[int], str]]]:
@@ -180,24 +203,62 @@ def multi_turn(o: BenchOptions, tick: Tick) -> list[dict]:
     return rows
 
 
-def perplexity(o: BenchOptions, tick: Tick) -> list[dict]:
+def ppl_windows(o: BenchOptions) -> list[tuple[str, list[int]]]:
+    """(document, BOS + ppl_tokens tokens) windows of the text set. One window: the set's documents
+    read in a row (GPL-3, then GPL-2, ... for the reporting set). More: each document's first window,
+    then each document's second one, and so on, so the windows come from as many documents as the
+    set has long enough."""
     n = o.ppl_tokens
+    rt = Runtime(o.model, ContextConfig(n_ctx=64, n_gpu_layers=0))
+    try:
+        bos = [rt.bos()] if rt.add_bos() else []
+        if o.ppl_docs == 1:
+            toks = bos + rt.tokenize(corpus.text(o.texts), add_bos=False, special=False)
+            if len(toks) <= n:
+                raise ValueError(f"the {o.texts} texts have only {len(toks)} tokens, need {n + 1}")
+            return [(f"{o.texts} texts in a row", toks[:n + 1])]
+        per_doc = [(d.name, rt.tokenize(d.text, add_bos=False, special=False)) for d in corpus.documents(o.texts)]
+    finally:
+        rt.close()
+    out: list[tuple[str, list[int]]] = []
+    body = n + 1 - len(bos)
+    for j in range(max((len(t) // body for _, t in per_doc), default=0)):
+        for name, toks in per_doc:
+            if len(toks) >= (j + 1) * body and len(out) < o.ppl_docs:
+                out.append((f"{name} #{j + 1}" if j else name, bos + toks[j * body:(j + 1) * body]))
+    if len(out) < o.ppl_docs:
+        raise ValueError(f"the {o.texts} texts give only {len(out)} windows of {n} tokens, need {o.ppl_docs}")
+    return out
+
+
+def perplexity(o: BenchOptions, tick: Tick) -> list[dict]:
+    """Every window streamed through every (policy, budget); one row per (policy, budget) with the
+    pooled NLL and each window's sums, the units of the report's bootstrap interval."""
+    n = o.ppl_tokens
+    windows = ppl_windows(o)
     runs = [("full", None, n + 512)] + [(p, b, b.resolve(n)) for p in o.policies for b in o.budgets]
     rows = []
     floor = streaming_floor(o.model)
     for pol, b, cells in runs:
+        label = "full" if b is None else b.label
         if why := skipped(floor, cells):
-            rows.append({"policy": pol, "budget": b.label, "cells": cells, "skipped": why})
-            tick(f"{pol} {b.label} skipped")
+            rows.append({"policy": pol, "budget": label, "cells": cells, "skipped": why})
+            for _ in windows:
+                tick(f"{pol} {label} skipped")
             continue
         cfg = session_cfg(o, cells)
-        r = q_mod.perplexity(o.model, "streaming-llm" if pol == "full" else pol, cells, n, n // 2,
-                             chunk=min(256, max(32, cells // 2)), recent=cfg.recent, step=cfg.step,
-                             cache_type=o.cache_type, n_threads=o.threads, n_gpu_layers=o.n_gpu_layers,
-                             seed=o.seed, rpc=o.rpc)
-        rows.append({"policy": pol, "budget": "full" if b is None else b.label, "cells": cells, "n_tokens": n,
-                     "eval_from": n // 2, "nll": r.nll, "ppl": r.ppl})
-        tick(f"{pol} {'full' if b is None else b.label}")
+        per = []
+        for doc, toks in windows:
+            r = q_mod.perplexity(o.model, "streaming-llm" if pol == "full" else pol, cells, n, n // 2,
+                                 chunk=min(256, max(32, cells // 2)), tokens=toks, recent=cfg.recent, step=cfg.step,
+                                 cache_type=o.cache_type, n_threads=o.threads, n_gpu_layers=o.n_gpu_layers,
+                                 seed=o.seed, rpc=o.rpc)
+            per.append({"doc": doc, "nll_sum": sum(r.chunk_nll), "n": sum(r.chunk_n),
+                        "chunk_nll": r.chunk_nll, "chunk_n": r.chunk_n})
+            tick(f"{pol} {label} {doc}")
+        nll = sum(w["nll_sum"] for w in per) / sum(w["n"] for w in per)
+        rows.append({"policy": pol, "budget": label, "cells": cells, "n_tokens": n, "eval_from": n // 2,
+                     "nll": nll, "ppl": math.exp(nll), "windows": per})
     full = rows[0]["ppl"]
     for r in rows:
         if "ppl" in r:
@@ -208,11 +269,12 @@ def perplexity(o: BenchOptions, tick: Tick) -> list[dict]:
 def steps(o: BenchOptions) -> dict[str, int]:
     """Progress units of each part, for the progress bars."""
     per_policy = 1 + len(o.policies) * len(o.budgets)
-    return {"passkey": len(o.lengths) * len(o.depths) * n_trials(o, 1),
-            "multikey": o.task_samples * n_trials(o, task_questions("multikey")),
-            "variable_tracking": o.task_samples * n_trials(o, task_questions("variable_tracking")),
+    hays = len(o.haystack_list())
+    return {"passkey": len(o.lengths) * hays * o.seeds * len(o.depths) * n_trials(o, 1),
+            "multikey": hays * o.task_samples * n_trials(o, task_questions(o, "multikey")),
+            "variable_tracking": hays * o.task_samples * n_trials(o, task_questions(o, "variable_tracking")),
             "multi_turn": o.task_samples * n_trials(o, 1),  # one session per policy x budget x mode
-            "perplexity": per_policy}
+            "perplexity": per_policy * o.ppl_docs}
 
 
 # the order a run measures them in: the headline's figures (pass key, perplexity) first
