@@ -52,12 +52,12 @@ def _rpc_endpoints(rpc: Optional[str]) -> tuple[str, ...]:
         _fail(str(e))
 
 
-def _model_info(model: Optional[Path]):
+def _model_info(model: Optional[Path], default: Optional[str] = None):
     from .model_info import ModelFileError, read_model_info
-    from .models import ModelNotFound, resolve_model
+    from .models import BASE_MODEL, ModelNotFound, resolve_model
 
     try:
-        return read_model_info(resolve_model(str(model) if model else None))
+        return read_model_info(resolve_model(str(model) if model else None, default=default or BASE_MODEL))
     except (ModelFileError, ModelNotFound) as e:
         _fail(str(e))
 
@@ -237,7 +237,8 @@ def rpc_server(
 
 @app.command()
 def serve(
-    model: Optional[Path] = ModelOpt,
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="GGUF file or embedded model name "
+                                         "(default: smollm2-135m, the instruct model; `ea-local info` lists them)"),
     host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface; set --api-key then)"),
     port: int = typer.Option(8080, help="TCP port"),
     budget: int = typer.Option(2048, help="KV cells each conversation (slot) may occupy; requests may ask for less"),
@@ -276,7 +277,9 @@ def serve(
         get_policy(policy)
     except ValueError as e:
         _fail(str(e))
-    info = _model_info(model)
+    from .models import CHAT_MODEL
+
+    info = _model_info(model, default=CHAT_MODEL)
     scfg = SessionConfig(budget=budget, policy=policy, cache_type=cache_type, seed=seed, n_threads=threads,
                          n_gpu_layers=n_gpu_layers, chunk=max(1, min(512, budget // 2)), rpc=_rpc_endpoints(rpc))
     try:
@@ -289,7 +292,9 @@ def serve(
     cfg = ServeConfig(model_id=model_id(str(info.path)), budget=budget, policy=policy,
                       min_budget=scfg.n_sink + scfg.recent + scfg.step + 1, max_tokens=max_tokens,
                       max_tokens_limit=max(max_tokens, info.n_ctx_train), max_prompt_tokens=max_prompt_tokens,
-                      temperature=temperature, api_key=api_key or None, max_body=max_body)
+                      temperature=temperature, api_key=api_key or None, max_body=max_body,
+                      # a probe of at most `step` tokens costs no budget: prefill's room already leaves a step free
+                      max_question=min(scfg.step - scfg.answer_lookahead, scfg.chunk - 1 - scfg.answer_lookahead))
     if host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         typer.echo(f"ea-local serve: warning: listening on {host} without an API key", err=True)
     try:
