@@ -154,12 +154,17 @@ class Slot:
         if s.n_cells > budget:
             s.compress(budget - s.cfg.step, phase="prefill")
 
-    def prepare(self, tokens: list[int]) -> int:
-        """Make the cache hold a prefix of `tokens`; returns its length (tokens not to prefill)."""
+    def prepare(self, tokens: list[int], budget: int | None = None) -> int:
+        """Make the cache hold a prefix of `tokens`; returns its length (tokens not to prefill).
+
+        A prompt that fits the budget whole is read again from scratch when its cached prefix lost
+        cells to eviction: reading it costs at most `budget` tokens and nothing of it is lost."""
         s = self.session
         k = min(self.match(tokens), len(tokens) - 1)  # at least one token is fed: it gives the logits
         if k > 0:
             k = s.cut(k)
+        if k > 0 and budget is not None and len(tokens) <= budget and s.n_cells < k:
+            k = 0
         if k == 0:
             s.reset()
         return k
@@ -183,7 +188,7 @@ class Slot:
         s = self.session
         t0 = time.perf_counter()
         try:
-            k = self.prepare(req.tokens)
+            k = self.prepare(req.tokens, req.budget)
             self._configure(req.policy, req.budget)
             ev0 = len(s.stats.evictions)
 
