@@ -10,6 +10,8 @@ not returned, or the template renders the answer differently), every cell from t
 history token `k` on is dropped (`Session.truncate`) and prefilling resumes there.
 On sliding-window models the sliding layers must still hold the window before that position; if
 they were pruned past it, the slot starts over (full prefill) — counted as no reuse.
+llama.cpp continues a sequence only at its highest cached position + 1, so on all-layer models a
+prefix whose last tokens were evicted is shortened to end at its last cached token (`cut`).
 """
 from __future__ import annotations
 
