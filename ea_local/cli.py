@@ -293,7 +293,8 @@ def rpc_server(
 
 @app.command()
 def serve(
-    model: Optional[Path] = ModelOpt,
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="GGUF file or embedded model name "
+                                         "(default: smollm2-135m, the instruct model; `ea-local info` lists them)"),
     host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface; set --api-key then)"),
     port: int = typer.Option(8080, help="TCP port"),
     budget: int = typer.Option(2048, help="KV cells each conversation (slot) may occupy; requests may ask for less"),
@@ -332,7 +333,9 @@ def serve(
         get_policy(policy)
     except ValueError as e:
         _fail(str(e))
-    info = _model_info(model)
+    from .models import CHAT_MODEL
+
+    info = _model_info(model, default=CHAT_MODEL)
     scfg = SessionConfig(budget=budget, policy=policy, cache_type=cache_type, seed=seed, n_threads=threads,
                          n_gpu_layers=n_gpu_layers, chunk=max(1, min(512, budget // 2)), rpc=_rpc_endpoints(rpc))
     try:
@@ -345,7 +348,9 @@ def serve(
     cfg = ServeConfig(model_id=model_id(str(info.path)), budget=budget, policy=policy,
                       min_budget=scfg.n_sink + scfg.recent + scfg.step + 1, max_tokens=max_tokens,
                       max_tokens_limit=max(max_tokens, info.n_ctx_train), max_prompt_tokens=max_prompt_tokens,
-                      temperature=temperature, api_key=api_key or None, max_body=max_body)
+                      temperature=temperature, api_key=api_key or None, max_body=max_body,
+                      # a probe of at most `step` tokens costs no budget: prefill's room already leaves a step free
+                      max_question=min(scfg.step - scfg.answer_lookahead, scfg.chunk - 1 - scfg.answer_lookahead))
     if host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         typer.echo(f"ea-local serve: warning: listening on {host} without an API key", err=True)
     try:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Drive `ea-local chat` in tmux as a person would, for many turns; record latency, cells and RSS.
 
-    python scripts/chat_soak.py --turns 200 --budget 512 --max-tokens 16 --csv docs/chat_soak.csv
+    python scripts/chat_soak.py --turns 200 --budget 512 --max-tokens 16 --csv docs/chat_soak.csv [--model smollm2-135m]
 
 The REPL runs interactively in a detached tmux session (a real terminal: readline, the `>>>`
 prompt); messages are typed with `tmux send-keys`. The pane's output is also piped to a log
@@ -78,6 +78,7 @@ class Pane:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="passed to ea-local chat: a GGUF path or an embedded model's name")
     ap.add_argument("--turns", type=int, default=200)
     ap.add_argument("--budget", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=16)
@@ -92,7 +93,8 @@ def main() -> int:
     repo = Path(__file__).resolve().parent.parent
     env = f"PYTHONPATH={shlex.quote(str(repo))} EA_LOCAL_HISTORY=/tmp/ea_chat_soak_history"
     cmd = (f"cd {shlex.quote(str(repo))} && exec env {env} {shlex.quote(a.python)} -m ea_local.cli chat "
-           f"--budget {a.budget} --max-tokens {a.max_tokens} --verbose" + (f" --threads {a.threads}" if a.threads else ""))
+           f"--budget {a.budget} --max-tokens {a.max_tokens} --verbose" + (f" --threads {a.threads}" if a.threads else "")
+           + (f" --model {shlex.quote(a.model)}" if a.model else ""))
     name = f"ea_soak_{os.getpid()}"
     pane = Pane(name, cmd, Path(a.log))
     rows = []

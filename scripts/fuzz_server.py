@@ -280,7 +280,8 @@ def sigterm(model: str, threads: str) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=None)
+    ap.add_argument("--model", default="smollm2-135m", help="a GGUF path or an embedded model's name "
+                                                             "(smollm2-135m, gemma3-270m)")
     ap.add_argument("--fuzz", type=int, default=1000)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--per-client", type=int, default=20)
@@ -288,9 +289,6 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=512)
     ap.add_argument("--parallel", type=int, default=2)
     a = ap.parse_args()
-    if a.model is None:
-        from ea_local.models import default_model_path
-        a.model = str(default_model_path())
     max_body = 65536
     srv = ServerProcess(a.model, "--budget", str(a.budget), "--parallel", str(a.parallel), "--queue", "64",
                         "--max-body", str(max_body), api_key=KEY)

@@ -32,6 +32,7 @@ from ..policies import get_policy
 from .errors import APIError, error_response
 from .guard import Guard
 from .metrics import Metrics
+from .question import chat_question_text, completion_question_text, question_length
 from .schemas import ChatRequest, CompletionRequest, chat_messages, check_common, parse
 from .slots import Cancelled, GenRequest, GenResult, Slot, SlotPool
 
@@ -51,6 +52,7 @@ class ServeConfig:
     api_key: str | None = None
     max_body: int = 4 * 2**20
     shutdown_grace_s: float = 5.0
+    max_question: int = 120  # question tokens probed at compressions (question.py); <= step - answer_lookahead
 
 
 @dataclass
@@ -88,12 +90,27 @@ class Server:
             toks = [self.rt.bos()] + toks
         return toks
 
-    def chat_tokens(self, messages: list[dict]) -> list[int]:
+    def count(self, text: str) -> int:
+        return len(self.rt.tokenize(text, add_bos=False, special=True))
+
+    def chat_request(self, messages: list[dict]) -> tuple[list[int], int]:
+        """(prompt tokens, how many of the last ones are the question)."""
         try:
             text = self.template.render(messages, add_generation_prompt=True)
         except TemplateError as e:
             raise APIError(400, str(e), code="invalid_value", param="messages") from None
-        return self.tokens(text)
+        tokens = self.tokens(text)
+        q = chat_question_text(text, messages, self.count, self.cfg.max_question)
+        return tokens, question_length(q, len(tokens), self.count, self.cfg.max_question)
+
+    def completion_request(self, prompt) -> tuple[list[int], int]:
+        tokens = self.prompt_tokens(prompt)
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):  # token ids: the question is found in their text
+            prompt = b"".join(self.rt.token_bytes(t, special=True) for t in tokens).decode("utf-8", errors="replace")
+        q = completion_question_text(prompt)
+        return tokens, question_length(q, len(tokens), self.count, self.cfg.max_question)
 
     def prompt_tokens(self, prompt) -> list[int]:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
@@ -109,7 +126,8 @@ class Server:
             prompt = prompt[0]
         return self.tokens(prompt)
 
-    async def prepare(self, req, max_tokens: int | None, make_tokens: Callable[[], list[int]]) -> Prepared:
+    async def prepare(self, req, max_tokens: int | None,
+                      make_tokens: Callable[[], tuple[list[int], int]]) -> Prepared:
         cfg = self.cfg
         kv = req.kv_compression
         policy = (kv.policy if kv and kv.policy else None) or cfg.policy
@@ -128,7 +146,7 @@ class Server:
         if not cfg.min_budget <= budget <= cfg.budget:
             raise APIError(400, f"kv_compression.budget must be in {cfg.min_budget}..{cfg.budget} (the server's "
                            f"--budget), got {budget}", code="invalid_value", param="kv_compression.budget")
-        tokens = await asyncio.to_thread(make_tokens)
+        tokens, question_len = await asyncio.to_thread(make_tokens)
         if not tokens:
             raise APIError(400, "the prompt is empty", code="invalid_value", param="prompt")
         if len(tokens) > cfg.max_prompt_tokens:
@@ -142,7 +160,8 @@ class Server:
             params.top_p = req.top_p
         params.ignore_eos = req.ignore_eos
         gen = GenRequest(tokens=tokens, params=params, stop=req.stop_list(), max_tokens=max_tokens or cfg.max_tokens,
-                         policy=policy, budget=budget, question_agnostic=bool(kv and kv.question_agnostic))
+                         policy=policy, budget=budget, question_agnostic=bool(kv and kv.question_agnostic),
+                         question_len=question_len)
         include = bool(req.stream_options and req.stream_options.include_usage)
         return Prepared(tokens, gen, bool(req.stream), include)
 
@@ -202,7 +221,8 @@ def _usage(res: GenResult) -> dict:
 def _kv(res: GenResult) -> dict:
     """Extension: what the request did to its slot's cache."""
     return {"slot": res.slot, "cells": res.cells, "budget": res.budget, "policy": res.policy,
-            "prefilled_tokens": res.prompt_tokens - res.cached_tokens, "evicted_cells": res.evicted_cells,
+            "prefilled_tokens": res.prompt_tokens - res.cached_tokens, "question_tokens": res.question_tokens,
+            "evicted_cells": res.evicted_cells,
             "compression_ms": round(1000 * res.compression_s, 1)}
 
 
@@ -266,14 +286,14 @@ def create_app(srv: Server) -> Guard:
         req = parse(ChatRequest, await request.body())
         mt = check_common(req, cfg.max_tokens_limit)
         msgs = chat_messages(req)
-        prep = await srv.prepare(req, mt, lambda: srv.chat_tokens(msgs))
+        prep = await srv.prepare(req, mt, lambda: srv.chat_request(msgs))
         return await _respond(request, prep, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = parse(CompletionRequest, await request.body())
         mt = check_common(req, cfg.max_tokens_limit)
-        prep = await srv.prepare(req, mt, lambda: srv.prompt_tokens(req.prompt))
+        prep = await srv.prepare(req, mt, lambda: srv.completion_request(req.prompt))
         return await _respond(request, prep, chat=False)
 
     async def _respond(request: Request, prep: Prepared, chat: bool):

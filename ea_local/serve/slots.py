@@ -10,6 +10,8 @@ not returned, or the template renders the answer differently), every cell from t
 history token `k` on is dropped (`Session.truncate`) and prefilling resumes there.
 On sliding-window models the sliding layers must still hold the window before that position; if
 they were pruned past it, the slot starts over (full prefill) — counted as no reuse.
+llama.cpp continues a sequence only at its highest cached position + 1, so on all-layer models a
+prefix whose last tokens were evicted is shortened to end at its last cached token (`cut`).
 """
 from __future__ import annotations
 
@@ -57,22 +59,37 @@ class SlotSession(Session):
         # next kept cell, which keeps "everything from history token i on" a position threshold
         self.hist_pos = [bisect.bisect_left(old, p) for p in self.hist_pos]
 
-    def cut(self, k: int) -> bool:
-        """Keep history tokens [0, k), drop the rest from the cache. False: the sliding layers no
-        longer hold the window before the cut, so the cache cannot continue from there."""
-        if k >= len(self.hist):
-            return True
-        pos = self.hist_pos[k]
+    def cut(self, k: int) -> int:
+        """Keep at most history tokens [0, k) and drop the rest from the cache; returns how many are
+        kept (the caller feeds the prompt from there), 0 when the cache cannot continue at all.
+
+        llama.cpp takes a sequence's next token only at seq_pos_max + 1. When the tokens just before
+        the cut were evicted, the cache ends earlier: the cut moves back to just after the last
+        cached token, and the evicted tokens between there and k are fed again. On sliding-window
+        models the sliding cache reports seq_pos_max and holds every recent position, so there the
+        condition is that it still holds the window before the cut."""
+        k = min(k, len(self.hist))
+        pos = self.hist_pos[k] if k < len(self.hist) else self.next_pos
         if self.iswa:
             swa = self._swa_positions()
             # a token at p attends to (p - n_swa, p] in the sliding layers (llama.cpp LLAMA_SWA_TYPE_STANDARD)
             need = max(0, pos - self.info.sliding_window + 1)
             if swa and min(swa) > need and pos > 0:
-                return False
+                return 0
+        else:
+            last = max((p for p in self.live if p < pos), default=-1)
+            if last < 0:
+                return 0
+            if last != pos - 1:
+                # hist_pos never decreases (compaction maps an evicted token to the next kept cell's rank)
+                k = bisect.bisect_right(self.hist_pos, last)
+                pos = last + 1
         self.truncate(pos)
         del self.hist[k:]
         del self.hist_pos[k:]
-        return True
+        if self.rt.seq_pos_range(0)[1] != pos - 1:  # the next batch could not start at pos: start over
+            return 0
+        return k
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -92,6 +109,7 @@ class GenRequest:
     policy: str
     budget: int
     question_agnostic: bool = False
+    question_len: int = 0  # the prompt's last tokens that are its question (serve/question.py)
 
 
 @dataclass
@@ -99,6 +117,7 @@ class GenResult:
     text: str = ""
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens taken from the slot's cache instead of prefilled
+    question_tokens: int = 0  # question tokens probed at this request's compressions (0: not steered)
     completion_tokens: int = 0
     finish_reason: str = "stop"
     evicted_cells: int = 0
@@ -137,15 +156,33 @@ class Slot:
         if s.n_cells > budget:
             s.compress(budget - s.cfg.step, phase="prefill")
 
-    def prepare(self, tokens: list[int]) -> int:
-        """Make the cache hold a prefix of `tokens`; returns its length (tokens not to prefill)."""
+    def prepare(self, tokens: list[int], budget: int | None = None) -> int:
+        """Make the cache hold a prefix of `tokens`; returns its length (tokens not to prefill).
+
+        A prompt that fits the budget whole is read again from scratch when its cached prefix lost
+        cells to eviction: reading it costs at most `budget` tokens and nothing of it is lost."""
         s = self.session
         k = min(self.match(tokens), len(tokens) - 1)  # at least one token is fed: it gives the logits
-        if k > 0 and not s.cut(k):
+        if k > 0:
+            k = s.cut(k)
+        if k > 0 and budget is not None and len(tokens) <= budget and s.n_cells < k:
             k = 0
         if k == 0:
             s.reset()
         return k
+
+    def question(self, req: GenRequest, k: int) -> list[int]:
+        """The request's question, when it must steer: the prompt's new tokens will be compressed
+        before the question at their end is read (they do not fit the budget), so the question is
+        probed after the context at every compression, as `summarize --prompt` does."""
+        s = self.session
+        n = min(req.question_len, s.max_question)
+        new = len(req.tokens) - k
+        if req.question_agnostic or n == 0 or not s.policy.needs_queries or new <= n:
+            return []
+        if s.n_cells + new <= s.cfg.budget:  # nothing is evicted while it is read
+            return []
+        return req.tokens[len(req.tokens) - n:]
 
     def run(self, req: GenRequest, emit: Callable[[str], None]) -> GenResult:
         """Prefill what the cache lacks and generate; runs in a worker thread. The cache is reset on
@@ -153,7 +190,7 @@ class Slot:
         s = self.session
         t0 = time.perf_counter()
         try:
-            k = self.prepare(req.tokens)
+            k = self.prepare(req.tokens, req.budget)
             self._configure(req.policy, req.budget)
             ev0 = len(s.stats.evictions)
 
@@ -161,11 +198,15 @@ class Slot:
                 if self.cancel.is_set():
                     raise Cancelled()
 
-            # the request's new tokens end with the user's newest message: their queries steer compression
+            question = self.question(req, k)
             s.cfg.question_weight = 0.0 if req.question_agnostic else SessionConfig.question_weight
-            s.prefill(req.tokens[k:], progress=check, turn=True)
+            s.set_question(question)
+            # question-agnostic: the new tokens are context like any other (their queries are the statistics);
+            # otherwise, unless a probed question steers, they end with the user's newest message: their
+            # queries are the focus
+            s.prefill(req.tokens[k:], progress=check, turn=not (question or req.question_agnostic))
             res = GenResult(prompt_tokens=len(req.tokens), cached_tokens=k, slot=self.id, policy=req.policy,
-                            budget=req.budget)
+                            budget=req.budget, question_tokens=len(question))
             res.prefill_s = time.perf_counter() - t0
             stream = TextStream(req.stop)  # stop strings here, not in Session.generate: we need to know one hit
             n0 = s.stats.tokens_seen

@@ -1,0 +1,54 @@
+"""Which tail of a request's prompt is its question.
+
+A request carries its whole prompt, so the server knows the question before it reads the text
+that comes first. When the prompt does not fit the budget, that question is probed after the
+context at every compression (Session.set_question, as `summarize --prompt` does), so the cells
+the question will attend to survive the compressions that happen before it is read.
+
+- chat: the last user message, with the template's text after it (end of turn, the assistant's
+  header: what the probe's answer lookahead continues from). A long last message (a pasted
+  document with a question under it) contributes only its last paragraph.
+- completion: the prompt's last paragraph (after the last blank line).
+
+Both are capped at `cap` tokens, keeping the end: the probe is decoded after the context, so
+its length is taken from the room the prefill has.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+PARAGRAPH = "\n\n"
+
+
+def last_paragraph(text: str) -> str:
+    """The text after the last blank line (trailing whitespace does not count as one)."""
+    i = text.rstrip().rfind(PARAGRAPH)
+    return text[i + len(PARAGRAPH):] if i >= 0 else text
+
+
+def chat_question_text(rendered: str, messages: list[dict], count: Callable[[str], int], cap: int) -> str:
+    """The question of a rendered chat prompt: from the last user message's content to the end."""
+    user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    if not user.strip():
+        return ""
+    i = rendered.rfind(user)
+    if i < 0:  # the template changed the message (trimmed it, escaped it): its last paragraph then
+        j = rendered.rfind(last_paragraph(user).strip())
+        return rendered[j:] if j >= 0 else ""
+    text = rendered[i:]
+    if count(text) > cap:
+        text = last_paragraph(user) + rendered[i + len(user):]
+    return text
+
+
+def completion_question_text(prompt: str) -> str:
+    return last_paragraph(prompt)
+
+
+def question_length(text: str, n_prompt: int, count: Callable[[str], int], cap: int) -> int:
+    """Tokens at the end of the prompt that form the question: at most `cap`, and fewer than the
+    prompt (a prompt that is all question has no context for it to steer)."""
+    if not text.strip() or cap <= 0:
+        return 0
+    n = min(count(text), cap)
+    return n if n < n_prompt else 0

@@ -1,0 +1,118 @@
+"""`ea-local serve` on both embedded models (SmolLM2-135M-Instruct: every layer evicted; Gemma 3
+270M: iSWA), over HTTP: chat and completions, a follow-up that reuses a compressed slot, the
+kv_compression options, streaming, and the chat prompt equal to the one `ea-local chat` renders."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .conftest import GPL3
+from .serve_helpers import ServerProcess
+
+MODELS = ["smollm2-135m", "gemma3-270m"]
+TEXT = GPL3.read_text()
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def server(request):
+    s = ServerProcess(request.param, "--budget", "256", "--parallel", "1", "--max-tokens", "8")
+    s.client.timeout = 600  # prefill on a shared, loaded CPU
+    s.name = request.param
+    yield s
+    s.stop()
+
+
+def post(s: ServerProcess, route: str, body: dict) -> dict:
+    r = s.client.post(route, json={"temperature": 0, "max_tokens": 8, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_follow_up_sharing_the_start_of_a_compressed_prompt(server):
+    """A ~900-token prompt is compressed into 256 cells; a second prompt shares its first ~300
+    tokens, whose last cells were evicted. Reuse keeps only what is cached up to its end."""
+    first = post(server, "/v1/completions", {"prompt": TEXT[:3600]})
+    assert first["kv_cache"]["evicted_cells"] > 0
+    second = post(server, "/v1/completions", {"prompt": TEXT[:1600] + "\n\nWho publishes this license?"})
+    shared = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    if server.name == "smollm2-135m":  # all layers global: part of the prefix is reused
+        assert 0 < shared < 420
+    third = post(server, "/v1/completions", {"prompt": TEXT[:1600] + "\n\nWho publishes this license?"})
+    assert third["usage"]["prompt_tokens_details"]["cached_tokens"] == third["usage"]["prompt_tokens"] - 1
+
+
+def test_a_long_prompt_is_steered_by_its_question(server):
+    steered = post(server, "/v1/completions", {"prompt": TEXT[:3600] + "\n\nWhat is this license called?"})
+    assert 0 < steered["kv_cache"]["question_tokens"] <= 120
+    agnostic = post(server, "/v1/completions", {"prompt": TEXT[4000:7600] + "\n\nWhat is this license called?",
+                                                "kv_compression": {"question_agnostic": True}})
+    assert agnostic["kv_cache"]["question_tokens"] == 0 and agnostic["kv_cache"]["evicted_cells"] > 0
+    msgs = [{"role": "user", "content": TEXT[8000:11600] + "\n\nWhat does this paragraph say about patents?"}]
+    chat = post(server, "/v1/chat/completions", {"messages": msgs})
+    assert 0 < chat["kv_cache"]["question_tokens"] <= 120
+
+
+def test_kv_compression_options(server):
+    msgs = [{"role": "user", "content": TEXT[12000:14400] + "\n\nSummarize in one line."}]
+    for kv in ({"question_agnostic": True}, {"policy": "streaming-llm"}, {"budget": 200},
+               {"policy": "snapkv", "budget": 220, "question_agnostic": True}, {}):
+        out = post(server, "/v1/chat/completions", {"messages": msgs, "kv_compression": kv})
+        assert out["kv_cache"]["cells"] <= kv.get("budget", 256)
+        assert out["kv_cache"]["policy"] == kv.get("policy", "expected-attention")
+
+
+def test_chat_follow_up_reuses_the_slot_and_streams(server):
+    msgs = [{"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Name a colour."}]
+    one = post(server, "/v1/chat/completions", {"messages": msgs})
+    answer = one["choices"][0]["message"]["content"]
+    msgs += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And another one?"}]
+    two = post(server, "/v1/chat/completions", {"messages": msgs})
+    assert two["usage"]["prompt_tokens_details"]["cached_tokens"] >= one["usage"]["prompt_tokens"] - 1
+    events = []
+    with server.client.stream("POST", "/v1/chat/completions",
+                              json={"messages": msgs, "temperature": 0, "max_tokens": 8, "stream": True,
+                                    "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == two["choices"][0]["message"]["content"]
+    assert chunks[-1]["usage"]["completion_tokens"] == two["usage"]["completion_tokens"]
+
+
+def test_chat_prompt_equals_the_one_chat_renders(server):
+    """The server renders a conversation exactly as `ea-local chat` feeds it (chat_template's
+    TurnRenderer, as the chat REPL uses it): after the server answered the chat request, the same
+    text sent as a completion finds every token but the last in the slot's cache."""
+    from ea_local.chat_template import TurnRenderer, resolve_template
+    from ea_local.engine.runtime import ContextConfig, Runtime
+    from ea_local.model_info import read_model_info
+    from ea_local.models import resolve_model
+
+    info = read_model_info(resolve_model(server.name))
+    rt = Runtime(str(info.path), ContextConfig(n_ctx=64, n_threads=1))
+    try:
+        template, _ = resolve_template(info, rt)
+        turns = TurnRenderer(template, "Answer in French.")
+        text = turns.prefix()
+        glue, tail = turns.split()
+        text += glue + "How are you?" + tail
+        turns.add("user", "How are you?")
+        turns.add("assistant", "Très bien.")
+        glue, tail = turns.split()
+        text += "Très bien." + glue + "And the weather?" + tail
+        n_tokens = len(rt.tokenize(text, add_bos=rt.add_bos(), special=True))
+    finally:
+        rt.close()
+    msgs = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "How are you?"},
+            {"role": "assistant", "content": "Très bien."}, {"role": "user", "content": "And the weather?"}]
+    chat = post(server, "/v1/chat/completions", {"messages": msgs, "max_tokens": 1})
+    assert chat["usage"]["prompt_tokens"] == n_tokens
+    again = post(server, "/v1/completions", {"prompt": text, "max_tokens": 1})
+    assert again["usage"]["prompt_tokens"] == n_tokens
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == n_tokens - 1
