@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Which layers Expected Attention scores and how their rankings become one set of cells, on an
+all-layer model (docs/ea-layers.md).
+
+    .venv/bin/python scripts/measure_ea_layers.py --model smollm2-135m --seed 1 \
+        --depths 0.05,0.15,0.25,0.35,0.45,0.55,0.65,0.75,0.85,0.95 --out docs/ea-layers/tune.jsonl
+
+The question-agnostic one-shot pass key of `ea-local bench --suite passkey --modes agnostic`
+(filler, the context prefilled in full, its last chunk's queries as the statistics, compressed once
+to the budget, then asked): one prefill per depth captures every layer's queries, and every setting
+and budget is a restored snapshot of it. "ea N agg" scores N evenly spaced layers (the engine's rule
+for `max_score_layers`) and combines them with `aggregate`; the baselines score the 8 layers the
+engine's default reads, as the bench does. One JSON line per trial, appended to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # BLAS threads spinning on a busy 2-core machine made scoring 3.5x slower
+
+from ea_local.bench.snapshot import restore, take  # noqa: E402 - loads libllama first
+from ea_local.bench.suites.common import ask, set_policy  # noqa: E402
+from ea_local.demo import passkey_prompt  # noqa: E402
+from ea_local.engine.session import Session, SessionConfig  # noqa: E402
+from ea_local.models import resolve_model  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def spaced(layers: list[int], n: int) -> list[int]:
+    """The engine's choice of n scored layers: evenly spaced, first and last included."""
+    idx = np.unique(np.linspace(0, len(layers) - 1, min(len(layers), n)).round().astype(int))
+    return [layers[i] for i in idx]
+
+
+def settings(glob: list[int], only: set[str]) -> dict[str, tuple[str, dict]]:
+    l8, l15 = spaced(glob, 8), spaced(glob, 15)
+    out: dict[str, tuple[str, dict]] = {}
+    for n, ls in ((8, l8), (len(glob), glob)):
+        for agg in ("union", "mean", "share"):
+            out[f"ea {n} {agg}"] = ("expected-attention", {"layers": ls, "aggregate": agg})
+    out["ea 15 union"] = ("expected-attention", {"layers": l15, "aggregate": "union"})
+    out["ea 8 union sinks in softmax"] = ("expected-attention", {"layers": l8, "sinks_in_softmax": True})
+    for pol in ("tova", "snapkv", "knorm"):
+        out[pol] = (pol, {"layers": l8})
+    out["streaming-llm"] = ("streaming-llm", {})
+    return {k: v for k, v in out.items() if not only or k in only}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--length", type=int, default=4096)
+    ap.add_argument("--fracs", default="0.25,0.125")
+    ap.add_argument("--depths", default="0.05,0.15,0.25,0.35,0.45,0.55,0.65,0.75,0.85,0.95")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--only", default="", help="comma list of setting names (default: all)")
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    model = str(resolve_model(a.model))
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    def emit(row: dict) -> None:
+        row["seconds"] = round(time.time() - t0, 1)
+        line = json.dumps(row)
+        print(line, flush=True)
+        with a.out.open("a") as f:
+            f.write(line + "\n")
+
+    s = Session(model, SessionConfig(budget=a.length + 256, chunk=512, n_threads=a.threads, seed=a.seed,
+                                     max_score_layers=10_000))
+    todo = settings(list(s.layers), {x.strip() for x in a.only.split(",") if x.strip()})
+    for d in [float(x) for x in a.depths.split(",")]:
+        key = random.Random(a.seed * 1000 + int(d * 100) + a.length).randint(10000, 99999)
+        ctx, question, span = passkey_prompt(s.rt, a.length, d, key)
+        s.reset()
+        set_policy(s, "expected-attention")
+        split = max(0, len(ctx) - s.cfg.chunk)  # as the bench: the last chunk's queries are the statistics
+        if split:
+            s.prefill(ctx[:split])
+        s.prefill(ctx[split:])
+        snap = take(s)
+        restore(s, snap)
+        emit({"setting": "full", "depth": d, "seed": a.seed, "length": len(ctx), "found": str(key) in ask(s, question, 8)})
+        for frac in [float(x) for x in a.fracs.split(",")]:
+            cells = int(len(ctx) * frac)
+            for name, (pol, opts) in todo.items():
+                restore(s, snap)
+                set_policy(s, pol)
+                s.cfg.policy_options = opts
+                s.cfg.recent = min(64, cells // 8)
+                s.cfg.budget = cells
+                t1 = time.perf_counter()
+                s.compress(cells, phase="prefill")
+                t_comp = time.perf_counter() - t1
+                kept = sum(1 for p in range(*span) if p in s.live) / (span[1] - span[0])
+                reply = ask(s, question, 8)
+                emit({"setting": name, "fraction": frac, "cells": cells, "depth": d, "seed": a.seed, "length": len(ctx),
+                      "found": str(key) in reply, "needle_kept": round(kept, 3), "answer": reply,
+                      "compress_s": round(t_comp, 2)})
+                s.cfg.policy_options = {}
+    s.close()
+
+
+if __name__ == "__main__":
+    main()
