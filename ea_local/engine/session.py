@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 from ..model_info import read_model_info  # noqa: E402
 from ..policies import get_policy  # noqa: E402
 from ..policies.base import CellView  # noqa: E402
+from ..rope_model import rope_specs  # noqa: E402
 from .sampling import Sampler, SamplingParams  # noqa: E402
 from .textstream import TextStream  # noqa: E402
 
@@ -143,7 +144,11 @@ class Session:
         # scoring reads K/V of every scored layer: past max_score_layers, take evenly spaced ones (and the last)
         idx = np.unique(np.linspace(0, len(glob) - 1, min(len(glob), cfg.max_score_layers)).round().astype(int))
         self.layers = [glob[i] for i in idx]
-        self.rope = {il: self.info.rope_spec(il) for il in self.layers}
+        try:
+            self.rope = rope_specs(self.info, self.layers, self.rt.n_ctx)  # as llama.cpp rotates, or refused
+        except ValueError:
+            self.rt.close()
+            raise
         self.q_shape = {il: query_shape(self.info, il) for il in self.layers}
         self.rt.capture_layers(self.layers if self.policy.needs_queries else [])
         self.rt.capture(self.policy.needs_queries)
