@@ -22,6 +22,7 @@ from typing import Callable, Iterator, TextIO
 from .engine.runtime import LlamaError  # engine first: loads libllama before numpy
 from .engine.sampling import SamplingParams
 from .engine import snapshot
+from .engine.question import question_text
 from .engine.session import BudgetError, Session, SessionConfig
 from .chat_template import TemplateError, TurnRenderer, resolve_template
 from .policies import get_policy
@@ -161,6 +162,11 @@ class Chat:
         try:
             # the prompt is fed here, not by generate(), so that Ctrl-C also stops a long prefill between chunks;
             # it is the user's turn: its queries steer compression (issue 11)
+            # a message longer than the room (a pasted document) is compressed while it is read: its question
+            # (after the last paragraph break) is probed at each compression of this turn, as summarize --prompt does
+            if self.s.cfg.question_weight > 0 and self.s.policy.needs_queries and self.s.max_question \
+                    and self.s.turn_overflows(len(prompt)):
+                self.s.set_question(self.tokens(question_text(text) + tail)[-self.s.max_question:])
             try:
                 self.s.prefill(prompt, progress=lambda d, t: _stop_if(should_stop), turn=True)
             except _Stopped:
@@ -176,6 +182,8 @@ class Chat:
                 pieces.append(piece)
                 yield piece
         finally:
+            if self.s.question:
+                self.s.set_question(None)
             answer = "".join(pieces).rstrip()
             self.turns.add("user", text)
             self.turns.add("assistant", answer)

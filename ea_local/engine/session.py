@@ -215,6 +215,12 @@ class Session:
         if self.n_cells > self.cfg.budget:
             self.compress(self.cfg.budget - self.cfg.step, phase="prefill")
 
+    def turn_overflows(self, n_tokens: int) -> bool:
+        """True when prefilling n_tokens more would compress before their end: the turn is longer than
+        the room left (then its question, known in advance, should be set with set_question)."""
+        room = min(self.cfg.budget + self.cfg.chunk, self.rt.n_ctx - self._probe_len() - self.policy.lookahead)
+        return self.policy.evicts and self.n_cells + n_tokens > room  # the test prefill() makes per chunk
+
     @property
     def max_question(self) -> int:
         """Longest question set_question takes: the probe (question + answer lookahead) fits in one chunk."""
