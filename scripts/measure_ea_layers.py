@@ -51,8 +51,42 @@ def settings(glob: list[int], only: set[str]) -> dict[str, tuple[str, dict]]:
     return {k: v for k, v in out.items() if not only or k in only}
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of k successes in n trials (Wilson 1927)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def table(paths: list[Path]) -> str:
+    """Markdown: found k/n with its Wilson interval and the mean share of needle tokens kept, per
+    setting and budget, over the trials in `paths`."""
+    rows = [json.loads(line) for p in paths for line in p.read_text().splitlines() if line.strip()]
+    fracs = sorted({r["fraction"] for r in rows if "fraction" in r}, reverse=True)
+    names = list(dict.fromkeys(r["setting"] for r in rows))
+    head = "| setting | " + " | ".join(f"found @ {f:.1%} (95% CI) | needle kept" for f in fracs) + " |"
+    out = [head, "|" + " --- |" * (1 + 2 * len(fracs))]
+    for name in names:
+        cells = []
+        for f in fracs if name != "full" else fracs[:1]:
+            sel = [r for r in rows if r["setting"] == name and r.get("fraction", f) == f]
+            k, n = sum(r["found"] for r in sel), len(sel)
+            lo, hi = wilson(k, n)
+            kept = [r["needle_kept"] for r in sel if "needle_kept" in r]
+            if not n:
+                cells += ["–", "–"]
+                continue
+            cells += [f"{k}/{n} ({lo:.0%}-{hi:.0%})", f"{np.mean(kept):.0%}" if kept else "100%"]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--table", nargs="+", type=Path, help="print the markdown table of these result files and exit")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--fracs", default="0.25,0.125")
@@ -60,8 +94,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--only", default="", help="comma list of setting names (default: all)")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path)
     a = ap.parse_args()
+    if a.table:
+        print(table(a.table))
+        return
+    if a.out is None:
+        ap.error("--out is required to measure")
     model = str(resolve_model(a.model))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
