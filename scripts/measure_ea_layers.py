@@ -84,6 +84,36 @@ def table(paths: list[Path]) -> str:
     return "\n".join(out)
 
 
+# two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30 (standard table)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def paired(paths: list[Path], reference: str = "ea 8 union") -> str:
+    """Markdown: per setting and budget, the mean difference to `reference` in needle tokens kept and
+    in pass keys found, over the same trials (depth, seed), with a 95% t interval of the mean."""
+    rows = [json.loads(line) for p in paths for line in p.read_text().splitlines() if line.strip()]
+    key = {(r["setting"], r["fraction"], r["depth"], r["seed"]): r for r in rows if "fraction" in r}
+    fracs = sorted({k[1] for k in key}, reverse=True)
+    out = ["| setting | budget | n | needle kept − reference (95% CI) | found − reference (95% CI) |",
+           "| --- | --- | --- | --- | --- |"]
+    for name in dict.fromkeys(k[0] for k in key):
+        if name == reference:
+            continue
+        for f in fracs:
+            pairs = [(r, key[(reference, f, d, sd)]) for (nm, ff, d, sd), r in key.items()
+                     if nm == name and ff == f and (reference, f, d, sd) in key]
+            if len(pairs) < 2:
+                continue
+            cells = []
+            for field in ("needle_kept", "found"):
+                diff = np.array([float(a[field]) - float(b[field]) for a, b in pairs])
+                half = _T975[min(len(diff), 31) - 2] * diff.std(ddof=1) / np.sqrt(len(diff))
+                cells.append(f"{diff.mean():+.2f} ({diff.mean() - half:+.2f} to {diff.mean() + half:+.2f})")
+            out.append(f"| {name} | {f:.1%} | {len(pairs)} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--table", nargs="+", type=Path, help="print the markdown table of these result files and exit")
@@ -98,6 +128,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.table:
         print(table(a.table))
+        print()
+        print(paired(a.table))
         return
     if a.out is None:
         ap.error("--out is required to measure")
