@@ -61,10 +61,20 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def load(paths: list[Path]) -> list[dict]:
+    """The trials of every depth that ran to its end (a run stopped mid-depth leaves a partial one)."""
+    rows = [json.loads(line) for p in paths for line in p.read_text().splitlines() if line.strip()]
+    count: dict[tuple, int] = {}
+    for r in rows:
+        count[(r["depth"], r["seed"])] = count.get((r["depth"], r["seed"]), 0) + 1
+    full = max(count.values(), default=0)
+    return [r for r in rows if count[(r["depth"], r["seed"])] == full]
+
+
 def table(paths: list[Path]) -> str:
     """Markdown: found k/n with its Wilson interval and the mean share of needle tokens kept, per
     setting and budget, over the trials in `paths`."""
-    rows = [json.loads(line) for p in paths for line in p.read_text().splitlines() if line.strip()]
+    rows = load(paths)
     fracs = sorted({r["fraction"] for r in rows if "fraction" in r}, reverse=True)
     names = list(dict.fromkeys(r["setting"] for r in rows))
     head = "| setting | " + " | ".join(f"found @ {f:.1%} (95% CI) | needle kept" for f in fracs) + " |"
@@ -92,7 +102,7 @@ _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 def paired(paths: list[Path], reference: str = "ea 8 union") -> str:
     """Markdown: per setting and budget, the mean difference to `reference` in needle tokens kept and
     in pass keys found, over the same trials (depth, seed), with a 95% t interval of the mean."""
-    rows = [json.loads(line) for p in paths for line in p.read_text().splitlines() if line.strip()]
+    rows = load(paths)
     key = {(r["setting"], r["fraction"], r["depth"], r["seed"]): r for r in rows if "fraction" in r}
     fracs = sorted({k[1] for k in key}, reverse=True)
     out = ["| setting | budget | n | needle kept − reference (95% CI) | found − reference (95% CI) |",
