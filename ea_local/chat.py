@@ -23,6 +23,7 @@ from typing import Callable, Iterator, TextIO
 from .engine.runtime import LlamaError
 from .engine.sampling import CHAT_TEMPERATURE, SamplingParams
 from .engine import snapshot
+from .engine.question import question_text
 from .engine.session import BudgetError, Session, SessionConfig
 from .chat_template import TemplateError, TurnRenderer, resolve_template
 from .policies import get_policy
@@ -171,6 +172,11 @@ class Chat:
         try:
             # the prompt is fed here, not by generate(), so that Ctrl-C also stops a long prefill between chunks;
             # it is the user's turn: its queries steer compression
+            # a message longer than the room (a pasted document) is compressed while it is read: its question
+            # (after the last paragraph break) is probed at each compression of this turn, as summarize --prompt does
+            if self.s.cfg.question_weight > 0 and self.s.policy.needs_queries and self.s.max_question \
+                    and self.s.turn_overflows(len(prompt)):
+                self.s.set_question(self.tokens(question_text(text) + self.turns.split()[1])[-self.s.max_question:])
             try:
                 self.s.prefill(prompt, progress=lambda d, t: _stop_if(should_stop), turn=True)
             except _Stopped:
@@ -188,6 +194,8 @@ class Chat:
                 yield piece
         finally:
             self._drop_stop_string(self.s.stats.tokens_seen - n0 - len(prompt))
+            if self.s.question:
+                self.s.set_question(None)
             answer = "".join(pieces).rstrip()
             self.turns.add("user", text)
             self.turns.add("assistant", answer)

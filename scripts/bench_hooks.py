@@ -75,7 +75,7 @@ def worker(a: argparse.Namespace) -> dict:
         from ea_local.model_info import read_model_info
 
         info = read_model_info(a.model)
-        q_row = info.n_head * info.head_dim_k  # floats per captured query row
+        q_row = {il: info.n_head_per_layer[il] * info.head_dims(il)[0] for il in range(info.n_layers)}  # floats per row
 
     def round_(capture: bool) -> float:
         if patched:
@@ -89,7 +89,7 @@ def worker(a: argparse.Namespace) -> dict:
             decode([3 + j % 490], [a.history + j])
         if capture:  # as the engine does: queries are captured every token and pulled in a batch
             for il in range(n_layer):
-                rt.captured(il, q_row)
+                rt.captured(il, q_row[il])
             rt.capture_clear()
         ll.llama_synchronize(ctx)
         dt = time.perf_counter() - t

@@ -122,6 +122,7 @@ def write_tiny_gguf(
     extra_kv: Mapping[str, Any] | None = None,
     drop_keys: Iterable[str] = (),
     drop_tensors: Iterable[str] = (),
+    extra_tensors: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
     """Write a tiny random-weight model of `arch` ("llama", "qwen2" or "gemma3") to `path`.
 
@@ -129,7 +130,8 @@ def write_tiny_gguf(
     `head_dim` writes attention.key_length/value_length (default: n_embd / n_head, not written).
     `extra_kv` sets or replaces metadata keys after the standard ones; `drop_keys` removes keys
     (names may contain "{arch}", e.g. "{arch}.block_count"); `drop_tensors` leaves tensors out (a file
-    llama.cpp refuses to load while its header reads fine). Returns the path.
+    llama.cpp refuses to load while its header reads fine); `extra_tensors` adds tensors by name (e.g.
+    "rope_freqs.weight", Llama-3's per-pair RoPE frequency factors). Returns the path.
     """
     if arch not in TINY_DEFAULTS:
         raise ValueError(f"arch must be one of {sorted(TINY_DEFAULTS)}")
@@ -222,6 +224,8 @@ def write_tiny_gguf(
     w.add_tensor("output_norm.weight", vec(E, 1.0))
     if arch != "gemma3":  # gemma3 ties the output projection to token_embd
         w.add_tensor("output.weight", mat(n_vocab, E))
+    for name, data in (extra_tensors or {}).items():
+        w.add_tensor(name, data)
     for name in drop_tensors:
         del w.tensors[0][name]
     w.write_header_to_file()

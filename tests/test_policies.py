@@ -152,7 +152,7 @@ def test_expected_attention_keeps_key_aligned_with_mean_query(neox):
     target = 17
     view.keys[0][target] = 3.0 * unit(r @ mu)  # both KV heads
     s = get_policy("expected-attention").score(view, n_future_positions=8)
-    assert np.argmax(s) == target
+    assert 4 + np.argmax(s[4:]) == target  # cells 0..3 are the sinks, scored above all
 
 
 def test_expected_attention_gqa_groups_consecutive_heads():
@@ -231,8 +231,29 @@ def test_expected_attention_aggregates_and_drops_sink_queries():
     view.query_positions = np.arange(view.queries[0].shape[0])  # 0..15
     view.queries[0][:4] += 50.0
     kept = expected_attention_layer(view.queries[0][4:], view.keys[0], view.values[0], view.rope[0], view.next_pos)
-    np.testing.assert_allclose(ea(view, layers=[0], n_sink=4, aggregate="mean"), kept.mean(axis=0))
+    np.testing.assert_allclose(ea(view, layers=[0], n_sink=4, aggregate="mean", sinks_in_softmax=True),
+                               kept.mean(axis=0))
     assert not np.allclose(ea(view, layers=[0], n_sink=0, aggregate="mean"), kept.mean(axis=0))
+
+
+def test_expected_attention_scores_sinks_outside_the_softmax():
+    """As kvpress pads them: the sink cells are left out of the softmax (the other cells' scores are
+    the closed form over the non-sink keys alone) and score above every other cell."""
+    view = make_view(layers=(0, 1), seed=9)
+    view.keys[0][:4] *= 6.0  # sinks that draw most of the attention, unevenly across heads
+    ea = get_policy("expected-attention").score
+    per = [expected_attention_layer(view.queries[l], view.keys[l][4:], view.values[l][4:], view.rope[l], view.next_pos)
+           for l in (0, 1)]
+    got = ea(view, n_sink=0, aggregate="mean", layers=[0, 1], sinks_in_softmax=False)  # n_sink 0: nothing left out
+    assert not np.allclose(got[4:], np.mean(np.concatenate(per), axis=0))
+    out = ea(view, n_sink=4, aggregate="mean")
+    np.testing.assert_allclose(out[4:], np.mean(np.concatenate(per), axis=0), rtol=1e-12)
+    assert out[:4].min() > out[4:].max()
+    inside = ea(view, n_sink=4, aggregate="mean", sinks_in_softmax=True)
+    assert not np.allclose(inside[4:], out[4:])  # inside, the sinks take mass from the other cells
+    # with "union" the sinks rank first too
+    u = ea(view, n_sink=4)
+    assert u[:4].min() >= u[4:].max()
 
 
 def test_streaming_llm_ranks_newest_highest():

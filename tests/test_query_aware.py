@@ -111,7 +111,7 @@ def test_answer_lookahead_probes_the_greedy_answer(gemma_ctx):
     for p in pos[len(question):]:
         ref.rt.decode([int(np.argmax(ref.rt.logits()))], [p])
     for il in s.layers:
-        got_pos, q = ref.rt.captured(il, ref.q_row)
+        got_pos, q = ref.captured_queries(il)
         assert got_pos.tolist() == pos
         np.testing.assert_allclose(s.focus[il].reshape(n, -1), q.reshape(n, -1), rtol=1e-3, atol=1e-3)
     s.close()

@@ -34,6 +34,7 @@ import numpy as np
 from ..model_info import read_model_info
 from ..policies import get_policy
 from ..policies.base import CellView
+from ..rope_model import rope_specs
 from .runtime import ContextConfig, LlamaError, Runtime, SharedModel
 from .sampling import Sampler, SamplingParams
 from .textstream import TextStream
@@ -41,6 +42,12 @@ from .textstream import TextStream
 
 class BudgetError(ValueError):
     pass
+
+
+def query_shape(info, layer: int) -> tuple[int, int]:
+    """(query heads, head size) of `layer`'s captured queries: per layer, since a GGUF may give each
+    layer its own head count (attention.head_count as an array)."""
+    return info.n_head_per_layer[layer], info.head_dims(layer)[0]
 
 
 class InvariantError(RuntimeError):
@@ -137,8 +144,12 @@ class Session:
         # scoring reads K/V of every scored layer: past max_score_layers, take evenly spaced ones (and the last)
         idx = np.unique(np.linspace(0, len(glob) - 1, min(len(glob), cfg.max_score_layers)).round().astype(int))
         self.layers = [glob[i] for i in idx]
-        self.rope = {il: self.info.rope_spec(il) for il in self.layers}
-        self.q_row = self.info.n_head * self.info.head_dim_k
+        try:
+            self.rope = rope_specs(self.info, self.layers, self.rt.n_ctx)  # as llama.cpp rotates, or refused
+        except ValueError:
+            self.rt.close()
+            raise
+        self.q_shape = {il: query_shape(self.info, il) for il in self.layers}
         self.rt.capture_layers(self.layers if self.policy.needs_queries else [])
         self.rt.capture(self.policy.needs_queries)
         self.reset()
@@ -179,7 +190,10 @@ class Session:
         """Feed tokens in chunks; compress only when the next chunk would not fit, and at the end if over budget.
 
         turn: these tokens are the user's newest message; their queries become the focus window.
+        Question-agnostic (question_weight 0), a turn is context like any other text: its queries
+        join the statistics window, which is all a question-agnostic policy reads.
         """
+        turn = turn and self.cfg.question_weight > 0
         # the nominal context (llama.cpp may pad n_ctx), less the room a question probe or a lookahead needs
         room = min(self.cfg.budget + self.cfg.chunk, self.rt.n_ctx - self._probe_len() - self.policy.lookahead)
         try:
@@ -200,6 +214,12 @@ class Session:
             raise
         if self.n_cells > self.cfg.budget:
             self.compress(self.cfg.budget - self.cfg.step, phase="prefill")
+
+    def turn_overflows(self, n_tokens: int) -> bool:
+        """True when prefilling n_tokens more would compress before their end: the turn is longer than
+        the room left (then its question, known in advance, should be set with set_question)."""
+        room = min(self.cfg.budget + self.cfg.chunk, self.rt.n_ctx - self._probe_len() - self.policy.lookahead)
+        return self.policy.evicts and self.n_cells + n_tokens > room  # the test prefill() makes per chunk
 
     @property
     def max_question(self) -> int:
@@ -231,6 +251,10 @@ class Session:
                               f"in its context of {self.cfg.budget}; use a larger --budget or an evicting --policy")
         if self.next_pos + len(tokens) + self.cfg.chunk >= self.info.n_ctx_train:
             self.compact()
+        if focus and self.policy.needs_queries and self._n_captured:
+            # queries decoded since the last pull (the previous reply) belong to the statistics window,
+            # not to the focus: the focus holds the newest message's queries only
+            self._pull_queries(keep=self.cfg.stats_window)
         positions = list(range(self.next_pos, self.next_pos + len(tokens)))
         self.rt.decode(tokens, positions, logits_all=logits_all)
         self.live.update(zip(positions, tokens))
@@ -254,8 +278,7 @@ class Session:
         wpos = self.focus_pos if into_focus else self.query_pos
         pos = np.empty(0, dtype=np.int64)
         for il in self.layers:
-            pos, q = self.rt.captured(il, self.q_row)
-            q = q.reshape(len(pos), self.info.n_head, self.info.head_dim_k)
+            pos, q = self.captured_queries(il)
             old = win.get(il)
             if old is not None and (extend if into_focus else len(q) < keep):
                 q = np.concatenate([old, q])
@@ -268,6 +291,12 @@ class Session:
             self.query_pos = pos[-keep:]
         self.rt.capture_clear()
         self._n_captured = 0
+
+    def captured_queries(self, il: int) -> tuple[np.ndarray, np.ndarray]:
+        """(positions (m,), pre-RoPE queries (m, n_head of the layer, d_k)) llama.cpp captured for `il`."""
+        h, d = self.q_shape[il]
+        pos, q = self.rt.captured(il, h * d)
+        return pos, q.reshape(len(pos), h, d)
 
     def _probe_len(self) -> int:
         return len(self.question) + self.cfg.answer_lookahead if self.question else 0
@@ -339,7 +368,9 @@ class Session:
         the focus window, which gets `question_weight` of the total weight."""
         w = self.cfg.question_weight
         mf, mc = len(self.focus_pos), len(self.query_pos)
-        if w <= 0 or mf == 0:
+        # an empty window never empties the statistics: the other one stands in (e.g. question-agnostic
+        # right after a turn read as focus before question_weight was set to 0)
+        if (w <= 0 or mf == 0) and mc:
             return self.queries, self.query_pos, None
         if w >= 1 or mc == 0:
             return self.focus, self.focus_pos, None
@@ -361,7 +392,12 @@ class Session:
         if self.policy.lookahead:
             self._lookahead(view, self.policy.lookahead)
         pos = view.positions
-        scores = np.asarray(self.policy.score(view, **self.cfg.policy_options), dtype=np.float64)
+        if self.policy.needs_queries and not len(view.query_positions):
+            # no query seen since the windows were last emptied (a truncate that removed every captured
+            # query): recency is the only evidence left, so the sinks and the newest cells are kept
+            scores = get_policy("streaming-llm").score(view)
+        else:
+            scores = np.asarray(self.policy.score(view, **self.cfg.policy_options), dtype=np.float64)
         protected = (pos < self.cfg.n_sink) | (pos >= self.next_pos - self.cfg.recent)
         n_evict = n_before - target
         cand = np.flatnonzero(~protected)
@@ -399,10 +435,9 @@ class Session:
                 if i + 1 < k:
                     tok = int(np.argmax(self.rt.logits()))
             for il in self.layers:
-                pos, q = self.rt.captured(il, self.q_row)
+                pos, q = self.captured_queries(il)
                 if pos.tolist() != positions:
                     raise LlamaError(f"lookahead captured positions {pos.tolist()}, expected {positions}")
-                q = q.reshape(k, self.info.n_head, self.info.head_dim_k)
                 old = view.queries.get(il)
                 view.queries[il] = q if old is None or not len(old) else np.concatenate([old, q])
             view.query_positions = np.concatenate([np.asarray(view.query_positions, dtype=np.int64), pos])
@@ -501,5 +536,8 @@ class Session:
         keep = self.query_pos < pos
         self.query_pos = self.query_pos[keep]
         self.queries = {il: q[keep] for il, q in self.queries.items()}
+        keep = self.focus_pos < pos
+        self.focus_pos = self.focus_pos[keep]
+        self.focus = {il: q[keep] for il, q in self.focus.items()}
         self.next_pos = pos
         return len(drop)

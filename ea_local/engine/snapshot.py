@@ -116,10 +116,8 @@ def save(s: "Session", path: str | os.PathLike[str], extra: dict | None = None) 
     if s.policy.needs_queries and s._n_captured:
         # queries llama.cpp captured since the last pull: read (not cleared) and appended to the window,
         # which is where the next pull would have put them
-        pos, q = s.rt.captured(s.layers[0], s.q_row)
-        pending_pos = pos
-        pending = {il: s.rt.captured(il, s.q_row)[1].reshape(len(pos), s.info.n_head, s.info.head_dim_k)
-                   for il in s.layers}
+        pending_pos = s.captured_queries(s.layers[0])[0]
+        pending = {il: s.captured_queries(il)[1] for il in s.layers}
     else:
         pending_pos, pending = np.empty(0, dtype=np.int64), {}
     sections: list[tuple[str, np.ndarray]] = []

@@ -183,6 +183,7 @@ def score(
     aggregate: str = "union",
     layers: Iterable[int] | None = None,
     kernel_size: int = 1,
+    sinks_in_softmax: bool = False,
 ) -> np.ndarray:
     """(n,) Expected Attention per cell, aggregated over the chosen layers and KV heads.
 
@@ -196,16 +197,27 @@ def score(
     what lets the model read it back (docs/query_aware.md measures it).
     ``layers`` None: every layer with keys, queries and rope in the view (and values if use_vnorm).
     Queries at positions < ``n_sink`` are left out of the statistics.
+
+    Cells at positions < ``n_sink`` (the sinks, kept by the engine anyway) are left out of the
+    softmax and get every row's maximum + 1 afterwards, as kvpress pads them after scoring
+    (``sinks_in_softmax`` False). Inside the softmax (True) they would take a share of each query
+    head's mass that varies by head, and so reweight the heads of a KV group against each other.
     """
     need = ["keys", "queries", "rope"] + (["values"] if use_vnorm else [])
+    positions = np.asarray(view.positions)
+    scored = np.ones(positions.shape[0], dtype=bool) if sinks_in_softmax else positions >= n_sink
     per_layer = []
     for l in use_layers(view, layers, need):
         q, w = _stat_queries(view, l, n_sink)
-        per_layer.append(expected_attention_layer(
-            q, view.keys[l], view.values[l] if use_vnorm else None, view.rope[l], view.next_pos,
-            n_future_positions=n_future_positions, use_covariance=use_covariance, use_vnorm=use_vnorm,
-            epsilon=epsilon, scale=view.attn_scale, weights=w))
-    scores = aggregate_scores(per_layer, aggregate, evictable=np.asarray(view.positions) >= n_sink)
+        rest = np.zeros((view.keys[l].shape[1], positions.shape[0]))
+        if scored.any():
+            rest[:, scored] = expected_attention_layer(
+                q, np.asarray(view.keys[l])[scored], np.asarray(view.values[l])[scored] if use_vnorm else None,
+                view.rope[l], view.next_pos, n_future_positions=n_future_positions, use_covariance=use_covariance,
+                use_vnorm=use_vnorm, epsilon=epsilon, scale=view.attn_scale, weights=w)
+        rest[:, ~scored] = rest.max(axis=1, keepdims=True) + 1.0
+        per_layer.append(rest)
+    scores = aggregate_scores(per_layer, aggregate, evictable=positions >= n_sink)
     return scores if kernel_size == 1 else pool1d(scores, kernel_size, "max")
 
 

@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Which layers Expected Attention scores and how their rankings become one set of cells, on an
+all-layer model (docs/ea-layers.md).
+
+    .venv/bin/python scripts/measure_ea_layers.py --model smollm2-135m --seed 1 \
+        --depths 0.05,0.15,0.25,0.35,0.45,0.55,0.65,0.75,0.85,0.95 --out docs/ea-layers/tune.jsonl
+
+The question-agnostic one-shot pass key of `ea-local bench --suite passkey --modes agnostic`
+(filler, the context prefilled in full, its last chunk's queries as the statistics, compressed once
+to the budget, then asked): one prefill per depth captures every layer's queries, and every setting
+and budget is a restored snapshot of it. "ea N agg" scores N evenly spaced layers (the engine's rule
+for `max_score_layers`) and combines them with `aggregate`; the baselines score the 8 layers the
+engine's default reads, as the bench does. One JSON line per trial, appended to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # BLAS threads spinning on a busy 2-core machine made scoring 3.5x slower
+
+from ea_local.bench.snapshot import restore, take  # noqa: E402 - loads libllama first
+from ea_local.bench.suites.common import ask, set_policy  # noqa: E402
+from ea_local.demo import passkey_prompt  # noqa: E402
+from ea_local.engine.session import Session, SessionConfig  # noqa: E402
+from ea_local.models import resolve_model  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def spaced(layers: list[int], n: int) -> list[int]:
+    """The engine's choice of n scored layers: evenly spaced, first and last included."""
+    idx = np.unique(np.linspace(0, len(layers) - 1, min(len(layers), n)).round().astype(int))
+    return [layers[i] for i in idx]
+
+
+def settings(glob: list[int], only: set[str]) -> dict[str, tuple[str, dict]]:
+    l8, l15 = spaced(glob, 8), spaced(glob, 15)
+    out: dict[str, tuple[str, dict]] = {}
+    for n, ls in ((8, l8), (len(glob), glob)):
+        for agg in ("union", "mean", "share"):
+            out[f"ea {n} {agg}"] = ("expected-attention", {"layers": ls, "aggregate": agg})
+    out["ea 15 union"] = ("expected-attention", {"layers": l15, "aggregate": "union"})
+    out["ea 8 union sinks in softmax"] = ("expected-attention", {"layers": l8, "sinks_in_softmax": True})
+    for pol in ("tova", "snapkv", "knorm"):
+        out[pol] = (pol, {"layers": l8})
+    out["streaming-llm"] = ("streaming-llm", {})
+    return {k: v for k, v in out.items() if not only or k in only}
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of k successes in n trials (Wilson 1927)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def load(paths: list[Path]) -> list[dict]:
+    """The trials of every depth that ran to its end (a run stopped mid-depth leaves a partial one)."""
+    rows = [json.loads(line) for p in paths for line in p.read_text().splitlines() if line.strip()]
+    count: dict[tuple, int] = {}
+    for r in rows:
+        count[(r["depth"], r["seed"])] = count.get((r["depth"], r["seed"]), 0) + 1
+    full = max(count.values(), default=0)
+    return [r for r in rows if count[(r["depth"], r["seed"])] == full]
+
+
+def table(paths: list[Path]) -> str:
+    """Markdown: found k/n with its Wilson interval and the mean share of needle tokens kept, per
+    setting and budget, over the trials in `paths`."""
+    rows = load(paths)
+    fracs = sorted({r["fraction"] for r in rows if "fraction" in r}, reverse=True)
+    names = list(dict.fromkeys(r["setting"] for r in rows))
+    head = "| setting | " + " | ".join(f"found @ {f:.1%} (95% CI) | needle kept" for f in fracs) + " |"
+    out = [head, "|" + " --- |" * (1 + 2 * len(fracs))]
+    for name in names:
+        cells = []
+        for f in fracs if name != "full" else fracs[:1]:
+            sel = [r for r in rows if r["setting"] == name and r.get("fraction", f) == f]
+            k, n = sum(r["found"] for r in sel), len(sel)
+            lo, hi = wilson(k, n)
+            kept = [r["needle_kept"] for r in sel if "needle_kept" in r]
+            if not n:
+                cells += ["–", "–"]
+                continue
+            cells += [f"{k}/{n} ({lo:.0%}-{hi:.0%})", f"{np.mean(kept):.0%}" if kept else "100%"]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+# two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30 (standard table)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def paired(paths: list[Path], reference: str = "ea 8 union") -> str:
+    """Markdown: per setting and budget, the mean difference to `reference` in needle tokens kept and
+    in pass keys found, over the same trials (depth, seed), with a 95% t interval of the mean."""
+    rows = load(paths)
+    key = {(r["setting"], r["fraction"], r["depth"], r["seed"]): r for r in rows if "fraction" in r}
+    fracs = sorted({k[1] for k in key}, reverse=True)
+    out = ["| setting | budget | n | needle kept − reference (95% CI) | found − reference (95% CI) |",
+           "| --- | --- | --- | --- | --- |"]
+    for name in dict.fromkeys(k[0] for k in key):
+        if name == reference:
+            continue
+        for f in fracs:
+            pairs = [(r, key[(reference, f, d, sd)]) for (nm, ff, d, sd), r in key.items()
+                     if nm == name and ff == f and (reference, f, d, sd) in key]
+            if len(pairs) < 2:
+                continue
+            cells = []
+            for field in ("needle_kept", "found"):
+                diff = np.array([float(a[field]) - float(b[field]) for a, b in pairs])
+                half = _T975[min(len(diff), 31) - 2] * diff.std(ddof=1) / np.sqrt(len(diff))
+                cells.append(f"{diff.mean():+.2f} ({diff.mean() - half:+.2f} to {diff.mean() + half:+.2f})")
+            out.append(f"| {name} | {f:.1%} | {len(pairs)} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--table", nargs="+", type=Path, help="print the markdown table of these result files and exit")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--length", type=int, default=4096)
+    ap.add_argument("--fracs", default="0.25,0.125")
+    ap.add_argument("--depths", default="0.05,0.15,0.25,0.35,0.45,0.55,0.65,0.75,0.85,0.95")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--only", default="", help="comma list of setting names (default: all)")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+    if a.table:
+        print(table(a.table))
+        print()
+        print(paired(a.table))
+        return
+    if a.out is None:
+        ap.error("--out is required to measure")
+    model = str(resolve_model(a.model))
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    def emit(row: dict) -> None:
+        row["seconds"] = round(time.time() - t0, 1)
+        line = json.dumps(row)
+        print(line, flush=True)
+        with a.out.open("a") as f:
+            f.write(line + "\n")
+
+    s = Session(model, SessionConfig(budget=a.length + 256, chunk=512, n_threads=a.threads, seed=a.seed,
+                                     max_score_layers=10_000))
+    todo = settings(list(s.layers), {x.strip() for x in a.only.split(",") if x.strip()})
+    for d in [float(x) for x in a.depths.split(",")]:
+        key = random.Random(a.seed * 1000 + int(d * 100) + a.length).randint(10000, 99999)
+        ctx, question, span = passkey_prompt(s.rt, a.length, d, key)
+        s.reset()
+        set_policy(s, "expected-attention")
+        split = max(0, len(ctx) - s.cfg.chunk)  # as the bench: the last chunk's queries are the statistics
+        if split:
+            s.prefill(ctx[:split])
+        s.prefill(ctx[split:])
+        snap = take(s)
+        restore(s, snap)
+        emit({"setting": "full", "depth": d, "seed": a.seed, "length": len(ctx), "found": str(key) in ask(s, question, 8)})
+        for frac in [float(x) for x in a.fracs.split(",")]:
+            cells = int(len(ctx) * frac)
+            for name, (pol, opts) in todo.items():
+                restore(s, snap)
+                set_policy(s, pol)
+                s.cfg.policy_options = opts
+                s.cfg.recent = min(64, cells // 8)
+                s.cfg.budget = cells
+                t1 = time.perf_counter()
+                s.compress(cells, phase="prefill")
+                t_comp = time.perf_counter() - t1
+                kept = sum(1 for p in range(*span) if p in s.live) / (span[1] - span[0])
+                reply = ask(s, question, 8)
+                emit({"setting": name, "fraction": frac, "cells": cells, "depth": d, "seed": a.seed, "length": len(ctx),
+                      "found": str(key) in reply, "needle_kept": round(kept, 3), "answer": reply,
+                      "compress_s": round(t_comp, 2)})
+                s.cfg.policy_options = {}
+    s.close()
+
+
+if __name__ == "__main__":
+    main()

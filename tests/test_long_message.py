@@ -1,0 +1,56 @@
+"""A pasted message longer than the room left: its question (after the last paragraph break) is
+known before the message is read, and steers every compression made while reading it."""
+from __future__ import annotations
+
+import numpy as np
+
+from ea_local.chat import Chat, ChatOptions
+from ea_local.engine.question import question_text
+from ea_local.model_info import read_model_info
+
+
+def test_question_text_is_the_tail_after_the_last_paragraph_break():
+    assert question_text("doc line 1\ndoc line 2\n\nmore doc\n\nWhat is the key?\n") == "What is the key?"
+    assert question_text("just one question") == "just one question"
+    assert question_text("doc\n\n   \n\n") == "doc"  # trailing blank paragraphs are not a question
+
+
+def _document(n_words: int) -> str:
+    words = np.random.default_rng(0).integers(0, 100, size=n_words)
+    return " ".join(f"w{w}" for w in words)
+
+
+def _chat(path: str, **kw) -> Chat:
+    return Chat(read_model_info(path), ChatOptions(budget=256, chunk=96, max_tokens=4, **kw))
+
+
+def test_long_message_probes_its_question_at_every_compression(tiny_llama):
+    chat = _chat(tiny_llama)
+    chat.start()
+    probed: list[list[int]] = []
+    real = chat.s._probe_question
+    chat.s._probe_question = lambda: (probed.append(list(chat.s.question)), real())[1]
+    question = "Which word came first?"
+    n_ev = len(chat.s.stats.evictions)
+    "".join(chat.ask(_document(600) + "\n\n" + question))
+    during = len(chat.s.stats.evictions) - n_ev
+    assert during >= 2 and len(probed) >= 2  # compressed while reading, the question probed each time
+    glue, tail = chat.turns.split()
+    want = chat.tokens(question + tail)
+    assert all(p == want for p in probed)
+    assert chat.s.question == []  # unset after the turn
+    # a short message that fits is read as before: its own queries are the focus, no probe
+    probed.clear()
+    "".join(chat.ask("Thanks."))
+    assert probed == []
+    chat.s.close()
+
+
+def test_question_agnostic_chat_never_probes(tiny_llama):
+    chat = _chat(tiny_llama, question_agnostic=True)
+    chat.start()
+    probed = []
+    chat.s._probe_question = lambda: probed.append(1)
+    "".join(chat.ask(_document(600) + "\n\nWhich word came first?"))
+    assert probed == [] and chat.s.stats.evictions and chat.s.n_cells <= 256
+    chat.s.close()
