@@ -177,7 +177,7 @@ def _render_plain(messages: list[dict], add_generation_prompt: bool) -> str:
         if role == "system":
             out.append(content + "\n\n")
         elif role == "assistant":
-            out.append(f"Assistant: {content}\n")
+            out.append(f"Assistant: {content.lstrip(' ')}\n")  # a reply echoed back with its leading space
         else:
             out.append(f"User: {content}\n")
     if add_generation_prompt:

@@ -81,8 +81,11 @@ def test_chat_follow_up_reuses_the_slot_and_streams(server):
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
-    assert text == two["choices"][0]["message"]["content"]
-    assert chunks[-1]["usage"]["completion_tokens"] == two["usage"]["completion_tokens"]
+    # compared with a request read from the same cache (all but the last prompt token cached):
+    # `two` fed its prompt's tail as one batch, which can round a near-tie the other way
+    three = post(server, "/v1/chat/completions", {"messages": msgs})
+    assert text == three["choices"][0]["message"]["content"]
+    assert chunks[-1]["usage"]["completion_tokens"] == three["usage"]["completion_tokens"]
 
 
 def test_chat_prompt_equals_the_one_chat_renders(server):
@@ -105,7 +108,10 @@ def test_chat_prompt_equals_the_one_chat_renders(server):
         turns.add("user", "How are you?")
         turns.add("assistant", "Très bien.")
         glue, tail = turns.split()
-        text += "Très bien." + glue + "And the weather?" + tail
+        # the reply as generated: after the plain transcript's "Assistant:" a base model's first
+        # token carries its own space, which the message content returned to the client does not
+        said = " Très bien." if template.origin == "plain" else "Très bien."
+        text += said + glue + "And the weather?" + tail
         n_tokens = len(rt.tokenize(text, add_bos=rt.add_bos(), special=True))
     finally:
         rt.close()
