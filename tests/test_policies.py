@@ -205,7 +205,7 @@ def test_expected_attention_vnorm_and_epsilon():
     view = make_view(layers=(0,), seed=4)
     rng = np.random.default_rng(1)
     view.values[0][:] *= rng.uniform(0.1, 5.0, size=(view.n, 2, 1))
-    args = (view.queries[0], view.keys[0], view.values[0], view.rope[0], view.next_pos)
+    args = (view.queries[0], view.keys[0], view.vnorms(0), view.rope[0], view.next_pos)
     plain = expected_attention_layer(*args, use_vnorm=False)
     with_v = expected_attention_layer(*args, use_vnorm=True)
     vn = np.linalg.norm(view.values[0], axis=-1).T
@@ -216,7 +216,7 @@ def test_expected_attention_vnorm_and_epsilon():
 
 def test_expected_attention_aggregates_and_drops_sink_queries():
     view = make_view(layers=(0, 1), seed=6)
-    per = [expected_attention_layer(view.queries[l], view.keys[l], view.values[l], view.rope[l], view.next_pos)
+    per = [expected_attention_layer(view.queries[l], view.keys[l], view.vnorms(l), view.rope[l], view.next_pos)
            for l in (0, 1)]
     ea = get_policy("expected-attention").score
     np.testing.assert_allclose(ea(view, aggregate="mean", n_sink=0), np.mean(np.concatenate(per), axis=0))
@@ -230,7 +230,7 @@ def test_expected_attention_aggregates_and_drops_sink_queries():
     # queries at positions < n_sink are left out of the statistics
     view.query_positions = np.arange(view.queries[0].shape[0])  # 0..15
     view.queries[0][:4] += 50.0
-    kept = expected_attention_layer(view.queries[0][4:], view.keys[0], view.values[0], view.rope[0], view.next_pos)
+    kept = expected_attention_layer(view.queries[0][4:], view.keys[0], view.vnorms(0), view.rope[0], view.next_pos)
     np.testing.assert_allclose(ea(view, layers=[0], n_sink=4, aggregate="mean", sinks_in_softmax=True),
                                kept.mean(axis=0))
     assert not np.allclose(ea(view, layers=[0], n_sink=0, aggregate="mean"), kept.mean(axis=0))
@@ -242,7 +242,7 @@ def test_expected_attention_scores_sinks_outside_the_softmax():
     view = make_view(layers=(0, 1), seed=9)
     view.keys[0][:4] *= 6.0  # sinks that draw most of the attention, unevenly across heads
     ea = get_policy("expected-attention").score
-    per = [expected_attention_layer(view.queries[l], view.keys[l][4:], view.values[l][4:], view.rope[l], view.next_pos)
+    per = [expected_attention_layer(view.queries[l], view.keys[l][4:], view.vnorms(l)[4:], view.rope[l], view.next_pos)
            for l in (0, 1)]
     got = ea(view, n_sink=0, aggregate="mean", layers=[0, 1], sinks_in_softmax=False)  # n_sink 0: nothing left out
     assert not np.allclose(got[4:], np.mean(np.concatenate(per), axis=0))

@@ -114,3 +114,21 @@ def test_textstream_utf8_and_stop_strings():
     assert ts.push(b"xS") == ("x", False)
     assert ts.push(b"y") == ("Sy", False)
     assert ts.flush() == ""
+
+
+def test_expected_attention_reads_value_norms_not_rows(tiny_llama):
+    """EA needs only ‖v‖: the view carries the norms llama.cpp computed, no value rows, and they equal
+    the norms of the rows read back, so the scores are those of a view with the rows."""
+    from dataclasses import replace
+
+    s = Session(tiny_llama, SessionConfig(budget=256, chunk=64, step=32, recent=48))
+    s.prefill([1] + list(range(3, 200)))
+    view = s.view()
+    assert view.values == {} and set(view.value_norms) == set(s.layers)
+    ea = POLICIES["expected-attention"].score
+    rows = {il: s.rt.kv_read(il, keys=False)[2] for il in s.layers}
+    for il in s.layers:
+        np.testing.assert_allclose(view.value_norms[il], np.linalg.norm(rows[il], axis=-1), rtol=1e-5, atol=1e-6)
+    with_rows = replace(view, value_norms={}, values=rows)
+    np.testing.assert_allclose(ea(view), ea(with_rows), rtol=1e-4, atol=1e-9)
+    s.close()

@@ -348,18 +348,22 @@ class Session:
         if self.policy.needs_queries and self.question and self.cfg.question_weight > 0:
             self._probe_question()
         queries, qpos, qw = self._statistics()
-        keys, values = {}, {}
+        keys, values, norms = {}, {}, {}
         positions = None
+        p = self.policy
+        norms_only = p.needs_value_norms and not p.needs_values  # the rows never leave llama.cpp
         for il in self.layers:
-            pos, k, v = self.rt.kv_read(il, keys=self.policy.needs_keys, values=self.policy.needs_values)
-            positions = pos
-            if k is not None:
-                keys[il] = k
-            if v is not None:
-                values[il] = v
-        if positions is None or not self.policy.needs_keys and not self.policy.needs_values:
+            if p.needs_keys or p.needs_values:
+                positions, k, v = self.rt.kv_read(il, keys=p.needs_keys, values=p.needs_values)
+                if k is not None:
+                    keys[il] = k
+                if v is not None:
+                    values[il] = v
+            if norms_only:
+                positions, norms[il] = self.rt.kv_vnorm(il)
+        if positions is None:
             positions = np.array(sorted(self.live), dtype=np.int64)
-        return CellView(positions=positions, keys=keys, values=values, queries=queries,
+        return CellView(positions=positions, keys=keys, values=values, value_norms=norms, queries=queries,
                         query_positions=qpos, query_weights=qw, rope=self.rope, next_pos=self.next_pos,
                         attn_scale=self.info.kq_scale, seed=self.cfg.seed + len(self.stats.evictions))
 

@@ -40,6 +40,7 @@ class CellView:
     positions: np.ndarray  # (n,) int64, ascending: position of each live cell
     keys: Mapping[int, np.ndarray] = field(default_factory=dict)  # layer -> (n, n_kv_head, d_k) post-RoPE
     values: Mapping[int, np.ndarray] = field(default_factory=dict)  # layer -> (n, n_kv_head, d_v)
+    value_norms: Mapping[int, np.ndarray] = field(default_factory=dict)  # layer -> (n, n_kv_head), read without the rows
     queries: Mapping[int, np.ndarray] = field(default_factory=dict)  # layer -> (m, n_head, d_k) PRE-RoPE
     query_positions: np.ndarray | None = None  # (m,) positions of the captured queries
     query_weights: np.ndarray | None = None  # (m,) summing to 1 (None: equal); the focus window's share, see Session
@@ -54,7 +55,12 @@ class CellView:
 
     def vnorms(self, layer: int) -> np.ndarray:
         """(n, n_kv_head) L2 norms of the value rows."""
+        if layer in self.value_norms:
+            return np.asarray(self.value_norms[layer])
         return np.linalg.norm(self.values[layer], axis=-1)
+
+    def has_vnorms(self, layer: int) -> bool:
+        return layer in self.value_norms or layer in self.values
 
 
 ScoreFn = Callable[..., np.ndarray]
@@ -68,6 +74,7 @@ class Policy:
     score: ScoreFn  # score(view, **options) -> (n,) float64, higher = keep
     needs_keys: bool = True
     needs_values: bool = False
+    needs_value_norms: bool = False  # only the rows' L2 norms: the engine reads them without the rows
     needs_queries: bool = False
     # engine hooks; the defaults are what every scoring policy gets (evict the lowest scores of the
     # global cache down to budget - step, positions untouched, no extra decoding)

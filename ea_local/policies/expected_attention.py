@@ -121,7 +121,7 @@ def expected_logits_fast(mu: np.ndarray, op: np.ndarray | None, factored: bool, 
 def expected_attention_layer(
     queries: np.ndarray,
     keys: np.ndarray,
-    values: np.ndarray | None,
+    value_norms: np.ndarray | None,
     rope: RopeSpec,
     next_pos: int,
     *,
@@ -134,8 +134,8 @@ def expected_attention_layer(
 ) -> np.ndarray:
     """(n_kv_head, n) Expected Attention scores of one layer.
 
-    queries (m, n_head, d) pre-RoPE; keys (n, n_kv_head, d) post-RoPE; values (n, n_kv_head, d_v)
-    (needed only with use_vnorm); scale None -> 1/sqrt(d).
+    queries (m, n_head, d) pre-RoPE; keys (n, n_kv_head, d) post-RoPE; value_norms (n, n_kv_head),
+    the L2 norms of the value rows (needed only with use_vnorm); scale None -> 1/sqrt(d).
     """
     keys = np.ascontiguousarray(keys, dtype=np.float32)
     d = keys.shape[-1]
@@ -152,10 +152,9 @@ def expected_attention_layer(
     n_kv = keys.shape[1]
     a = a.reshape(n_kv, -1, keys.shape[0]).mean(axis=1)  # heads j*g .. j*g+g-1 -> KV head j
     if use_vnorm:
-        if values is None:
-            raise ValueError("use_vnorm needs the values")
-        vnorm = np.linalg.norm(np.asarray(values, dtype=np.float64), axis=-1).T  # (n_kv, n)
-        return (a + epsilon) * vnorm
+        if value_norms is None:
+            raise ValueError("use_vnorm needs the value norms")
+        return (a + epsilon) * np.asarray(value_norms, dtype=np.float64).T  # (n_kv, n)
     return a + epsilon
 
 
@@ -203,16 +202,23 @@ def score(
     (``sinks_in_softmax`` False). Inside the softmax (True) they would take a share of each query
     head's mass that varies by head, and so reweight the heads of a KV group against each other.
     """
-    need = ["keys", "queries", "rope"] + (["values"] if use_vnorm else [])
+    chosen = use_layers(view, layers, ["keys", "queries", "rope"])
+    if use_vnorm:
+        missing = [l for l in chosen if not view.has_vnorms(l)]
+        if missing and layers is not None:
+            raise ValueError(f"layers {missing} have no values in the view")
+        chosen = [l for l in chosen if view.has_vnorms(l)]
+        if not chosen:
+            raise ValueError("the view has no layer with keys, queries, rope and values")
     positions = np.asarray(view.positions)
     scored = np.ones(positions.shape[0], dtype=bool) if sinks_in_softmax else positions >= n_sink
     per_layer = []
-    for l in use_layers(view, layers, need):
+    for l in chosen:
         q, w = _stat_queries(view, l, n_sink)
         rest = np.zeros((view.keys[l].shape[1], positions.shape[0]))
         if scored.any():
             rest[:, scored] = expected_attention_layer(
-                q, np.asarray(view.keys[l])[scored], np.asarray(view.values[l])[scored] if use_vnorm else None,
+                q, np.asarray(view.keys[l])[scored], view.vnorms(l)[scored] if use_vnorm else None,
                 view.rope[l], view.next_pos, n_future_positions=n_future_positions, use_covariance=use_covariance,
                 use_vnorm=use_vnorm, epsilon=epsilon, scale=view.attn_scale, weights=w)
         rest[:, ~scored] = rest.max(axis=1, keepdims=True) + 1.0
@@ -226,6 +232,6 @@ POLICY = Policy(
     description="expected attention of future queries (Gaussian queries, averaged RoPE), times value norm",
     paper="Devoto, Jeblick & Jégou 2025, Expected Attention, arXiv 2510.00636 (kvpress ExpectedAttentionPress)",
     score=score,
-    needs_values=True,
+    needs_value_norms=True,
     needs_queries=True,
 )
