@@ -5,6 +5,7 @@ import os
 from typing import Iterable
 
 from ea_local.model_info import ModelInfo
+from ea_local.rope_model import RopeUnsupported, rope_specs
 
 EXAMPLE_TOKENS = 4096
 
@@ -98,8 +99,10 @@ def format_info(info: ModelInfo) -> str:
         scaling += f", original context {info.rope_scaling_orig_ctx}"
     if info.has_rope_freq_factors:
         scaling += ", per-frequency factor tensors"
-    if not info.rope_exact:
-        scaling += "  (not reproduced exactly by ea_local's RoPE model)"
+    try:  # the rotation the policies apply must be llama.cpp's, or the file is refused
+        rope_specs(info, info.global_layers or range(info.n_layers), info.n_ctx_train)
+    except RopeUnsupported as e:
+        scaling += f"  (not supported: {e})"
     add("RoPE scaling", scaling)
 
     # attention span

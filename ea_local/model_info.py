@@ -215,12 +215,6 @@ class ModelInfo:
         return self.head_dim_k, self.head_dim_v
 
     # ---- RoPE
-    @property
-    def rope_exact(self) -> bool:
-        """True when `rope_spec` reproduces llama.cpp's rotation exactly: no YaRN / LongRoPE
-        corrections and no per-frequency factor tensors."""
-        return self.rope_scaling_type in ("none", "linear") and not self.has_rope_freq_factors
-
     def rope_params(self, layer: int) -> tuple[float, float, bool, int]:
         """(freq_base, freq_scale, neox, n_dims) llama.cpp uses for `layer`'s q and k."""
         if self.is_sliding(layer):
@@ -229,7 +223,7 @@ class ModelInfo:
         return self.rope_freq_base, self.rope_freq_scale, self.neox, self.rope_n_dims
 
     def rope_spec(self, layer: int) -> "RopeSpec":
-        """`layer`'s RoPE as an ea_local.policies.base.RopeSpec (see also `rope_exact`)."""
+        """`layer`'s base RoPE (no scaling corrections or frequency factors: ea_local.rope_model has those)."""
         from ea_local.policies.base import RopeSpec  # lazy: keeps this module importable alone
 
         base, scale, neox, n_dims = self.rope_params(layer)
