@@ -12,7 +12,8 @@ import functools
 import os
 from dataclasses import dataclass, field
 
-from . import kvhooks  # loads libllama (and with it libggml*) first
+from . import kvhooks  # noqa: F401  (loads libllama, and with it libggml*, first)
+from .ggml_registry import fn
 from . import cpu_flags
 
 # enum ggml_backend_dev_type (ggml-backend.h)
@@ -21,28 +22,6 @@ _DEV_TYPES = {0: "CPU", 1: "GPU", 2: "iGPU", 3: "accelerator"}
 
 class _Feature(ctypes.Structure):  # struct ggml_backend_feature
     _fields_ = [("name", ctypes.c_char_p), ("value", ctypes.c_char_p)]
-
-
-_SIGS = {
-    "ggml_backend_reg_count": ([], ctypes.c_size_t),
-    "ggml_backend_reg_get": ([ctypes.c_size_t], ctypes.c_void_p),
-    "ggml_backend_reg_name": ([ctypes.c_void_p], ctypes.c_char_p),
-    "ggml_backend_reg_dev_count": ([ctypes.c_void_p], ctypes.c_size_t),
-    "ggml_backend_reg_get_proc_address": ([ctypes.c_void_p, ctypes.c_char_p], ctypes.c_void_p),
-    "ggml_backend_dev_count": ([], ctypes.c_size_t),
-    "ggml_backend_dev_get": ([ctypes.c_size_t], ctypes.c_void_p),
-    "ggml_backend_dev_name": ([ctypes.c_void_p], ctypes.c_char_p),
-    "ggml_backend_dev_description": ([ctypes.c_void_p], ctypes.c_char_p),
-    "ggml_backend_dev_type": ([ctypes.c_void_p], ctypes.c_int),
-    "ggml_backend_dev_backend_reg": ([ctypes.c_void_p], ctypes.c_void_p),
-}
-
-
-@functools.lru_cache(maxsize=None)
-def _fn(name: str):
-    # looked up through libllama's handle: the libggml copy libllama uses, with its registry (see rpc.py)
-    args, res = _SIGS[name]
-    return ctypes.CFUNCTYPE(res, *args)((name, kvhooks._lib))
 
 
 @dataclass(frozen=True)
@@ -72,23 +51,23 @@ def read_build_info() -> BuildInfo:
     kvhooks._ll.llama_backend_init()
     lib = getattr(kvhooks._lib, "_name", "libllama")
     bi = BuildInfo(library=str(lib))
-    for i in range(_fn("ggml_backend_reg_count")()):
-        reg = _fn("ggml_backend_reg_get")(i)
-        name = _fn("ggml_backend_reg_name")(reg).decode()
-        bi.backends[name] = _fn("ggml_backend_reg_dev_count")(reg)
+    for i in range(fn("ggml_backend_reg_count")()):
+        reg = fn("ggml_backend_reg_get")(i)
+        name = fn("ggml_backend_reg_name")(reg).decode()
+        bi.backends[name] = fn("ggml_backend_reg_dev_count")(reg)
         if name == "CPU":
-            addr = _fn("ggml_backend_reg_get_proc_address")(reg, b"ggml_backend_get_features")
+            addr = fn("ggml_backend_reg_get_proc_address")(reg, b"ggml_backend_get_features")
             if addr:
                 feats = ctypes.CFUNCTYPE(ctypes.POINTER(_Feature), ctypes.c_void_p)(addr)(reg)
                 j = 0
                 while feats[j].name:
                     bi.cpu_features[feats[j].name.decode()] = (feats[j].value or b"").decode()
                     j += 1
-    for i in range(_fn("ggml_backend_dev_count")()):
-        d = _fn("ggml_backend_dev_get")(i)
-        bi.devices.append(Device(_fn("ggml_backend_dev_name")(d).decode(), _fn("ggml_backend_dev_description")(d).decode(),
-                                 _DEV_TYPES.get(_fn("ggml_backend_dev_type")(d), "?"),
-                                 _fn("ggml_backend_reg_name")(_fn("ggml_backend_dev_backend_reg")(d)).decode()))
+    for i in range(fn("ggml_backend_dev_count")()):
+        d = fn("ggml_backend_dev_get")(i)
+        bi.devices.append(Device(fn("ggml_backend_dev_name")(d).decode(), fn("ggml_backend_dev_description")(d).decode(),
+                                 _DEV_TYPES.get(fn("ggml_backend_dev_type")(d), "?"),
+                                 fn("ggml_backend_reg_name")(fn("ggml_backend_dev_backend_reg")(d)).decode()))
     return bi
 
 

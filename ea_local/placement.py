@@ -97,11 +97,10 @@ def describe(info, rpc: tuple[str, ...], n_gpu_layers: int | None, n_ctx: int, c
     try:
         devices: dict[str, str] = {}
         if rpc:
-            from .rpc import _ggml
+            from .ggml_registry import fn
 
-            g = _ggml()
             for d in rpc_device_list(rt):
-                devices[g.ggml_backend_dev_name(d).decode()] = g.ggml_backend_dev_description(d).decode()
+                devices[fn("ggml_backend_dev_name")(d).decode()] = fn("ggml_backend_dev_description")(d).decode()
         head = f"context: {rt.n_ctx} cells, KV {cache_type}" + (f", RPC: {', '.join(rpc)}" if rpc else "")
         return head + "\n" + format_placement(parse(rt.load_log), rt.n_layer, devices)
     finally:

@@ -21,7 +21,8 @@ from typing import Iterable, Sequence
 
 import llama_cpp.llama_cpp as ll
 
-from . import kvhooks
+from . import ggml_registry, kvhooks
+from .ggml_registry import fn
 
 SERVER_NAME = "ggml-rpc-server"
 DEFAULT_PORT = 50052
@@ -94,44 +95,7 @@ def hello(endpoint: str, timeout: float = 5.0) -> tuple[int, int, int]:
     return major, minor, patch
 
 
-# ---- ggml backend registry through ctypes (libggml is already loaded by libllama) ----
-
-class _Ggml:
-    """ggml's registry functions, looked up through libllama's own handle: dlsym searches libllama's
-    dependencies, so these are the libggml/libggml-base copies libllama uses. Opening libggml.so by path
-    instead would load a second copy (the wheel holds libggml.so and libggml.so.0 as separate files)
-    with its own, empty registry."""
-
-    _sigs = {
-        "ggml_backend_reg_by_name": ([ctypes.c_char_p], ctypes.c_void_p),
-        "ggml_backend_reg_get_proc_address": ([ctypes.c_void_p, ctypes.c_char_p], ctypes.c_void_p),
-        "ggml_backend_reg_dev_count": ([ctypes.c_void_p], ctypes.c_size_t),
-        "ggml_backend_reg_dev_get": ([ctypes.c_void_p, ctypes.c_size_t], ctypes.c_void_p),
-        "ggml_backend_reg_name": ([ctypes.c_void_p], ctypes.c_char_p),
-        "ggml_backend_dev_count": ([], ctypes.c_size_t),
-        "ggml_backend_dev_get": ([ctypes.c_size_t], ctypes.c_void_p),
-        "ggml_backend_dev_name": ([ctypes.c_void_p], ctypes.c_char_p),
-        "ggml_backend_dev_description": ([ctypes.c_void_p], ctypes.c_char_p),
-        "ggml_backend_dev_type": ([ctypes.c_void_p], ctypes.c_int),
-        "ggml_backend_dev_backend_reg": ([ctypes.c_void_p], ctypes.c_void_p),
-    }
-
-    def __getattr__(self, name: str):
-        args, res = self._sigs[name]
-        fn = ctypes.CFUNCTYPE(res, *args)((name, kvhooks._lib))  # a private function object: no shared argtypes
-        setattr(self, name, fn)
-        return fn
-
-
-_g = _Ggml()
-
-
-def _ggml() -> _Ggml:
-    return _g
-
-
-# enum ggml_backend_dev_type (ggml-backend.h)
-_DEV_GPU, _DEV_IGPU = 1, 2
+_DEV_GPU, _DEV_IGPU = ggml_registry.DEV_GPU, ggml_registry.DEV_IGPU
 
 
 def supported() -> bool:
@@ -152,9 +116,8 @@ _lock = threading.Lock()
 def rpc_devices(endpoints: Sequence[str], timeout: float = 5.0) -> list[int]:
     """ggml devices of the given servers (one per device a server exposes), after a handshake check."""
     require_rpc()
-    g = _ggml()
-    reg = g.ggml_backend_reg_by_name(b"RPC")
-    add = g.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_add_server") if reg else None
+    reg = fn("ggml_backend_reg_by_name")(b"RPC")
+    add = fn("ggml_backend_reg_get_proc_address")(reg, b"ggml_backend_rpc_add_server") if reg else None
     if not add:
         raise RpcError("the RPC backend of this build does not export ggml_backend_rpc_add_server")
     add_server = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)(add)
@@ -167,18 +130,17 @@ def rpc_devices(endpoints: Sequence[str], timeout: float = 5.0) -> list[int]:
         sreg = add_server(ep.encode())
         if not sreg:
             raise RpcError(f"RPC endpoint {ep} exposes no device")
-        devs += [g.ggml_backend_reg_dev_get(sreg, i) for i in range(g.ggml_backend_reg_dev_count(sreg))]
+        devs += [fn("ggml_backend_reg_dev_get")(sreg, i) for i in range(fn("ggml_backend_reg_dev_count")(sreg))]
     return devs
 
 
 def local_gpus() -> list[int]:
     """This machine's GPU devices in llama.cpp's default order (discrete; integrated only when none)."""
-    g = _ggml()
     gpus, igpus = [], []
-    for i in range(g.ggml_backend_dev_count()):
-        d = g.ggml_backend_dev_get(i)
-        t = g.ggml_backend_dev_type(d)
-        if t == _DEV_GPU and g.ggml_backend_reg_name(g.ggml_backend_dev_backend_reg(d)) != b"RPC":
+    for i in range(fn("ggml_backend_dev_count")()):
+        d = fn("ggml_backend_dev_get")(i)
+        t = fn("ggml_backend_dev_type")(d)
+        if t == _DEV_GPU and fn("ggml_backend_reg_name")(fn("ggml_backend_dev_backend_reg")(d)) != b"RPC":
             gpus.append(d)
         elif t == _DEV_IGPU:
             igpus.append(d)
@@ -204,8 +166,8 @@ def release(endpoints: Sequence[str]) -> None:
 
 
 def device_name(dev: int) -> str:
-    g = _ggml()
-    return f"{g.ggml_backend_dev_name(dev).decode()} ({g.ggml_backend_dev_description(dev).decode()})"
+    name, desc = fn("ggml_backend_dev_name")(dev).decode(), fn("ggml_backend_dev_description")(dev).decode()
+    return f"{name} ({desc})"
 
 
 # ---- the server binary ----
