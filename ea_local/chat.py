@@ -252,12 +252,7 @@ class Chat:
                 f"{len(s.stats.evictions)} evictions, {sum(e.n_evicted for e in s.stats.evictions)} cells]")
 
     def set_policy(self, name: str) -> str:
-        pol = get_policy(name)  # ValueError for an unknown name
-        s = self.s
-        s.policy = pol
-        s.cfg.policy = name
-        s.rt.capture_layers(s.layers if pol.needs_queries else [])
-        s.rt.capture(pol.needs_queries)
+        self.s.set_policy(name)  # ValueError for an unknown name
         return f"policy: {name} (from the next compression on)"
 
     def set_budget(self, n: int) -> str:
@@ -265,8 +260,7 @@ class Chat:
         cfg = replace(s.cfg, budget=n, policy_options=dict(s.cfg.policy_options))
         cfg.validate()
         if n <= s.cfg.budget:  # the context (budget + chunk cells) already has room
-            s.cfg.budget = n
-            evicted = s.compress(n - s.cfg.step, phase="decode") if s.n_cells > n else 0
+            evicted = s.set_budget(n)
             return f"budget: {n} cells (same session; {evicted} cells evicted now)"
         kept = [s.live[p] for p in sorted(s.live)]
         stats = s.stats

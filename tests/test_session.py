@@ -132,3 +132,27 @@ def test_expected_attention_reads_value_norms_not_rows(tiny_llama):
     with_rows = replace(view, value_norms={}, values=rows)
     np.testing.assert_allclose(ea(view), ea(with_rows), rtol=1e-4, atol=1e-9)
     s.close()
+
+
+def test_set_policy_and_set_budget(tiny_llama):
+    """Switching policy resets its options and follows its query needs; a smaller budget evicts now,
+    one past the context or below the floor is refused and changes nothing."""
+    s = Session(tiny_llama, SessionConfig(budget=256, chunk=64, step=32, recent=48, policy="snapkv",
+                                          policy_options={"window_size": 16}))
+    s.prefill([1] + list(range(3, 250)))
+    s.set_policy("streaming-llm")
+    assert s.cfg.policy == "streaming-llm" and s.cfg.policy_options == {} and not s.policy.needs_queries
+    with pytest.raises(ValueError, match="no option"):
+        s.set_policy("expected-attention", window_size=3)
+    assert s.cfg.policy == "streaming-llm"
+    s.set_policy("expected-attention", n_future_positions=64)
+    assert s.cfg.policy_options == {"n_future_positions": 64}
+    with pytest.raises(BudgetError, match="more than this context"):
+        s.set_budget(s.rt.n_ctx + 1)
+    with pytest.raises(BudgetError, match="use at least"):
+        s.set_budget(10)
+    assert s.cfg.budget == 256
+    evicted = s.set_budget(200)
+    assert evicted == 248 - (200 - 32) and s.n_cells == 200 - 32 and s.cfg.budget == 200
+    _check_consistent(s)
+    s.close()

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -150,9 +150,30 @@ class Session:
             self.rt.close()
             raise
         self.q_shape = {il: query_shape(self.info, il) for il in self.layers}
-        self.rt.capture_layers(self.layers if self.policy.needs_queries else [])
-        self.rt.capture(self.policy.needs_queries)
+        self.set_policy(cfg.policy, **cfg.policy_options)
         self.reset()
+
+    # ---- settings that change while a conversation goes on ----
+    def set_policy(self, name: str, **options) -> None:
+        """Score with `name` from the next compression on. Its options replace the previous policy's
+        (an option of one policy means nothing to another); query capture follows its needs."""
+        pol = get_policy(name)  # ValueError for an unknown name
+        unknown = sorted(set(options) - set(pol.options))
+        if unknown:
+            raise ValueError(f"policy {name} has no option {', '.join(unknown)} (it has: {', '.join(pol.options) or 'none'})")
+        self.policy, self.cfg.policy, self.cfg.policy_options = pol, name, dict(options)
+        self.rt.capture_layers(self.layers if pol.needs_queries else [])
+        self.rt.capture(pol.needs_queries)
+
+    def set_budget(self, n: int, compress: bool = True) -> int:
+        """Keep at most `n` cells from now on; the context holds at most its size (budget + chunk when
+        the session was made). With `compress`, cells past `n` are evicted now (down to n - step, as
+        every compression does); returns how many."""
+        if n > self.rt.n_ctx:
+            raise BudgetError(f"budget {n} is more than this context holds ({self.rt.n_ctx} cells): start a new session")
+        replace(self.cfg, budget=n).validate()
+        self.cfg.budget = n
+        return self.compress(n - self.cfg.step, phase="decode") if compress and self.n_cells > n else 0
 
     # ---- state ----
     def reset(self) -> None:

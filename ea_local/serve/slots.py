@@ -29,7 +29,6 @@ from ..engine.runtime import LlamaError, SharedModel
 from ..engine.sampling import SamplingParams
 from ..engine.session import Session, SessionConfig
 from ..engine.textstream import TextStream
-from ..policies import get_policy
 from .errors import APIError
 
 
@@ -148,13 +147,8 @@ class Slot:
     def _configure(self, policy: str, budget: int) -> None:
         s = self.session
         if policy != s.cfg.policy:  # as chat's /policy: the next compression scores with it
-            s.policy = get_policy(policy)
-            s.cfg.policy = policy
-            s.rt.capture_layers(s.layers if s.policy.needs_queries else [])
-            s.rt.capture(s.policy.needs_queries)
-        s.cfg.budget = budget
-        if s.n_cells > budget:
-            s.compress(budget - s.cfg.step, phase="prefill")
+            s.set_policy(policy)
+        s.set_budget(budget)
 
     def prepare(self, tokens: list[int], budget: int | None = None) -> int:
         """Make the cache hold a prefix of `tokens`; returns its length (tokens not to prefill).

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from ...engine.session import Session, SessionConfig
-from ...policies import get_policy
 from ..options import BenchOptions
 
 
@@ -16,13 +15,12 @@ def session_cfg(o: BenchOptions, budget: int, policy: str = "expected-attention"
 
 def set_policy(s: Session, name: str) -> None:
     """Switch the policy of a prefilled session (its statistics window was captured at prefill)."""
-    s.policy = get_policy(name)
-    s.cfg.policy = name
+    s.set_policy(name)
 
 
 def ask(s: Session, question: list[int], max_tokens: int) -> str:
     """Prefill the question and answer greedily without compressing any further."""
-    s.cfg.budget = s.rt.n_ctx  # the context was compressed already: the question and answer only add cells
+    s.set_budget(s.rt.n_ctx)  # the context was compressed already: the question and answer only add cells
     return "".join(s.generate(question, max_tokens=max_tokens)).strip()
 
 
