@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# BLAS threads spinning on a busy 2-core machine made small scoring GEMMs ~30x slower (measured here)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from ea_local import kvhooks  # noqa: E402,F401  (loads llama.cpp before numpy)
 from ea_local.bench.options import BenchOptions  # noqa: E402
@@ -35,12 +38,12 @@ from ea_local.models import resolve_model  # noqa: E402
 
 def ask(s: Session, qt: list[int], recall: bool) -> tuple[str, dict]:
     s.cfg.recall = recall
-    r0, t_r0 = s.stats.recalled, s.stats.recall_s
+    r0, t_r0, d_r0 = s.stats.recalled, s.stats.recall_s, s.stats.redecode_s
     t0 = time.perf_counter()
     reply = "".join(s.generate(qt, max_tokens=ANSWER_TOKENS, turn=True)).strip()
     dt = time.perf_counter() - t0
-    return reply, {"recalled": s.stats.recalled - r0, "recall_s": s.stats.recall_s - t_r0, "turn_s": dt,
-                   "cells_after": s.n_cells}
+    return reply, {"recalled": s.stats.recalled - r0, "recall_s": s.stats.recall_s - t_r0,
+                   "redecode_s": s.stats.redecode_s - d_r0, "turn_s": dt, "cells_after": s.n_cells}
 
 
 def main() -> None:
@@ -57,7 +60,8 @@ def main() -> None:
     args = ap.parse_args()
 
     model = str(resolve_model(args.model))
-    o = BenchOptions(model=model, task_length=args.length, cache_type=args.cache_type, threads=args.threads,
+    o = BenchOptions(out=Path("/dev/null"), suites=["multi_turn"], policies=[], budgets=[], model=model,
+                     task_length=args.length, cache_type=args.cache_type, threads=args.threads,
                      seed=args.seed)
     rt = Runtime(model, ContextConfig(n_ctx=64, n_gpu_layers=0))
     chats = [_chat_tokens(rt, o, i) for i in range(args.chats)]
@@ -109,9 +113,10 @@ def table(rows: list[dict], args) -> str:
     lo, hi = wilson(full_k, full_n)
     out = [f"model {args.model}, {args.chats} chats, {full_n} facts, "
            f"~{args.length} tokens each", "",
-           "| policy | budget | recall | found | 95% interval | of full cache | compressions (mean) | recalled cells (mean) | recall ms (mean) | recall share of turn |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-           f"| full | full | - | {full_k}/{full_n} | {lo:.2f}-{hi:.2f} | 1.00 | 0 | - | - | - |"]
+           "| policy | budget | recall | found | 95% interval | of full cache | compressions (mean) | recalled cells (mean) "
+           "| score+restore ms (mean) | share of turn | re-decode ms (mean) | share of turn |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+           f"| full | full | - | {full_k}/{full_n} | {lo:.2f}-{hi:.2f} | 1.00 | 0 | - | - | - | - | - |"]
     keys = sorted({(r["policy"], r["budget"], r["recall"]) for r in rows if r["policy"] != "full"},
                   key=lambda k: (k[0], -float(k[1].rstrip("%")), k[2]))
     for pol, b, rec in keys:
@@ -121,10 +126,14 @@ def table(rows: list[dict], args) -> str:
         ev = sum(r["evictions"] for r in sel) / n
         rc = sum(r["recalled"] for r in sel) / n
         ms = 1000 * sum(r["recall_s"] for r in sel) / n
-        share = sum(r["recall_s"] for r in sel) / max(1e-9, sum(r["turn_s"] for r in sel))
+        turn = max(1e-9, sum(r["turn_s"] for r in sel))
+        share = sum(r["recall_s"] for r in sel) / turn
+        rd = 1000 * sum(r["redecode_s"] for r in sel) / n
+        rd_share = sum(r["redecode_s"] for r in sel) / turn
         over = sum(bool(r.get("over_budget")) for r in sel)
         out.append(f"| {pol} | {b} | {'on' if rec else 'off'} | {k}/{n} | {lo:.2f}-{hi:.2f} | "
-                   f"{(k / n) / full if full else 0:.2f} | {ev:.1f} | {rc:.0f} | {ms:.0f} | {100 * share:.1f}%"
+                   f"{(k / n) / full if full else 0:.2f} | {ev:.1f} | {rc:.0f} | {ms:.0f} | {100 * share:.1f}% | "
+                   f"{rd:.0f} | {100 * rd_share:.1f}%"
                    + (f" ({over} over budget!)" if over else "") + " |")
     return "\n".join(out)
 

@@ -56,8 +56,8 @@ def test_question_brings_the_fact_back_within_budget(policy):
     # the answer is generated from the restored cells (greedy)
     reply = "".join(s.generate([], max_tokens=8))
     assert s.n_cells <= s.cfg.budget
+    assert "58213" in reply  # the question's tail was decoded again with the fact back in the cache
     s.close()
-    print(policy, repr(reply))
 
 
 def test_no_recall_keeps_no_archive():

@@ -86,6 +86,7 @@ class SessionConfig:
     recall_max: int | None = None  # most cells a message brings back (None: budget // 4)
     recall_radius: int = 8  # archived neighbours within this many positions come back with a cell (spans)
     recall_queries: int = 128  # the message's last queries that score the cells
+    recall_redecode: int = 64  # the message's last tokens decoded again once cells came back (their logits)
 
     def validate(self) -> None:
         if self.budget <= 0:
@@ -129,6 +130,7 @@ class Stats:
     recalls: int = 0  # messages that brought cells back
     recalled: int = 0  # cells brought back
     recall_s: float = 0.0  # scoring + restoring
+    redecode_s: float = 0.0  # decoding the message's tail again after a recall
 
 
 class Session:
@@ -548,12 +550,33 @@ class Session:
         for p, t, c in zip(pos.tolist(), tok.tolist(), counts.tolist()):
             self.live[p] = t
             self.recalled_count[p] = c
+        t1 = time.perf_counter()
+        self._redecode_tail(since)
         self.stats.recalls += 1
         self.stats.recalled += len(pos)
-        self.stats.recall_s += time.perf_counter() - t0
+        self.stats.recall_s += t1 - t0
+        self.stats.redecode_s += time.perf_counter() - t1
         if DEBUG:
             self.check_cells()
         return len(pos)
+
+    def _redecode_tail(self, since: int) -> None:
+        """The message was decoded before the recalled cells were back: its last tokens (up to
+        recall_redecode, the contiguous live run ending at the newest) are decoded again, so that their
+        cells and the logits the answer starts from attend to what came back. Their queries, captured
+        again, are dropped: the windows keep the first decode's."""
+        pos: list[int] = []
+        p = self.next_pos - 1
+        while p >= since and p in self.live and len(pos) < self.cfg.recall_redecode:
+            pos.append(p)
+            p -= 1
+        if not pos:
+            return
+        pos.reverse()
+        self.rt.rm_positions(pos)  # every cache: the sliding layers decode them again too
+        self.rt.decode([self.live[q] for q in pos], pos)
+        self.rt.capture_clear()
+        self._n_captured = 0
 
     def _lookahead(self, view: CellView, k: int) -> None:
         """Decode k greedy pseudo tokens, add their captured queries to `view`, then undo them (LAQ).
