@@ -570,9 +570,13 @@ class Session:
         while p >= since and p in self.live and len(pos) < self.cfg.recall_redecode:
             pos.append(p)
             p -= 1
+        pos.reverse()
+        if pos and not self.iswa and pos[0] > 0 and pos[0] - 1 not in self.live:
+            # llama.cpp takes the batch only at seq_pos_max + 1: a run that follows an evicted token starts
+            # one later (on iSWA models the sliding cache, which reports seq_pos_max, holds every recent position)
+            pos = pos[1:]
         if not pos:
             return
-        pos.reverse()
         self.rt.rm_positions(pos)  # every cache: the sliding layers decode them again too
         self.rt.decode([self.live[q] for q in pos], pos)
         self.rt.capture_clear()
