@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--cache-type", default="f16")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--recall-max", type=int, default=None, help="most cells a message brings back (default budget/4)")
+    ap.add_argument("--skip-full", action="store_true", help="leave out the full-cache runs")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -72,7 +74,7 @@ def main() -> None:
     t_start = time.perf_counter()
     for i, (turns, qs) in enumerate(chats):
         total = sum(map(len, turns))
-        runs = [("full", None, total + 256)] + [(p, f, max(1, round(total * f)))
+        runs = [("full", None, total + 256)] * (not args.skip_full) + [(p, f, max(1, round(total * f)))
                                                 for p in args.policies.split(",") for f in fractions]
         for pol, frac, cells in runs:
             if why := skipped(floor, cells):
@@ -80,6 +82,7 @@ def main() -> None:
                 continue
             cfg = session_cfg(o, cells, "streaming-llm" if pol == "full" else pol, chunk=min(256, max(32, cells // 2)))
             cfg.recall = pol != "full"
+            cfg.recall_max = args.recall_max
             s = Session(model, cfg)
             for t in turns:
                 s.prefill(t, turn=True)
@@ -109,6 +112,7 @@ def table(rows: list[dict], args) -> str:
         return sum(r["found"] for r in sel), len(sel)
 
     full_k, full_n = rate([r for r in rows if r["policy"] == "full"])
+    full_n = full_n or 1
     full = full_k / full_n if full_n else 0.0
     lo, hi = wilson(full_k, full_n)
     out = [f"model {args.model}, {args.chats} chats, {full_n} facts, "

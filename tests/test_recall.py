@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ea_local.chat import Chat, ChatOptions
-from ea_local.engine.archive import parse_size
+from ea_local.engine.archive import bytes_per_token, parse_size
 from ea_local.engine.session import Session, SessionConfig
 from ea_local.model_info import read_model_info
 from ea_local.models import chat_model_path
@@ -44,7 +44,7 @@ def test_question_brings_the_fact_back_within_budget(policy):
     assert where and not any(p in s.live for p in where), "the filler should have evicted the fact"
     a = s.archive
     assert len(a) == s.stats.archived == sum(e.n_evicted for e in s.stats.evictions)
-    assert a.bytes_per_token > 0 and a.nbytes == len(a) * a.bytes_per_token
+    assert a.bytes_per_token == bytes_per_token(s.info, "f16") and a.nbytes == len(a) * a.bytes_per_token
     start = s.next_pos
     s.prefill(s.rt.tokenize(QUESTION), turn=True)
     n = s.recall(since=start)
