@@ -24,6 +24,7 @@ from .engine.runtime import LlamaError
 from .engine.sampling import CHAT_TEMPERATURE, SamplingParams
 from .engine import snapshot
 from .engine.question import question_text
+from .engine.archive import parse_size
 from .engine.session import BudgetError, Session, SessionConfig
 from .chat_template import TemplateError, TurnRenderer, resolve_template
 from .policies import get_policy
@@ -64,6 +65,8 @@ class ChatOptions:
     chunk: int | None = None  # None: min(512, budget // 2)
     rpc: tuple[str, ...] = ()  # llama.cpp RPC servers (HOST:PORT)
     question_agnostic: bool = False  # True: the user's message does not steer compression (docs/query_aware.md)
+    recall: bool = True  # evicted cells archived on the host, recalled when a message needs them (docs/recall.md)
+    archive: str = "64MiB"  # the archive's bound: tokens ("4096") or bytes ("64MiB")
 
     def sampling(self, seed: int) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
@@ -110,13 +113,28 @@ def session_config(opts: ChatOptions) -> SessionConfig:
     except ValueError as e:
         raise ChatError(str(e)) from None
     chunk = opts.chunk if opts.chunk is not None else max(1, min(512, opts.budget // 2))
+    try:
+        a_tokens, a_bytes = parse_size(opts.archive)
+    except ValueError as e:
+        raise ChatError(str(e)) from None
     return SessionConfig(budget=opts.budget, policy=opts.policy, cache_type=opts.cache_type, seed=opts.seed or 0,
                          n_threads=opts.threads, n_gpu_layers=opts.n_gpu_layers, chunk=chunk,
-                         rpc=tuple(opts.rpc), **({"question_weight": 0.0} if opts.question_agnostic else {}))
+                         rpc=tuple(opts.rpc), recall=opts.recall, archive_tokens=a_tokens, archive_bytes=a_bytes,
+                         **({"question_weight": 0.0} if opts.question_agnostic else {}))
 
 
 def fmt_mib(b: float) -> str:
     return f"{b / 2**20:.1f} MiB"
+
+
+def recall_line(s: Session) -> str:
+    """/stats: the archive and what came back from it."""
+    a = s.archive
+    if a is None:
+        return "recall      off"
+    st = s.stats
+    return (f"recall      archive {len(a)} tokens, {fmt_mib(a.nbytes)} ({a.dropped} dropped); "
+            f"{st.recalls} recalls, {st.recalled} cells recalled, {1000 * st.recall_s:.0f} ms")
 
 
 class _Stopped(Exception):
@@ -177,10 +195,13 @@ class Chat:
             if self.s.cfg.question_weight > 0 and self.s.policy.needs_queries and self.s.max_question \
                     and self.s.turn_overflows(len(prompt)):
                 self.s.set_question(self.tokens(question_text(text) + self.turns.split()[1])[-self.s.max_question:])
+            start = self.s.next_pos
             try:
                 self.s.prefill(prompt, progress=lambda d, t: _stop_if(should_stop), turn=True)
             except _Stopped:
                 return
+            if self.s.recall_on:  # the message is in: bring back what it needs before answering
+                self.s.recall(since=start)
             for piece in self.s.generate([], params, stop=list(self.template.stop), max_tokens=self.opts.max_tokens,
                                          should_stop=should_stop):
                 if t_first is None:
@@ -242,6 +263,7 @@ class Chat:
         else:
             lines.append("last compression  none yet")
         lines.append(f"policy      {s.cfg.policy}, KV cache {s.cfg.cache_type}")
+        lines.append(recall_line(s))
         return lines
 
     def turn_line(self) -> str:

@@ -42,6 +42,10 @@ RpcOpt = typer.Option(None, "--rpc", metavar="HOST:PORT[,HOST:PORT...]",
                            "without --n-gpu-layers every layer goes to them. Default: EA_LOCAL_RPC")
 AgnosticOpt = typer.Option(False, "--question-agnostic",
                            help="compression ignores the question: statistics from the context only (kvpress' protocol)")
+RecallOpt = typer.Option(True, "--recall/--no-recall",
+                         help="archive evicted cells on the host and bring back the ones a new message needs (docs/recall.md)")
+ArchiveOpt = typer.Option("64MiB", "--archive", metavar="TOKENS|SIZE",
+                          help="bound of each conversation's archive of evicted cells: tokens (4096) or bytes (64MiB)")
 
 
 class UserError(Exception):
@@ -193,6 +197,8 @@ def chat(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="a stats line after every answer"),
     rpc: Optional[str] = RpcOpt,
     question_agnostic: bool = AgnosticOpt,
+    recall: bool = RecallOpt,
+    archive: str = ArchiveOpt,
 ) -> None:
     """Chat in a REPL that streams answers and stays inside the KV budget (piped stdin: one turn per line)."""
     from .chat import ChatError, ChatOptions, run_chat
@@ -206,7 +212,7 @@ def chat(
                        threads=threads, seed=seed, max_tokens=max_tokens, temperature=temperature,
                        top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                        repeat_last_n=repeat_last_n, system=system, file=file, rpc=_rpc_endpoints(rpc),
-                       question_agnostic=question_agnostic)
+                       question_agnostic=question_agnostic, recall=recall, archive=archive)
     _check_sampling(opts)
     info = _model_info(model, default=CHAT_MODEL)
     try:
@@ -238,6 +244,8 @@ def summarize(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="a stats line on stderr at the end"),
     rpc: Optional[str] = RpcOpt,
     question_agnostic: bool = AgnosticOpt,
+    recall: bool = RecallOpt,
+    archive: str = ArchiveOpt,
 ) -> None:
     """Read a long document through the KV budget (chunked prefill + eviction), then stream a summary."""
     from .chat import ChatError
@@ -252,7 +260,7 @@ def summarize(
                             threads=threads, seed=seed, max_tokens=max_tokens, temperature=temperature,
                             top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                             repeat_last_n=repeat_last_n, chunk=chunk, prompt=prompt, output=output, verbose=verbose,
-                            rpc=_rpc_endpoints(rpc), question_agnostic=question_agnostic)
+                            rpc=_rpc_endpoints(rpc), question_agnostic=question_agnostic, recall=recall, archive=archive)
     _check_sampling(opts)
     info = _model_info(model, default=CHAT_MODEL)
     try:
@@ -314,6 +322,8 @@ def serve(
     seed: int = SeedOpt,
     log_level: str = typer.Option("info", help="uvicorn log level (warning: no access log)"),
     rpc: Optional[str] = RpcOpt,
+    recall: bool = RecallOpt,
+    archive: str = ArchiveOpt,
 ) -> None:
     """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions) whose conversations stay inside the KV budget."""
     from .engine.runtime import LlamaError
@@ -336,8 +346,15 @@ def serve(
     from .models import CHAT_MODEL
 
     info = _model_info(model, default=CHAT_MODEL)
+    from .engine.archive import parse_size
+
+    try:
+        a_tokens, a_bytes = parse_size(archive)
+    except ValueError as e:
+        _fail(str(e))
     scfg = SessionConfig(budget=budget, policy=policy, cache_type=cache_type, seed=seed, n_threads=threads,
-                         n_gpu_layers=n_gpu_layers, chunk=max(1, min(512, budget // 2)), rpc=_rpc_endpoints(rpc))
+                         n_gpu_layers=n_gpu_layers, chunk=max(1, min(512, budget // 2)), rpc=_rpc_endpoints(rpc),
+                         recall=recall, archive_tokens=a_tokens, archive_bytes=a_bytes)
     try:
         scfg.validate()
     except ValueError as e:

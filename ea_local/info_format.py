@@ -132,6 +132,13 @@ def format_info(info: ModelInfo) -> str:
         else:
             add(key, str(b.total))
 
+    from .engine.archive import bytes_per_token as archive_bytes
+
+    for t, b in info.kv_bytes_per_token.items():
+        if b is not None and (ab := archive_bytes(info, t)) is not None:
+            add(f"archive bytes/token {t}", f"{ab}  (evicted cells kept on the host for recall: raw rows of the "
+                                           f"{'global' if info.sliding_layers else 'evicted'} layers + digest keys)")
+
     n = EXAMPLE_TOKENS
     for t, b in info.kv_bytes_per_token.items():
         if b is None:

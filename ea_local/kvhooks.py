@@ -10,7 +10,7 @@ import ctypes
 import llama_cpp
 from llama_cpp import llama_cpp as _ll
 
-API_VERSION = 1
+API_VERSION = 2
 SCOPE_ALL = 0
 SCOPE_GLOBAL = 1
 
@@ -20,6 +20,8 @@ _i32 = ctypes.c_int32
 _pos_p = ctypes.POINTER(ctypes.c_int32)
 _f32_p = ctypes.POINTER(ctypes.c_float)
 _i32_p = ctypes.POINTER(ctypes.c_int32)
+_size_p = ctypes.POINTER(ctypes.c_size_t)
+_void_pp = ctypes.POINTER(ctypes.c_void_p)
 
 
 class PatchedBuildMissing(ImportError):
@@ -46,6 +48,10 @@ _decl("llama_ea_kv_read", [_ctx, _i32, _i32, _i32, _pos_p, _f32_p, _f32_p], _i32
 _decl("llama_ea_kv_vnorm", [_ctx, _i32, _i32, _i32, _pos_p, _f32_p], _i32)
 _decl("llama_ea_seq_rm_positions", [_ctx, _i32, _pos_p, _i32, ctypes.c_int], _i32)
 _decl("llama_ea_seq_remap", [_ctx, _i32, _pos_p, _pos_p, _i32], _i32)
+_decl("llama_ea_kv_row_info", [_ctx, _i32, _size_p, _size_p, _i32_p, _i32_p], _i32)
+_decl("llama_ea_kv_read_raw", [_ctx, _i32, _i32, _pos_p, _i32, ctypes.c_void_p, ctypes.c_void_p], _i32)
+_decl("llama_ea_seq_restore", [_ctx, _i32, _i32, _pos_p, _pos_p, _i32_p, _i32_p, _i32, _void_pp, _void_pp, ctypes.c_int],
+      _i32)
 _decl("llama_ea_capture_layers", [_ctx, _i32_p, _i32], _i32)
 _decl("llama_ea_capture_enable", [_ctx, ctypes.c_bool], None)
 _decl("llama_ea_capture_clear", [_ctx], None)
@@ -64,6 +70,9 @@ kv_read = _lib.llama_ea_kv_read
 kv_vnorm = _lib.llama_ea_kv_vnorm
 seq_rm_positions = _lib.llama_ea_seq_rm_positions
 seq_remap = _lib.llama_ea_seq_remap
+kv_row_info = _lib.llama_ea_kv_row_info
+kv_read_raw = _lib.llama_ea_kv_read_raw
+seq_restore = _lib.llama_ea_seq_restore
 capture_layers = _lib.llama_ea_capture_layers
 capture_enable = _lib.llama_ea_capture_enable
 capture_clear = _lib.llama_ea_capture_clear

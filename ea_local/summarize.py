@@ -51,6 +51,7 @@ def run_summarize(info, source: str, opts: SummarizeOptions) -> dict:
     text = read_text_file(source)
     _check_output(opts.output)
     cfg = session_config(opts)
+    cfg.recall = cfg.recall and bool(opts.prompt)  # only a question can say which evicted cells it needs
     cfg.validate()
     get_policy(opts.policy)
     err = Console(stderr=True)
@@ -97,7 +98,9 @@ def run_summarize(info, source: str, opts: SummarizeOptions) -> dict:
         pieces = []
         t1 = time.perf_counter()
         n0 = s.stats.tokens_seen
-        for piece in s.generate(question, params, stop=list(template.stop), max_tokens=opts.max_tokens):
+        # with recall, the question is the user's message: it brings back the evicted cells it needs (docs/recall.md)
+        for piece in s.generate(question, params, stop=list(template.stop), max_tokens=opts.max_tokens,
+                                turn=s.recall_on):
             if not started:
                 piece = piece.lstrip()
                 if not piece:

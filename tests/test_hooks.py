@@ -29,7 +29,8 @@ from .ggml_probe import Probe
 def test_patched_symbols():
     assert kvhooks.api_version() == kvhooks.API_VERSION
     for name in ["llama_ea_kv_read", "llama_ea_kv_vnorm", "llama_ea_seq_rm_positions", "llama_ea_seq_remap",
-                 "llama_ea_capture_layers", "llama_ea_capture_get"]:
+                 "llama_ea_capture_layers", "llama_ea_capture_get", "llama_ea_kv_row_info", "llama_ea_kv_read_raw",
+                 "llama_ea_seq_restore"]:
         assert hasattr(kvhooks._lib, name)
 
 

@@ -30,6 +30,8 @@ class Snapshot:
     stats: object
     budget: int
     logits: object  # of the last prefilled token: what a lookahead policy (laq) and the sampler read first
+    archive: object = None  # the archive of evicted cells (recall), copied
+    recalled_count: dict | None = None
 
 
 def take(s: Session) -> Snapshot:
@@ -42,7 +44,8 @@ def take(s: Session) -> Snapshot:
         raise LlamaError("llama_state_seq_get_data copied nothing")
     return Snapshot(buf, n, dict(s.live), s.next_pos, {k: v.copy() for k, v in s.queries.items()},
                     s.query_pos.copy(), {k: v.copy() for k, v in s.focus.items()}, s.focus_pos.copy(),
-                    copy.deepcopy(s.stats), s.cfg.budget, s.rt.logits())
+                    copy.deepcopy(s.stats), s.cfg.budget, s.rt.logits(),
+                    s.archive.copy() if s.archive is not None else None, dict(s.recalled_count))
 
 
 def restore(s: Session, snap: Snapshot) -> None:
@@ -60,3 +63,6 @@ def restore(s: Session, snap: Snapshot) -> None:
     s.stats = copy.deepcopy(snap.stats)
     s.cfg.budget = snap.budget
     s.rt.set_logits(snap.logits)
+    if snap.archive is not None and s.archive is not None:
+        s.archive = snap.archive.copy()
+        s.recalled_count = dict(snap.recalled_count or {})

@@ -372,6 +372,52 @@ class Runtime:
             raise LlamaError(f"seq_remap failed ({got}): unlisted cell, bad mapping or a model that cannot shift")
         return got
 
+    def row_info(self, il: int) -> tuple[int, int, int, int] | None:
+        """(K row bytes, V row bytes, K ggml type, V ggml type) of one cell of layer il, in the cache's own type."""
+        kb, vb = ctypes.c_size_t(), ctypes.c_size_t()
+        kt, vt = ctypes.c_int32(), ctypes.c_int32()
+        if kvhooks.kv_row_info(self.ctx, il, ctypes.byref(kb), ctypes.byref(vb), ctypes.byref(kt), ctypes.byref(vt)) != 0:
+            return None
+        return kb.value, vb.value, kt.value, vt.value
+
+    def kv_read_raw(self, il: int, positions, seq: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Raw K and V rows (uint8, (n, row bytes)) of the cells at `positions`, in the cache's own type
+        (quantized K keeps llama.cpp's Walsh-Hadamard rotation; V rows gathered when stored transposed)."""
+        ri = self.row_info(il)
+        if ri is None:
+            raise LlamaError(f"layer {il} has no KV cache")
+        pos = np.ascontiguousarray(positions, dtype=np.int32)
+        k = np.empty((len(pos), ri[0]), dtype=np.uint8)
+        v = np.empty((len(pos), ri[1]), dtype=np.uint8)
+        got = kvhooks.kv_read_raw(self.ctx, il, seq, _p32(pos), len(pos), _pv(k), _pv(v))
+        if got != len(pos):
+            raise LlamaError(f"kv_read_raw(layer {il}) returned {got}: a position has no cell")
+        return k, v
+
+    def kv_restore(self, positions, rows: dict[int, tuple[np.ndarray, np.ndarray]], tokens=None, rotated_at=None,
+                   seq: int = 0, global_only: bool = False) -> int:
+        """Write raw rows back into free cells of `seq` at `positions` (every layer of the caches in scope
+        must be in `rows`). rotated_at: the positions the K rows were rotated for, if not `positions`
+        (llama.cpp's K-shift re-rotates them at the next decode)."""
+        pos = np.ascontiguousarray(positions, dtype=np.int32)
+        n = len(pos)
+        pk = None if rotated_at is None else np.ascontiguousarray(rotated_at, dtype=np.int32)
+        tok = None if tokens is None else np.ascontiguousarray(tokens, dtype=np.int32)
+        layers = sorted(rows)
+        ks = [np.ascontiguousarray(rows[il][0], dtype=np.uint8) for il in layers]
+        vs = [np.ascontiguousarray(rows[il][1], dtype=np.uint8) for il in layers]
+        for il, k, v in zip(layers, ks, vs):
+            if len(k) != n or len(v) != n:
+                raise ValueError(f"layer {il}: {len(k)} K / {len(v)} V rows for {n} positions")
+        kp = (ctypes.c_void_p * len(layers))(*[k.ctypes.data for k in ks])
+        vp = (ctypes.c_void_p * len(layers))(*[v.ctypes.data for v in vs])
+        la = np.ascontiguousarray(layers, dtype=np.int32)
+        got = kvhooks.seq_restore(self.ctx, seq, n, _p32(pos), _p32(pk), _p32(tok), _p32(la), len(layers), kp, vp,
+                                  kvhooks.SCOPE_GLOBAL if global_only else kvhooks.SCOPE_ALL)
+        if got != n:
+            raise LlamaError(f"seq_restore failed ({got}): a layer missing, too few free cells or a model that cannot shift")
+        return got
+
     def capture_layers(self, layers) -> None:
         arr = (ctypes.c_int32 * len(layers))(*layers)
         kvhooks.capture_layers(self.ctx, arr, len(layers))
@@ -395,6 +441,10 @@ class Runtime:
 
 def _p32(a):
     return a.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)) if a is not None and a.size else None
+
+
+def _pv(a):
+    return ctypes.c_void_p(a.ctypes.data) if a is not None and a.size else None
 
 
 def _pf(a):

@@ -35,6 +35,8 @@ from ..model_info import read_model_info
 from ..policies import get_policy
 from ..policies.base import CellView
 from ..rope_model import rope_specs
+from .archive import Archive, plan_swap, pool_spans
+from .recall import message_scores
 from .runtime import ContextConfig, LlamaError, Runtime, SharedModel
 from .sampling import Sampler, SamplingParams
 from .textstream import TextStream
@@ -77,6 +79,14 @@ class SessionConfig:
     policy_options: dict = field(default_factory=dict)
     question_weight: float = 0.5  # share of the statistics from the focus window (0: question-agnostic)
     answer_lookahead: int = 8  # greedy answer tokens decoded after a probed question; their queries join the focus
+    # recall (docs/recall.md): evicted cells go to a host archive; a new user message brings back the ones it needs
+    recall: bool = False
+    archive_tokens: int | None = None  # archive bound in cells (None: archive_bytes only, or unbounded)
+    archive_bytes: int | None = None  # archive bound in bytes
+    recall_max: int | None = None  # most cells a message brings back (None: budget // 4)
+    recall_radius: int = 8  # archived neighbours within this many positions come back with a cell (spans)
+    recall_queries: int = 128  # the message's last queries that score the cells
+    recall_redecode: int = 64  # the message's last tokens decoded again once cells came back (their logits)
 
     def validate(self) -> None:
         if self.budget <= 0:
@@ -95,6 +105,10 @@ class SessionConfig:
             raise BudgetError(f"question_weight must be in [0, 1], got {self.question_weight}")
         if self.answer_lookahead < 0:
             raise BudgetError(f"answer_lookahead must be at least 0, got {self.answer_lookahead}")
+        for name in ("archive_tokens", "archive_bytes", "recall_max"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise BudgetError(f"{name} must be at least 0, got {v}")
 
 
 @dataclass
@@ -112,6 +126,11 @@ class Stats:
     tokens_seen: int = 0
     evictions: list[Eviction] = field(default_factory=list)
     compactions: int = 0
+    archived: int = 0  # cells copied to the archive, ever
+    recalls: int = 0  # messages that brought cells back
+    recalled: int = 0  # cells brought back
+    recall_s: float = 0.0  # scoring + restoring
+    redecode_s: float = 0.0  # decoding the message's tail again after a recall
 
 
 class Session:
@@ -150,6 +169,10 @@ class Session:
             self.rt.close()
             raise
         self.q_shape = {il: query_shape(self.info, il) for il in self.layers}
+        # the layers an eviction touches, hence the archive's: every layer with a KV cache, the global ones on iSWA
+        self.evicted_layers = [il for il in range(self.rt.n_layer) if (li := self.rt.layer_info(il)) is not None
+                               and not (self.iswa and li["is_swa"])]
+        self.archive: Archive | None = None
         self.set_policy(cfg.policy, **cfg.policy_options)
         self.reset()
 
@@ -162,8 +185,7 @@ class Session:
         if unknown:
             raise ValueError(f"policy {name} has no option {', '.join(unknown)} (it has: {', '.join(pol.options) or 'none'})")
         self.policy, self.cfg.policy, self.cfg.policy_options = pol, name, dict(options)
-        self.rt.capture_layers(self.layers if pol.needs_queries else [])
-        self.rt.capture(pol.needs_queries)
+        self.set_capture()
 
     def set_budget(self, n: int, compress: bool = True) -> int:
         """Keep at most `n` cells from now on; the context holds at most its size (budget + chunk when
@@ -174,6 +196,25 @@ class Session:
         replace(self.cfg, budget=n).validate()
         self.cfg.budget = n
         return self.compress(n - self.cfg.step, phase="decode") if compress and self.n_cells > n else 0
+
+    @property
+    def recall_on(self) -> bool:
+        """Recall runs: asked for, and the policy evicts without renumbering positions."""
+        return self.cfg.recall and self.policy.evicts and not self.policy.shift
+
+    @property
+    def captures(self) -> bool:
+        """Queries are captured: the policy reads them, or recall scores cells with them."""
+        return self.policy.needs_queries or self.recall_on
+
+    def set_capture(self) -> None:
+        """Capture queries of the scored layers when `captures` (call after changing the policy or recall)."""
+        self.rt.capture_layers(self.layers if self.captures else [])
+        self.rt.capture(self.captures)
+        if self.recall_on and self.archive is None:
+            self.archive = Archive(tuple(self.evicted_layers), self.cfg.archive_tokens, self.cfg.archive_bytes)
+        elif not self.recall_on:
+            self.archive = None
 
     # ---- state ----
     def reset(self) -> None:
@@ -188,6 +229,9 @@ class Session:
         self.question: list[int] = []
         self._n_captured = 0
         self.stats = Stats()
+        self.recalled_count: dict[int, int] = {}  # position -> times a live cell came back from the archive
+        if self.archive is not None:
+            self.archive.clear()
 
     def close(self) -> None:
         self.rt.close()
@@ -272,7 +316,7 @@ class Session:
                               f"in its context of {self.cfg.budget}; use a larger --budget or an evicting --policy")
         if self.next_pos + len(tokens) + self.cfg.chunk >= self.info.n_ctx_train:
             self.compact()
-        if focus and self.policy.needs_queries and self._n_captured:
+        if focus and self.captures and self._n_captured:
             # queries decoded since the last pull (the previous reply) belong to the statistics window,
             # not to the focus: the focus holds the newest message's queries only
             self._pull_queries(keep=self.cfg.stats_window)
@@ -281,7 +325,7 @@ class Session:
         self.live.update(zip(positions, tokens))
         self.next_pos += len(tokens)
         self.stats.tokens_seen += len(tokens)
-        if self.policy.needs_queries:
+        if self.captures:
             self._n_captured += len(tokens)
             if focus:  # a user turn: its queries (the last `chunk`) are the focus window
                 self._pull_queries(keep=self.cfg.chunk, into_focus=True, extend=not new_focus)
@@ -364,7 +408,7 @@ class Session:
     # ---- compression ----
     def view(self) -> CellView:
         """What the policy sees: the live global cells and the statistics window."""
-        if self.policy.needs_queries and self._n_captured:
+        if self.captures and self._n_captured:
             self._pull_queries(keep=self.cfg.stats_window)
         if self.policy.needs_queries and self.question and self.cfg.question_weight > 0:
             self._probe_question()
@@ -430,6 +474,8 @@ class Session:
             raise BudgetError(f"cannot evict {n_evict} cells: only {len(cand)} are not protected")
         order = cand[np.argsort(scores[cand], kind="stable")]
         evict = np.sort(pos[order[:n_evict]])
+        if self.archive is not None:
+            self._archive_cells(evict, view.positions, view.keys)
         t1 = time.perf_counter()
         removed = self.rt.rm_positions(evict, global_only=self.iswa and not self.policy.shift)
         t2 = time.perf_counter()
@@ -443,6 +489,123 @@ class Session:
         if DEBUG:
             self.check_cells()
         return n_evict
+
+    # ---- recall (docs/recall.md) ----
+    def _float_keys(self, positions: np.ndarray, have_pos: np.ndarray | None = None,
+                    have: dict | None = None) -> dict[int, np.ndarray]:
+        """Float keys (n, n_kv_head, d_k) of the live cells at `positions` for the scored layers, from `have`
+        (keys of the cells at have_pos, e.g. a policy's view) or read from the cache."""
+        out = {}
+        for il in self.layers:
+            if have is not None and il in have and have_pos is not None:
+                pos, k = have_pos, have[il]
+            else:
+                pos, k, _ = self.rt.kv_read(il, values=False)
+            out[il] = k[np.searchsorted(pos, positions)]
+        return out
+
+    def _archive_cells(self, positions: np.ndarray, have_pos: np.ndarray | None = None,
+                       have: dict | None = None) -> None:
+        """Copy the cells at `positions` (live, about to be evicted) to the archive: raw rows of every
+        evicted layer, token ids, digest keys of the scored layers, how often each came back already."""
+        a = self.archive
+        positions = np.asarray(positions, dtype=np.int64)
+        if a is None or not len(positions):
+            return
+        rows = {il: self.rt.kv_read_raw(il, positions) for il in a.layers}
+        digest = self._float_keys(positions, have_pos, have)
+        recalls = [self.recalled_count.pop(int(p), 0) for p in positions]
+        a.add(positions, [self.live[int(p)] for p in positions], rows, digest, recalls=recalls)
+        self.stats.archived += len(positions)
+
+    def message_queries(self, since: int) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        """The captured pre-RoPE queries of the tokens at positions >= since (the newest message), last
+        `recall_queries` of them: from the focus window, or the statistics window when the turn was read
+        as context (question-agnostic)."""
+        if self._n_captured:
+            self._pull_queries(keep=self.cfg.stats_window)
+        for win, wpos in ((self.focus, self.focus_pos), (self.queries, self.query_pos)):
+            sel = np.flatnonzero(wpos >= since)[-self.cfg.recall_queries:]
+            if len(sel) and all(il in win for il in self.layers):
+                return {il: win[il][sel] for il in self.layers}, wpos[sel]
+        return {}, np.empty(0, dtype=np.int64)
+
+    def recall(self, since: int) -> int:
+        """Bring back the archived cells the newest message (positions >= since, already prefilled) needs.
+
+        Its queries score live and archived cells together (recall.py); scores are max-pooled over
+        neighbours within `recall_radius` positions so that spans come back whole; the best archived
+        cells replace the lowest-scoring live ones that are neither sinks, nor recent, nor the message
+        (archive.plan_swap), and go back at their positions. The budget holds: the cells only grow into
+        the room below budget - step. Returns the number of cells brought back."""
+        a = self.archive
+        if a is None or not len(a) or any(il not in a.digest for il in self.layers):
+            return 0
+        t0 = time.perf_counter()
+        queries, q_pos = self.message_queries(since)
+        if not len(q_pos):
+            return 0
+        live_pos, live_keys = None, {}
+        for il in self.layers:
+            live_pos, live_keys[il], _ = self.rt.kv_read(il, values=False)
+        n_live = len(live_pos)
+        keys = {il: np.concatenate([live_keys[il], a.digest[il].astype(np.float32)]) for il in self.layers}
+        scores = message_scores(queries, q_pos, keys, self.rope, self.info.kq_scale)
+        r = self.cfg.recall_radius
+        live_s = pool_spans(live_pos, scores[:n_live], r)
+        arch_s = pool_spans(a.pos, scores[n_live:], r)
+        evictable = (live_pos >= self.cfg.n_sink) & (live_pos < min(since, self.next_pos - self.cfg.recent))
+        room = max(0, self.cfg.budget - self.cfg.step - self.n_cells)
+        max_recall = self.cfg.recall_max if self.cfg.recall_max is not None else self.cfg.budget // 4
+        back, out = plan_swap(arch_s, live_s, evictable, room, max_recall)
+        if not len(back):
+            self.stats.recall_s += time.perf_counter() - t0
+            return 0
+        pos, rot, tok, rows, _, counts = a.take(back)
+        if len(out):
+            evict = np.sort(live_pos[out])
+            self._archive_cells(evict, live_pos, live_keys)
+            removed = self.rt.rm_positions(evict, global_only=self.iswa)
+            if removed < len(evict):
+                raise LlamaError(f"removed {removed} cells, expected {len(evict)}")
+            for p in evict.tolist():
+                del self.live[p]
+        self.rt.kv_restore(pos, rows, tokens=tok, rotated_at=None if np.array_equal(pos, rot) else rot,
+                           global_only=self.iswa)
+        for p, t, c in zip(pos.tolist(), tok.tolist(), counts.tolist()):
+            self.live[p] = t
+            self.recalled_count[p] = c
+        t1 = time.perf_counter()
+        self._redecode_tail(since)
+        self.stats.recalls += 1
+        self.stats.recalled += len(pos)
+        self.stats.recall_s += t1 - t0
+        self.stats.redecode_s += time.perf_counter() - t1
+        if DEBUG:
+            self.check_cells()
+        return len(pos)
+
+    def _redecode_tail(self, since: int) -> None:
+        """The message was decoded before the recalled cells were back: its last tokens (up to
+        recall_redecode, the contiguous live run ending at the newest) are decoded again, so that their
+        cells and the logits the answer starts from attend to what came back. Their queries, captured
+        again, are dropped: the windows keep the first decode's."""
+        pos: list[int] = []
+        p = self.next_pos - 1
+        while p >= since and p in self.live and len(pos) < self.cfg.recall_redecode:
+            pos.append(p)
+            p -= 1
+        pos.reverse()
+        if pos and not self.iswa and pos[0] > 0 and pos[0] - 1 not in self.live:
+            # llama.cpp takes the batch only at seq_pos_max + 1: a run that follows an evicted token starts
+            # one later (on iSWA models the sliding cache, which reports seq_pos_max, holds every recent position)
+            pos = pos[1:]
+        if not pos:
+            return
+        self.rt.rm_positions(pos)  # every cache: the sliding layers decode them again too
+        self.rt.decode([self.live[q] for q in pos], pos)
+        self.rt.capture_clear()
+        self._n_captured = 0
 
     def _lookahead(self, view: CellView, k: int) -> None:
         """Decode k greedy pseudo tokens, add their captured queries to `view`, then undo them (LAQ).
@@ -495,10 +658,17 @@ class Session:
 
     def compact(self) -> None:
         """Renumber live positions 0..n-1 (llama.cpp re-rotates K) before they reach the training context."""
-        old = sorted(set(self.live) | set(self._swa_positions()))
+        if self.archive is not None:  # archived cells are renumbered with the live ones: keep them well inside
+            self.archive.enforce(cap=max(0, self.info.n_ctx_train // 2 - len(self.live) - self.cfg.chunk))
+        arch = self.archive.pos.tolist() if self.archive is not None else []
+        old = sorted(set(self.live) | set(self._swa_positions()) | set(arch))
         new = list(range(len(old)))
         self.rt.remap(old, new)
+        self.compacted_from = old  # the positions the last compaction renumbered 0..n-1
+        if self.archive is not None:
+            self.archive.remap(old, new)
         remap = dict(zip(old, new))
+        self.recalled_count = {remap[p]: c for p, c in self.recalled_count.items() if p in remap}
         self.live = {remap[p]: t for p, t in self.live.items()}
         self.query_pos = np.array([remap.get(int(p), -1) for p in self.query_pos], dtype=np.int64)
         self.focus_pos = np.array([remap.get(int(p), -1) for p in self.focus_pos], dtype=np.int64)
@@ -520,7 +690,10 @@ class Session:
         turn: the prompt is the user's newest message (its queries steer compression, see prefill)."""
         params = params or SamplingParams(seed=self.cfg.seed)
         if prompt_tokens:
+            start = self.next_pos
             self.prefill(prompt_tokens, turn=turn)
+            if turn and self.recall_on:
+                self.recall(since=start)
         sampler = Sampler(self.rt, params)
         stream = TextStream(stop or [])
         try:
@@ -550,8 +723,11 @@ class Session:
 
         A server reuses a conversation's cache up to where a new request diverges from what was
         fed; cells before `pos` that were evicted stay evicted. Returns the global cells dropped."""
-        if self.policy.needs_queries and self._n_captured:
+        if self.captures and self._n_captured:
             self._pull_queries(keep=self.cfg.stats_window)
+        if self.archive is not None:
+            self.archive.truncate(pos)
+            self.recalled_count = {p: c for p, c in self.recalled_count.items() if p < pos}
         drop = [p for p in self.live if p >= pos]
         self.rt.seq_rm(0, pos, -1)
         if self.rt.seq_pos_range(0)[1] >= pos:

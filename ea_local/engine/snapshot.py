@@ -64,6 +64,7 @@ class Snapshot:
     state: bytes  # llama.cpp's sequence state
     focus_pos: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # query-aware window
     focus: dict[int, np.ndarray] = field(default_factory=dict)
+    archive: dict[str, np.ndarray] = field(default_factory=dict)  # "archive.*" sections: evicted cells (recall)
 
 
 @lru_cache(maxsize=8)
@@ -133,6 +134,12 @@ def save(s: "Session", path: str | os.PathLike[str], extra: dict | None = None) 
     for il, q in s.focus.items():
         sections.append((f"focus.{il}", np.ascontiguousarray(q, dtype=np.float32)))
     sections.append(("llama_state", np.frombuffer(seq_state_get(s.rt.ctx, 0), dtype=np.uint8)))
+    a = s.archive
+    if a is not None and len(a):  # the archive of evicted cells (recall) belongs to the conversation
+        sections += [("archive.pos", a.pos), ("archive.rotated_at", a.rotated_at), ("archive.tokens", a.tokens),
+                     ("archive.recalls", a.recalls), ("archive.stamp", a.stamp)]
+        sections += [(f"archive.k.{il}", a.k[il]) for il in a.layers] + [(f"archive.v.{il}", a.v[il]) for il in a.layers]
+        sections += [(f"archive.digest.{il}", d) for il, d in a.digest.items()]
 
     table, chunks, off = [], [], 0
     h = hashlib.sha256()
@@ -149,6 +156,8 @@ def save(s: "Session", path: str | os.PathLike[str], extra: dict | None = None) 
         "config": cfg,
         "next_pos": s.next_pos,
         "stats": {"tokens_seen": s.stats.tokens_seen, "compactions": s.stats.compactions,
+                  "archived": s.stats.archived, "recalls": s.stats.recalls, "recalled": s.stats.recalled,
+                  "recall_s": s.stats.recall_s,
                   "evictions": [dataclasses.asdict(e) for e in s.stats.evictions]},
         "extra": extra or {},
         "sections": table,
@@ -236,7 +245,8 @@ def read(path: str | os.PathLike[str], model_path: str) -> Snapshot:
                         live_tok=arrays["live_tok"], query_pos=arrays["query_pos"], queries=queries,
                         state=arrays["llama_state"].tobytes(),
                         focus_pos=arrays.get("focus_pos", np.empty(0, dtype=np.int64)),
-                        focus={int(k.split(".", 1)[1]): v for k, v in arrays.items() if k.startswith("focus.")})
+                        focus={int(k.split(".", 1)[1]): v for k, v in arrays.items() if k.startswith("focus.")},
+                        archive={k: v for k, v in arrays.items() if k.startswith("archive.")})
         if len(snap.live_pos) != len(snap.live_tok) or set(snap.config) != set(CONFIG_FIELDS):
             raise ValueError("inconsistent sections")
     except (KeyError, ValueError, TypeError, IndexError) as e:
@@ -287,8 +297,7 @@ def restore(s: "Session", snap: Snapshot) -> None:
     for k in CONFIG_FIELDS:
         setattr(s.cfg, k, cfg[k])
     s.policy = policy
-    s.rt.capture_layers(s.layers if policy.needs_queries else [])
-    s.rt.capture(policy.needs_queries)
+    s.set_capture()
     s.rt.capture_clear()
     s._n_captured = 0
     s.live = dict(zip(snap.live_pos.tolist(), snap.live_tok.tolist()))
@@ -299,4 +308,22 @@ def restore(s: "Session", snap: Snapshot) -> None:
     s.focus = {il: q.copy() for il, q in snap.focus.items() if il in s.layers}
     st = snap.stats
     s.stats = Stats(tokens_seen=int(st["tokens_seen"]), compactions=int(st["compactions"]),
-                    evictions=[Eviction(**e) for e in st["evictions"]])
+                    evictions=[Eviction(**e) for e in st["evictions"]], archived=int(st.get("archived", 0)),
+                    recalls=int(st.get("recalls", 0)), recalled=int(st.get("recalled", 0)),
+                    recall_s=float(st.get("recall_s", 0.0)))
+    s.recalled_count = {}
+    restore_archive(s, snap.archive)
+
+
+def restore_archive(s: "Session", sec: dict[str, np.ndarray]) -> None:
+    """Fill the session's archive from a file's "archive.*" sections (empty when there are none)."""
+    a = s.archive
+    if a is None:
+        return
+    a.clear()
+    if "archive.pos" not in sec or any(f"archive.k.{il}" not in sec for il in a.layers):
+        return
+    rows = {il: (sec[f"archive.k.{il}"].copy(), sec[f"archive.v.{il}"].copy()) for il in a.layers}
+    digest = {il: sec[f"archive.digest.{il}"].copy() for il in s.layers if f"archive.digest.{il}" in sec}
+    a.add(sec["archive.pos"].copy(), sec["archive.tokens"].copy(), rows, digest,
+          rotated_at=sec["archive.rotated_at"].copy(), recalls=sec["archive.recalls"].copy())

@@ -20,13 +20,21 @@ class _PoolCollector:
                                   labels=["slot"])
         budget = GaugeMetricFamily("ea_local_slot_budget", "KV cell budget of the slot", labels=["slot"])
         busy = GaugeMetricFamily("ea_local_slot_busy", "1 while the slot runs a request", labels=["slot"])
+        arch_t = GaugeMetricFamily("ea_local_slot_archive_tokens", "evicted cells kept in the slot's archive",
+                                   labels=["slot"])
+        arch_b = GaugeMetricFamily("ea_local_slot_archive_bytes", "host bytes of the slot's archive", labels=["slot"])
         for s in self.pool.slots:
             cells.add_metric([str(s.id)], s.session.n_cells)
             budget.add_metric([str(s.id)], s.session.cfg.budget)
             busy.add_metric([str(s.id)], int(s.busy))
+            a = s.session.archive
+            arch_t.add_metric([str(s.id)], len(a) if a is not None else 0)
+            arch_b.add_metric([str(s.id)], a.nbytes if a is not None else 0)
         yield cells
         yield budget
         yield busy
+        yield arch_t
+        yield arch_b
         yield GaugeMetricFamily("ea_local_queue_length", "requests waiting for a slot", value=self.pool.queue_length)
 
 
@@ -44,6 +52,11 @@ class Metrics:
         self.evictions = Counter("ea_local_evictions", "compressions (eviction events)", registry=r)
         self.evicted_cells = Counter("ea_local_evicted_cells", "KV cells evicted", registry=r)
         self.compression = Counter("ea_local_compression_seconds", "time spent scoring and evicting", registry=r)
+        self.recalls = Counter("ea_local_recalls", "requests whose message brought cells back from the archive",
+                               registry=r)
+        self.recalled_cells = Counter("ea_local_recalled_cells", "KV cells brought back from the archive", registry=r)
+        self.recall = Counter("ea_local_recall_seconds", "time spent scoring the archive and restoring cells",
+                              registry=r)
         self.cancelled = Counter("ea_local_cancelled", "generations stopped by a disconnect or shutdown",
                                  registry=r)
         self.ttft = Histogram("ea_local_time_to_first_token_seconds", "from slot start to the first text",
@@ -58,6 +71,9 @@ class Metrics:
         self.evictions.inc(res.evictions)
         self.evicted_cells.inc(res.evicted_cells)
         self.compression.inc(res.compression_s)
+        self.recalls.inc(int(res.recalled_cells > 0))
+        self.recalled_cells.inc(res.recalled_cells)
+        self.recall.inc(res.recall_s)
         if res.finish_reason == "cancelled":
             self.cancelled.inc()
         elif res.completion_tokens:

@@ -52,10 +52,10 @@ class SlotSession(Session):
         self.hist_pos.extend(range(start, self.next_pos))
 
     def compact(self) -> None:
-        old = sorted(set(self.live) | set(self._swa_positions()))
         super().compact()
-        # compaction renumbers kept cells by rank; an evicted token's position becomes the rank of the
-        # next kept cell, which keeps "everything from history token i on" a position threshold
+        old = self.compacted_from
+        # compaction renumbers kept (and archived) cells by rank; an evicted token's position becomes the rank
+        # of the next kept cell, which keeps "everything from history token i on" a position threshold
         self.hist_pos = [bisect.bisect_left(old, p) for p in self.hist_pos]
 
     def cut(self, k: int) -> int:
@@ -125,6 +125,8 @@ class GenResult:
     prefill_s: float = 0.0
     ttft_s: float = 0.0
     cells: int = 0
+    recalled_cells: int = 0  # cells the request's message brought back from the slot's archive
+    recall_s: float = 0.0
     budget: int = 0
     policy: str = ""
     slot: int = 0
@@ -198,10 +200,16 @@ class Slot:
             # question-agnostic: the new tokens are context like any other (their queries are the statistics);
             # otherwise, unless a probed question steers, they end with the user's newest message: their
             # queries are the focus
-            s.prefill(req.tokens[k:], progress=check, turn=not (question or req.question_agnostic))
+            start = s.next_pos
+            turn = not (question or req.question_agnostic)
+            s.prefill(req.tokens[k:], progress=check, turn=turn)
+            r0, rs0 = s.stats.recalled, s.stats.recall_s
+            if turn and s.recall_on:  # the conversation's archive: bring back what the new message needs
+                s.recall(since=start)
             res = GenResult(prompt_tokens=len(req.tokens), cached_tokens=k, slot=self.id, policy=req.policy,
                             budget=req.budget, question_tokens=len(question))
             res.prefill_s = time.perf_counter() - t0
+            res.recalled_cells, res.recall_s = s.stats.recalled - r0, s.stats.recall_s - rs0
             stream = TextStream(req.stop)  # stop strings here, not in Session.generate: we need to know one hit
             n0 = s.stats.tokens_seen
             pieces: list[str] = []

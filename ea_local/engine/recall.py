@@ -1,0 +1,62 @@
+"""Scoring cells against a new message, for recall from the archive (engine/archive.py).
+
+A new user message knows what it needs: its own queries, rotated at their positions, are dotted with
+the keys of the live cells and of the archived cells together (one softmax over both, per query and
+head, as attention would see them if every cell were in the cache). A cell's score is the largest
+attention share any of the message's queries gives it, over heads and scored layers: a fact the
+message asks about gets a high share from the few queries that look for it, even if the average
+query ignores it (the exact per-query attention, not Expected Attention's Gaussian average, which
+dilutes a question's few decisive queries).
+
+Pure numpy: no llama.cpp here.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Mapping
+
+import numpy as np
+
+from ..policies.common import kv_group
+from ..rope import apply_rope
+
+if TYPE_CHECKING:
+    from ..policies.base import RopeSpec
+
+
+def rotate_queries(q: np.ndarray, positions: np.ndarray, spec: RopeSpec) -> np.ndarray:
+    """(m, n_head, d) pre-RoPE queries rotated at their positions, as llama.cpp rotates Qcur."""
+    return np.swapaxes(apply_rope(np.swapaxes(q, 0, 1), positions, spec), 0, 1)
+
+
+def max_attention_share(q_rot: np.ndarray, keys: np.ndarray, scale: float) -> np.ndarray:
+    """(n,) max over queries and heads of softmax_n(scale * q . k): q_rot (m, n_head, d) post-RoPE,
+    keys (n, n_kv_head, d) post-RoPE; query head h reads KV head h // (n_head / n_kv_head) (llama.cpp)."""
+    m, h, d = q_rot.shape
+    n, h_kv, _ = keys.shape
+    if n == 0 or m == 0:
+        return np.zeros(n)
+    g = kv_group(h, h_kv)
+    best = np.zeros(n)
+    for j in range(h_kv):
+        qj = q_rot[:, j * g:(j + 1) * g].reshape(m * g, d).astype(np.float32)
+        z = (qj @ keys[:, j].astype(np.float32).T) * np.float32(scale)  # (m*g, n)
+        z -= z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        a = e / e.sum(axis=1, keepdims=True)
+        best = np.maximum(best, a.max(axis=0))
+    return best
+
+
+def message_scores(queries: Mapping[int, np.ndarray], q_pos: np.ndarray, keys: Mapping[int, np.ndarray],
+                   rope: Mapping[int, RopeSpec], scale: float | None) -> np.ndarray:
+    """(n,) per-cell score: max over the layers in `keys` of max_attention_share of the message's
+    queries (pre-RoPE, (m, n_head, d) per layer, at positions q_pos) against keys (n, n_kv_head, d)."""
+    out = None
+    for il, k in keys.items():
+        q = queries[il]
+        s = scale if scale is not None else 1.0 / np.sqrt(q.shape[-1])
+        share = max_attention_share(rotate_queries(q, q_pos, rope[il]), k, s)
+        out = share if out is None else np.maximum(out, share)
+    if out is None:
+        raise ValueError("no layer to score")
+    return out

@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""Multi-turn recall with and without recall of evicted cells (docs/recall.md).
+
+The bench's multi-turn chats (ea_local/bench/data.py: three facts stated in the first turns, then
+turns quoting real prose until --length tokens), streamed through the budget turn by turn (every turn
+a user turn: its queries steer the compressions), then one question per fact, each a new turn. Each
+(chat, policy, budget) is prefilled once with the archive on (archiving changes no eviction), then
+every question is asked twice from the same snapshot: without recall and with it.
+
+    .venv/bin/python scripts/measure_recall.py --model smollm2-135m --chats 7 --length 2048
+
+Prints a markdown table (found / asked, 95% Wilson interval, share of the full cache's rate) and the
+cost of recall; --json writes every row.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# BLAS threads spinning on a busy 2-core machine made small scoring GEMMs ~30x slower (measured here)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from ea_local import kvhooks  # noqa: E402,F401  (loads llama.cpp before numpy)
+from ea_local.bench.options import BenchOptions  # noqa: E402
+from ea_local.bench.snapshot import restore, take  # noqa: E402
+from ea_local.bench.stats import wilson  # noqa: E402
+from ea_local.bench.suites.common import session_cfg, skipped, streaming_floor  # noqa: E402
+from ea_local.bench.suites.quality import ANSWER_TOKENS, _chat_tokens  # noqa: E402
+from ea_local.engine.runtime import ContextConfig, Runtime  # noqa: E402
+from ea_local.engine.session import Session  # noqa: E402
+from ea_local.models import resolve_model  # noqa: E402
+
+
+def ask(s: Session, qt: list[int], recall: bool) -> tuple[str, dict]:
+    s.cfg.recall = recall
+    r0, t_r0, d_r0 = s.stats.recalled, s.stats.recall_s, s.stats.redecode_s
+    t0 = time.perf_counter()
+    reply = "".join(s.generate(qt, max_tokens=ANSWER_TOKENS, turn=True)).strip()
+    dt = time.perf_counter() - t0
+    return reply, {"recalled": s.stats.recalled - r0, "recall_s": s.stats.recall_s - t_r0,
+                   "redecode_s": s.stats.redecode_s - d_r0, "turn_s": dt, "cells_after": s.n_cells}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--chats", type=int, default=7)
+    ap.add_argument("--length", type=int, default=2048, help="chat tokens before the questions")
+    ap.add_argument("--budgets", default="0.25,0.125")
+    ap.add_argument("--policies", default="expected-attention,streaming-llm")
+    ap.add_argument("--cache-type", default="f16")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--recall-max", type=int, default=None, help="most cells a message brings back (default budget/4)")
+    ap.add_argument("--skip-full", action="store_true", help="leave out the full-cache runs")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    model = str(resolve_model(args.model))
+    o = BenchOptions(out=Path("/dev/null"), suites=["multi_turn"], policies=[], budgets=[], model=model,
+                     task_length=args.length, cache_type=args.cache_type, threads=args.threads,
+                     seed=args.seed)
+    rt = Runtime(model, ContextConfig(n_ctx=64, n_gpu_layers=0))
+    chats = [_chat_tokens(rt, o, i) for i in range(args.chats)]
+    rt.close()
+    floor = streaming_floor(model)
+    rows: list[dict] = []
+    fractions = [float(x) for x in args.budgets.split(",")]
+    t_start = time.perf_counter()
+    for i, (turns, qs) in enumerate(chats):
+        total = sum(map(len, turns))
+        runs = [("full", None, total + 256)] * (not args.skip_full) + [(p, f, max(1, round(total * f)))
+                                                for p in args.policies.split(",") for f in fractions]
+        for pol, frac, cells in runs:
+            if why := skipped(floor, cells):
+                print(f"chat {i}: {pol} {frac}: skipped ({why})", file=sys.stderr)
+                continue
+            cfg = session_cfg(o, cells, "streaming-llm" if pol == "full" else pol, chunk=min(256, max(32, cells // 2)))
+            cfg.recall = pol != "full"
+            cfg.recall_max = args.recall_max
+            s = Session(model, cfg)
+            for t in turns:
+                s.prefill(t, turn=True)
+            snap = take(s)
+            n_ev = len(s.stats.evictions)
+            for qi, (qt, answer) in enumerate(qs):
+                for rec in ([False, True] if pol != "full" else [False]):
+                    restore(s, snap)
+                    reply, cost = ask(s, qt, rec)
+                    row = {"chat": i, "length": total, "question": qi, "policy": pol,
+                           "budget": "full" if frac is None else f"{100 * frac:g}%", "cells": cells,
+                           "recall": rec, "evictions": n_ev, "archive": len(snap.archive) if snap.archive else 0,
+                           "found": answer in reply, "answer": reply, "expected": answer, **cost}
+                    if cost["cells_after"] > cells and pol != "full":
+                        row["over_budget"] = True
+                    rows.append(row)
+            s.close()
+            print(f"chat {i} {pol} {frac}: {n_ev} compressions, "
+                  f"{time.perf_counter() - t_start:.0f} s elapsed", file=sys.stderr, flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    print(table(rows, args))
+
+
+def table(rows: list[dict], args) -> str:
+    def rate(sel: list[dict]) -> tuple[int, int]:
+        return sum(r["found"] for r in sel), len(sel)
+
+    full_k, full_n = rate([r for r in rows if r["policy"] == "full"])
+    full_n = full_n or 1
+    full = full_k / full_n if full_n else 0.0
+    lo, hi = wilson(full_k, full_n)
+    out = [f"model {args.model}, {args.chats} chats, {full_n} facts, "
+           f"~{args.length} tokens each", "",
+           "| policy | budget | recall | found | 95% interval | of full cache | compressions (mean) | recalled cells (mean) "
+           "| score+restore ms (mean) | share of turn | re-decode ms (mean) | share of turn |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+           f"| full | full | - | {full_k}/{full_n} | {lo:.2f}-{hi:.2f} | 1.00 | 0 | - | - | - | - | - |"]
+    keys = sorted({(r["policy"], r["budget"], r["recall"]) for r in rows if r["policy"] != "full"},
+                  key=lambda k: (k[0], -float(k[1].rstrip("%")), k[2]))
+    for pol, b, rec in keys:
+        sel = [r for r in rows if (r["policy"], r["budget"], r["recall"]) == (pol, b, rec)]
+        k, n = rate(sel)
+        lo, hi = wilson(k, n)
+        ev = sum(r["evictions"] for r in sel) / n
+        rc = sum(r["recalled"] for r in sel) / n
+        ms = 1000 * sum(r["recall_s"] for r in sel) / n
+        turn = max(1e-9, sum(r["turn_s"] for r in sel))
+        share = sum(r["recall_s"] for r in sel) / turn
+        rd = 1000 * sum(r["redecode_s"] for r in sel) / n
+        rd_share = sum(r["redecode_s"] for r in sel) / turn
+        over = sum(bool(r.get("over_budget")) for r in sel)
+        out.append(f"| {pol} | {b} | {'on' if rec else 'off'} | {k}/{n} | {lo:.2f}-{hi:.2f} | "
+                   f"{(k / n) / full if full else 0:.2f} | {ev:.1f} | {rc:.0f} | {ms:.0f} | {100 * share:.1f}% | "
+                   f"{rd:.0f} | {100 * rd_share:.1f}%"
+                   + (f" ({over} over budget!)" if over else "") + " |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()

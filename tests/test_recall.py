@@ -1,0 +1,138 @@
+"""Recall on the embedded SmolLM2 model: evicted cells are archived, the message that asks about
+them brings them back within the budget, through the Session and the chat path."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ea_local.chat import Chat, ChatOptions
+from ea_local.engine.archive import bytes_per_token, parse_size
+from ea_local.engine.session import Session, SessionConfig
+from ea_local.model_info import read_model_info
+from ea_local.models import chat_model_path
+
+from .conftest import GPL3
+
+FACT = "User: Please remember this. My locker code is 58213.\nAssistant: Noted: My locker code is 58213.\n"
+QUESTION = "User: What is my locker code?\nAssistant: Your locker code is"
+
+
+def _filler(n: int) -> list[str]:
+    paras = [" ".join(p.split()) for p in GPL3.read_text().split("\n\n") if len(p.split()) >= 20]
+    return [f"User: Here is a passage I am reading: {p}\nAssistant: Thank you, I have read it.\n" for p in paras[:n]]
+
+
+def _session(policy: str = "expected-attention", recall: bool = True, **kw) -> Session:
+    cfg = SessionConfig(budget=256, policy=policy, chunk=128, recent=32, step=64, recall=recall, **kw)
+    return Session(str(chat_model_path()), cfg)
+
+
+def _fact_positions(s: Session, toks: list[int]) -> list[int]:
+    digits = set(s.rt.tokenize(" 58213")) - set(s.rt.tokenize(" "))
+    return [i for i, t in enumerate(toks) if t in digits]
+
+
+@pytest.mark.parametrize("policy", ["expected-attention", "streaming-llm"])
+def test_question_brings_the_fact_back_within_budget(policy):
+    s = _session(policy)
+    first = [s.rt.bos()] if s.rt.add_bos() else []
+    fact = first + s.rt.tokenize(FACT)
+    s.prefill(fact, turn=True)
+    for t in _filler(6):
+        s.prefill(s.rt.tokenize(t), turn=True)
+    where = _fact_positions(s, fact)
+    assert where and not any(p in s.live for p in where), "the filler should have evicted the fact"
+    a = s.archive
+    assert len(a) == s.stats.archived == sum(e.n_evicted for e in s.stats.evictions)
+    assert a.bytes_per_token == bytes_per_token(s.info, "f16") and a.nbytes == len(a) * a.bytes_per_token
+    start = s.next_pos
+    s.prefill(s.rt.tokenize(QUESTION), turn=True)
+    n = s.recall(since=start)
+    assert n > 0 and s.stats.recalls == 1 and s.stats.recalled == n
+    assert s.n_cells <= s.cfg.budget
+    s.check_cells()  # llama.cpp's cells are exactly the bookkeeping's
+    back = [p for p in where if p in s.live]
+    assert len(back) >= len(where) // 2, f"fact digits back: {back} of {where}"
+    # the answer is generated from the restored cells (greedy)
+    reply = "".join(s.generate([], max_tokens=8))
+    assert s.n_cells <= s.cfg.budget
+    assert "58213" in reply  # the question's tail was decoded again with the fact back in the cache
+    s.close()
+
+
+def test_no_recall_keeps_no_archive():
+    s = _session(recall=False)
+    s.prefill(s.rt.tokenize(FACT + "".join(_filler(3))), turn=True)
+    assert s.archive is None and s.recall(since=0) == 0
+    s.close()
+
+
+def test_restored_cells_evicted_again_and_compaction_renumbers_archive():
+    s = _session(archive_tokens=150)  # cells dropped past the bound leave holes for the compaction to close
+    s.prefill(s.rt.tokenize(FACT), turn=True)
+    for t in _filler(5):
+        s.prefill(s.rt.tokenize(t), turn=True)
+    assert s.archive.dropped > 0
+    arch_before = sorted(s.archive.pos.tolist())
+    s.compact()  # live and archived cells renumbered together
+    assert s.next_pos == s.n_cells + len(s.archive)
+    assert sorted(s.archive.pos.tolist()) != arch_before and max(s.archive.pos) < s.next_pos
+    assert not set(s.archive.pos.tolist()) & set(s.live)
+    start = s.next_pos
+    s.prefill(s.rt.tokenize(QUESTION), turn=True)
+    assert s.recall(since=start) > 0  # restored at the renumbered positions, K re-rotated by llama.cpp
+    s.check_cells()
+    for t in _filler(8)[5:]:  # recalled cells can be evicted (and archived) again
+        s.prefill(s.rt.tokenize(t), turn=True)
+    assert s.n_cells <= s.cfg.budget and len(s.archive) == 150
+    s.check_cells()
+    s.truncate(s.next_pos - 10)
+    assert max(s.archive.pos) < s.next_pos
+    s.close()
+
+
+def test_archive_bound_in_tokens():
+    s = _session(archive_tokens=100)
+    for t in _filler(6):
+        s.prefill(s.rt.tokenize(t), turn=True)
+    assert len(s.archive) == 100 and s.archive.dropped == s.stats.archived - 100
+    s.close()
+
+
+def test_parse_size():
+    assert parse_size("4096") == (4096, None)
+    assert parse_size("64MiB") == (None, 64 * 2**20)
+    assert parse_size("1.5GiB") == (None, int(1.5 * 2**30))
+    with pytest.raises(ValueError):
+        parse_size("lots")
+
+
+def test_chat_recalls_and_stats_and_save_load(tmp_path):
+    info = read_model_info(chat_model_path())
+    opts = ChatOptions(budget=256, temperature=0, max_tokens=12, chunk=128, archive="2MiB")
+    chat = Chat(info, opts)
+    chat.start()
+    assert chat.s.recall_on
+    "".join(chat.ask("Please remember this: my locker code is 58213."))
+    for p in _filler(5):
+        "".join(chat.ask(p.split("\n")[0].removeprefix("User: ")))
+    assert chat.s.stats.evictions and len(chat.s.archive) > 0
+    "".join(chat.ask("What is my locker code?"))
+    lines = chat.stats_lines()
+    rec = [ln for ln in lines if ln.startswith("recall")]
+    assert rec and "archive" in rec[0] and f"{chat.s.stats.recalls} recalls" in rec[0]
+    assert chat.s.stats.recalls >= 1 and chat.s.n_cells <= 256
+    assert chat.s.archive.nbytes <= 2 * 2**20
+    arch = chat.s.archive.copy()
+    path = tmp_path / "c.session"
+    chat.save(str(path))
+    chat.reset()
+    assert len(chat.s.archive) == 0
+    chat.load(str(path))
+    assert np.array_equal(np.sort(chat.s.archive.pos), np.sort(arch.pos))
+    for il in arch.layers:
+        assert np.array_equal(chat.s.archive.k[il][np.argsort(chat.s.archive.pos)], arch.k[il][np.argsort(arch.pos)])
+    chat.close()
+    off = Chat(info, ChatOptions(budget=256, temperature=0, chunk=128, recall=False))
+    assert off.s.archive is None and off.stats_lines()[-1] == "recall      off"
+    off.close()

@@ -1,0 +1,78 @@
+"""Recall in the server's slots, on tiny random-weight models (llama: every layer archived; gemma3: iSWA,
+the global layers only): a conversation continued over requests keeps its archive, recalls within the
+budget, survives compactions and cut-backs, and /metrics reports it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ea_local.engine.sampling import SamplingParams
+from ea_local.engine.session import SessionConfig
+from ea_local.serve.metrics import Metrics
+from ea_local.serve.slots import GenRequest, Slot, SlotPool, SlotSession
+
+from .gguf_factory import write_tiny_gguf
+
+EA = "expected-attention"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("slots-recall")
+    return {"llama": str(write_tiny_gguf(d / "llama.gguf", arch="llama", context_length=8192)),
+            "gemma3": str(write_tiny_gguf(d / "gemma3.gguf", arch="gemma3", context_length=8192, sliding_window=64))}
+
+
+def request(tokens: list[int], policy: str = EA) -> GenRequest:
+    return GenRequest(tokens=tokens, params=SamplingParams(temperature=0.0), stop=[], max_tokens=4,
+                      policy=policy, budget=256)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("policy", [EA, "streaming-llm"])
+def test_conversation_recalls_from_its_archive(models, arch, policy):
+    s = SlotSession(models[arch], SessionConfig(budget=256, chunk=128, n_threads=1, policy=policy, recall=True,
+                                                recall_max=48))
+    slot = Slot(0, s, policy, 256)
+    rng = np.random.default_rng(0)
+    conv = [1] + rng.integers(300, 380, 100).tolist()
+    recalled = 0
+    for turn in range(8):
+        res = slot.run(request(conv, policy), lambda _: None)
+        assert res.cells <= 256 and s.n_cells <= 256
+        assert res.cached_tokens > 0 or turn == 0
+        s.check_cells()
+        recalled += res.recalled_cells
+        conv = conv + s.hist[len(conv):] + rng.integers(300, 380, 90).tolist()
+    assert s.stats.archived > 0 and len(s.archive) > 0
+    assert recalled == s.stats.recalled and recalled > 0
+    assert len(s.archive) + s.n_cells <= s.next_pos
+    pool = SlotPool([slot], queue=1)
+    text = Metrics(pool).render().decode()
+    assert f'ea_local_slot_archive_tokens{{slot="0"}} {float(len(s.archive))}' in text
+    assert "ea_local_slot_archive_bytes" in text
+    m = Metrics(pool)
+    m.record(res)
+    assert "ea_local_recalled_cells_total" in m.render().decode()
+    s.close()
+
+
+def test_compaction_and_cut_back_keep_archive_in_step(models):
+    s = SlotSession(models["llama"], SessionConfig(budget=256, chunk=128, n_threads=1, recall=True,
+                                                   archive_tokens=200))
+    slot = Slot(0, s, EA, 256)
+    rng = np.random.default_rng(1)
+    conv = [1] + rng.integers(300, 380, 600).tolist()
+    slot.run(request(conv), lambda _: None)
+    s.compact()
+    assert not set(s.archive.pos.tolist()) & set(s.live) and max(s.archive.pos) < s.next_pos
+    conv2 = conv + s.hist[len(conv):] + rng.integers(300, 380, 50).tolist()
+    res = slot.run(request(conv2), lambda _: None)
+    s.check_cells()
+    # the client edits an early message: the slot cuts back, archived cells past the cut are forgotten
+    edited = conv2[:400] + rng.integers(300, 380, 30).tolist()
+    res = slot.run(request(edited), lambda _: None)
+    assert res.cells <= 256
+    assert len(s.archive) == 0 or max(s.archive.pos) < s.next_pos
+    s.check_cells()
+    s.close()
