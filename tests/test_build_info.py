@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from ea_local import build_info as bi_mod
-from ea_local import cpu_flags
+from ea_local import cpu_flags, kvhooks
 from ea_local.build_info import BuildInfo, Device, compiled_vs_cpu, format_build, offload_text
 
 from .conftest import GEMMA
@@ -114,7 +114,7 @@ def test_format_build(monkeypatch):
     monkeypatch.setattr(bi_mod, "_has_local_gpu", lambda: False)
     out = format_build(cpu_build(AVX2="1", FMA="1", SVE_CNT="16"), 18, None, cpuinfo=ZEN2)
     lines = out.splitlines()
-    assert lines[0].startswith("build: llama.cpp with ea_local's hooks (API v1), libllama.so")
+    assert lines[0].startswith(f"build: llama.cpp with ea_local's hooks (API v{kvhooks.API_VERSION}), libllama.so")
     assert "  backends      CPU (1 device), RPC (servers given with --rpc)" in lines
     assert "  CPU features  AVX2 FMA SVE_CNT=16" in lines
     assert any(ln.startswith("  this CPU      has every instruction set compiled in") for ln in lines)
