@@ -36,6 +36,16 @@ def gpl_tokens(n: int) -> list[int]:
 
 
 @pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, str]:
+    """Tiny random-weight GGUFs with an 8k context: "llama" (every layer global) and "gemma3" (iSWA)."""
+    from .gguf_factory import write_tiny_gguf
+
+    d = tmp_path_factory.mktemp("tiny-models")
+    return {"llama": str(write_tiny_gguf(d / "llama.gguf", arch="llama", context_length=8192)),
+            "gemma3": str(write_tiny_gguf(d / "gemma3.gguf", arch="gemma3", context_length=8192, sliding_window=64))}
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> str:
     from .gguf_factory import write_tiny_gguf
 

@@ -11,16 +11,8 @@ from ea_local.engine.session import SessionConfig
 from ea_local.serve.metrics import Metrics
 from ea_local.serve.slots import GenRequest, Slot, SlotPool, SlotSession
 
-from .gguf_factory import write_tiny_gguf
 
 EA = "expected-attention"
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, str]:
-    d = tmp_path_factory.mktemp("slots-recall")
-    return {"llama": str(write_tiny_gguf(d / "llama.gguf", arch="llama", context_length=8192)),
-            "gemma3": str(write_tiny_gguf(d / "gemma3.gguf", arch="gemma3", context_length=8192, sliding_window=64))}
 
 
 def request(tokens: list[int], policy: str = EA) -> GenRequest:

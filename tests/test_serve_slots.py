@@ -16,13 +16,6 @@ from .gguf_factory import write_tiny_gguf
 EA = "expected-attention"
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, str]:
-    d = tmp_path_factory.mktemp("slots")
-    return {"llama": str(write_tiny_gguf(d / "llama.gguf", arch="llama", context_length=8192)),
-            "gemma3": str(write_tiny_gguf(d / "gemma3.gguf", arch="gemma3", context_length=8192, sliding_window=64))}
-
-
 def make_slot(path: str, budget: int = 256, policy: str = EA) -> Slot:
     s = SlotSession(path, SessionConfig(budget=budget, chunk=128, n_threads=1, policy=policy))
     return Slot(0, s, policy, budget)

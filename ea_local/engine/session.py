@@ -477,18 +477,22 @@ class Session:
         if self.archive is not None:
             self._archive_cells(evict, view.positions, view.keys)
         t1 = time.perf_counter()
-        removed = self.rt.rm_positions(evict, global_only=self.iswa and not self.policy.shift)
+        self._remove(evict, global_only=self.iswa and not self.policy.shift)
         t2 = time.perf_counter()
-        for p in evict.tolist():
-            del self.live[p]
-        if removed < n_evict:
-            raise LlamaError(f"removed {removed} cells, expected {n_evict}")
         if self.policy.shift:  # contiguous positions before, so renumbering = llama.cpp's seq_add(-n_discard)
             self.compact()
         self.stats.evictions.append(Eviction(self.stats.tokens_seen, phase, n_before, n_evict, t1 - t0, t2 - t1))
         if DEBUG:
             self.check_cells()
         return n_evict
+
+    def _remove(self, positions: np.ndarray, global_only: bool) -> None:
+        """Remove the live cells at `positions` from llama.cpp's cache and from `live`."""
+        removed = self.rt.rm_positions(positions, global_only=global_only)
+        for p in positions.tolist():
+            del self.live[p]
+        if removed < len(positions):
+            raise LlamaError(f"removed {removed} cells, expected {len(positions)}")
 
     # ---- recall (docs/recall.md) ----
     def _float_keys(self, positions: np.ndarray, have_pos: np.ndarray | None = None,
@@ -565,11 +569,7 @@ class Session:
         if len(out):
             evict = np.sort(live_pos[out])
             self._archive_cells(evict, live_pos, live_keys)
-            removed = self.rt.rm_positions(evict, global_only=self.iswa)
-            if removed < len(evict):
-                raise LlamaError(f"removed {removed} cells, expected {len(evict)}")
-            for p in evict.tolist():
-                del self.live[p]
+            self._remove(evict, global_only=self.iswa)
         self.rt.kv_restore(pos, rows, tokens=tok, rotated_at=None if np.array_equal(pos, rot) else rot,
                            global_only=self.iswa)
         for p, t, c in zip(pos.tolist(), tok.tolist(), counts.tolist()):
