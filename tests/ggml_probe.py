@@ -25,16 +25,17 @@ for name, res, args in [
 
 
 class Probe:
-    """cb_eval that copies out f32 tensors whose name is in `names` and whose op is `op`."""
+    """cb_eval that copies out f32 tensors whose name is in `names` and whose op is `op` (a dict
+    names -> op chooses the op per name: several graph nodes carry the same name)."""
 
-    def __init__(self, names: set[str], op: str = "ROPE"):
-        self.names, self.op = names, op
+    def __init__(self, names: set[str] | dict[str, str], op: str = "ROPE"):
+        self.want = dict(names) if isinstance(names, dict) else {n: op for n in names}
         self.got: dict[str, list[np.ndarray]] = {}
 
         @ll.ggml_backend_sched_eval_callback
         def cb(t, ask, user):  # noqa: ANN001
             name = _ggml.ggml_get_name(t).decode()
-            if name not in self.names or _ggml.ggml_op_desc(t).decode() != self.op:
+            if self.want.get(name) != _ggml.ggml_op_desc(t).decode():
                 return not ask  # ask: "do you want this one?" no; otherwise keep computing
             if ask:
                 return True

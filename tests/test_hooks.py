@@ -188,13 +188,14 @@ def tiny_gemma3_hd64(tmp_path_factory) -> str:
 @pytest.mark.parametrize("cache,fa,tol", [("f16", False, 2e-3), ("q8_0", True, 0.05), ("q4_0", True, 0.25)])
 def test_read_keys_equal_computed_keys_and_queries(model, cache, fa, tol, request):
     """K rows read back equal the post-RoPE Kcur the graph computed (up to the cache's rounding,
-    Hadamard rotation undone); captured pre-RoPE queries, rotated at their positions, equal Qcur."""
+    Hadamard rotation undone), V rows equal Vcur (transposed V without flash attention, rows with it);
+    captured pre-RoPE queries, rotated at their positions, equal Qcur; value norms equal V's."""
     from ea_local.model_info import read_model_info
 
     path = GEMMA if model == "gemma" else request.getfixturevalue(model)
     info = read_model_info(path)
     layers = sorted({0, info.n_layers - 1} | set(info.global_layers[:1]))
-    probe = Probe({f"Kcur-{il}" for il in layers} | {f"Qcur-{il}" for il in layers})
+    probe = Probe({f"{t}cur-{il}": op for il in layers for t, op in [("K", "ROPE"), ("Q", "ROPE"), ("V", "RESHAPE")]})
     toks = gpl_tokens(200) if model == "gemma" else [1] + np.random.default_rng(0).integers(3, 380, 199).tolist()
     n, h, hkv, d = len(toks), info.n_head, info.n_head_kv, info.head_dim_k
     rt = Runtime(path, ContextConfig(n_ctx=512, cache_type=cache, flash_attn=fa), cb_eval=probe.cb)
@@ -208,6 +209,8 @@ def test_read_keys_equal_computed_keys_and_queries(model, cache, fa, tol, reques
         assert np.array_equal(pos, np.arange(n))
         kcur = probe.got[f"Kcur-{il}"][0].reshape(n, hkv, d)
         assert np.abs(k - kcur).max() <= tol * np.abs(kcur).max()
+        vcur = probe.got[f"Vcur-{il}"][0].reshape(v.shape)
+        assert np.abs(v - vcur).max() <= tol * np.abs(vcur).max()
         qpos, q = rt.captured(il, h * d)
         assert np.array_equal(qpos, np.arange(n))
         q_rot = apply_rope(q.reshape(n, h, d).transpose(1, 0, 2), qpos, info.rope_spec(il)).transpose(1, 0, 2)
