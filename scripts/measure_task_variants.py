@@ -42,10 +42,9 @@ def main() -> None:
     a = ap.parse_args()
     model = a.model or str(default_model_path())
     o = BenchOptions(model=model, out="", suites=[], policies=[], budgets=[], threads=1)
-    cfg = session_cfg(o, a.length + 512)
+    cfg = session_cfg(o, a.length + 512, policy="streaming-llm")
     cfg.prefill_stats = None
     s = Session(model, cfg)
-    s.cfg.policy = "streaming-llm"
     bos = [s.rt.bos()] if s.rt.add_bos() else []
     rows = []
     t0 = time.time()

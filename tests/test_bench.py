@@ -157,7 +157,7 @@ def test_snapshot_restore_gives_the_same_trial_twice(tiny_llama):
         restore(s, snap)
         assert s.rt.seq_pos_range() == (0, len(ctx) - 1) and s.n_cells == len(ctx)
         assert np.array_equal(s.rt.logits(), logits)
-        s.cfg.budget = 200
+        s.set_one_shot_budget(200)
         s.compress(200, phase="prefill")
         kept = sorted(s.live)
         runs.append((kept, ask(s, q, 6)))

@@ -197,6 +197,26 @@ class Session:
         self.cfg.budget = n
         return self.compress(n - self.cfg.step, phase="decode") if compress and self.n_cells > n else 0
 
+    def set_one_shot_budget(self, n: int, recent: int | None = None) -> None:
+        """The budget of kvpress' one-shot protocol: the whole context was prefilled and is compressed
+        once to `n` cells (the caller's compress), not streamed through them, so the streaming floor
+        (sinks + recent + step) does not apply. `recent` also sets the newest tokens never evicted."""
+        if not 0 < n <= self.rt.n_ctx:
+            raise BudgetError(f"budget {n} is not in 1..{self.rt.n_ctx} (this context's cells)")
+        self.cfg.budget = n
+        if recent is not None:
+            self.cfg.recent = recent
+
+    def stop_compressing(self) -> None:
+        """Raise the budget to the whole context: the cells kept so far stay, new tokens only add cells
+        (the bench asks its question on a cache it compressed once)."""
+        self.set_budget(self.rt.n_ctx, compress=False)
+
+    def set_question_weight(self, w: float) -> None:
+        """Share of the statistics from the focus window from now on (0: question-agnostic)."""
+        replace(self.cfg, question_weight=w).validate()
+        self.cfg.question_weight = w
+
     @property
     def recall_on(self) -> bool:
         """Recall runs: asked for, and the policy evicts without renumbering positions."""

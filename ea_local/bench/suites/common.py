@@ -13,14 +13,9 @@ def session_cfg(o: BenchOptions, budget: int, policy: str = "expected-attention"
                          n_gpu_layers=o.n_gpu_layers, seed=o.seed, rpc=o.rpc)
 
 
-def set_policy(s: Session, name: str) -> None:
-    """Switch the policy of a prefilled session (its statistics window was captured at prefill)."""
-    s.set_policy(name)
-
-
 def ask(s: Session, question: list[int], max_tokens: int) -> str:
     """Prefill the question and answer greedily without compressing any further."""
-    s.set_budget(s.rt.n_ctx)  # the context was compressed already: the question and answer only add cells
+    s.stop_compressing()  # the context was compressed already: the question and answer only add cells
     return "".join(s.generate(question, max_tokens=max_tokens)).strip()
 
 

@@ -21,7 +21,7 @@ from ... import quality as q_mod
 from .. import corpus, data
 from ..options import BenchOptions
 from ..snapshot import restore, take
-from .common import ask, compress_question_known, session_cfg, set_policy, skipped, streaming_floor
+from .common import ask, compress_question_known, session_cfg, skipped, streaming_floor
 
 ANSWER_TOKENS = 8
 PREFILL_POLICY = "expected-attention"  # session_cfg's default; needs queries, so they are captured
@@ -31,7 +31,7 @@ Tick = Callable[[str], None]
 def _trials(o: BenchOptions, s: Session, ctx: list[int], questions: list[tuple[list[int], str]],
             base: dict, span: tuple[int, int] | None, tick: Tick) -> list[dict]:
     """Prefill ctx once, then every (question, policy, budget, mode) from a restored snapshot."""
-    set_policy(s, PREFILL_POLICY)  # captures queries: the statistics window of the snapshot
+    s.set_policy(PREFILL_POLICY)  # captures queries: the statistics window of the snapshot
     # the last prefill chunk's queries are the statistics: make it a full chunk, not a short remainder
     split = max(0, len(ctx) - s.cfg.chunk)
     if split:
@@ -51,9 +51,9 @@ def _trials(o: BenchOptions, s: Session, ctx: list[int], questions: list[tuple[l
                 cells = b.resolve(len(ctx))
                 for mode in o.modes:
                     restore(s, snap)
-                    set_policy(s, pol)
-                    s.cfg.recent = min(64, cells // 8)
-                    s.cfg.budget = cells  # a policy may size its eviction from the budget (context-shift)
+                    s.set_policy(pol)
+                    # a policy may size its eviction from the budget (context-shift)
+                    s.set_one_shot_budget(cells, recent=min(64, cells // 8))
                     t0 = time.perf_counter()
                     if mode == "agnostic":
                         s.compress(cells, phase="prefill")
