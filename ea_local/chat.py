@@ -303,7 +303,7 @@ class Chat:
     def save(self, path: str) -> str:
         extra = {"messages": self.turns.messages, "system": self.system, "turn_count": self.turn_count,
                  "seed": self.seed}
-        n = self.s.save(path, extra)
+        n = snapshot.save(self.s, path, extra)
         return f"saved {self.turn_count} turns, {self.s.n_cells} cells to {path} ({fmt_mib(n)})"
 
     def load(self, path: str) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # BLAS threads spinning on a busy 2-core machine made scoring 3.5x slower
 
-from ea_local.bench.snapshot import restore, take  # noqa: E402 - loads libllama first
+from ea_local.engine.snapshot import checkpoint, rewind  # noqa: E402 - loads libllama first
 from ea_local.bench.suites.common import ask  # noqa: E402
 from ea_local.demo import passkey_prompt  # noqa: E402
 from ea_local.engine.session import Session, SessionConfig  # noqa: E402
@@ -166,13 +166,13 @@ def main() -> None:
         if split:
             s.prefill(ctx[:split])
         s.prefill(ctx[split:])
-        snap = take(s)
-        restore(s, snap)
+        snap = checkpoint(s)
+        rewind(s, snap)
         emit({"setting": "full", "depth": d, "seed": a.seed, "length": len(ctx), "found": str(key) in ask(s, question, 8)})
         for frac in [float(x) for x in a.fracs.split(",")]:
             cells = int(len(ctx) * frac)
             for name, (pol, opts) in todo.items():
-                restore(s, snap)
+                rewind(s, snap)
                 s.set_policy(pol, **opts)
                 s.set_one_shot_budget(cells, recent=min(64, cells // 8))
                 t1 = time.perf_counter()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ea_local.quality import as_dict, perplexity
 from ea_local.bench.data import HELD_OUT, LICENSES, real_text
-from ea_local.bench.snapshot import restore, take
+from ea_local.engine.snapshot import checkpoint, rewind
 from ea_local.bench.suites.common import ask
 from ea_local.demo import passkey_prompt
 from ea_local.engine.session import Session, SessionConfig
@@ -103,9 +103,9 @@ def passkey_part(model: str, length: int, frac: float, depths: list[float], seed
             for il, q in s.queries.items():
                 every_q.setdefault(il, []).append(q[-len(part):])
             every_pos.append(s.query_pos[-len(part):])
-        snap = take(s)
+        snap = checkpoint(s)
         for name, st in settings.items():
-            restore(s, snap)
+            rewind(s, snap)
             s.set_policy("expected-attention", **_opts(st))
             if st.get("stats") == "all":
                 s.queries = {il: np.concatenate(qs) for il, qs in every_q.items()}

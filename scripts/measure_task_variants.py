@@ -15,7 +15,7 @@ import time
 from ea_local.engine.session import Session  # libllama before numpy
 from ea_local.bench import data
 from ea_local.bench.options import BenchOptions
-from ea_local.bench.snapshot import restore, take
+from ea_local.engine.snapshot import checkpoint, rewind
 from ea_local.bench.stats import fmt_rate
 from ea_local.bench.suites.common import ask, session_cfg
 from ea_local.bench.suites.quality import _haystack
@@ -57,9 +57,9 @@ def main() -> None:
                 task = (data.multikey_needle(rng, hay, **kw) if task_name == "multikey"
                         else data.variable_tracking(rng, hay, **kw))
                 s.prefill(bos + s.rt.tokenize(task.context))
-                snap = take(s)
+                snap = checkpoint(s)
                 for qi, q in enumerate(task.questions):
-                    restore(s, snap)
+                    rewind(s, snap)
                     reply = ask(s, s.rt.tokenize(q.prompt), 8)
                     rows.append({"variant": name, "haystack": hay_kind, "doc": i, "question": qi,
                                  "found": q.answer in reply, "answer": reply, "expected": q.answer})

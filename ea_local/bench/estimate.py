@@ -28,7 +28,7 @@ def calibrate(o: BenchOptions) -> Costs:
     """About 10-30 s on a 2-core CPU: a 512-token prefill, 3 trials and a 512-token perplexity pass."""
     from ..engine.session import Session
     from .. import quality as q_mod
-    from .snapshot import restore, take
+    from ..engine.snapshot import checkpoint, rewind
     from .suites.common import ask, session_cfg
     from . import corpus
 
@@ -42,12 +42,12 @@ def calibrate(o: BenchOptions) -> Costs:
         t0 = time.process_time()
         s.prefill(toks)
         prefill = (time.process_time() - t0) / len(toks)
-        snap = take(s)
+        snap = checkpoint(s)
         question = s.rt.tokenize(" What is the pass key? The pass key is")
         comp, ans = [], []
         for _ in range(3):
             t0 = time.process_time()
-            restore(s, snap)
+            rewind(s, snap)
             s.set_one_shot_budget(len(toks) // 4)
             s.compress(len(toks) // 4, phase="prefill")
             t1 = time.process_time()

@@ -661,21 +661,6 @@ class Session:
                                  f"compressions: {len(pos)} cells vs {len(mine)} live positions "
                                  f"(in llama.cpp only: {extra[:8]}, in the session only: {missing[:8]})")
 
-    # ---- session files (engine/snapshot.py) ----
-    def save(self, path: str, extra: dict | None = None) -> int:
-        """Write the cells and bookkeeping to a session file; returns its size in bytes."""
-        from . import snapshot
-
-        return snapshot.save(self, path, extra)
-
-    def load(self, path: str) -> dict:
-        """Restore a session file saved with this model and cache geometry; returns its `extra`."""
-        from . import snapshot
-
-        snap = snapshot.read(path, self.model_path)
-        snapshot.restore(self, snap)
-        return snap.extra
-
     def compact(self) -> None:
         """Renumber live positions 0..n-1 (llama.cpp re-rotates K) before they reach the training context."""
         if self.archive is not None:  # archived cells are renumbered with the live ones: keep them well inside

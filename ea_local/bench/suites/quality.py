@@ -20,7 +20,7 @@ from ...demo import FILLER, passkey_prompt
 from ... import quality as q_mod
 from .. import corpus, data
 from ..options import BenchOptions
-from ..snapshot import restore, take
+from ...engine.snapshot import checkpoint, rewind
 from .common import ask, compress_question_known, session_cfg, skipped, streaming_floor
 
 ANSWER_TOKENS = 8
@@ -37,10 +37,10 @@ def _trials(o: BenchOptions, s: Session, ctx: list[int], questions: list[tuple[l
     if split:
         s.prefill(ctx[:split])
     s.prefill(ctx[split:])
-    snap = take(s)
+    snap = checkpoint(s)
     rows = []
     for qi, (qt, answer) in enumerate(questions):
-        restore(s, snap)
+        rewind(s, snap)
         reply = ask(s, qt, ANSWER_TOKENS)
         rows.append({**base, "context": len(ctx), "question": qi, "policy": "full", "budget": "full", "cells": len(ctx),
                      "mode": "none", "found": answer in reply, "answer": reply, "expected": answer,
@@ -50,7 +50,7 @@ def _trials(o: BenchOptions, s: Session, ctx: list[int], questions: list[tuple[l
             for b in o.budgets:
                 cells = b.resolve(len(ctx))
                 for mode in o.modes:
-                    restore(s, snap)
+                    rewind(s, snap)
                     s.set_policy(pol)
                     # a policy may size its eviction from the budget (context-shift)
                     s.set_one_shot_budget(cells, recent=min(64, cells // 8))
@@ -190,10 +190,10 @@ def multi_turn(o: BenchOptions, tick: Tick) -> list[dict]:
             s = Session(o.model, cfg)
             for t in turns:
                 s.prefill(t, turn=mode == "question")
-            snap = take(s)
+            snap = checkpoint(s)
             n_ev = len(s.stats.evictions)
             for qi, (qt, answer) in enumerate(qs):
-                restore(s, snap)
+                rewind(s, snap)
                 reply = "".join(s.generate(qt, max_tokens=ANSWER_TOKENS, turn=True)).strip()
                 rows.append({"sample": i, "length": total, "turns": len(turns), "question": qi, "policy": pol,
                              "budget": label, "cells": cells, "mode": mode, "evictions": n_ev,
