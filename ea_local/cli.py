@@ -72,8 +72,8 @@ def _rpc_endpoints(rpc: Optional[str]) -> tuple[str, ...]:
 
 def _model_info(model: Optional[Path], default: Optional[str] = None):
     """--model (a path or an embedded model's name) read, or `default` (an embedded name; None: Gemma)."""
-    from .model_info import ModelFileError, read_model_info
-    from .models import BASE_MODEL, ModelNotFound, resolve_model
+    from .model.info import ModelFileError, read_model_info
+    from .model.embedded import BASE_MODEL, ModelNotFound, resolve_model
 
     try:
         return read_model_info(resolve_model(str(model) if model else None, default=default or BASE_MODEL))
@@ -95,7 +95,7 @@ def info(
 
     With --rpc or --n-gpu-layers the model is loaded (weights are sent to the RPC servers) and llama.cpp's
     placement is shown: which device holds each layer's weights and KV cache, and how many MiB each buffer holds."""
-    from .info_format import format_embedded, format_info
+    from .apps.info import format_embedded, format_info
 
     endpoints = _rpc_endpoints(rpc)
     mi = _model_info(model)
@@ -116,7 +116,7 @@ def info(
     if ctx <= 0:
         _fail(f"--ctx must be positive, got {ctx}")
     from .engine.runtime import LlamaError
-    from .placement import describe
+    from .apps.placement import describe
 
     try:
         typer.echo(describe(mi, endpoints, n_gpu_layers, ctx, cache_type))
@@ -152,7 +152,7 @@ def demo(
     question_agnostic: bool = AgnosticOpt,
 ) -> None:
     """The main job: read a long document with a pass key in it through a small KV budget, then ask for the key."""
-    from .demo import run_demo
+    from .apps.demo import run_demo
 
     endpoints = _rpc_endpoints(rpc)
     info = _model_info(model)
@@ -201,11 +201,11 @@ def chat(
     archive: str = ArchiveOpt,
 ) -> None:
     """Chat in a REPL that streams answers and stays inside the KV budget (piped stdin: one turn per line)."""
-    from .chat import ChatError, ChatOptions, run_chat
-    from .chat_template import TemplateError
+    from .apps.chat import ChatError, ChatOptions, run_chat
+    from .model.chat_template import TemplateError
     from .engine.runtime import LlamaError
 
-    from .models import CHAT_MODEL
+    from .model.embedded import CHAT_MODEL
 
     _check_cache_type(cache_type)
     opts = ChatOptions(budget=budget, policy=policy, cache_type=cache_type, n_gpu_layers=n_gpu_layers,
@@ -248,12 +248,12 @@ def summarize(
     archive: str = ArchiveOpt,
 ) -> None:
     """Read a long document through the KV budget (chunked prefill + eviction), then stream a summary."""
-    from .chat import ChatError
-    from .chat_template import TemplateError
+    from .apps.chat import ChatError
+    from .model.chat_template import TemplateError
     from .engine.runtime import LlamaError
-    from .summarize import SummarizeOptions, run_summarize
+    from .apps.summarize import SummarizeOptions, run_summarize
 
-    from .models import CHAT_MODEL
+    from .model.embedded import CHAT_MODEL
 
     _check_cache_type(cache_type)
     opts = SummarizeOptions(budget=budget, policy=policy, cache_type=cache_type, n_gpu_layers=n_gpu_layers,
@@ -343,7 +343,7 @@ def serve(
         get_policy(policy)
     except ValueError as e:
         _fail(str(e))
-    from .models import CHAT_MODEL
+    from .model.embedded import CHAT_MODEL
 
     info = _model_info(model, default=CHAT_MODEL)
     from .engine.archive import parse_size

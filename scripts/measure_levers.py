@@ -19,14 +19,14 @@ import random
 import time
 from pathlib import Path
 
-from ea_local.quality import as_dict, perplexity
+from ea_local.bench.quality import as_dict, perplexity
 from ea_local.bench.data import HELD_OUT, LICENSES, real_text
 from ea_local.engine.snapshot import checkpoint, rewind
 from ea_local.bench.suites.common import ask
-from ea_local.demo import passkey_prompt
+from ea_local.apps.demo import passkey_prompt
 from ea_local.engine.session import Session, SessionConfig
-from ea_local.model_info import read_model_info
-from ea_local.models import default_model_path
+from ea_local.model.info import read_model_info
+from ea_local.model.embedded import default_model_path
 import numpy as np
 
 # name -> Session settings (recent, prefill_stats) and EA options; "policy" swaps in a baseline

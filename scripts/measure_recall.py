@@ -33,7 +33,7 @@ from ea_local.bench.suites.common import session_cfg, skipped, streaming_floor  
 from ea_local.bench.suites.quality import ANSWER_TOKENS, _chat_tokens  # noqa: E402
 from ea_local.engine.runtime import ContextConfig, Runtime  # noqa: E402
 from ea_local.engine.session import Session  # noqa: E402
-from ea_local.models import resolve_model  # noqa: E402
+from ea_local.model.embedded import resolve_model  # noqa: E402
 
 
 def ask(s: Session, qt: list[int], recall: bool) -> tuple[str, dict]:

@@ -19,7 +19,7 @@ from ea_local.engine.snapshot import checkpoint, rewind
 from ea_local.bench.stats import fmt_rate
 from ea_local.bench.suites.common import ask, session_cfg
 from ea_local.bench.suites.quality import _haystack
-from ea_local.models import default_model_path
+from ea_local.model.embedded import default_model_path
 
 VARIANTS = {  # name: (task, generator kwargs)
     "multikey-4": ("multikey", {"n_keys": 4}),

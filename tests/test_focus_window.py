@@ -10,7 +10,7 @@ from gguf import GGUFValueType
 
 from ea_local.engine.sampling import SamplingParams
 from ea_local.engine.session import Session, SessionConfig, query_shape
-from ea_local.model_info import read_model_info
+from ea_local.model.info import read_model_info
 from ea_local.policies import POLICIES
 
 from .gguf_factory import write_tiny_gguf

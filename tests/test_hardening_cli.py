@@ -67,7 +67,7 @@ PHRASES = {"empty": "empty", "not_gguf": "not a GGUF", "trunc_8": "truncated", "
 
 
 def make_bad_model(kind: str, d: Path, tiny: str) -> str:
-    from ea_local.model_info import _read_header
+    from ea_local.model.info import _read_header
 
     p = d / f"{kind}.gguf"
     if kind == "empty":

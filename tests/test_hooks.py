@@ -11,7 +11,7 @@ import pytest
 
 from ea_local import build_info, kvhooks
 from ea_local.engine.runtime import ContextConfig, Runtime
-from ea_local.rope import apply_rope
+from ea_local.model.rope import apply_rope
 
 from .conftest import GEMMA, gpl_tokens
 
@@ -189,7 +189,7 @@ def tiny_gemma3_hd64(tmp_path_factory) -> str:
 def test_read_keys_equal_computed_keys_and_queries(model, cache, fa, tol, request):
     """K rows read back equal the post-RoPE Kcur the graph computed (up to the cache's rounding,
     Hadamard rotation undone); captured pre-RoPE queries, rotated at their positions, equal Qcur."""
-    from ea_local.model_info import read_model_info
+    from ea_local.model.info import read_model_info
 
     path = GEMMA if model == "gemma" else request.getfixturevalue(model)
     info = read_model_info(path)

@@ -1,4 +1,4 @@
-"""ea_local.model_info / info_format: GGUF metadata as llama.cpp interprets it, and the error paths."""
+"""ea_local.model.info / ea_local.apps.info: GGUF metadata as llama.cpp interprets it, and the error paths."""
 from __future__ import annotations
 
 import math
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from ea_local import model_info as mi
-from ea_local.info_format import compact_ranges, format_info, human_bytes
-from ea_local.model_info import KVBytes, ModelFileError, read_model_info
+from ea_local.apps.info import compact_ranges, format_info, human_bytes
+from ea_local.model.info import KVBytes, ModelFileError, read_model_info
 
 try:  # tests/ may or may not be a package
     from .gguf_factory import (write_empty, write_not_gguf, write_random_after_magic, write_tiny_gguf,
@@ -221,7 +221,7 @@ def test_chat_template(tiny_dir):
 @pytest.mark.parametrize("scaling, scale", [
     (("linear", 4.0), 0.25),
     (("none", 4.0), 1.0),  # llama.cpp: never scale if the scaling type is none
-    (("yarn", 4.0), 0.25),  # reproduced by ea_local.rope_model (tests/test_rope_model.py)
+    (("yarn", 4.0), 0.25),  # reproduced by ea_local.model.rope_model (tests/test_rope_model.py)
 ])
 def test_rope_scaling(tiny_dir, scaling, scale):
     info = read_model_info(write_tiny_gguf(tiny_dir / "scaled.gguf", rope_scaling=scaling))

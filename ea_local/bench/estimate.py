@@ -27,7 +27,7 @@ class Costs:
 def calibrate(o: BenchOptions) -> Costs:
     """About 10-30 s on a 2-core CPU: a 512-token prefill, 3 trials and a 512-token perplexity pass."""
     from ..engine.session import Session
-    from .. import quality as q_mod
+    from . import quality as q_mod
     from ..engine.snapshot import checkpoint, rewind
     from .suites.common import ask, session_cfg
     from . import corpus

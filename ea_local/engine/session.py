@@ -31,10 +31,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..model_info import read_model_info
+from ..model.info import read_model_info
 from ..policies import get_policy
 from ..policies.base import CellView
-from ..rope_model import rope_specs
+from ..model.rope_model import rope_specs
 from .archive import Archive, plan_swap, pool_spans
 from .recall import message_scores
 from .runtime import ContextConfig, LlamaError, Runtime, SharedModel

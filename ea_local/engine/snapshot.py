@@ -40,7 +40,7 @@ from typing import Any
 import llama_cpp.llama_cpp as ll
 import numpy as np
 
-from ..model_info import _read_header
+from ..model.info import _read_header
 from ..policies import get_policy
 from .archive import Archive
 from .session import Eviction, Session, Stats

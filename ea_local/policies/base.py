@@ -16,7 +16,7 @@ import numpy as np
 @dataclass(frozen=True)
 class RopeSpec:
     """RoPE of one layer, as llama.cpp applies it to the cached keys (ggml_rope_ext's arguments;
-    ea_local.rope computes the rotation, ea_local.rope_model reads them from a GGUF)."""
+    ea_local.model.rope computes the rotation, ea_local.model.rope_model reads them from a GGUF)."""
 
     n_dims: int  # rotated dimensions (head_dim for every model we support)
     freq_base: float

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import uvicorn
 
-from ..chat_template import resolve_template
+from ..model.chat_template import resolve_template
 from ..engine.runtime import SharedModel
 from ..engine.session import SessionConfig
-from ..model_info import ModelInfo
+from ..model.info import ModelInfo
 from .app import Server, ServeConfig, create_app
 from .slots import build_pool
 

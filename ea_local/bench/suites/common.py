@@ -36,7 +36,7 @@ def streaming_floor(model: str) -> int:
     On iSWA models the sliding layers keep their own window-sized cache, and llama.cpp sizes it
     from n_ctx = budget + chunk (llama_kv_cache_iswa: min(n_ctx, n_swa + n_ubatch)): below the
     window it has no room and decoding fails, so such budgets are reported as skipped."""
-    from ...model_info import read_model_info
+    from ...model.info import read_model_info
 
     info = read_model_info(model)
     return info.sliding_window if info.sliding_layers and info.sliding_window else 0

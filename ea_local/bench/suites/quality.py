@@ -16,8 +16,8 @@ from typing import Callable
 
 from ...engine.runtime import ContextConfig, Runtime
 from ...engine.session import Session
-from ...demo import FILLER, passkey_prompt
-from ... import quality as q_mod
+from ...apps.demo import FILLER, passkey_prompt
+from .. import quality as q_mod
 from .. import corpus, data
 from ..options import BenchOptions
 from ...engine.snapshot import checkpoint, rewind

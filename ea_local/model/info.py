@@ -223,7 +223,7 @@ class ModelInfo:
         return self.rope_freq_base, self.rope_freq_scale, self.neox, self.rope_n_dims
 
     def rope_spec(self, layer: int) -> "RopeSpec":
-        """`layer`'s base RoPE (no scaling corrections or frequency factors: ea_local.rope_model has those)."""
+        """`layer`'s base RoPE (no scaling corrections or frequency factors: ea_local.model.rope_model has those)."""
         from ea_local.policies.base import RopeSpec  # lazy: keeps this module importable alone
 
         base, scale, neox, n_dims = self.rope_params(layer)

@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .bench.data import real_text  # GPL-3 + GPL-2, Debian base-files
-from .demo import passkey_prompt
-from .engine.session import Session, SessionConfig
+from .data import real_text  # GPL-3 + GPL-2, Debian base-files
+from ..apps.demo import passkey_prompt
+from ..engine.session import Session, SessionConfig
 
 
 @dataclass

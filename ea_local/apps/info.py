@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
-from ea_local.model_info import ModelInfo
-from ea_local.rope_model import RopeUnsupported, rope_specs
+from ea_local.model.info import ModelInfo
+from ea_local.model.rope_model import RopeUnsupported, rope_specs
 
 EXAMPLE_TOKENS = 4096
 
@@ -132,7 +132,7 @@ def format_info(info: ModelInfo) -> str:
         else:
             add(key, str(b.total))
 
-    from .engine.archive import bytes_per_token as archive_bytes
+    from ..engine.archive import bytes_per_token as archive_bytes
 
     for t, b in info.kv_bytes_per_token.items():
         if b is not None and (ab := archive_bytes(info, t)) is not None:
@@ -161,7 +161,7 @@ def format_info(info: ModelInfo) -> str:
 def format_embedded() -> str:
     """The embedded models: short name (what --model takes), what they are, which commands default to
     them, and where the file is (or how to install it)."""
-    from ea_local.models import BASE_MODEL, CHAT_MODEL, EMBEDDED, ModelNotFound
+    from ea_local.model.embedded import BASE_MODEL, CHAT_MODEL, EMBEDDED, ModelNotFound
 
     uses = {BASE_MODEL: "default of demo and bench", CHAT_MODEL: "default of chat and summarize"}
     width = max(map(len, EMBEDDED))

@@ -24,7 +24,7 @@ from typing import Iterable
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from ea_local.model_info import ModelFileError, ModelInfo, _read_header
+from ea_local.model.info import ModelFileError, ModelInfo, _read_header
 from ea_local.policies.base import RopeSpec
 
 FACTOR_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")

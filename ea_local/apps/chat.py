@@ -20,14 +20,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
-from .engine.runtime import LlamaError
-from .engine.sampling import CHAT_TEMPERATURE, SamplingParams
-from .engine import snapshot
-from .engine.question import question_text
-from .engine.archive import parse_size
-from .engine.session import BudgetError, Session, SessionConfig
-from .chat_template import TemplateError, TurnRenderer, resolve_template
-from .policies import get_policy
+from ..engine.runtime import LlamaError
+from ..engine.sampling import CHAT_TEMPERATURE, SamplingParams
+from ..engine import snapshot
+from ..engine.question import question_text
+from ..engine.archive import parse_size
+from ..engine.session import BudgetError, Session, SessionConfig
+from ..model.chat_template import TemplateError, TurnRenderer, resolve_template
+from ..policies import get_policy
 
 HELP = """commands:
   /stats          cells used / budget, evictions, tokens seen, KV memory, last compression
