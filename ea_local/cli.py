@@ -95,31 +95,14 @@ def info(
 
     With --rpc or --n-gpu-layers the model is loaded (weights are sent to the RPC servers) and llama.cpp's
     placement is shown: which device holds each layer's weights and KV cache, and how many MiB each buffer holds."""
-    from .apps.info import format_embedded, format_info
+    from .apps.info import info_blocks
+    from .engine.runtime import LlamaError
 
     endpoints = _rpc_endpoints(rpc)
     mi = _model_info(model)
-    typer.echo(format_info(mi))
-    if model is None:
-        typer.echo("\n" + format_embedded())
-    from .build_info import format_build, read_build_info
-
-    if n_gpu_layers is not None and n_gpu_layers < -1:
-        _fail(f"--n-gpu-layers must be -1 (all) or more, got {n_gpu_layers}")
     try:
-        typer.echo(format_build(read_build_info(), mi.n_layers, n_gpu_layers))
-    except ValueError as e:  # a bad EA_LOCAL_N_GPU_LAYERS
-        _fail(str(e))
-    if not endpoints and n_gpu_layers is None:
-        return
-    _check_cache_type(cache_type)
-    if ctx <= 0:
-        _fail(f"--ctx must be positive, got {ctx}")
-    from .engine.runtime import LlamaError
-    from .apps.placement import describe
-
-    try:
-        typer.echo(describe(mi, endpoints, n_gpu_layers, ctx, cache_type))
+        for block in info_blocks(mi, model is None, endpoints, n_gpu_layers, ctx, cache_type):
+            typer.echo(block)
     except (LlamaError, ValueError) as e:
         _fail(str(e))
 

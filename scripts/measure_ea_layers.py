@@ -23,7 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # BLAS threads spinning on a busy 2-core machine made scoring 3.5x slower
 
-from ea_local.engine.snapshot import checkpoint, rewind  # noqa: E402 - loads libllama first
+from ea_local.engine.snapshot import checkpoint, rewind  # noqa: E402
 from ea_local.bench.suites.common import ask  # noqa: E402
 from ea_local.apps.demo import passkey_prompt  # noqa: E402
 from ea_local.engine.session import Session, SessionConfig  # noqa: E402

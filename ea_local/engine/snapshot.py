@@ -40,7 +40,7 @@ from typing import Any
 import llama_cpp.llama_cpp as ll
 import numpy as np
 
-from ..model.info import _read_header
+from ..model.gguf_header import read_header
 from ..policies import get_policy
 from .archive import Archive
 from .session import Eviction, Session, Stats
@@ -78,7 +78,7 @@ class Snapshot:
 
 @lru_cache(maxsize=8)
 def _identity(path: str, size: int, mtime_ns: int) -> tuple[int, str]:
-    end = _read_header(path).data_offset
+    end = read_header(path).data_offset
     h = hashlib.sha256()
     with open(path, "rb") as f:
         left = end
