@@ -25,7 +25,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # BLAS threads spinning on a
 
 from ea_local.engine.snapshot import checkpoint, rewind  # noqa: E402
 from ea_local.bench.suites.common import ask  # noqa: E402
-from ea_local.apps.demo import passkey_prompt  # noqa: E402
+from ea_local.bench.data import passkey_prompt  # noqa: E402
 from ea_local.engine.session import Session, SessionConfig  # noqa: E402
 from ea_local.model.embedded import resolve_model  # noqa: E402
 import numpy as np  # noqa: E402

@@ -23,7 +23,7 @@ from ea_local.bench.quality import as_dict, perplexity
 from ea_local.bench.data import HELD_OUT, LICENSES, real_text
 from ea_local.engine.snapshot import checkpoint, rewind
 from ea_local.bench.suites.common import ask
-from ea_local.apps.demo import passkey_prompt
+from ea_local.bench.data import passkey_prompt
 from ea_local.engine.session import Session, SessionConfig
 from ea_local.model.info import read_model_info
 from ea_local.model.embedded import default_model_path

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ea_local.bench import data
-from ea_local.apps.demo import FILLER
+from ea_local.bench.data import FILLER
 from ea_local.bench.options import BenchError, parse_budgets, parse_policies, parse_tokens
 
 ROOT = Path(__file__).resolve().parents[1]

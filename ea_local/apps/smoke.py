@@ -23,7 +23,7 @@ DECODE = 4
 
 def run(model: str | None = None, crash: str | None = None) -> str:
     from ..engine.session import Session, SessionConfig  # engine first: loads libllama before numpy
-    from .demo import FILLER
+    from ..bench.data import FILLER
     from ..engine.sampling import SamplingParams
     from ..model.embedded import resolve_model
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .data import real_text  # GPL-3 + GPL-2, Debian base-files
-from ..apps.demo import passkey_prompt
+from .data import passkey_prompt
 from ..engine.session import Session, SessionConfig
 
 

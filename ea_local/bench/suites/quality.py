@@ -16,7 +16,7 @@ from typing import Callable
 
 from ...engine.runtime import ContextConfig, Runtime
 from ...engine.session import Session
-from ...apps.demo import FILLER, passkey_prompt
+from ..data import FILLER, passkey_prompt
 from .. import quality as q_mod
 from .. import corpus, data
 from ..options import BenchOptions
