@@ -160,7 +160,7 @@ def test_demo_bad_length(length):
 
 @pytest.mark.parametrize("decoding", ["default", "strict"])
 def test_chat_non_utf8_stdin_is_answered(decoding):
-    """Bad bytes become U+FFFD, whatever Python's stdin decoding (strict: the whole chat used to end)."""
+    """Bad bytes become U+FFFD, whatever Python's stdin decoding (strict decoding must not end the chat)."""
     env = dict(os.environ, PYTHONIOENCODING="utf-8:strict") if decoding == "strict" else None
     r = subprocess.run([*CLI, "chat", "--budget", "512", "--max-tokens", "4"], capture_output=True, timeout=300,
                        input=b"caf\xe9 \xff\xfe au lait?\n/stats\nhello\n", env=env)
