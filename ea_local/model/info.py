@@ -24,7 +24,7 @@ from .gguf_header import GGUFArray, GGUFHeader, ModelFileError, TensorInfo, read
 from .kv import CACHE_TYPES, SUMMARY_CACHE_TYPES, KVBytes, row_bytes
 
 if TYPE_CHECKING:
-    from ea_local.policies.base import RopeSpec
+    from .rope import RopeSpec
 
 __all__ = [
     "CACHE_TYPES",
@@ -167,7 +167,7 @@ class ModelInfo:
 
     def rope_spec(self, layer: int) -> "RopeSpec":
         """`layer`'s base RoPE (no scaling corrections or frequency factors: ea_local.model.rope_model has those)."""
-        from ea_local.policies.base import RopeSpec  # lazy: keeps this module importable alone
+        from .rope import RopeSpec
 
         base, scale, neox, n_dims = self.rope_params(layer)
         return RopeSpec(n_dims=n_dims, freq_base=base, freq_scale=scale, neox=neox)
