@@ -72,8 +72,8 @@ def _rpc_endpoints(rpc: Optional[str]) -> tuple[str, ...]:
 
 def _model_info(model: Optional[Path], default: Optional[str] = None):
     """--model (a path or an embedded model's name) read, or `default` (an embedded name; None: Gemma)."""
-    from .model_info import ModelFileError, read_model_info
-    from .models import BASE_MODEL, ModelNotFound, resolve_model
+    from .model.info import ModelFileError, read_model_info
+    from .model.embedded import BASE_MODEL, ModelNotFound, resolve_model
 
     try:
         return read_model_info(resolve_model(str(model) if model else None, default=default or BASE_MODEL))
@@ -95,31 +95,14 @@ def info(
 
     With --rpc or --n-gpu-layers the model is loaded (weights are sent to the RPC servers) and llama.cpp's
     placement is shown: which device holds each layer's weights and KV cache, and how many MiB each buffer holds."""
-    from .info_format import format_embedded, format_info
+    from .apps.info import info_blocks
+    from .engine.runtime import LlamaError
 
     endpoints = _rpc_endpoints(rpc)
     mi = _model_info(model)
-    typer.echo(format_info(mi))
-    if model is None:
-        typer.echo("\n" + format_embedded())
-    from .build_info import format_build, read_build_info
-
-    if n_gpu_layers is not None and n_gpu_layers < -1:
-        _fail(f"--n-gpu-layers must be -1 (all) or more, got {n_gpu_layers}")
     try:
-        typer.echo(format_build(read_build_info(), mi.n_layers, n_gpu_layers))
-    except ValueError as e:  # a bad EA_LOCAL_N_GPU_LAYERS
-        _fail(str(e))
-    if not endpoints and n_gpu_layers is None:
-        return
-    _check_cache_type(cache_type)
-    if ctx <= 0:
-        _fail(f"--ctx must be positive, got {ctx}")
-    from .engine.runtime import LlamaError
-    from .placement import describe
-
-    try:
-        typer.echo(describe(mi, endpoints, n_gpu_layers, ctx, cache_type))
+        for block in info_blocks(mi, model is None, endpoints, n_gpu_layers, ctx, cache_type):
+            typer.echo(block)
     except (LlamaError, ValueError) as e:
         _fail(str(e))
 
@@ -152,7 +135,7 @@ def demo(
     question_agnostic: bool = AgnosticOpt,
 ) -> None:
     """The main job: read a long document with a pass key in it through a small KV budget, then ask for the key."""
-    from .demo import run_demo
+    from .apps.demo import run_demo
 
     endpoints = _rpc_endpoints(rpc)
     info = _model_info(model)
@@ -201,11 +184,11 @@ def chat(
     archive: str = ArchiveOpt,
 ) -> None:
     """Chat in a REPL that streams answers and stays inside the KV budget (piped stdin: one turn per line)."""
-    from .chat import ChatError, ChatOptions, run_chat
-    from .chat_template import TemplateError
+    from .apps.chat import ChatError, ChatOptions, run_chat
+    from .model.chat_template import TemplateError
     from .engine.runtime import LlamaError
 
-    from .models import CHAT_MODEL
+    from .model.embedded import CHAT_MODEL
 
     _check_cache_type(cache_type)
     opts = ChatOptions(budget=budget, policy=policy, cache_type=cache_type, n_gpu_layers=n_gpu_layers,
@@ -248,12 +231,12 @@ def summarize(
     archive: str = ArchiveOpt,
 ) -> None:
     """Read a long document through the KV budget (chunked prefill + eviction), then stream a summary."""
-    from .chat import ChatError
-    from .chat_template import TemplateError
+    from .apps.chat import ChatError
+    from .model.chat_template import TemplateError
     from .engine.runtime import LlamaError
-    from .summarize import SummarizeOptions, run_summarize
+    from .apps.summarize import SummarizeOptions, run_summarize
 
-    from .models import CHAT_MODEL
+    from .model.embedded import CHAT_MODEL
 
     _check_cache_type(cache_type)
     opts = SummarizeOptions(budget=budget, policy=policy, cache_type=cache_type, n_gpu_layers=n_gpu_layers,
@@ -327,47 +310,23 @@ def serve(
 ) -> None:
     """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions) whose conversations stay inside the KV budget."""
     from .engine.runtime import LlamaError
-    from .engine.session import SessionConfig
-    from .policies import get_policy
+    from .model.embedded import CHAT_MODEL
+    from .serve.server import build_server, check_flags, configure, serve as run_server
 
     _check_cache_type(cache_type)
-    for name, v, lo in (("--parallel", parallel, 1), ("--queue", queue, 0), ("--max-tokens", max_tokens, 1),
-                        ("--max-prompt-tokens", max_prompt_tokens, 1), ("--max-body", max_body, 1024)):
-        if v < lo:
-            _fail(f"{name} must be at least {lo}, got {v}")
-    if not 0 <= port <= 65535:
-        _fail(f"--port must be in 0..65535, got {port}")
-    if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
-        _fail(f"unknown --log-level {log_level!r}")
     try:
-        get_policy(policy)
+        check_flags(parallel=parallel, queue=queue, max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
+                    max_body=max_body, port=port, log_level=log_level, policy=policy)
     except ValueError as e:
         _fail(str(e))
-    from .models import CHAT_MODEL
-
     info = _model_info(model, default=CHAT_MODEL)
-    from .engine.archive import parse_size
-
     try:
-        a_tokens, a_bytes = parse_size(archive)
+        cfg, scfg = configure(info, budget=budget, policy=policy, max_tokens=max_tokens,
+                              max_prompt_tokens=max_prompt_tokens, max_body=max_body, temperature=temperature,
+                              api_key=api_key, cache_type=cache_type, seed=seed, threads=threads,
+                              n_gpu_layers=n_gpu_layers, rpc=_rpc_endpoints(rpc), recall=recall, archive=archive)
     except ValueError as e:
         _fail(str(e))
-    scfg = SessionConfig(budget=budget, policy=policy, cache_type=cache_type, seed=seed, n_threads=threads,
-                         n_gpu_layers=n_gpu_layers, chunk=max(1, min(512, budget // 2)), rpc=_rpc_endpoints(rpc),
-                         recall=recall, archive_tokens=a_tokens, archive_bytes=a_bytes)
-    try:
-        scfg.validate()
-    except ValueError as e:
-        _fail(str(e))
-    from .serve.app import ServeConfig
-    from .serve.server import build_server, model_id, serve as run_server
-
-    cfg = ServeConfig(model_id=model_id(str(info.path)), budget=budget, policy=policy,
-                      min_budget=scfg.n_sink + scfg.recent + scfg.step + 1, max_tokens=max_tokens,
-                      max_tokens_limit=max(max_tokens, info.n_ctx_train), max_prompt_tokens=max_prompt_tokens,
-                      temperature=temperature, api_key=api_key or None, max_body=max_body,
-                      # a probe of at most `step` tokens costs no budget: prefill's room already leaves a step free
-                      max_question=min(scfg.step - scfg.answer_lookahead, scfg.chunk - 1 - scfg.answer_lookahead))
     if host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         typer.echo(f"ea-local serve: warning: listening on {host} without an API key", err=True)
     try:
@@ -425,53 +384,17 @@ def bench(
                                                 help="only re-write report.md and the plots from this results.json"),
 ) -> None:
     """Measure quality, speed and memory under each budget and policy; write results.json, report.md and plots."""
-    from .bench.options import (PRESETS, BenchError, BenchOptions, parse_budgets, parse_depths, parse_haystacks,
-                                parse_modes, parse_policies, parse_suites, parse_texts, parse_tokens, quick_sizes,
-                                report_sizes)
+    from .bench.options import BenchError, from_flags
 
     _check_cache_type(cache_type)
     try:
-        o = BenchOptions(model="", out=str(out), suites=parse_suites(suite), policies=parse_policies(policy_list),
-                         budgets=parse_budgets(budgets or "50%,25%,12.5%"), modes=parse_modes(modes or "agnostic"), texts=parse_texts(texts),
-                         cache_type=cache_type,
-                         threads=threads, n_gpu_layers=n_gpu_layers, seed=seed, rpc=_rpc_endpoints(rpc),
-                         command="ea-local bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]))
-        if preset is not None:
-            if preset not in PRESETS:
-                raise BenchError(f"unknown preset {preset!r}; choose from: {', '.join(PRESETS)}")
-            report_sizes(o)
-            if budgets:
-                o.budgets = parse_budgets(budgets)
-            if suite != "all":
-                o.suites = parse_suites(suite)
-            if modes:
-                o.modes = parse_modes(modes)
-        if haystack or not o.haystacks:
-            hays = parse_haystacks(haystack or "filler")
-            o.haystack, o.haystacks = hays[0], (hays if len(hays) > 1 else None)
-        if quick:
-            quick_sizes(o)
-        if lengths:
-            o.lengths = parse_tokens(lengths, "length")
-        if histories:
-            o.histories = parse_tokens(histories, "history")
-        for name, val in (("task_length", task_length), ("ppl_tokens", ppl_tokens), ("chat_tokens", chat_tokens)):
-            if val:
-                toks = parse_tokens(val, name.replace("_", " "))
-                if len(toks) != 1:
-                    raise BenchError(f"--{name.replace('_', '-')} takes one length, got {val!r}")
-                setattr(o, name, toks[0])
-        if depths:
-            o.depths = parse_depths(depths)
-        if samples is not None:
-            if samples < 1:
-                raise BenchError(f"--samples must be at least 1, got {samples}")
-            o.task_samples = samples
-        for flag, val, attr in (("--seeds", seeds, "seeds"), ("--ppl-docs", ppl_docs, "ppl_docs")):
-            if val is not None:
-                if val < 1:
-                    raise BenchError(f"{flag} must be at least 1, got {val}")
-                setattr(o, attr, val)
+        o = from_flags(
+            out=str(out), suite=suite, policies=policy_list, budgets=budgets, modes=modes, texts=texts,
+            cache_type=cache_type, threads=threads, n_gpu_layers=n_gpu_layers, seed=seed, rpc=_rpc_endpoints(rpc),
+            command="ea-local bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+            preset=preset, haystack=haystack, quick=quick, lengths=lengths, histories=histories,
+            task_length=task_length, ppl_tokens=ppl_tokens, chat_tokens=chat_tokens, depths=depths,
+            samples=samples, seeds=seeds, ppl_docs=ppl_docs)
     except BenchError as e:
         _fail(str(e))
     if from_results is not None:

@@ -30,9 +30,9 @@ def main() -> int:
     if a.lib:
         os.environ["LLAMA_CPP_LIB_PATH"] = a.lib  # read when llama_cpp is first imported, just below
     from ea_local import build_info
-    from ea_local.demo import FILLER
+    from ea_local.bench.data import FILLER
     from ea_local.engine.runtime import ContextConfig, Runtime
-    from ea_local.models import resolve_model
+    from ea_local.model.embedded import resolve_model
 
     import numpy as np
 

@@ -72,7 +72,7 @@ def worker(a: argparse.Namespace) -> dict:
     mem = ll.llama_get_memory(ctx)
     n_layer = ll.llama_model_n_layer(ll.llama_get_model(ctx))
     if patched:
-        from ea_local.model_info import read_model_info
+        from ea_local.model.info import read_model_info
 
         info = read_model_info(a.model)
         q_row = {il: info.n_head_per_layer[il] * info.head_dims(il)[0] for il in range(info.n_layers)}  # floats per row

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ea_local import rpc  # noqa: E402
 from ea_local.engine.runtime import ContextConfig, Runtime  # noqa: E402
-from ea_local.model_info import read_model_info  # noqa: E402
-from ea_local.models import default_model_path  # noqa: E402
-from ea_local.placement import parse  # noqa: E402
+from ea_local.model.info import read_model_info  # noqa: E402
+from ea_local.model.embedded import default_model_path  # noqa: E402
+from ea_local.apps.placement import parse  # noqa: E402
 
 import numpy as np  # noqa: E402
 

@@ -21,10 +21,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from ea_local.engine.session import Session, SessionConfig
-from ea_local.models import resolve_model
+from ea_local.model.embedded import resolve_model
 from ea_local.policies import expected_attention as ea
 from ea_local.policies.common import aggregate_scores, softmax, use_layers
-from ea_local.rope import mean_rotation
+from ea_local.model.rope import mean_rotation
 
 import numpy as np
 

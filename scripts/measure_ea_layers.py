@@ -23,11 +23,11 @@ from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # BLAS threads spinning on a busy 2-core machine made scoring 3.5x slower
 
-from ea_local.bench.snapshot import restore, take  # noqa: E402 - loads libllama first
-from ea_local.bench.suites.common import ask, set_policy  # noqa: E402
-from ea_local.demo import passkey_prompt  # noqa: E402
+from ea_local.engine.snapshot import checkpoint, rewind  # noqa: E402
+from ea_local.bench.suites.common import ask  # noqa: E402
+from ea_local.bench.data import passkey_prompt  # noqa: E402
 from ea_local.engine.session import Session, SessionConfig  # noqa: E402
-from ea_local.models import resolve_model  # noqa: E402
+from ea_local.model.embedded import resolve_model  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -161,22 +161,20 @@ def main() -> None:
         key = random.Random(a.seed * 1000 + int(d * 100) + a.length).randint(10000, 99999)
         ctx, question, span = passkey_prompt(s.rt, a.length, d, key)
         s.reset()
-        set_policy(s, "expected-attention")
+        s.set_policy("expected-attention")
         split = max(0, len(ctx) - s.cfg.chunk)  # as the bench: the last chunk's queries are the statistics
         if split:
             s.prefill(ctx[:split])
         s.prefill(ctx[split:])
-        snap = take(s)
-        restore(s, snap)
+        snap = checkpoint(s)
+        rewind(s, snap)
         emit({"setting": "full", "depth": d, "seed": a.seed, "length": len(ctx), "found": str(key) in ask(s, question, 8)})
         for frac in [float(x) for x in a.fracs.split(",")]:
             cells = int(len(ctx) * frac)
             for name, (pol, opts) in todo.items():
-                restore(s, snap)
-                set_policy(s, pol)
-                s.cfg.policy_options = opts
-                s.cfg.recent = min(64, cells // 8)
-                s.cfg.budget = cells
+                rewind(s, snap)
+                s.set_policy(pol, **opts)
+                s.set_one_shot_budget(cells, recent=min(64, cells // 8))
                 t1 = time.perf_counter()
                 s.compress(cells, phase="prefill")
                 t_comp = time.perf_counter() - t1
@@ -185,7 +183,6 @@ def main() -> None:
                 emit({"setting": name, "fraction": frac, "cells": cells, "depth": d, "seed": a.seed, "length": len(ctx),
                       "found": str(key) in reply, "needle_kept": round(kept, 3), "answer": reply,
                       "compress_s": round(t_comp, 2)})
-                s.cfg.policy_options = {}
     s.close()
 
 

@@ -19,14 +19,14 @@ import random
 import time
 from pathlib import Path
 
-from ea_local.quality import as_dict, perplexity
+from ea_local.bench.quality import as_dict, perplexity
 from ea_local.bench.data import HELD_OUT, LICENSES, real_text
-from ea_local.bench.snapshot import restore, take
-from ea_local.bench.suites.common import ask, set_policy
-from ea_local.demo import passkey_prompt
+from ea_local.engine.snapshot import checkpoint, rewind
+from ea_local.bench.suites.common import ask
+from ea_local.bench.data import passkey_prompt
 from ea_local.engine.session import Session, SessionConfig
-from ea_local.model_info import read_model_info
-from ea_local.models import default_model_path
+from ea_local.model.info import read_model_info
+from ea_local.model.embedded import default_model_path
 import numpy as np
 
 # name -> Session settings (recent, prefill_stats) and EA options; "policy" swaps in a baseline
@@ -93,7 +93,7 @@ def passkey_part(model: str, length: int, frac: float, depths: list[float], seed
         key = random.Random(seed * 1000 + int(d * 100) + length).randint(10000, 99999)
         ctx, question, span = passkey_prompt(s.rt, length, d, key)
         s.reset()
-        set_policy(s, "expected-attention")
+        s.set_policy("expected-attention")
         every_q: dict[int, list[np.ndarray]] = {}
         every_pos = []
         split = max(0, len(ctx) - chunk)  # as the bench does: the last chunk is a full one
@@ -103,17 +103,17 @@ def passkey_part(model: str, length: int, frac: float, depths: list[float], seed
             for il, q in s.queries.items():
                 every_q.setdefault(il, []).append(q[-len(part):])
             every_pos.append(s.query_pos[-len(part):])
-        snap = take(s)
+        snap = checkpoint(s)
         for name, st in settings.items():
-            restore(s, snap)
-            s.cfg.policy_options = _opts(st)
+            rewind(s, snap)
+            s.set_policy("expected-attention", **_opts(st))
             if st.get("stats") == "all":
                 s.queries = {il: np.concatenate(qs) for il, qs in every_q.items()}
                 s.query_pos = np.concatenate(every_pos)
             elif st.get("stats"):
                 s.queries = {il: q[-st["stats"]:] for il, q in s.queries.items()}
                 s.query_pos = s.query_pos[-st["stats"]:]
-            s.cfg.budget = cells
+            s.set_one_shot_budget(cells)
             s.compress(cells, phase="prefill")
             kept = sum(1 for p in range(*span) if p in s.live) / (span[1] - span[0])
             reply = ask(s, question, 8)

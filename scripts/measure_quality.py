@@ -13,8 +13,8 @@ import platform
 import time
 from pathlib import Path
 
-from ea_local.quality import as_dict, passkey, perplexity
-from ea_local.models import default_model_path
+from ea_local.bench.quality import as_dict, passkey, perplexity
+from ea_local.model.embedded import default_model_path
 
 
 def main() -> None:

@@ -27,13 +27,13 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from ea_local import kvhooks  # noqa: E402,F401  (loads llama.cpp before numpy)
 from ea_local.bench.options import BenchOptions  # noqa: E402
-from ea_local.bench.snapshot import restore, take  # noqa: E402
+from ea_local.engine.snapshot import checkpoint as take, rewind as restore  # noqa: E402
 from ea_local.bench.stats import wilson  # noqa: E402
 from ea_local.bench.suites.common import session_cfg, skipped, streaming_floor  # noqa: E402
 from ea_local.bench.suites.quality import ANSWER_TOKENS, _chat_tokens  # noqa: E402
 from ea_local.engine.runtime import ContextConfig, Runtime  # noqa: E402
 from ea_local.engine.session import Session  # noqa: E402
-from ea_local.models import resolve_model  # noqa: E402
+from ea_local.model.embedded import resolve_model  # noqa: E402
 
 
 def ask(s: Session, qt: list[int], recall: bool) -> tuple[str, dict]:

@@ -15,11 +15,11 @@ import time
 from ea_local.engine.session import Session  # libllama before numpy
 from ea_local.bench import data
 from ea_local.bench.options import BenchOptions
-from ea_local.bench.snapshot import restore, take
+from ea_local.engine.snapshot import checkpoint, rewind
 from ea_local.bench.stats import fmt_rate
 from ea_local.bench.suites.common import ask, session_cfg
 from ea_local.bench.suites.quality import _haystack
-from ea_local.models import default_model_path
+from ea_local.model.embedded import default_model_path
 
 VARIANTS = {  # name: (task, generator kwargs)
     "multikey-4": ("multikey", {"n_keys": 4}),
@@ -42,10 +42,9 @@ def main() -> None:
     a = ap.parse_args()
     model = a.model or str(default_model_path())
     o = BenchOptions(model=model, out="", suites=[], policies=[], budgets=[], threads=1)
-    cfg = session_cfg(o, a.length + 512)
+    cfg = session_cfg(o, a.length + 512, policy="streaming-llm")
     cfg.prefill_stats = None
     s = Session(model, cfg)
-    s.cfg.policy = "streaming-llm"
     bos = [s.rt.bos()] if s.rt.add_bos() else []
     rows = []
     t0 = time.time()
@@ -58,9 +57,9 @@ def main() -> None:
                 task = (data.multikey_needle(rng, hay, **kw) if task_name == "multikey"
                         else data.variable_tracking(rng, hay, **kw))
                 s.prefill(bos + s.rt.tokenize(task.context))
-                snap = take(s)
+                snap = checkpoint(s)
                 for qi, q in enumerate(task.questions):
-                    restore(s, snap)
+                    rewind(s, snap)
                     reply = ask(s, s.rt.tokenize(q.prompt), 8)
                     rows.append({"variant": name, "haystack": hay_kind, "doc": i, "question": qi,
                                  "found": q.answer in reply, "answer": reply, "expected": q.answer})

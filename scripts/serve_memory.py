@@ -17,8 +17,8 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--budget", type=int, default=2048)
     a = ap.parse_args()
-    from ea_local.model_info import read_model_info
-    from ea_local.models import default_model_path
+    from ea_local.model.info import read_model_info
+    from ea_local.model.embedded import default_model_path
 
     model = a.model or str(default_model_path())
     info = read_model_info(model)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ea_local.engine.runtime import ContextConfig, Runtime  # noqa: E402  (libllama before numpy)
-from ea_local.models import resolve_model  # noqa: E402
+from ea_local.model.embedded import resolve_model  # noqa: E402
 from tests.serve_helpers import ServerProcess  # noqa: E402
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "

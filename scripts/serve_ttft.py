@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     a = ap.parse_args()
     if a.model is None:
-        from ea_local.models import default_model_path
+        from ea_local.model.embedded import default_model_path
         a.model = str(default_model_path())
     doc = " ".join(GPL3.read_text().split()[: int(a.doc_tokens / 1.3)])  # ~1.3 tokens per English word
     res = {}

@@ -19,7 +19,7 @@ fi
 # the build must run where it was built: a child process loads the default model, prefills through one
 # compression and decodes; if it dies by a signal, the wheel is rebuilt once with the safe CPU flags
 .venv/bin/python scripts/smoke.py
-.venv/bin/python -c "from ea_local import kvhooks; from ea_local.models import default_model_path; from ea_local.models import chat_model_path; print('patched llama.cpp OK, models:', default_model_path(), chat_model_path())"
+.venv/bin/python -c "from ea_local import kvhooks; from ea_local.model.embedded import default_model_path; from ea_local.model.embedded import chat_model_path; print('patched llama.cpp OK, models:', default_model_path(), chat_model_path())"
 if [ "${1:-}" != "--no-demo" ]; then
   .venv/bin/ea-local demo
 fi

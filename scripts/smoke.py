@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The end of setup: run the freshly installed llama.cpp once, in a child process, and recover from a crash.
 
-The child is `python -m ea_local.smoke` (load the default model, prefill a few hundred tokens through
+The child is `python -m ea_local.apps.smoke` (load the default model, prefill a few hundred tokens through
 one compression, decode a few tokens). If it dies by a crash signal, the build that was installed is
 marked as crashing here (scripts/build_llama.py then never picks it again on this machine), the wheel is
 rebuilt once with the safe CPU flags and installed, and the child runs again. If that one crashes too,
@@ -40,7 +40,7 @@ class Result(NamedTuple):
 
 
 def run_child(args: list[str] | None = None, timeout: float = TIMEOUT_S) -> Result:
-    cmd = [sys.executable, "-m", "ea_local.smoke", *(args or [])]
+    cmd = [sys.executable, "-m", "ea_local.apps.smoke", *(args or [])]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

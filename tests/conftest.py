@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from ea_local import kvhooks  # noqa: F401  (no patched build: every test errors at once, with the fix)
-from ea_local.models import ModelNotFound, default_model_path
+from ea_local.model.embedded import ModelNotFound, default_model_path
 
 try:
     GEMMA = str(default_model_path())

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ea_local.bench import data
-from ea_local.demo import FILLER
+from ea_local.bench.data import FILLER
 from ea_local.bench.options import BenchError, parse_budgets, parse_policies, parse_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,7 +139,7 @@ def test_snapshot_restore_gives_the_same_trial_twice(tiny_llama):
     """Restoring the saved sequence brings back the cells, positions, statistics and logits, so a
     compression + answer after a restore repeats the first one exactly."""
     from ea_local.bench.options import BenchOptions
-    from ea_local.bench.snapshot import restore, take
+    from ea_local.engine.snapshot import checkpoint, rewind
     from ea_local.bench.suites.common import ask, session_cfg
     from ea_local.engine.session import Session
     import numpy as np
@@ -149,15 +149,15 @@ def test_snapshot_restore_gives_the_same_trial_twice(tiny_llama):
     s = Session(tiny_llama, session_cfg(o, 1024))
     ctx = [s.rt.bos()] + s.rt.tokenize(data.paragraphs()[3] * 3)[:700]
     s.prefill(ctx)
-    snap = take(s)
+    snap = checkpoint(s)
     logits = s.rt.logits()
     q = s.rt.tokenize(" The answer is")
     runs = []
     for _ in range(2):
-        restore(s, snap)
+        rewind(s, snap)
         assert s.rt.seq_pos_range() == (0, len(ctx) - 1) and s.n_cells == len(ctx)
         assert np.array_equal(s.rt.logits(), logits)
-        s.cfg.budget = 200
+        s.set_one_shot_budget(200)
         s.compress(200, phase="prefill")
         kept = sorted(s.live)
         runs.append((kept, ask(s, q, 6)))

@@ -42,7 +42,7 @@ def long_message(n_chars: int, start: int = 0) -> str:
      "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),
 ])
 def test_turn_renderer_builtin(name, glue, tail):
-    from ea_local.chat_template import ChatTemplate, TurnRenderer
+    from ea_local.model.chat_template import ChatTemplate, TurnRenderer
 
     tr = TurnRenderer(ChatTemplate(name, "builtin", name), system="Be brief.")
     prefix = tr.prefix()
@@ -58,7 +58,7 @@ def test_turn_renderer_builtin(name, glue, tail):
 
 
 def test_turn_renderer_jinja_fallback():
-    from ea_local.chat_template import ChatTemplate, TurnRenderer
+    from ea_local.model.chat_template import ChatTemplate, TurnRenderer
 
     src = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] }} [/]\n{% endfor %}"
            "{% if add_generation_prompt %}[ASSISTANT] {% endif %}")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ea_local.models import chat_model_path, model_path
+from ea_local.model.embedded import chat_model_path, model_path
 
 from .conftest import GPL3
 
@@ -98,8 +98,8 @@ def test_summarize_on_both_models(model, tmp_path):
 def test_base_model_gets_a_plain_transcript():
     """Gemma 3 270M (base) in a chat: the cache holds a User:/Assistant: transcript, no turn markers it never saw,
     and an answer that ran into the next "User:" line is cut there and not fed twice."""
-    from ea_local.chat import Chat, ChatOptions
-    from ea_local.model_info import read_model_info
+    from ea_local.apps.chat import Chat, ChatOptions
+    from ea_local.model.info import read_model_info
 
     chat = Chat(read_model_info(model_path("gemma3-270m")), ChatOptions(budget=1024, temperature=0, max_tokens=48,
                                                                         system="A conversation between two friends."))

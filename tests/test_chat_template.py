@@ -6,10 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from ea_local.chat_template import ChatTemplate, TemplateError, TurnRenderer, _fold_system, resolve_template
+from ea_local.model.chat_template import ChatTemplate, TemplateError, TurnRenderer, _fold_system, resolve_template
 from ea_local.engine.runtime import ContextConfig, Runtime
-from ea_local.model_info import read_model_info
-from ea_local.models import chat_model_path
+from ea_local.model.info import read_model_info
+from ea_local.model.embedded import chat_model_path
 
 from .gguf_factory import CHAT_TEMPLATES, write_tiny_gguf
 

@@ -10,7 +10,7 @@ from gguf import GGUFValueType
 
 from ea_local.engine.sampling import SamplingParams
 from ea_local.engine.session import Session, SessionConfig, query_shape
-from ea_local.model_info import read_model_info
+from ea_local.model.info import read_model_info
 from ea_local.policies import POLICIES
 
 from .gguf_factory import write_tiny_gguf
@@ -45,7 +45,7 @@ def test_weight_set_to_zero_after_a_question_aware_turn_still_scores(tiny_llama)
     s = Session(tiny_llama, SessionConfig(budget=300, chunk=256, step=32, recent=32))
     s.prefill([1] + _tokens(250), turn=True)  # one chunk, no compression: every query is in the focus
     assert len(s.query_pos) == 0 and len(s.focus_pos) == 251
-    s.cfg.question_weight = 0.0
+    s.set_question_weight(0.0)
     _, qpos, _ = s._statistics()
     assert np.array_equal(qpos, s.focus_pos)
     assert s.compress(100, phase="prefill") == 151

@@ -67,7 +67,7 @@ PHRASES = {"empty": "empty", "not_gguf": "not a GGUF", "trunc_8": "truncated", "
 
 
 def make_bad_model(kind: str, d: Path, tiny: str) -> str:
-    from ea_local.model_info import _read_header
+    from ea_local.model.gguf_header import read_header
 
     p = d / f"{kind}.gguf"
     if kind == "empty":
@@ -75,7 +75,7 @@ def make_bad_model(kind: str, d: Path, tiny: str) -> str:
     elif kind == "not_gguf":
         gf.write_not_gguf(p)
     elif kind.startswith("trunc_"):
-        hdr = _read_header(tiny)
+        hdr = read_header(tiny)
         off = {"trunc_8": 8, "trunc_header": 200, "trunc_tensor_table": hdr.data_offset - 100,
                "trunc_data": os.path.getsize(tiny) - 1000}[kind]
         gf.write_truncated(tiny, p, off)
@@ -160,7 +160,7 @@ def test_demo_bad_length(length):
 
 @pytest.mark.parametrize("decoding", ["default", "strict"])
 def test_chat_non_utf8_stdin_is_answered(decoding):
-    """Bad bytes become U+FFFD, whatever Python's stdin decoding (strict: the whole chat used to end)."""
+    """Bad bytes become U+FFFD, whatever Python's stdin decoding (strict decoding must not end the chat)."""
     env = dict(os.environ, PYTHONIOENCODING="utf-8:strict") if decoding == "strict" else None
     r = subprocess.run([*CLI, "chat", "--budget", "512", "--max-tokens", "4"], capture_output=True, timeout=300,
                        input=b"caf\xe9 \xff\xfe au lait?\n/stats\nhello\n", env=env)

@@ -11,7 +11,7 @@ import pytest
 
 from ea_local import build_info, kvhooks
 from ea_local.engine.runtime import ContextConfig, Runtime
-from ea_local.rope import apply_rope
+from ea_local.model.rope import apply_rope
 
 from .conftest import GEMMA, gpl_tokens
 
@@ -190,7 +190,7 @@ def test_read_keys_equal_computed_keys_and_queries(model, cache, fa, tol, reques
     """K rows read back equal the post-RoPE Kcur the graph computed (up to the cache's rounding,
     Hadamard rotation undone), V rows equal Vcur (transposed V without flash attention, rows with it);
     captured pre-RoPE queries, rotated at their positions, equal Qcur; value norms equal V's."""
-    from ea_local.model_info import read_model_info
+    from ea_local.model.info import read_model_info
 
     path = GEMMA if model == "gemma" else request.getfixturevalue(model)
     info = read_model_info(path)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ea_local.chat import Chat, ChatOptions
+from ea_local.apps.chat import Chat, ChatOptions
 from ea_local.engine.question import question_text
-from ea_local.model_info import read_model_info
+from ea_local.model.info import read_model_info
 
 
 def test_question_text_is_the_tail_after_the_last_paragraph_break():

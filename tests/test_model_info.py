@@ -1,4 +1,4 @@
-"""ea_local.model_info / info_format: GGUF metadata as llama.cpp interprets it, and the error paths."""
+"""ea_local.model.info / ea_local.apps.info: GGUF metadata as llama.cpp interprets it, and the error paths."""
 from __future__ import annotations
 
 import math
@@ -9,9 +9,9 @@ import gguf
 import numpy as np
 import pytest
 
-from ea_local import model_info as mi
-from ea_local.info_format import compact_ranges, format_info, human_bytes
-from ea_local.model_info import KVBytes, ModelFileError, read_model_info
+from ea_local.model import gguf_header, kv
+from ea_local.apps.info import compact_ranges, format_info, human_bytes
+from ea_local.model.info import KVBytes, ModelFileError, read_model_info
 
 try:  # tests/ may or may not be a package
     from .gguf_factory import (write_empty, write_not_gguf, write_random_after_magic, write_tiny_gguf,
@@ -221,7 +221,7 @@ def test_chat_template(tiny_dir):
 @pytest.mark.parametrize("scaling, scale", [
     (("linear", 4.0), 0.25),
     (("none", 4.0), 1.0),  # llama.cpp: never scale if the scaling type is none
-    (("yarn", 4.0), 0.25),  # reproduced by ea_local.rope_model (tests/test_rope_model.py)
+    (("yarn", 4.0), 0.25),  # reproduced by ea_local.model.rope_model (tests/test_rope_model.py)
 ])
 def test_rope_scaling(tiny_dir, scaling, scale):
     info = read_model_info(write_tiny_gguf(tiny_dir / "scaled.gguf", rope_scaling=scaling))
@@ -247,14 +247,14 @@ def test_f32_weights_and_determinism(tiny_dir):
 def test_header_parser_matches_gguf_reader(llama_file, qwen2_file, gemma3_file, tiny_dir):
     chat = write_tiny_gguf(tiny_dir / "chat2.gguf", chat_template="{{ x }}", n_head_kv=[2, 1])
     for path in (llama_file, qwen2_file, gemma3_file, chat):
-        hdr = mi._read_header(str(path))
+        hdr = gguf_header.read_header(str(path))
         r = gguf.GGUFReader(path)
         keys = [k for k in r.fields if not k.startswith("GGUF.")]
         assert sorted(keys) == sorted(hdr.kv)
         for k in keys:
             want = r.fields[k].contents()
             got = hdr.kv[k]
-            if isinstance(got, mi._Array):
+            if isinstance(got, gguf_header.GGUFArray):
                 assert got.length == len(want)
                 if got.values is not None:
                     assert list(got.values) == pytest.approx(want) if got.elem_type == gguf.GGUFValueType.FLOAT32 \
@@ -277,13 +277,13 @@ def test_format_helpers():
 
 
 def test_row_bytes():
-    assert mi.row_bytes("f16", 256) == 512
-    assert mi.row_bytes("q8_0", 256) == 272
-    assert mi.row_bytes("q4_0", 256) == 144
+    assert kv.row_bytes("f16", 256) == 512
+    assert kv.row_bytes("q8_0", 256) == 272
+    assert kv.row_bytes("q4_0", 256) == 144
     with pytest.raises(ValueError):
-        mi.row_bytes("q8_0", 48)
+        kv.row_bytes("q8_0", 48)
     with pytest.raises(ValueError):
-        mi.row_bytes("q3_k", 256)
+        kv.row_bytes("q3_k", 256)
 
 
 def test_non_block_rows_give_none(tiny_dir):
@@ -316,7 +316,7 @@ def test_unreadable(tiny_dir, llama_file, monkeypatch):
     def deny(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(mi, "open", deny, raising=False)  # root can read anything: simulate it
+    monkeypatch.setattr(gguf_header, "open", deny, raising=False)  # root can read anything: simulate it
     assert_one_line_error(llama_file, "cannot read", "permission denied")
 
 
@@ -338,7 +338,7 @@ def test_random_bytes_after_magic(tiny_dir, seed):
 
 def test_truncated_everywhere(tiny_dir, llama_file):
     size = os.path.getsize(llama_file)
-    hdr = mi._read_header(llama_file)
+    hdr = gguf_header.read_header(llama_file)
     offsets = sorted(set(list(range(0, hdr.data_offset + 64, 37)) + [hdr.data_offset, size // 2, size - 1]))
     dst = tiny_dir / "trunc.gguf"
     for off in offsets:
@@ -359,7 +359,7 @@ def test_truncated_in_tensor_data(tiny_dir, llama_file):
 def test_corrupted_header_bytes_never_crash(tiny_dir, llama_file):
     """Flip bytes in the header: the reader either succeeds or raises ModelFileError, quickly."""
     data = bytearray(open(llama_file, "rb").read())
-    end = mi._read_header(llama_file).data_offset
+    end = gguf_header.read_header(llama_file).data_offset
     rng = np.random.default_rng(0)
     dst = tiny_dir / "flipped.gguf"
     for _ in range(150):

@@ -13,7 +13,7 @@ from ea_local.policies.expected_attention import (
     softmax,
 )
 from ea_local.policies.snapkv import pool1d
-from ea_local.rope import apply_rope, mean_rotation
+from ea_local.model.rope import apply_rope, mean_rotation
 
 LAYOUTS = [pytest.param(False, id="norm"), pytest.param(True, id="neox")]
 

@@ -14,7 +14,7 @@ from ea_local.engine.runtime import ContextConfig, Runtime
 from ea_local.engine.session import BudgetError, Session, SessionConfig
 from ea_local.policies import POLICIES, UNAVAILABLE, get_policy
 from ea_local.policies.context_shift import n_discard, target
-from ea_local.rope import apply_rope
+from ea_local.model.rope import apply_rope
 
 from .test_policies import make_view, unit
 

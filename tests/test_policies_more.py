@@ -12,7 +12,7 @@ from ea_local.policies.lava import lava_layer
 from ea_local.policies.morphkv import morphkv_layer
 from ea_local.policies.obcache import obcache_layer
 from ea_local.policies.snapkv import pool1d
-from ea_local.rope import apply_rope
+from ea_local.model.rope import apply_rope
 
 from .test_policies import make_view, unit, unit_rows, window_aligned_view
 

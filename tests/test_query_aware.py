@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ea_local.engine import snapshot
 from ea_local.engine.session import BudgetError, Session, SessionConfig
 from ea_local.policies.base import CellView, RopeSpec
 from ea_local.policies.expected_attention import query_statistics
@@ -190,9 +191,9 @@ def test_focus_window_survives_save_and_load(gemma_ctx, tmp_path):
     s = Session(str(GEMMA), cfg)
     s.prefill(gemma_ctx[:300])
     s.prefill(gemma_ctx[300:340], turn=True)
-    s.save(str(tmp_path / "s.eas"))
+    snapshot.save(s, str(tmp_path / "s.eas"))
     t = Session(str(GEMMA), cfg)
-    t.load(str(tmp_path / "s.eas"))
+    snapshot.load(t, str(tmp_path / "s.eas"))
     assert t.focus_pos.tolist() == s.focus_pos.tolist() == list(range(300, 340))
     for il in s.layers:
         np.testing.assert_array_equal(t.focus[il], s.focus[il])

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ea_local.chat import Chat, ChatOptions
+from ea_local.apps.chat import Chat, ChatOptions
 from ea_local.engine.archive import bytes_per_token, parse_size
 from ea_local.engine.session import Session, SessionConfig
-from ea_local.model_info import read_model_info
-from ea_local.models import chat_model_path
+from ea_local.model.info import read_model_info
+from ea_local.model.embedded import chat_model_path
 
 from .conftest import GPL3
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from ea_local.policies.base import RopeSpec
-from ea_local.rope import apply_rope, mean_rotation, theta
+from ea_local.model.rope import apply_rope, mean_rotation, theta
 
 LAYOUTS = [pytest.param(False, id="norm"), pytest.param(True, id="neox")]
 

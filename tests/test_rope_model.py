@@ -8,10 +8,10 @@ from gguf import GGUFValueType
 
 from ea_local.engine.runtime import ContextConfig, Runtime
 from ea_local.engine.session import Session, SessionConfig
-from ea_local.model_info import read_model_info
+from ea_local.model.info import read_model_info
 from ea_local.policies.base import RopeSpec
-from ea_local.rope import apply_rope, magnitude, mean_rotation, theta
-from ea_local.rope_model import RopeUnsupported, rope_specs
+from ea_local.model.rope import apply_rope, magnitude, mean_rotation, theta
+from ea_local.model.rope_model import RopeUnsupported, rope_specs
 
 from .gguf_factory import write_tiny_gguf
 from .ggml_probe import Probe

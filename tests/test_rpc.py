@@ -21,7 +21,7 @@ import pytest
 
 from ea_local import rpc
 from ea_local.engine.runtime import ContextConfig, Runtime
-from ea_local.placement import parse
+from ea_local.apps.placement import parse
 
 from .conftest import GEMMA, GPL3, gpl_tokens
 

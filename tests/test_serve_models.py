@@ -92,10 +92,10 @@ def test_chat_prompt_equals_the_one_chat_renders(server):
     """The server renders a conversation exactly as `ea-local chat` feeds it (chat_template's
     TurnRenderer, as the chat REPL uses it): after the server answered the chat request, the same
     text sent as a completion finds every token but the last in the slot's cache."""
-    from ea_local.chat_template import TurnRenderer, resolve_template
+    from ea_local.model.chat_template import TurnRenderer, resolve_template
     from ea_local.engine.runtime import ContextConfig, Runtime
-    from ea_local.model_info import read_model_info
-    from ea_local.models import resolve_model
+    from ea_local.model.info import read_model_info
+    from ea_local.model.embedded import resolve_model
 
     info = read_model_info(resolve_model(server.name))
     rt = Runtime(str(info.path), ContextConfig(n_ctx=64, n_threads=1))

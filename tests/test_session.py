@@ -155,4 +155,17 @@ def test_set_policy_and_set_budget(tiny_llama):
     evicted = s.set_budget(200)
     assert evicted == 248 - (200 - 32) and s.n_cells == 200 - 32 and s.cfg.budget == 200
     _check_consistent(s)
+    # one-shot: below the streaming floor (4 + 48 + 32 + 1), nothing evicted until the caller compresses
+    with pytest.raises(BudgetError, match="not in 1"):
+        s.set_one_shot_budget(s.rt.n_ctx + 1)
+    s.set_one_shot_budget(40, recent=8)
+    assert (s.cfg.budget, s.cfg.recent, s.n_cells) == (40, 8, 200 - 32)
+    assert s.compress(40, phase="prefill") == 200 - 32 - 40 and s.n_cells == 40
+    _check_consistent(s)
+    s.stop_compressing()
+    assert s.cfg.budget == s.rt.n_ctx
+    with pytest.raises(BudgetError, match="question_weight"):
+        s.set_question_weight(1.5)
+    s.set_question_weight(0.0)
+    assert s.cfg.question_weight == 0.0
     s.close()

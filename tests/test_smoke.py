@@ -1,6 +1,6 @@
-"""scripts/smoke.py + ea_local/smoke.py: setup's smoke run and its fallback to the safe build.
+"""scripts/smoke.py + ea_local/apps/smoke.py: setup's smoke run and its fallback to the safe build.
 
-The children are real `python -m ea_local.smoke` processes on the default model; the ones that crash
+The children are real `python -m ea_local.apps.smoke` processes on the default model; the ones that crash
 kill themselves on purpose (--crash SIGNAL, after the first decode). The rebuild is a stand-in: no
 compiler runs here."""
 from __future__ import annotations
@@ -105,5 +105,5 @@ def test_signal_names():
 
 
 def test_child_rejects_an_unknown_signal_in_one_line():
-    r = subprocess.run([sys.executable, "-m", "ea_local.smoke", "--crash", "NOPE"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "ea_local.apps.smoke", "--crash", "NOPE"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown signal SIGNOPE" in r.stderr and "Traceback" not in r.stderr

@@ -63,7 +63,7 @@ def saved(tmp_path_factory):
     d = tmp_path_factory.mktemp("snap")
     s = _evicted_session()
     path = d / "s.ea"
-    n = s.save(str(path), extra={"note": "hello"})
+    n = snapshot.save(s, str(path), extra={"note": "hello"})
     assert n == path.stat().st_size
     before = dict(live=dict(s.live), next_pos=s.next_pos, seen=s.stats.tokens_seen, ev=len(s.stats.evictions))
     logits = _next_logits(s, CONT)
@@ -73,7 +73,7 @@ def saved(tmp_path_factory):
 
 def test_roundtrip_in_a_fresh_session(saved):
     s = _session()
-    extra = s.load(str(saved["path"]))
+    extra = snapshot.load(s, str(saved["path"]))
     b = saved["before"]
     assert extra == {"note": "hello"}
     assert s.live == b["live"] and s.next_pos == b["next_pos"] and s.stats.tokens_seen == b["seen"]
@@ -98,17 +98,18 @@ def test_roundtrip_in_a_fresh_process(saved):
     out = saved["dir"] / "logits.npy"
     code = f"""
 import json, numpy as np
+from ea_local.engine import snapshot
 from tests.test_snapshot import _session, _next_logits, _greedy, CONT
-s = _session(); s.load({str(saved['path'])!r})
+s = _session(); snapshot.load(s, {str(saved['path'])!r})
 np.save({str(out)!r}, _next_logits(s, CONT)); s.close()
-s = _session(); s.load({str(saved['path'])!r}); print(json.dumps(_greedy(s)))
+s = _session(); snapshot.load(s, {str(saved['path'])!r}); print(json.dumps(_greedy(s)))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                        cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 0, r.stderr
     _assert_same_logits(np.load(out), saved["logits"])
     s = _session()
-    s.load(str(saved["path"]))
+    snapshot.load(s, str(saved["path"]))
     assert json.loads(r.stdout.strip().splitlines()[-1]) == _greedy(s)
     s.close()
 
@@ -120,11 +121,11 @@ def test_tiny_llama_roundtrip(tiny_llama, tmp_path):
     toks = [1] + rng.integers(3, 380, size=500).tolist()
     s = Session(tiny_llama, SessionConfig(**cfg))
     s.prefill(toks)
-    s.save(str(tmp_path / "l.ea"))
+    snapshot.save(s, str(tmp_path / "l.ea"))
     ref = _next_logits(s, [5, 6, 7])
     s.close()
     s = Session(tiny_llama, SessionConfig(**cfg))
-    s.load(str(tmp_path / "l.ea"))
+    snapshot.load(s, str(tmp_path / "l.ea"))
     _assert_same_logits(_next_logits(s, [5, 6, 7]), ref)
     s.close()
 
@@ -132,7 +133,7 @@ def test_tiny_llama_roundtrip(tiny_llama, tmp_path):
 def test_load_other_geometry_is_refused_in_place(saved):
     s = _session(budget=600)
     with pytest.raises(snapshot.SnapshotError, match="budget 512"):
-        s.load(str(saved["path"]))
+        snapshot.load(s, str(saved["path"]))
     s.close()
 
 
@@ -162,7 +163,7 @@ def _variants(path, d, tiny_llama) -> dict:
     w("appended", data + b"\0" * 10)
     s = Session(tiny_llama, SessionConfig(budget=128, chunk=32, step=16, recent=16))
     s.prefill([1, 5, 6, 7, 8])
-    s.save(str(d / "foreign"))
+    snapshot.save(s, str(d / "foreign"))
     s.close()
     out["foreign"] = d / "foreign"
     out["directory"] = d
@@ -173,14 +174,14 @@ def _variants(path, d, tiny_llama) -> dict:
 def test_bad_files_refused_and_state_kept(saved, tiny_llama, tmp_path):
     bad = _variants(saved["path"], tmp_path, tiny_llama)
     s = _session()
-    s.load(str(saved["path"]))
+    snapshot.load(s, str(saved["path"]))
     live, nxt = dict(s.live), s.next_pos
     phrases = {"empty": "not an ea-local session", "text": "not an ea-local session", "version": "version 99",
                "foreign": "another model", "directory": "directory", "missing": "no such file",
                "payload_flip": "checksum", "header_flip": "corrupt", "appended": "corrupt"}
     for name, p in bad.items():
         with pytest.raises(snapshot.SnapshotError) as ei:
-            s.load(str(p))
+            snapshot.load(s, str(p))
         msg = str(ei.value)
         assert "\n" not in msg, (name, msg)
         if name.startswith("trunc"):
@@ -196,7 +197,7 @@ def test_bad_files_refused_and_state_kept(saved, tiny_llama, tmp_path):
 def test_llama_refusing_the_state_rolls_back(saved):
     """A checksummed file whose llama.cpp state is unusable: the cells in place are put back."""
     s = _session()
-    s.load(str(saved["path"]))
+    snapshot.load(s, str(saved["path"]))
     live = dict(s.live)
     ref = _next_logits(s, CONT[:1])
     s.rt.seq_rm(0, s.next_pos - 1, -1)  # undo the probe token so the state is as before

@@ -12,6 +12,10 @@ import random
 import string
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..engine.runtime import Runtime
 
 
 # Debian base-files: real English prose, no download at run time
@@ -22,6 +26,38 @@ HELD_OUT = [_LICENSE_DIR / f for f in ("GFDL-1.3", "MPL-2.0", "Apache-2.0", "Art
 
 WORDS = ["apple", "river", "candle", "falcon", "meadow", "silver", "harbor", "pepper", "tunnel", "violet",
          "anchor", "glacier", "lantern", "orchard", "pebble", "saddle", "thunder", "walnut", "zephyr", "copper"]
+
+
+# the pass-key test (Mohtashami and Jaggi, arXiv 2305.16300): a needle in repetitive filler
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+          "There and back again. ")
+
+
+def passkey_prompt(rt: "Runtime", length: int, depth: float, key: int,
+                   haystack: list[int] | None = None) -> tuple[list[int], list[int], tuple[int, int]]:
+    """(context tokens, question tokens, (start, end) token span of the needle) for ~length tokens.
+
+    haystack: tokens of real text to hide the needle in (cut at token boundaries); None: the
+    repetitive filler of the usual pass-key test."""
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    head = [rt.bos()] if rt.add_bos() else []
+    head += rt.tokenize("There is important info hidden inside a lot of irrelevant text. Find it and memorize it. ")
+    if haystack is None:
+        unit = rt.tokenize(FILLER)
+        n_fill = max(1, (length - 64) // len(unit))
+        before, after = unit * int(n_fill * depth), unit * (n_fill - int(n_fill * depth))
+    else:
+        n_fill = max(1, length - 64)
+        if len(haystack) < n_fill:
+            raise ValueError(f"haystack has {len(haystack)} tokens, need {n_fill}")
+        before, after = haystack[:int(n_fill * depth)], haystack[int(n_fill * depth):n_fill]
+    ctx = head + before
+    start = len(ctx)
+    ctx += rt.tokenize(needle)
+    span = (start, len(ctx))
+    ctx += after
+    question = rt.tokenize("What is the pass key? The pass key is")
+    return ctx, question, span
 
 
 @dataclass

@@ -27,9 +27,9 @@ class Costs:
 def calibrate(o: BenchOptions) -> Costs:
     """About 10-30 s on a 2-core CPU: a 512-token prefill, 3 trials and a 512-token perplexity pass."""
     from ..engine.session import Session
-    from .. import quality as q_mod
-    from .snapshot import restore, take
-    from .suites.common import ask, session_cfg, set_policy
+    from . import quality as q_mod
+    from ..engine.snapshot import checkpoint, rewind
+    from .suites.common import ask, session_cfg
     from . import corpus
 
     cfg = session_cfg(o, CALIB_TOKENS + 256)
@@ -38,17 +38,17 @@ def calibrate(o: BenchOptions) -> Costs:
     try:
         toks = ([s.rt.bos()] if s.rt.add_bos() else []) + s.rt.tokenize(corpus.text(o.texts)[:4 * CALIB_TOKENS * 4])
         toks = toks[:CALIB_TOKENS]
-        set_policy(s, "expected-attention")
+        s.set_policy("expected-attention")
         t0 = time.process_time()
         s.prefill(toks)
         prefill = (time.process_time() - t0) / len(toks)
-        snap = take(s)
+        snap = checkpoint(s)
         question = s.rt.tokenize(" What is the pass key? The pass key is")
         comp, ans = [], []
         for _ in range(3):
             t0 = time.process_time()
-            restore(s, snap)
-            s.cfg.budget = len(toks) // 4
+            rewind(s, snap)
+            s.set_one_shot_budget(len(toks) // 4)
             s.compress(len(toks) // 4, phase="prefill")
             t1 = time.process_time()
             ask(s, question, 8)

@@ -219,3 +219,54 @@ def report_sizes(o: BenchOptions) -> BenchOptions:
     o.ppl_docs = 16
     o.preset = "report"
     return o
+
+
+def from_flags(*, out: str, suite: str, policies: str, budgets: str | None, modes: str | None, texts: str,
+               cache_type: str, threads: int | None, n_gpu_layers: int | None, seed: int, rpc: tuple[str, ...],
+               command: str, preset: str | None = None, haystack: str | None = None, quick: bool = False,
+               lengths: str | None = None, histories: str | None = None, task_length: str | None = None,
+               ppl_tokens: str | None = None, chat_tokens: str | None = None, depths: str | None = None,
+               samples: int | None = None, seeds: int | None = None, ppl_docs: int | None = None) -> BenchOptions:
+    """The options of `ea-local bench` from its flags' strings: a preset's sizes first, then --quick,
+    then every size flag given overrides them. BenchError (one line) for a bad value."""
+    o = BenchOptions(model="", out=out, suites=parse_suites(suite), policies=parse_policies(policies),
+                     budgets=parse_budgets(budgets or "50%,25%,12.5%"), modes=parse_modes(modes or "agnostic"),
+                     texts=parse_texts(texts), cache_type=cache_type, threads=threads, n_gpu_layers=n_gpu_layers,
+                     seed=seed, rpc=rpc, command=command)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise BenchError(f"unknown preset {preset!r}; choose from: {', '.join(PRESETS)}")
+        report_sizes(o)
+        if budgets:
+            o.budgets = parse_budgets(budgets)
+        if suite != "all":
+            o.suites = parse_suites(suite)
+        if modes:
+            o.modes = parse_modes(modes)
+    if haystack or not o.haystacks:
+        hays = parse_haystacks(haystack or "filler")
+        o.haystack, o.haystacks = hays[0], (hays if len(hays) > 1 else None)
+    if quick:
+        quick_sizes(o)
+    if lengths:
+        o.lengths = parse_tokens(lengths, "length")
+    if histories:
+        o.histories = parse_tokens(histories, "history")
+    for name, val in (("task_length", task_length), ("ppl_tokens", ppl_tokens), ("chat_tokens", chat_tokens)):
+        if val:
+            toks = parse_tokens(val, name.replace("_", " "))
+            if len(toks) != 1:
+                raise BenchError(f"--{name.replace('_', '-')} takes one length, got {val!r}")
+            setattr(o, name, toks[0])
+    if depths:
+        o.depths = parse_depths(depths)
+    if samples is not None:
+        if samples < 1:
+            raise BenchError(f"--samples must be at least 1, got {samples}")
+        o.task_samples = samples
+    for flag, val, attr in (("--seeds", seeds, "seeds"), ("--ppl-docs", ppl_docs, "ppl_docs")):
+        if val is not None:
+            if val < 1:
+                raise BenchError(f"{flag} must be at least 1, got {val}")
+            setattr(o, attr, val)
+    return o

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from .stats import wilson
+from .summary import TASKS, accuracy, columns, full_accuracy, passkey_grid, ppl_ci
 
-from .stats import wilson  # noqa: E402
-from .summary import TASKS, accuracy, columns, full_accuracy, passkey_grid, ppl_ci  # noqa: E402
+matplotlib.use("Agg")  # before pyplot is imported: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
 
 
 def _slug(s: str) -> str:

@@ -129,7 +129,7 @@ def _quality(res: dict, figs: list[str]) -> list[str]:
     pk = q.get("passkey", [])
     hays = s.get("haystacks") or [s.get("haystack", "filler")]
     texts = s.get("texts", "reporting")
-    hay = " and ".join("real prose (the " + texts + " texts below)" if h == "prose" else "repetitive filler (`ea_local/demo.py`)"
+    hay = " and ".join("real prose (the " + texts + " texts below)" if h == "prose" else "repetitive filler (`ea_local/bench/data.py`)"
                        for h in hays)
     n, tl = s["task_samples"] * len(hays), s["task_length"]
     seeds = s.get("seeds", 1)

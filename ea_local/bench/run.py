@@ -48,7 +48,7 @@ def _machine() -> dict:
 
 
 def _model(o: BenchOptions) -> dict:
-    from ..model_info import read_model_info
+    from ..model.info import read_model_info
 
     info = read_model_info(o.model)
     return {"path": o.model, "name": Path(o.model).name, "architecture": info.architecture,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Mapping
 import numpy as np
 
 from ..policies.common import kv_group
-from ..rope import apply_rope
+from ..model.rope import apply_rope
 
 if TYPE_CHECKING:
     from ..policies.base import RopeSpec

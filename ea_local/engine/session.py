@@ -31,10 +31,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..model_info import read_model_info
+from ..model.info import read_model_info
 from ..policies import get_policy
 from ..policies.base import CellView
-from ..rope_model import rope_specs
+from ..model.rope_model import rope_specs
 from .archive import Archive, plan_swap, pool_spans
 from .recall import message_scores
 from .runtime import ContextConfig, LlamaError, Runtime, SharedModel
@@ -196,6 +196,26 @@ class Session:
         replace(self.cfg, budget=n).validate()
         self.cfg.budget = n
         return self.compress(n - self.cfg.step, phase="decode") if compress and self.n_cells > n else 0
+
+    def set_one_shot_budget(self, n: int, recent: int | None = None) -> None:
+        """The budget of kvpress' one-shot protocol: the whole context was prefilled and is compressed
+        once to `n` cells (the caller's compress), not streamed through them, so the streaming floor
+        (sinks + recent + step) does not apply. `recent` also sets the newest tokens never evicted."""
+        if not 0 < n <= self.rt.n_ctx:
+            raise BudgetError(f"budget {n} is not in 1..{self.rt.n_ctx} (this context's cells)")
+        self.cfg.budget = n
+        if recent is not None:
+            self.cfg.recent = recent
+
+    def stop_compressing(self) -> None:
+        """Raise the budget to the whole context: the cells kept so far stay, new tokens only add cells
+        (the bench asks its question on a cache it compressed once)."""
+        self.set_budget(self.rt.n_ctx, compress=False)
+
+    def set_question_weight(self, w: float) -> None:
+        """Share of the statistics from the focus window from now on (0: question-agnostic)."""
+        replace(self.cfg, question_weight=w).validate()
+        self.cfg.question_weight = w
 
     @property
     def recall_on(self) -> bool:
@@ -640,21 +660,6 @@ class Session:
             raise InvariantError(f"KV bookkeeping out of step with llama.cpp after {len(self.stats.evictions)} "
                                  f"compressions: {len(pos)} cells vs {len(mine)} live positions "
                                  f"(in llama.cpp only: {extra[:8]}, in the session only: {missing[:8]})")
-
-    # ---- session files (engine/snapshot.py) ----
-    def save(self, path: str, extra: dict | None = None) -> int:
-        """Write the cells and bookkeeping to a session file; returns its size in bytes."""
-        from . import snapshot
-
-        return snapshot.save(self, path, extra)
-
-    def load(self, path: str) -> dict:
-        """Restore a session file saved with this model and cache geometry; returns its `extra`."""
-        from . import snapshot
-
-        snap = snapshot.read(path, self.model_path)
-        snapshot.restore(self, snap)
-        return snap.extra
 
     def compact(self) -> None:
         """Renumber live positions 0..n-1 (llama.cpp re-rotates K) before they reach the training context."""

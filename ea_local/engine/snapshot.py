@@ -1,4 +1,5 @@
-"""Session files: a budgeted conversation saved to disk and loaded back, cache and all.
+"""Session state copied out and put back: to a file (a conversation saved to disk and loaded
+back, cache and all) or in memory (a checkpoint: one prefill serves every trial of the bench).
 
 The KV cells come from llama.cpp's sequence state API (llama_state_seq_get_data /
 set_data, flags 0). In the vendored llama.cpp (0.3.36) it writes every cell of the sequence
@@ -15,9 +16,15 @@ metadata key and the tensor table), the session config, the stats, `extra`, and 
 sections (name, dtype, shape, offset) with the payload's SHA-256. A file is checked whole
 before anything is restored, so a corrupt, truncated or foreign file is refused with one line
 and the session keeps its state.
+
+A checkpoint is the same state kept in memory, without the file's checks: kvpress' main protocol
+compresses once after a full prefill, and on a 2-core CPU the prefill is the expensive part (an 8k
+context takes about a minute), so the bench prefills each sample once and rewinds to its checkpoint
+before each policy x budget trial.
 """
 from __future__ import annotations
 
+import copy
 import ctypes
 import dataclasses
 import hashlib
@@ -28,13 +35,15 @@ import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import llama_cpp.llama_cpp as ll
 import numpy as np
 
-if TYPE_CHECKING:
-    from .session import Session
+from ..model.gguf_header import read_header
+from ..policies import get_policy
+from .archive import Archive
+from .session import Eviction, Session, Stats
 
 MAGIC = b"EALSESS\x00"
 VERSION = 1
@@ -69,9 +78,7 @@ class Snapshot:
 
 @lru_cache(maxsize=8)
 def _identity(path: str, size: int, mtime_ns: int) -> tuple[int, str]:
-    from ..model_info import _read_header
-
-    end = _read_header(path).data_offset
+    end = read_header(path).data_offset
     h = hashlib.sha256()
     with open(path, "rb") as f:
         left = end
@@ -112,7 +119,7 @@ def seq_state_set(ctx, data: bytes, seq: int = 0) -> bool:
 
 # ---- writing ----
 
-def save(s: "Session", path: str | os.PathLike[str], extra: dict | None = None) -> int:
+def save(s: Session, path: str | os.PathLike[str], extra: dict | None = None) -> int:
     """Write the session to `path` (atomically: a temporary file renamed). Returns the bytes written."""
     if s.policy.needs_queries and s._n_captured:
         # queries llama.cpp captured since the last pull: read (not cleared) and appended to the window,
@@ -254,7 +261,7 @@ def read(path: str | os.PathLike[str], model_path: str) -> Snapshot:
     return snap
 
 
-def fits(s: "Session", snap: Snapshot) -> bool:
+def fits(s: Session, snap: Snapshot) -> bool:
     """Whether `s`'s context can take the snapshot in place: same cache geometry, scored layers and policy
     (the policy sizes the context too: "none" has no chunk room, lookahead policies more)."""
     c = snap.config
@@ -267,14 +274,17 @@ def session_config(snap: Snapshot, base: Any) -> Any:
     return dataclasses.replace(base, **{k: snap.config[k] for k in CONFIG_FIELDS})
 
 
-def restore(s: "Session", snap: Snapshot) -> None:
+def load(s: Session, path: str | os.PathLike[str]) -> dict:
+    """Restore a session file saved with this model and cache geometry into `s`; returns its `extra`."""
+    snap = read(path, s.model_path)
+    restore(s, snap)
+    return snap.extra
+
+
+def restore(s: Session, snap: Snapshot) -> None:
     """Put the snapshot's cells and bookkeeping into `s` (a session whose context has room for them).
 
     On failure the session's previous cells are put back and SnapshotError is raised."""
-    from .session import Eviction, Stats
-
-    from ..policies import get_policy
-
     cfg = snap.config
     if not fits(s, snap):
         raise SnapshotError(f"{snap.path}: saved with budget {cfg['budget']}, chunk {cfg['chunk']}, cache "
@@ -315,7 +325,7 @@ def restore(s: "Session", snap: Snapshot) -> None:
     restore_archive(s, snap.archive)
 
 
-def restore_archive(s: "Session", sec: dict[str, np.ndarray]) -> None:
+def restore_archive(s: Session, sec: dict[str, np.ndarray]) -> None:
     """Fill the session's archive from a file's "archive.*" sections (empty when there are none)."""
     a = s.archive
     if a is None:
@@ -327,3 +337,52 @@ def restore_archive(s: "Session", sec: dict[str, np.ndarray]) -> None:
     digest = {il: sec[f"archive.digest.{il}"].copy() for il in s.layers if f"archive.digest.{il}" in sec}
     a.add(sec["archive.pos"].copy(), sec["archive.tokens"].copy(), rows, digest,
           rotated_at=sec["archive.rotated_at"].copy(), recalls=sec["archive.recalls"].copy())
+
+
+# ---- in memory ----
+
+@dataclass
+class Checkpoint:
+    state: bytes  # llama.cpp's sequence state
+    live: dict[int, int]
+    next_pos: int
+    queries: dict[int, np.ndarray]
+    query_pos: np.ndarray
+    focus: dict[int, np.ndarray]  # the newest user turn's queries (question-known multi-turn)
+    focus_pos: np.ndarray
+    stats: Stats
+    budget: int
+    logits: np.ndarray  # of the last prefilled token: what a lookahead policy (laq) and the sampler read first
+    archive: Archive | None = None  # the archive of evicted cells (recall), copied
+    recalled_count: dict[int, int] = field(default_factory=dict)
+
+
+def checkpoint(s: Session) -> Checkpoint:
+    """Copy the session's cells and bookkeeping, including the queries captured but not yet pulled."""
+    if s.policy.needs_queries and s._n_captured:
+        s._pull_queries(keep=s.cfg.stats_window)  # the statistics window belongs to the checkpoint
+    return Checkpoint(seq_state_get(s.rt.ctx, 0), dict(s.live), s.next_pos, {k: v.copy() for k, v in s.queries.items()},
+                      s.query_pos.copy(), {k: v.copy() for k, v in s.focus.items()}, s.focus_pos.copy(),
+                      copy.deepcopy(s.stats), s.cfg.budget, s.rt.logits(),
+                      s.archive.copy() if s.archive is not None else None, dict(s.recalled_count))
+
+
+def rewind(s: Session, cp: Checkpoint) -> None:
+    """Put the session back to `cp` (same context; the policy and its options stay as they are now)."""
+    s.rt.clear()
+    s.rt.capture_clear()
+    if not seq_state_set(s.rt.ctx, cp.state, 0):
+        raise SnapshotError("llama.cpp could not restore the sequence")
+    s.live = dict(cp.live)
+    s.next_pos = cp.next_pos
+    s.queries = {k: v.copy() for k, v in cp.queries.items()}
+    s.query_pos = cp.query_pos.copy()
+    s.focus = {k: v.copy() for k, v in cp.focus.items()}
+    s.focus_pos = cp.focus_pos.copy()
+    s._n_captured = 0
+    s.stats = copy.deepcopy(cp.stats)
+    s.cfg.budget = cp.budget
+    s.rt.set_logits(cp.logits)
+    if cp.archive is not None and s.archive is not None:
+        s.archive = cp.archive.copy()
+        s.recalled_count = dict(cp.recalled_count)

@@ -12,22 +12,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class RopeSpec:
-    """RoPE of one layer, as llama.cpp applies it to the cached keys (ggml_rope_ext's arguments;
-    ea_local.rope computes the rotation, ea_local.rope_model reads them from a GGUF)."""
-
-    n_dims: int  # rotated dimensions (head_dim for every model we support)
-    freq_base: float
-    freq_scale: float = 1.0  # linear scaling: theta = pos * freq_scale * base^(-2i/n_dims)
-    neox: bool = False  # True: pairs (i, i + n_dims/2) ("halves"); False: adjacent pairs (2i, 2i+1)
-    freq_factors: tuple[float, ...] | None = None  # (n_dims/2,) divisors of each pair's frequency (rope_freqs)
-    ext_factor: float = 0.0  # YaRN's extrapolation mix (1 with rope scaling "yarn", else 0)
-    attn_factor: float = 1.0  # magnitude factor of cos and sin (llama.cpp's yarn_attn_factor)
-    beta_fast: float = 32.0  # YaRN correction range, in rotations over n_ctx_orig
-    beta_slow: float = 1.0
-    n_ctx_orig: int = 0  # YaRN's original training context
+from ..model.rope import RopeSpec  # noqa: F401  (a CellView carries each layer's)
 
 
 @dataclass

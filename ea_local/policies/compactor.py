@@ -28,7 +28,7 @@ import numpy as np
 from ea_local.policies.base import CellView, Policy
 from ea_local.policies.common import aggregate_scores, use_layers
 from ea_local.policies.snapkv import group_attention, pool1d, window
-from ea_local.rope import apply_rope
+from ea_local.model.rope import apply_rope
 
 
 def leverage_scores(

@@ -29,7 +29,7 @@ import numpy as np
 
 from ea_local.policies.base import CellView, Policy, RopeSpec
 from ea_local.policies.common import aggregate_scores, kv_group, pool1d, softmax, use_layers
-from ea_local.rope import mean_rotation
+from ea_local.model.rope import mean_rotation
 
 
 def query_statistics(q: np.ndarray, use_covariance: bool = True, weights: np.ndarray | None = None,

@@ -25,7 +25,7 @@ import numpy as np
 from ea_local.policies.base import CellView, Policy, RopeSpec
 from ea_local.policies.common import kv_group
 from ea_local.policies.snapkv import group_attention, over_window
-from ea_local.rope import apply_rope
+from ea_local.model.rope import apply_rope
 
 SALIENCIES = ("value", "key", "joint")
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from ea_local.policies.base import CellView, Policy, RopeSpec
 from ea_local.policies.common import aggregate_scores, kv_group, pool1d, softmax, use_layers
-from ea_local.rope import apply_rope
+from ea_local.model.rope import apply_rope
 
 def group_attention(
     queries: np.ndarray,

@@ -24,7 +24,7 @@ from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from ..chat_template import ChatTemplate, TemplateError
+from ..model.chat_template import ChatTemplate, TemplateError
 from ..engine.runtime import LlamaError, Runtime
 from ..engine.sampling import SamplingParams
 from ..engine.session import BudgetError

@@ -8,12 +8,50 @@ from pathlib import Path
 
 import uvicorn
 
-from ..chat_template import resolve_template
+from ..model.chat_template import resolve_template
+from ..engine.archive import parse_size
 from ..engine.runtime import SharedModel
 from ..engine.session import SessionConfig
-from ..model_info import ModelInfo
+from ..policies import get_policy
+from ..model.info import ModelInfo
 from .app import Server, ServeConfig, create_app
 from .slots import build_pool
+
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def check_flags(*, parallel: int, queue: int, max_tokens: int, max_prompt_tokens: int, max_body: int, port: int,
+                log_level: str, policy: str) -> None:
+    """`ea-local serve`'s flags that need no model; ValueError (one line) for a bad one."""
+    for name, v, lo in (("--parallel", parallel, 1), ("--queue", queue, 0), ("--max-tokens", max_tokens, 1),
+                        ("--max-prompt-tokens", max_prompt_tokens, 1), ("--max-body", max_body, 1024)):
+        if v < lo:
+            raise ValueError(f"{name} must be at least {lo}, got {v}")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {port}")
+    if log_level not in LOG_LEVELS:
+        raise ValueError(f"unknown --log-level {log_level!r}")
+    get_policy(policy)  # ValueError for an unknown name
+
+
+def configure(info: ModelInfo, *, budget: int, policy: str, max_tokens: int, max_prompt_tokens: int, max_body: int,
+              temperature: float, api_key: str | None, cache_type: str, seed: int, threads: int | None,
+              n_gpu_layers: int | None, rpc: tuple[str, ...], recall: bool,
+              archive: str) -> tuple[ServeConfig, SessionConfig]:
+    """The server's and every slot's settings for `info`'s model; ValueError (one line) for a bad value."""
+    a_tokens, a_bytes = parse_size(archive)
+    scfg = SessionConfig(budget=budget, policy=policy, cache_type=cache_type, seed=seed, n_threads=threads,
+                         n_gpu_layers=n_gpu_layers, chunk=max(1, min(512, budget // 2)), rpc=rpc,
+                         recall=recall, archive_tokens=a_tokens, archive_bytes=a_bytes)
+    scfg.validate()
+    cfg = ServeConfig(model_id=model_id(str(info.path)), budget=budget, policy=policy,
+                      min_budget=scfg.n_sink + scfg.recent + scfg.step + 1, max_tokens=max_tokens,
+                      max_tokens_limit=max(max_tokens, info.n_ctx_train), max_prompt_tokens=max_prompt_tokens,
+                      temperature=temperature, api_key=api_key or None, max_body=max_body,
+                      # a probe of at most `step` tokens costs no budget: prefill's room already leaves a step free
+                      max_question=min(scfg.step - scfg.answer_lookahead, scfg.chunk - 1 - scfg.answer_lookahead))
+    return cfg, scfg
 
 
 def build_server(info: ModelInfo, cfg: ServeConfig, session_cfg: SessionConfig, parallel: int, queue: int,

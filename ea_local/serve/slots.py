@@ -195,7 +195,7 @@ class Slot:
                     raise Cancelled()
 
             question = self.question(req, k)
-            s.cfg.question_weight = 0.0 if req.question_agnostic else SessionConfig.question_weight
+            s.set_question_weight(0.0 if req.question_agnostic else SessionConfig.question_weight)
             s.set_question(question)
             # question-agnostic: the new tokens are context like any other (their queries are the statistics);
             # otherwise, unless a probed question steers, they end with the user's newest message: their

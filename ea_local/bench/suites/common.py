@@ -13,14 +13,9 @@ def session_cfg(o: BenchOptions, budget: int, policy: str = "expected-attention"
                          n_gpu_layers=o.n_gpu_layers, seed=o.seed, rpc=o.rpc)
 
 
-def set_policy(s: Session, name: str) -> None:
-    """Switch the policy of a prefilled session (its statistics window was captured at prefill)."""
-    s.set_policy(name)
-
-
 def ask(s: Session, question: list[int], max_tokens: int) -> str:
     """Prefill the question and answer greedily without compressing any further."""
-    s.set_budget(s.rt.n_ctx)  # the context was compressed already: the question and answer only add cells
+    s.stop_compressing()  # the context was compressed already: the question and answer only add cells
     return "".join(s.generate(question, max_tokens=max_tokens)).strip()
 
 
@@ -41,7 +36,7 @@ def streaming_floor(model: str) -> int:
     On iSWA models the sliding layers keep their own window-sized cache, and llama.cpp sizes it
     from n_ctx = budget + chunk (llama_kv_cache_iswa: min(n_ctx, n_swa + n_ubatch)): below the
     window it has no room and decoding fails, so such budgets are reported as skipped."""
-    from ...model_info import read_model_info
+    from ...model.info import read_model_info
 
     info = read_model_info(model)
     return info.sliding_window if info.sliding_layers and info.sliding_window else 0

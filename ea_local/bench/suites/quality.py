@@ -16,12 +16,12 @@ from typing import Callable
 
 from ...engine.runtime import ContextConfig, Runtime
 from ...engine.session import Session
-from ...demo import FILLER, passkey_prompt
-from ... import quality as q_mod
+from ..data import FILLER, passkey_prompt
+from .. import quality as q_mod
 from .. import corpus, data
 from ..options import BenchOptions
-from ..snapshot import restore, take
-from .common import ask, compress_question_known, session_cfg, set_policy, skipped, streaming_floor
+from ...engine.snapshot import checkpoint, rewind
+from .common import ask, compress_question_known, session_cfg, skipped, streaming_floor
 
 ANSWER_TOKENS = 8
 PREFILL_POLICY = "expected-attention"  # session_cfg's default; needs queries, so they are captured
@@ -31,16 +31,16 @@ Tick = Callable[[str], None]
 def _trials(o: BenchOptions, s: Session, ctx: list[int], questions: list[tuple[list[int], str]],
             base: dict, span: tuple[int, int] | None, tick: Tick) -> list[dict]:
     """Prefill ctx once, then every (question, policy, budget, mode) from a restored snapshot."""
-    set_policy(s, PREFILL_POLICY)  # captures queries: the statistics window of the snapshot
+    s.set_policy(PREFILL_POLICY)  # captures queries: the statistics window of the snapshot
     # the last prefill chunk's queries are the statistics: make it a full chunk, not a short remainder
     split = max(0, len(ctx) - s.cfg.chunk)
     if split:
         s.prefill(ctx[:split])
     s.prefill(ctx[split:])
-    snap = take(s)
+    snap = checkpoint(s)
     rows = []
     for qi, (qt, answer) in enumerate(questions):
-        restore(s, snap)
+        rewind(s, snap)
         reply = ask(s, qt, ANSWER_TOKENS)
         rows.append({**base, "context": len(ctx), "question": qi, "policy": "full", "budget": "full", "cells": len(ctx),
                      "mode": "none", "found": answer in reply, "answer": reply, "expected": answer,
@@ -50,10 +50,10 @@ def _trials(o: BenchOptions, s: Session, ctx: list[int], questions: list[tuple[l
             for b in o.budgets:
                 cells = b.resolve(len(ctx))
                 for mode in o.modes:
-                    restore(s, snap)
-                    set_policy(s, pol)
-                    s.cfg.recent = min(64, cells // 8)
-                    s.cfg.budget = cells  # a policy may size its eviction from the budget (context-shift)
+                    rewind(s, snap)
+                    s.set_policy(pol)
+                    # a policy may size its eviction from the budget (context-shift)
+                    s.set_one_shot_budget(cells, recent=min(64, cells // 8))
                     t0 = time.perf_counter()
                     if mode == "agnostic":
                         s.compress(cells, phase="prefill")
@@ -190,10 +190,10 @@ def multi_turn(o: BenchOptions, tick: Tick) -> list[dict]:
             s = Session(o.model, cfg)
             for t in turns:
                 s.prefill(t, turn=mode == "question")
-            snap = take(s)
+            snap = checkpoint(s)
             n_ev = len(s.stats.evictions)
             for qi, (qt, answer) in enumerate(qs):
-                restore(s, snap)
+                rewind(s, snap)
                 reply = "".join(s.generate(qt, max_tokens=ANSWER_TOKENS, turn=True)).strip()
                 rows.append({"sample": i, "length": total, "turns": len(turns), "question": qi, "policy": pol,
                              "budget": label, "cells": cells, "mode": mode, "evictions": n_ev,

@@ -13,7 +13,7 @@ import time
 from typing import Callable
 
 from ...engine.session import Session
-from ...quality import real_text
+from ..quality import real_text
 from ..options import BenchOptions
 from .common import session_cfg, skipped, streaming_floor
 

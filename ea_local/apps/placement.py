@@ -48,7 +48,7 @@ def parse(lines: list[str]) -> Placement:
 
 
 def _ranges(values: list[int]) -> str:
-    from .info_format import compact_ranges
+    from .info import compact_ranges
 
     return compact_ranges(values)
 
@@ -88,8 +88,8 @@ def format_placement(p: Placement, n_layer: int, devices: dict[str, str] | None 
 
 def describe(info, rpc: tuple[str, ...], n_gpu_layers: int | None, n_ctx: int, cache_type: str) -> str:
     """Load the model and a context of n_ctx cells as the engine would (sliding layers windowed on iSWA
-    models), and report llama.cpp's placement. `info` is a ModelInfo (model_info.py)."""
-    from .engine.runtime import ContextConfig, Runtime
+    models), and report llama.cpp's placement. `info` is a ModelInfo (model/info.py)."""
+    from ..engine.runtime import ContextConfig, Runtime
 
     extra = {} if n_gpu_layers is None else {"n_gpu_layers": n_gpu_layers}
     rt = Runtime(info.path, ContextConfig(n_ctx=n_ctx, n_batch=min(512, n_ctx), cache_type=cache_type,
@@ -97,7 +97,7 @@ def describe(info, rpc: tuple[str, ...], n_gpu_layers: int | None, n_ctx: int, c
     try:
         devices: dict[str, str] = {}
         if rpc:
-            from .ggml_registry import fn
+            from ..ggml_registry import fn
 
             for d in rpc_device_list(rt):
                 devices[fn("ggml_backend_dev_name")(d).decode()] = fn("ggml_backend_dev_description")(d).decode()

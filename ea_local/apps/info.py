@@ -1,11 +1,11 @@
-"""Human-readable text for a ModelInfo (what `ea-local info MODEL` prints)."""
+"""`ea-local info`: human-readable text for a ModelInfo, the llama.cpp build and, when asked, placement."""
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import Iterable, Iterator
 
-from ea_local.model_info import ModelInfo
-from ea_local.rope_model import RopeUnsupported, rope_specs
+from ea_local.model.info import ModelInfo
+from ea_local.model.rope_model import RopeUnsupported, rope_specs
 
 EXAMPLE_TOKENS = 4096
 
@@ -132,7 +132,7 @@ def format_info(info: ModelInfo) -> str:
         else:
             add(key, str(b.total))
 
-    from .engine.archive import bytes_per_token as archive_bytes
+    from ..engine.archive import bytes_per_token as archive_bytes
 
     for t, b in info.kv_bytes_per_token.items():
         if b is not None and (ab := archive_bytes(info, t)) is not None:
@@ -161,7 +161,7 @@ def format_info(info: ModelInfo) -> str:
 def format_embedded() -> str:
     """The embedded models: short name (what --model takes), what they are, which commands default to
     them, and where the file is (or how to install it)."""
-    from ea_local.models import BASE_MODEL, CHAT_MODEL, EMBEDDED, ModelNotFound
+    from ea_local.model.embedded import BASE_MODEL, CHAT_MODEL, EMBEDDED, ModelNotFound
 
     uses = {BASE_MODEL: "default of demo and bench", CHAT_MODEL: "default of chat and summarize"}
     width = max(map(len, EMBEDDED))
@@ -175,3 +175,25 @@ def format_embedded() -> str:
         lines.append(f"  {m.name.ljust(width)}  {m.description}{use}")
         lines.append(f"  {''.ljust(width)}  {where}")
     return "\n".join(lines)
+
+
+def info_blocks(mi: ModelInfo, list_embedded: bool, endpoints: tuple[str, ...], n_gpu_layers: int | None,
+                ctx: int, cache_type: str) -> Iterator[str]:
+    """What `ea-local info` prints, block by block; bad options raise ValueError when their block is reached."""
+    from ..build_info import format_build, read_build_info
+
+    yield format_info(mi)
+    if list_embedded:
+        yield "\n" + format_embedded()
+    if n_gpu_layers is not None and n_gpu_layers < -1:
+        raise ValueError(f"--n-gpu-layers must be -1 (all) or more, got {n_gpu_layers}")
+    yield format_build(read_build_info(), mi.n_layers, n_gpu_layers)  # ValueError: a bad EA_LOCAL_N_GPU_LAYERS
+    if not endpoints and n_gpu_layers is None:
+        return
+    if cache_type not in ("f16", "q8_0", "q4_0"):
+        raise ValueError(f"unknown cache type {cache_type!r}; choose from f16, q8_0, q4_0")
+    if ctx <= 0:
+        raise ValueError(f"--ctx must be positive, got {ctx}")
+    from .placement import describe
+
+    yield describe(mi, endpoints, n_gpu_layers, ctx, cache_type)

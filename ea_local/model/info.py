@@ -4,33 +4,27 @@
 descriptors) through a read-only memory map; tensor data is never touched, so it takes
 well under a second and a few MB even for multi-GB files.
 
-Why not `gguf.GGUFReader`: it builds one numpy view per array element, which for a
-262k-token vocabulary (gemma3) took 13.5 s and 716 MB RSS on the 250 MB default model,
-and on corrupt input it can loop on garbage array lengths. The parser here is a small,
-bounds-checked walker of the same format that uses the `gguf` package for all format
-constants (value types, magic, tensor type sizes, file-type names, key names); the tests
-check it against GGUFReader on small files.
-
-The hyperparameters are derived the way llama.cpp does it (src/llama-model.cpp
-`load_hparams`, the per-architecture `load_arch_hparams` in src/models/*.cpp and
-`llama_model_rope_type`), so the RoPE of each layer and the sliding-window layers are
-the ones llama.cpp will use when it runs the file.
+The header is read by gguf_header.py; KV row sizes come from kv.py. The hyperparameters are
+derived the way llama.cpp does it (src/llama-model.cpp `load_hparams`, the per-architecture
+`load_arch_hparams` in src/models/*.cpp and `llama_model_rope_type`), so the RoPE of each
+layer and the sliding-window layers are the ones llama.cpp will use when it runs the file.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import mmap
 import os
-import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
 import gguf
-from gguf import GGMLQuantizationType, GGUFValueType
+from gguf import GGMLQuantizationType
+
+from .gguf_header import GGUFArray, GGUFHeader, ModelFileError, TensorInfo, read_header
+from .kv import CACHE_TYPES, SUMMARY_CACHE_TYPES, KVBytes, row_bytes
 
 if TYPE_CHECKING:
-    from ea_local.policies.base import RopeSpec
+    from .rope import RopeSpec
 
 __all__ = [
     "CACHE_TYPES",
@@ -41,16 +35,6 @@ __all__ = [
     "read_model_info",
     "row_bytes",
 ]
-
-
-class ModelFileError(Exception):
-    """The file cannot be used as a model: missing, unreadable, not GGUF, corrupt, unsupported.
-
-    str(error) is always a single line meant for the user.
-    """
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
 
 
 # --------------------------------------------------------------------------------------
@@ -94,47 +78,6 @@ _NO_ROPE_ARCHS = frozenset({
 
 _ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")  # llama_rope_scaling_type_from_string
 _MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
-
-# KV-cache element types llama.cpp accepts for --cache-type-k/-v
-CACHE_TYPES: dict[str, GGMLQuantizationType] = {
-    "f32": GGMLQuantizationType.F32,
-    "f16": GGMLQuantizationType.F16,
-    "bf16": GGMLQuantizationType.BF16,
-    "q8_0": GGMLQuantizationType.Q8_0,
-    "q4_0": GGMLQuantizationType.Q4_0,
-    "q4_1": GGMLQuantizationType.Q4_1,
-    "iq4_nl": GGMLQuantizationType.IQ4_NL,
-    "q5_0": GGMLQuantizationType.Q5_0,
-    "q5_1": GGMLQuantizationType.Q5_1,
-}
-_SUMMARY_CACHE_TYPES = ("f16", "q8_0", "q4_0")
-
-
-def row_bytes(cache_type: str, n_elements: int) -> int:
-    """Bytes of one row of `n_elements` values of a ggml type (ggml_row_size).
-
-    f16: 2 bytes/element; q8_0: 34 bytes per block of 32; q4_0: 18 bytes per 32; ...
-    Raises ValueError for an unknown type or a row that is not a whole number of blocks
-    (ggml cannot store it).
-    """
-    try:
-        qtype = CACHE_TYPES[cache_type.lower()]
-    except KeyError:
-        raise ValueError(f"unknown KV cache type {cache_type!r}; known: {', '.join(CACHE_TYPES)}") from None
-    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    if n_elements % block:
-        raise ValueError(f"a row of {n_elements} values is not a whole number of {cache_type} blocks of {block}")
-    return n_elements // block * type_size
-
-
-@dataclass(frozen=True)
-class KVBytes:
-    """KV-cache bytes for one token (K and V rows of every layer)."""
-
-    total: int
-    global_part: int  # layers that attend to the whole context
-    sliding_part: int  # sliding-window layers (llama.cpp keeps only ~window tokens of these)
-
 
 # --------------------------------------------------------------------------------------
 # the model description
@@ -223,8 +166,8 @@ class ModelInfo:
         return self.rope_freq_base, self.rope_freq_scale, self.neox, self.rope_n_dims
 
     def rope_spec(self, layer: int) -> "RopeSpec":
-        """`layer`'s base RoPE (no scaling corrections or frequency factors: ea_local.rope_model has those)."""
-        from ea_local.policies.base import RopeSpec  # lazy: keeps this module importable alone
+        """`layer`'s base RoPE (no scaling corrections or frequency factors: ea_local.model.rope_model has those)."""
+        from .rope import RopeSpec
 
         base, scale, neox, n_dims = self.rope_params(layer)
         return RopeSpec(n_dims=n_dims, freq_base=base, freq_scale=scale, neox=neox)
@@ -267,220 +210,6 @@ class ModelInfo:
 
 
 # --------------------------------------------------------------------------------------
-# GGUF header parsing
-
-class _Corrupt(Exception):
-    pass
-
-
-@dataclass(frozen=True)
-class _Array:
-    elem_type: GGUFValueType
-    length: int
-    values: tuple | None  # None when the array was long and not kept
-
-
-@dataclass(frozen=True)
-class _Tensor:
-    name: str
-    ggml_type: int
-    shape: tuple[int, ...]
-    n_elements: int
-    n_bytes: int
-    offset: int
-
-
-@dataclass
-class _Header:
-    version: int
-    kv: dict[str, Any]
-    tensors: list[_Tensor]
-    data_offset: int
-    file_size: int
-
-
-_SCALAR_FMT = {
-    GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H",
-    GGUFValueType.INT16: "h", GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i",
-    GGUFValueType.FLOAT32: "f", GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "Q",
-    GGUFValueType.INT64: "q", GGUFValueType.FLOAT64: "d",
-}
-_KEEP_ARRAY = 4096  # arrays longer than this (vocabularies) are skipped, only counted
-_MAGIC = struct.pack("<I", gguf.GGUF_MAGIC)  # b"GGUF"
-_SUPPORTED_VERSIONS = (2, 3)
-
-
-class _Cursor:
-    def __init__(self, buf: mmap.mmap | bytes, endian: str, offset: int):
-        self.buf, self.e, self.o, self.n = buf, endian, offset, len(buf)
-
-    def need(self, nbytes: int, what: str) -> None:
-        if nbytes < 0 or self.o + nbytes > self.n:
-            raise _Corrupt(f"{what} at offset {self.o} runs past the end of the file ({self.n} bytes)")
-
-    def unpack(self, fmt: str, what: str):
-        size = struct.calcsize(fmt)
-        self.need(size, what)
-        v = struct.unpack_from(self.e + fmt, self.buf, self.o)
-        self.o += size
-        return v[0] if len(v) == 1 else v
-
-    def string(self, what: str, strict: bool = False) -> str:
-        n = self.unpack("Q", what)
-        self.need(n, what)
-        raw = bytes(self.buf[self.o:self.o + n])
-        self.o += n
-        try:
-            return raw.decode("utf-8", errors="strict" if strict else "replace")
-        except UnicodeDecodeError:
-            raise _Corrupt(f"{what} at offset {self.o - n} is not valid UTF-8") from None
-
-    def skip_strings(self, count: int, what: str) -> None:
-        buf, e, o, n = self.buf, self.e + "Q", self.o, self.n
-        for _ in range(count):
-            if o + 8 > n:
-                self.o = o
-                self.need(8, what)
-            (slen,) = struct.unpack_from(e, buf, o)
-            o += 8 + slen
-            if o > n:
-                self.o = o - slen
-                self.need(slen, what)
-        self.o = o
-
-
-def _value_type(raw: int, key: str) -> GGUFValueType:
-    try:
-        return GGUFValueType(raw)
-    except ValueError:
-        raise _Corrupt(f"key {key!r} has invalid value type {raw}") from None
-
-
-def _read_value(c: _Cursor, vtype: GGUFValueType, key: str) -> Any:
-    if vtype == GGUFValueType.STRING:
-        return c.string(f"value of {key!r}")
-    if vtype == GGUFValueType.ARRAY:
-        etype = _value_type(c.unpack("I", f"array type of {key!r}"), key)
-        length = c.unpack("Q", f"array length of {key!r}")
-        if etype == GGUFValueType.ARRAY:
-            raise _Corrupt(f"key {key!r} is a nested array (not supported by llama.cpp)")
-        if etype == GGUFValueType.STRING:
-            c.need(8 * length, f"array {key!r} of {length} strings")  # each has an 8-byte length
-            if length <= _KEEP_ARRAY:
-                return _Array(etype, length, tuple(c.string(f"element of {key!r}") for _ in range(length)))
-            c.skip_strings(length, f"array {key!r}")
-            return _Array(etype, length, None)
-        fmt = _SCALAR_FMT[etype]
-        size = struct.calcsize(fmt) * length
-        c.need(size, f"array {key!r} of {length} {etype.name}")
-        values = None
-        if length <= _KEEP_ARRAY:
-            values = struct.unpack_from(f"{c.e}{length}{fmt}", c.buf, c.o)
-        c.o += size
-        return _Array(etype, length, values)
-    return c.unpack(_SCALAR_FMT[vtype], f"value of {key!r}")
-
-
-def _parse_header(buf: mmap.mmap | bytes) -> _Header:
-    n = len(buf)
-    (version,) = struct.unpack_from("<I", buf, 4)
-    endian = "<"
-    if version & 0xFFFF == 0:  # written on a big-endian machine (GGUFReader does the same test)
-        endian = ">"
-        (version,) = struct.unpack_from(">I", buf, 4)
-    if version not in _SUPPORTED_VERSIONS:
-        raise _BadVersion(version)
-    c = _Cursor(buf, endian, 8)
-    n_tensors = c.unpack("Q", "tensor count")
-    n_kv = c.unpack("Q", "key/value count")
-    # every KV pair takes >= 13 bytes and every tensor descriptor >= 24: reject absurd counts early
-    if n_kv * 13 > n - c.o or n_tensors * 24 > n - c.o:
-        raise _Corrupt(f"header claims {n_kv} keys and {n_tensors} tensors in a {n}-byte file")
-    kv: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key = c.string("key name", strict=True)
-        if key in kv:
-            raise _Corrupt(f"duplicate key {key!r}")
-        vtype = _value_type(c.unpack("I", f"value type of {key!r}"), key)
-        kv[key] = _read_value(c, vtype, key)
-    alignment = gguf.GGUF_DEFAULT_ALIGNMENT
-    if "general.alignment" in kv:
-        alignment = kv["general.alignment"]
-        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 \
-                or alignment & (alignment - 1):
-            raise _Corrupt(f"invalid general.alignment {alignment!r}")
-    tensors: list[_Tensor] = []
-    names: set[str] = set()
-    for _ in range(n_tensors):
-        name = c.string("tensor name")
-        if name in names:
-            raise _Corrupt(f"duplicate tensor {name!r}")
-        names.add(name)
-        n_dims = c.unpack("I", f"dimension count of tensor {name!r}")
-        if not 1 <= n_dims <= 4:
-            raise _Corrupt(f"tensor {name!r} has {n_dims} dimensions")
-        shape = tuple(c.unpack("Q", f"shape of tensor {name!r}") for _ in range(n_dims))
-        raw_type = c.unpack("I", f"type of tensor {name!r}")
-        offset = c.unpack("Q", f"data offset of tensor {name!r}")
-        try:
-            block, type_size = gguf.GGML_QUANT_SIZES[GGMLQuantizationType(raw_type)]
-        except (ValueError, KeyError):
-            raise _Corrupt(f"tensor {name!r} has unknown type {raw_type}") from None
-        if shape[0] % block:
-            raise _Corrupt(f"tensor {name!r} row of {shape[0]} is not a multiple of its block size {block}")
-        n_el = math.prod(shape)
-        if offset % alignment:
-            raise _Corrupt(f"tensor {name!r} data offset {offset} is not aligned to {alignment}")
-        tensors.append(_Tensor(name, raw_type, shape, n_el, n_el // block * type_size, offset))
-    data_offset = -(-c.o // alignment) * alignment
-    for t in tensors:
-        end = data_offset + t.offset + t.n_bytes
-        if end > n:
-            raise _Corrupt(f"data of tensor {t.name!r} ends at byte {end}, past the end of the file ({n} bytes)")
-    return _Header(version=version, kv=kv, tensors=tensors, data_offset=data_offset, file_size=n)
-
-
-class _BadVersion(Exception):
-    def __init__(self, version: int):
-        self.version = version
-
-
-def _read_header(path: str) -> _Header:
-    if not os.path.lexists(path):
-        raise ModelFileError(f"no such file: {path}")
-    if os.path.isdir(path):
-        raise ModelFileError(f"is a directory, not a GGUF file: {path}")
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(8)
-            if len(head) < 4:
-                what = "empty file" if not head else f"only {len(head)} bytes"
-                raise ModelFileError(f"not a GGUF file: {path} ({what})")
-            if head[:4] != _MAGIC:
-                raise ModelFileError(f"not a GGUF file: {path} (starts with {head[:4]!r}, expected {_MAGIC!r})")
-            if len(head) < 8 or size < 24:
-                raise ModelFileError(f"truncated or corrupt GGUF file: {path} (file ends inside the header, {size} bytes)")
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                try:
-                    return _parse_header(buf)
-                except _BadVersion as e:
-                    raise ModelFileError(
-                        f"unsupported GGUF version {e.version} in {path} "
-                        f"(supported: {', '.join(map(str, _SUPPORTED_VERSIONS))})") from None
-                except _Corrupt as e:
-                    raise ModelFileError(f"truncated or corrupt GGUF file: {path} ({e})") from None
-                except (struct.error, ValueError, OverflowError, MemoryError, IndexError) as e:
-                    raise ModelFileError(f"truncated or corrupt GGUF file: {path} ({type(e).__name__}: {e})") from None
-    except ModelFileError:
-        raise
-    except PermissionError:
-        raise ModelFileError(f"cannot read {path}: permission denied") from None
-    except OSError as e:
-        raise ModelFileError(f"cannot read {path}: {e.strerror or e}") from None
-
-
-# --------------------------------------------------------------------------------------
 # metadata -> ModelInfo
 
 class _KV:
@@ -491,7 +220,7 @@ class _KV:
 
     def _bad(self, key: str, expected: str) -> ModelFileError:
         v = self.kv[key]
-        got = f"an array of {v.length} {v.elem_type.name}" if isinstance(v, _Array) else repr(v)[:60]
+        got = f"an array of {v.length} {v.elem_type.name}" if isinstance(v, GGUFArray) else repr(v)[:60]
         return ModelFileError(f"bad metadata in {self.path}: {key} should be {expected}, got {got}")
 
     def missing(self, key: str) -> ModelFileError:
@@ -537,7 +266,7 @@ class _KV:
                 raise self.missing(key)
             return default
         v = self.kv[key]
-        if isinstance(v, _Array):
+        if isinstance(v, GGUFArray):
             if v.length != n:
                 raise ModelFileError(
                     f"bad metadata in {self.path}: {key} has {v.length} entries, expected one per layer ({n})")
@@ -548,7 +277,7 @@ class _KV:
         return (self.get_int(key),) * n
 
 
-def _file_type(kv: _KV, tensors: list[_Tensor]) -> tuple[str | None, int | None]:
+def _file_type(kv: _KV, tensors: list[TensorInfo]) -> tuple[str | None, int | None]:
     if kv.has("general.file_type"):
         ft = kv.get_int("general.file_type")
         try:
@@ -576,7 +305,7 @@ def _sliding(arch: _Arch, kv: _KV, a: str, n_layers: int, base: float, scale_tra
         # llama_model_base::load_swa_pattern(): a per-layer bool array wins; else an integer
         # period n (key or default) with llama_hparams::set_swa_pattern():
         # layer il slides iff n == 0 or il % n < n - 1  (the last layer of every n is global)
-        if kv.has(pattern_key) and isinstance(kv.kv[pattern_key], _Array):
+        if kv.has(pattern_key) and isinstance(kv.kv[pattern_key], GGUFArray):
             arr = kv.kv[pattern_key]
             if arr.values is None or arr.length > _MAX_LAYERS:
                 raise kv._bad(pattern_key, f"at most {_MAX_LAYERS} flags")
@@ -617,7 +346,7 @@ def _kq_scale(arch_name: str, arch: _Arch, attention_scale: float | None, n_laye
     return 1.0 / math.sqrt(head_dim_k)
 
 
-def _check_attention_tensors(hdr: _Header, n_layers: int, p: str) -> None:
+def _check_attention_tensors(hdr: GGUFHeader, n_layers: int, p: str) -> None:
     """The embeddings and every layer's Q, K, V projections (split or fused) must be in the tensor table:
     without them llama.cpp refuses the file with a message we would not see (its log is silenced)."""
     names = {t.name for t in hdr.tensors}
@@ -635,7 +364,7 @@ def _check_attention_tensors(hdr: _Header, n_layers: int, p: str) -> None:
 def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
     """Describe the GGUF model at `path`; raises ModelFileError (one-line message) if it can't."""
     p = os.fspath(path)
-    hdr = _read_header(p)
+    hdr = read_header(p)
     kv = _KV(hdr.kv, p)
 
     a = kv.get_str("general.architecture")
@@ -702,7 +431,7 @@ def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
 
     template = kv.get_str("tokenizer.chat_template", None)
     tokens = hdr.kv.get("tokenizer.ggml.tokens")
-    n_vocab = tokens.length if isinstance(tokens, _Array) else kv.get_int(f"{a}.vocab_size", None)
+    n_vocab = tokens.length if isinstance(tokens, GGUFArray) else kv.get_int(f"{a}.vocab_size", None)
     name = kv.get_str("general.name", None)
     ftype, ftype_id = _file_type(kv, hdr.tensors)
 
@@ -724,7 +453,7 @@ def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
         file_size=hdr.file_size, gguf_version=hdr.version, chat_template=template or None,
     )
     per_type: dict[str, KVBytes | None] = {}
-    for t in _SUMMARY_CACHE_TYPES:
+    for t in SUMMARY_CACHE_TYPES:
         try:
             per_type[t] = info.kv_bytes_per_token_for(t)
         except ValueError:  # rows not a whole number of blocks: llama.cpp can't use this type

@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .bench.data import real_text  # GPL-3 + GPL-2, Debian base-files
-from .demo import passkey_prompt
-from .engine.session import Session, SessionConfig
+from .data import real_text  # GPL-3 + GPL-2, Debian base-files
+from .data import passkey_prompt
+from ..engine.session import Session, SessionConfig
 
 
 @dataclass
@@ -45,7 +45,7 @@ def passkey(model: str, policy: str, budget: int, length: int, depth: float, see
         s.set_question(question)
     s.prefill(ctx)
     if one_shot:
-        s.cfg.budget = budget
+        s.set_one_shot_budget(budget)
         s.compress(budget, phase="prefill")
     kept = sum(1 for p in range(*span) if p in s.live) / (span[1] - span[0])
     answer = "".join(s.generate(question, max_tokens=8)).strip()

@@ -24,8 +24,9 @@ from typing import Iterable
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from ea_local.model_info import ModelFileError, ModelInfo, _read_header
-from ea_local.policies.base import RopeSpec
+from ea_local.model.gguf_header import ModelFileError, read_header
+from ea_local.model.info import ModelInfo
+from ea_local.model.rope import RopeSpec
 
 FACTOR_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 _READS_YARN_BETAS = frozenset({"mistral3"})  # load_arch_hparams() reads yarn_beta_fast/slow, log_mul
@@ -60,7 +61,7 @@ def _num(kv: dict, key: str, default: float) -> float:
 def rope_specs(info: ModelInfo, layers: Iterable[int], n_ctx: int) -> dict[int, RopeSpec]:
     """{layer: RopeSpec} for `layers`, as llama.cpp rotates their queries and keys in a context of
     `n_ctx` cells (one sequence; it picks LongRoPE's factors). Raises RopeUnsupported."""
-    hdr = _read_header(info.path)
+    hdr = read_header(info.path)
     kv, a = hdr.kv, info.architecture
     if a == "granite" and kv.get(f"{a}.rope.scaling.finetuned") is False:
         # granite uses this key as a switch: no RoPE on any layer

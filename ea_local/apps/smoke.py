@@ -1,6 +1,6 @@
 """The smoke run at the end of setup: does the llama.cpp just built run on this machine?
 
-`python -m ea_local.smoke` loads the default model, prefills a few hundred tokens through a budget
+`python -m ea_local.apps.smoke` loads the default model, prefills a few hundred tokens through a budget
 that forces a compression, and decodes a few tokens; one line on stdout and exit 0 when all went well.
 scripts/smoke.py runs it in a child process, so that a build that dies by a signal (an instruction the
 CPU lacks, a crashing kernel such as llama.cpp's AMX matmul) is seen and rebuilt instead of reaching the
@@ -22,10 +22,10 @@ DECODE = 4
 
 
 def run(model: str | None = None, crash: str | None = None) -> str:
-    from .engine.session import Session, SessionConfig  # engine first: loads libllama before numpy
-    from .demo import FILLER
-    from .engine.sampling import SamplingParams
-    from .models import resolve_model
+    from ..engine.session import Session, SessionConfig  # engine first: loads libllama before numpy
+    from ..bench.data import FILLER
+    from ..engine.sampling import SamplingParams
+    from ..model.embedded import resolve_model
 
     path = str(resolve_model(model))
     t0 = time.perf_counter()
@@ -61,7 +61,7 @@ def _signal_name(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ea_local.smoke", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m ea_local.apps.smoke", description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="GGUF file or short name (default: the embedded model)")
     ap.add_argument("--crash", type=_signal_name, metavar="SIGNAL",
                     help="kill this process with SIGNAL after the first decode (tests setup's fallback)")

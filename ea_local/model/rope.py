@@ -19,12 +19,26 @@ for LLAMA_ROPE_TYPE_NEOX (halves, HF ``rotate_half``; qwen2/3, gemma3). Dimensio
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 
-if TYPE_CHECKING:  # runtime import would cycle through ea_local.policies.__init__
-    from ea_local.policies.base import RopeSpec
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """RoPE of one layer, as llama.cpp applies it to the cached keys (ggml_rope_ext's arguments;
+    apply_rope below computes the rotation, rope_model.py reads them from a GGUF)."""
+
+    n_dims: int  # rotated dimensions (head_dim for every model we support)
+    freq_base: float
+    freq_scale: float = 1.0  # linear scaling: theta = pos * freq_scale * base^(-2i/n_dims)
+    neox: bool = False  # True: pairs (i, i + n_dims/2) ("halves"); False: adjacent pairs (2i, 2i+1)
+    freq_factors: tuple[float, ...] | None = None  # (n_dims/2,) divisors of each pair's frequency (rope_freqs)
+    ext_factor: float = 0.0  # YaRN's extrapolation mix (1 with rope scaling "yarn", else 0)
+    attn_factor: float = 1.0  # magnitude factor of cos and sin (llama.cpp's yarn_attn_factor)
+    beta_fast: float = 32.0  # YaRN correction range, in rotations over n_ctx_orig
+    beta_slow: float = 1.0
+    n_ctx_orig: int = 0  # YaRN's original training context
 
 
 def yarn_corr_dims(spec: RopeSpec) -> tuple[float, float]:

@@ -13,38 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .engine.session import Session, SessionConfig
-
-FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
-          "There and back again. ")
-
-
-def passkey_prompt(rt, length: int, depth: float, key: int,
-                   haystack: list[int] | None = None) -> tuple[list[int], list[int], tuple[int, int]]:
-    """(context tokens, question tokens, (start, end) token span of the needle) for ~length tokens.
-
-    haystack: tokens of real text to hide the needle in (cut at token boundaries); None: the
-    repetitive filler of the usual pass-key test."""
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
-    head = [rt.bos()] if rt.add_bos() else []
-    head += rt.tokenize("There is important info hidden inside a lot of irrelevant text. Find it and memorize it. ")
-    if haystack is None:
-        unit = rt.tokenize(FILLER)
-        n_fill = max(1, (length - 64) // len(unit))
-        before, after = unit * int(n_fill * depth), unit * (n_fill - int(n_fill * depth))
-    else:
-        n_fill = max(1, length - 64)
-        if len(haystack) < n_fill:
-            raise ValueError(f"haystack has {len(haystack)} tokens, need {n_fill}")
-        before, after = haystack[:int(n_fill * depth)], haystack[int(n_fill * depth):n_fill]
-    ctx = head + before
-    start = len(ctx)
-    ctx += rt.tokenize(needle)
-    span = (start, len(ctx))
-    ctx += after
-    question = rt.tokenize("What is the pass key? The pass key is")
-    return ctx, question, span
-
+from ..bench.data import passkey_prompt
+from ..engine.session import Session, SessionConfig
 
 def run_demo(info, budget: int, policy: str, length: int, cache_type: str, seed: int,
              threads: int | None, n_gpu_layers: int | None, rpc: tuple[str, ...] = (),

@@ -20,14 +20,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
-from .engine.runtime import LlamaError
-from .engine.sampling import CHAT_TEMPERATURE, SamplingParams
-from .engine import snapshot
-from .engine.question import question_text
-from .engine.archive import parse_size
-from .engine.session import BudgetError, Session, SessionConfig
-from .chat_template import TemplateError, TurnRenderer, resolve_template
-from .policies import get_policy
+from ..engine.runtime import LlamaError
+from ..engine.sampling import CHAT_TEMPERATURE, SamplingParams
+from ..engine import snapshot
+from ..engine.question import question_text
+from ..engine.archive import parse_size
+from ..engine.session import BudgetError, Session, SessionConfig
+from ..model.chat_template import TemplateError, TurnRenderer, resolve_template
+from ..policies import get_policy
 
 HELP = """commands:
   /stats          cells used / budget, evictions, tokens seen, KV memory, last compression
@@ -303,7 +303,7 @@ class Chat:
     def save(self, path: str) -> str:
         extra = {"messages": self.turns.messages, "system": self.system, "turn_count": self.turn_count,
                  "seed": self.seed}
-        n = self.s.save(path, extra)
+        n = snapshot.save(self.s, path, extra)
         return f"saved {self.turn_count} turns, {self.s.n_cells} cells to {path} ({fmt_mib(n)})"
 
     def load(self, path: str) -> str:

@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .engine.session import Session
+from ..engine.session import Session
 from .chat import ChatError, ChatOptions, fmt_mib, read_text_file, session_config, valid_utf8
-from .chat_template import TurnRenderer, resolve_template
-from .policies import get_policy
+from ..model.chat_template import TurnRenderer, resolve_template
+from ..policies import get_policy
 
 DEFAULT_INSTRUCTION = "Summarize the document above in a few sentences."
 
