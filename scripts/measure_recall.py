@@ -9,14 +9,19 @@ every question is asked twice from the same snapshot: without recall and with it
 
     .venv/bin/python scripts/measure_recall.py --model smollm2-135m --chats 7 --length 2048
 
+--facts N (more than 3): the long-memory chat instead, N facts spread evenly over --length tokens of
+prose turns (data.long_memory), each asked at the end; --budgets takes cell counts too (2048).
+
 Prints a markdown table (found / asked, 95% Wilson interval, share of the full cache's rate) and the
-cost of recall; --json writes every row.
+cost of recall; --json writes every row (after every run, so a stopped run keeps what it measured);
+--table A.json B.json prints the table of saved rows (runs split over processes).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -26,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from ea_local import kvhooks  # noqa: E402,F401  (loads llama.cpp before numpy)
+from ea_local.bench import data  # noqa: E402
 from ea_local.bench.options import BenchOptions  # noqa: E402
 from ea_local.bench.snapshot import restore, take  # noqa: E402
 from ea_local.bench.stats import wilson  # noqa: E402
@@ -58,24 +64,32 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--recall-max", type=int, default=None, help="most cells a message brings back (default budget/4)")
     ap.add_argument("--skip-full", action="store_true", help="leave out the full-cache runs")
+    ap.add_argument("--facts", type=int, default=3, help="more than 3: the long-memory chat with this many facts")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--table", nargs="+", default=None, metavar="JSON", help="print the table of saved rows")
     args = ap.parse_args()
+    if args.table:
+        rows = [r for f in args.table for r in json.loads(Path(f).read_text())]
+        args.chats = len({(r["chat"], r["length"]) for r in rows if r["policy"] == "full"})
+        print(table(rows, args))
+        return
 
     model = str(resolve_model(args.model))
     o = BenchOptions(out=Path("/dev/null"), suites=["multi_turn"], policies=[], budgets=[], model=model,
                      task_length=args.length, cache_type=args.cache_type, threads=args.threads,
                      seed=args.seed)
     rt = Runtime(model, ContextConfig(n_ctx=64, n_gpu_layers=0))
-    chats = [_chat_tokens(rt, o, i) for i in range(args.chats)]
+    chats = [_chat_tokens(rt, o, i) if args.facts <= 3 else _long_chat(rt, o, i, args.facts)
+             for i in range(args.chats)]
     rt.close()
     floor = streaming_floor(model)
     rows: list[dict] = []
-    fractions = [float(x) for x in args.budgets.split(",")]
+    fractions = [float(x) for x in args.budgets.split(",")]  # <= 1: a share of the chat; more: cells
     t_start = time.perf_counter()
     for i, (turns, qs) in enumerate(chats):
         total = sum(map(len, turns))
-        runs = [("full", None, total + 256)] * (not args.skip_full) + [(p, f, max(1, round(total * f)))
-                                                for p in args.policies.split(",") for f in fractions]
+        runs = [("full", None, total + 256)] * (not args.skip_full) + [
+            (p, f, max(1, round(total * f) if f <= 1 else int(f))) for p in args.policies.split(",") for f in fractions]
         for pol, frac, cells in runs:
             if why := skipped(floor, cells):
                 print(f"chat {i}: {pol} {frac}: skipped ({why})", file=sys.stderr)
@@ -93,18 +107,35 @@ def main() -> None:
                     restore(s, snap)
                     reply, cost = ask(s, qt, rec)
                     row = {"chat": i, "length": total, "question": qi, "policy": pol,
-                           "budget": "full" if frac is None else f"{100 * frac:g}%", "cells": cells,
+                           "budget": "full" if frac is None else f"{100 * frac:g}%" if frac <= 1 else str(cells),
+                           "cells": cells,
                            "recall": rec, "evictions": n_ev, "archive": len(snap.archive) if snap.archive else 0,
                            "found": answer in reply, "answer": reply, "expected": answer, **cost}
                     if cost["cells_after"] > cells and pol != "full":
                         row["over_budget"] = True
                     rows.append(row)
             s.close()
+            if args.json:
+                Path(args.json).write_text(json.dumps(rows, indent=1))
             print(f"chat {i} {pol} {frac}: {n_ev} compressions, "
                   f"{time.perf_counter() - t_start:.0f} s elapsed", file=sys.stderr, flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
     print(table(rows, args))
+
+
+def _long_chat(rt: Runtime, o: BenchOptions, sample: int, n_facts: int) -> tuple[list[list[int]], list]:
+    """The long-memory chat of about o.task_length tokens: as many prose turns as fill it, the facts
+    spread over them (the same random draw sized twice: once to count the turns that fit)."""
+    paras = data.paragraphs()
+
+    def build(n_filler: int):
+        chat = data.long_memory(random.Random(f"long-{o.seed}-{sample}"), n_facts, n_filler, paras)
+        toks = [([rt.bos()] if i == 0 and rt.add_bos() else []) + rt.tokenize(t) for i, t in enumerate(chat.turns)]
+        return chat, toks
+
+    _, toks = build(4 * n_facts)
+    per_turn = sum(map(len, toks)) / len(toks)
+    chat, toks = build(max(n_facts, round(o.task_length / per_turn) - n_facts))
+    return toks, [(rt.tokenize(q.prompt), q.answer) for q in chat.questions]
 
 
 def table(rows: list[dict], args) -> str:
@@ -115,8 +146,9 @@ def table(rows: list[dict], args) -> str:
     full_n = full_n or 1
     full = full_k / full_n if full_n else 0.0
     lo, hi = wilson(full_k, full_n)
+    length = sum(r["length"] for r in rows) / max(1, len(rows))
     out = [f"model {args.model}, {args.chats} chats, {full_n} facts, "
-           f"~{args.length} tokens each", "",
+           f"{length:.0f} tokens each (mean)", "",
            "| policy | budget | recall | found | 95% interval | of full cache | compressions (mean) | recalled cells (mean) "
            "| score+restore ms (mean) | share of turn | re-decode ms (mean) | share of turn |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -136,3 +136,32 @@ def test_chat_recalls_and_stats_and_save_load(tmp_path):
     off = Chat(info, ChatOptions(budget=256, temperature=0, chunk=128, recall=False))
     assert off.s.archive is None and off.stats_lines()[-1] == "recall      off"
     off.close()
+
+
+def test_chat_budget_raised_keeps_archive_and_positions():
+    """/budget past the context moves the conversation to a larger one: the archive, the cells' positions
+    and the bookkeeping come along, and the next question still recalls within the new budget."""
+    info = read_model_info(chat_model_path())
+    chat = Chat(info, ChatOptions(budget=256, temperature=0, max_tokens=8, chunk=128))
+    chat.start()
+    "".join(chat.ask("Please remember this: my locker code is 58213."))
+    for p in _filler(5):
+        "".join(chat.ask(p.split("\n")[0].removeprefix("User: ")))
+    old = chat.s
+    arch, live, next_pos, archived = old.archive.copy(), dict(old.live), old.next_pos, old.stats.archived
+    assert len(arch) > 0
+    n = old.rt.n_ctx + 100  # more than the context holds: a new, larger one
+    msg = chat.set_budget(n)
+    s = chat.s
+    assert s is not old and s.cfg.budget == n and "archive" in msg
+    assert s.live == live and s.next_pos == next_pos and s.stats.archived == archived
+    s.check_cells()
+    order, o2 = np.argsort(arch.pos), np.argsort(s.archive.pos)
+    assert np.array_equal(s.archive.pos[o2], arch.pos[order])
+    for il in arch.layers:
+        assert np.array_equal(s.archive.k[il][o2], arch.k[il][order])
+        assert np.array_equal(s.archive.v[il][o2], arch.v[il][order])
+    recalls = s.stats.recalls
+    "".join(chat.ask("What is my locker code?"))
+    assert s.stats.recalls == recalls + 1 and s.n_cells <= s.cfg.budget
+    chat.close()

@@ -32,6 +32,8 @@ class Snapshot:
     logits: object  # of the last prefilled token: what a lookahead policy (laq) and the sampler read first
     archive: object = None  # the archive of evicted cells (recall), copied
     recalled_count: dict | None = None
+    before: dict | None = None  # the focus the newest message replaced (recall's baseline)
+    before_pos: object = None
 
 
 def take(s: Session) -> Snapshot:
@@ -45,7 +47,8 @@ def take(s: Session) -> Snapshot:
     return Snapshot(buf, n, dict(s.live), s.next_pos, {k: v.copy() for k, v in s.queries.items()},
                     s.query_pos.copy(), {k: v.copy() for k, v in s.focus.items()}, s.focus_pos.copy(),
                     copy.deepcopy(s.stats), s.cfg.budget, s.rt.logits(),
-                    s.archive.copy() if s.archive is not None else None, dict(s.recalled_count))
+                    s.archive.copy() if s.archive is not None else None, dict(s.recalled_count),
+                    {k: v.copy() for k, v in s.before.items()}, s.before_pos.copy())
 
 
 def restore(s: Session, snap: Snapshot) -> None:
@@ -59,6 +62,8 @@ def restore(s: Session, snap: Snapshot) -> None:
     s.query_pos = snap.query_pos.copy()
     s.focus = {k: v.copy() for k, v in snap.focus.items()}
     s.focus_pos = snap.focus_pos.copy()
+    s.before = {k: v.copy() for k, v in (snap.before or {}).items()}
+    s.before_pos = snap.before_pos.copy() if snap.before_pos is not None else s.focus_pos[:0].copy()
     s._n_captured = 0
     s.stats = copy.deepcopy(snap.stats)
     s.cfg.budget = snap.budget

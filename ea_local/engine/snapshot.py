@@ -64,6 +64,8 @@ class Snapshot:
     state: bytes  # llama.cpp's sequence state
     focus_pos: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # query-aware window
     focus: dict[int, np.ndarray] = field(default_factory=dict)
+    before_pos: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # recall's baseline
+    before: dict[int, np.ndarray] = field(default_factory=dict)
     archive: dict[str, np.ndarray] = field(default_factory=dict)  # "archive.*" sections: evicted cells (recall)
 
 
@@ -133,6 +135,9 @@ def save(s: "Session", path: str | os.PathLike[str], extra: dict | None = None) 
     sections.append(("focus_pos", np.asarray(s.focus_pos, dtype=np.int64)))
     for il, q in s.focus.items():
         sections.append((f"focus.{il}", np.ascontiguousarray(q, dtype=np.float32)))
+    sections.append(("before_pos", np.asarray(s.before_pos, dtype=np.int64)))
+    for il, q in s.before.items():
+        sections.append((f"before.{il}", np.ascontiguousarray(q, dtype=np.float32)))
     sections.append(("llama_state", np.frombuffer(seq_state_get(s.rt.ctx, 0), dtype=np.uint8)))
     a = s.archive
     if a is not None and len(a):  # the archive of evicted cells (recall) belongs to the conversation
@@ -246,6 +251,8 @@ def read(path: str | os.PathLike[str], model_path: str) -> Snapshot:
                         state=arrays["llama_state"].tobytes(),
                         focus_pos=arrays.get("focus_pos", np.empty(0, dtype=np.int64)),
                         focus={int(k.split(".", 1)[1]): v for k, v in arrays.items() if k.startswith("focus.")},
+                        before_pos=arrays.get("before_pos", np.empty(0, dtype=np.int64)),
+                        before={int(k.split(".", 1)[1]): v for k, v in arrays.items() if k.startswith("before.")},
                         archive={k: v for k, v in arrays.items() if k.startswith("archive.")})
         if len(snap.live_pos) != len(snap.live_tok) or set(snap.config) != set(CONFIG_FIELDS):
             raise ValueError("inconsistent sections")
@@ -306,6 +313,8 @@ def restore(s: "Session", snap: Snapshot) -> None:
     s.queries = {il: q.copy() for il, q in snap.queries.items() if il in s.layers}
     s.focus_pos = snap.focus_pos.copy()
     s.focus = {il: q.copy() for il, q in snap.focus.items() if il in s.layers}
+    s.before_pos = snap.before_pos.copy()
+    s.before = {il: q.copy() for il, q in snap.before.items() if il in s.layers}
     st = snap.stats
     s.stats = Stats(tokens_seen=int(st["tokens_seen"]), compactions=int(st["compactions"]),
                     evictions=[Eviction(**e) for e in st["evictions"]], archived=int(st.get("archived", 0)),
