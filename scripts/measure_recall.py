@@ -61,7 +61,8 @@ def ask(s: Session, qt: list[int], recall: bool, budget: int | None, decode_toke
         p0, t1 = s.next_pos, time.perf_counter()
         for _ in s.generate([], max_tokens=decode_tokens):
             most = max(most, s.n_cells)
-        cost["decode_tok_s"] = (s.next_pos - p0) / (time.perf_counter() - t1)
+        if s.next_pos > p0:  # an end-of-generation token right away decodes nothing: no speed to report
+            cost["decode_tok_s"] = (s.next_pos - p0) / (time.perf_counter() - t1)
     s.check_cells()  # llama.cpp's cells are the bookkeeping's
     cost.update(cells_after=s.n_cells, cells_max=max(most, s.n_cells))
     if budget is not None and cost["cells_max"] > budget:
