@@ -122,7 +122,7 @@ def test_chat_slash_commands():
     assert "error: /budget needs a whole number" in err
     assert "error: budget 10 cannot hold" in err
     assert "budget: 300 cells (same session" in err
-    assert "recreated the session" in err
+    assert "a larger context took the" in err
     assert "conversation reset" in err
     assert "unknown command /bogus" in err
     blocks = stats_fields(err)

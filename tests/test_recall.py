@@ -23,7 +23,7 @@ def _filler(n: int) -> list[str]:
 
 
 def _session(policy: str = "expected-attention", recall: bool = True, **kw) -> Session:
-    cfg = SessionConfig(budget=256, policy=policy, chunk=128, recent=32, step=64, recall=recall, **kw)
+    cfg = SessionConfig(policy=policy, recall=recall, **{"budget": 256, "chunk": 128, "recent": 32, "step": 64, **kw})
     return Session(str(chat_model_path()), cfg)
 
 
@@ -136,3 +136,69 @@ def test_chat_recalls_and_stats_and_save_load(tmp_path):
     off = Chat(info, ChatOptions(budget=256, temperature=0, chunk=128, recall=False))
     assert off.s.archive is None and off.stats_lines()[-1] == "recall      off"
     off.close()
+
+
+def test_chat_budget_raised_keeps_archive_and_positions():
+    """/budget past the context moves the conversation to a larger one: the archive, the cells' positions
+    and the bookkeeping come along, and the next question still recalls within the new budget."""
+    info = read_model_info(chat_model_path())
+    chat = Chat(info, ChatOptions(budget=256, temperature=0, max_tokens=8, chunk=128))
+    chat.start()
+    "".join(chat.ask("Please remember this: my locker code is 58213."))
+    for p in _filler(5):
+        "".join(chat.ask(p.split("\n")[0].removeprefix("User: ")))
+    old = chat.s
+    arch, live, next_pos, archived = old.archive.copy(), dict(old.live), old.next_pos, old.stats.archived
+    assert len(arch) > 0
+    n = old.rt.n_ctx + 100  # more than the context holds: a new, larger one
+    msg = chat.set_budget(n)
+    s = chat.s
+    assert s is not old and s.cfg.budget == n and "archive" in msg
+    assert s.live == live and s.next_pos == next_pos and s.stats.archived == archived
+    s.check_cells()
+    order, o2 = np.argsort(arch.pos), np.argsort(s.archive.pos)
+    assert np.array_equal(s.archive.pos[o2], arch.pos[order])
+    for il in arch.layers:
+        assert np.array_equal(s.archive.k[il][o2], arch.k[il][order])
+        assert np.array_equal(s.archive.v[il][o2], arch.v[il][order])
+    recalls = s.stats.recalls
+    "".join(chat.ask("What is my locker code?"))
+    assert s.stats.recalls == recalls + 1 and s.n_cells <= s.cfg.budget
+    chat.close()
+
+
+def test_contrast_ranks_what_only_the_message_looks_for():
+    from ea_local.engine.recall import contrast
+
+    msg = np.array([0.30, 0.10, 0.002])  # a turn marker every turn attends, a fact, a cell nobody reads
+    base = np.array([0.40, 0.0005, 0.002])
+    c = contrast(msg, base)
+    assert c[1] > c[0] > 0 and c[1] > c[2]
+    assert np.argmax(msg) == 0  # the plain share would have ranked the turn marker first
+
+
+def test_tight_budget_brings_the_asked_fact_back():
+    """At 160 cells (a recall of 40) the question brings back the digits of the fact it asks about, not the
+    recent past or the other fact; the queries before the question are its baseline."""
+    s = _session(budget=160, chunk=80, recent=20, step=40)
+    first = [s.rt.bos()] if s.rt.add_bos() else []
+    other = first + s.rt.tokenize("User: Please remember this. My flight number is 40717.\nAssistant: Noted: My flight number is 40717.\n")
+    s.prefill(other, turn=True)
+    fact = s.rt.tokenize(FACT)
+    start_fact = s.next_pos
+    s.prefill(fact, turn=True)
+    for t in _filler(10):
+        s.prefill(s.rt.tokenize(t), turn=True)
+    digits = set(s.rt.tokenize(" 58213")) - set(s.rt.tokenize(" "))
+    where = [start_fact + i for i, t in enumerate(fact) if t in digits]
+    assert where and not any(p in s.live for p in where)
+    start = s.next_pos
+    s.prefill(s.rt.tokenize(QUESTION), turn=True)
+    q, qp = s.message_queries(start)
+    b, bp = s.baseline_queries(start, len(qp))
+    assert len(bp) == len(qp) and bp.max() < start and np.all(np.diff(bp) > 0)
+    n = s.recall(since=start)
+    assert 0 < n <= 40 and s.n_cells <= s.cfg.budget
+    back = [p for p in where if p in s.live]
+    assert len(back) >= len(where) // 2, f"fact digits back: {back} of {where}"
+    s.close()

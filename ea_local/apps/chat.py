@@ -15,6 +15,7 @@ import os
 import secrets
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,7 +33,7 @@ from ..policies import get_policy
 HELP = """commands:
   /stats          cells used / budget, evictions, tokens seen, KV memory, last compression
   /policy NAME    switch the eviction policy (see `ea-local policies`)
-  /budget N       change the KV budget (a larger one recreates the session and re-feeds the kept cells)
+  /budget N       change the KV budget (a larger one moves the conversation, archive included, to a larger context)
   /reset          forget the conversation (the system prompt and --file are fed again)
   /save FILE      save the conversation with its compressed cache
   /load FILE      continue a conversation saved with /save (same model)
@@ -284,14 +285,22 @@ class Chat:
         if n <= s.cfg.budget:  # the context (budget + chunk cells) already has room
             evicted = s.set_budget(n)
             return f"budget: {n} cells (same session; {evicted} cells evicted now)"
-        kept = [s.live[p] for p in sorted(s.live)]
-        stats = s.stats
-        new = Session(str(self.info.path), cfg)
-        new.prefill(kept)
-        new.stats = stats
+        # a larger context: the conversation moves through a session file, so the cells keep their
+        # positions and the statistics, focus and archive of evicted cells (recall) come along
+        with tempfile.TemporaryDirectory(prefix="ea-local-budget-") as tmp:
+            path = os.path.join(tmp, "session.eal")
+            snapshot.save(s, path)
+            snap = snapshot.read(path, str(self.info.path))
+        snap.config["budget"] = n
+        new = Session(str(self.info.path), snapshot.session_config(snap, cfg))
+        try:
+            snapshot.restore(new, snap)
+        except Exception:
+            new.close()
+            raise
         s.close()
         self.s = new
-        return f"budget: {n} cells — recreated the session and re-fed the {len(kept)} kept cells"
+        return f"budget: {n} cells — a larger context took the {new.n_cells} cells and the archive as they were"
 
     def reset(self) -> str:
         self.s.reset()

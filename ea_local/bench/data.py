@@ -136,6 +136,16 @@ FACTS = [  # (what the user says, the question, the answer cue)
 ]
 
 
+# the long-memory chat's facts (FACTS first): what the user says, the question, the answer cue
+MORE_FACTS = FACTS + [
+    (f"My {thing} is {{n}}.", f"What is my {thing}?", f"Your {thing} is")
+    for thing in ("room number", "member ID", "order number", "ticket number", "account number",
+                  "parcel tracking number", "badge number", "gate code", "library card number",
+                  "bank branch code", "car park level code", "seat number", "customer number",
+                  "policy number", "case number", "voucher code", "invoice number")
+]
+
+
 def real_text(files: list[Path] = LICENSES) -> str:
     """GPL-3 followed by GPL-2 (by default): the real English prose of every quality measurement."""
     missing = [str(p) for p in files if not p.exists()]
@@ -157,11 +167,34 @@ class Chat:
 def multi_turn(rng: random.Random, n_filler_turns: int, paras: list[str]) -> Chat:
     """A plain-text chat: facts stated in the first turns, then filler turns quoting real prose."""
     nums = [str(rng.randint(10000, 99999)) for _ in FACTS]
-    turns = [f"User: Please remember this. {say.format(n=n)}\nAssistant: Noted: {say.format(n=n)}\n"
-             for (say, _, _), n in zip(FACTS, nums)]
+    turns = [_fact_turn(say, n) for (say, _, _), n in zip(FACTS, nums)]
     start = rng.randrange(len(paras))
-    for i in range(n_filler_turns):
-        p = paras[(start + i) % len(paras)]
-        turns.append(f"User: Here is a passage I am reading: {p}\nAssistant: Thank you, I have read it.\n")
+    turns += [_filler_turn(paras[(start + i) % len(paras)]) for i in range(n_filler_turns)]
     qs = [Question(f"User: {q}\nAssistant: {cue}", n) for (_, q, cue), n in zip(FACTS, nums)]
     return Chat(turns, qs)
+
+
+def long_memory(rng: random.Random, n_facts: int, n_filler_turns: int, paras: list[str]) -> Chat:
+    """A plain-text chat with n_facts facts (MORE_FACTS) spread evenly over n_filler_turns prose turns,
+    the first one at the start; questions in the order the facts were stated."""
+    facts = MORE_FACTS[:n_facts]
+    if len(facts) < n_facts:
+        raise ValueError(f"at most {len(MORE_FACTS)} facts, asked for {n_facts}")
+    nums = [str(rng.randint(10000, 99999)) for _ in facts]
+    every = max(1, n_filler_turns // n_facts)
+    start = rng.randrange(len(paras))
+    turns: list[str] = []
+    for i in range(n_filler_turns):
+        if i % every == 0 and i // every < n_facts:
+            turns.append(_fact_turn(facts[i // every][0], nums[i // every]))
+        turns.append(_filler_turn(paras[(start + i) % len(paras)]))
+    qs = [Question(f"User: {q}\nAssistant: {cue}", n) for (_, q, cue), n in zip(facts, nums)]
+    return Chat(turns, qs)
+
+
+def _fact_turn(say: str, n: str) -> str:
+    return f"User: Please remember this. {say.format(n=n)}\nAssistant: Noted: {say.format(n=n)}\n"
+
+
+def _filler_turn(p: str) -> str:
+    return f"User: Here is a passage I am reading: {p}\nAssistant: Thank you, I have read it.\n"

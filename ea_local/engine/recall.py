@@ -6,7 +6,9 @@ head, as attention would see them if every cell were in the cache). A cell's sco
 attention share any of the message's queries gives it, over heads and scored layers: a fact the
 message asks about gets a high share from the few queries that look for it, even if the average
 query ignores it (the exact per-query attention, not Expected Attention's Gaussian average, which
-dilutes a question's few decisive queries).
+dilutes a question's few decisive queries). That share is then divided by the share the queries just
+before the message gave the cell (`contrast`): without it the recent past and the turn markers, which
+every message's local heads attend, outrank the fact a message asks about.
 
 Pure numpy: no llama.cpp here.
 """
@@ -60,3 +62,16 @@ def message_scores(queries: Mapping[int, np.ndarray], q_pos: np.ndarray, keys: M
     if out is None:
         raise ValueError("no layer to score")
     return out
+
+
+# a share below this counts as no attention in the baseline: 1e-3 is ~2 cells' uniform share of a 2k
+# cache; set on the tuning chats (docs/recall.md), with 1e-2 ranking the facts lower
+CONTRAST_FLOOR = 1e-3
+
+
+def contrast(message: np.ndarray, baseline: np.ndarray, floor: float = CONTRAST_FLOOR) -> np.ndarray:
+    """How much more the message attends each cell than the queries just before it did:
+    message / (baseline + floor). Cells every turn attends (sinks, the recent past, the turn markers)
+    score about 1 whatever their share; a cell only this message looks for scores high (the lift of
+    the message over the conversation, as in pointwise mutual information)."""
+    return np.asarray(message, dtype=np.float64) / (np.asarray(baseline, dtype=np.float64) + floor)

@@ -36,7 +36,7 @@ from ..policies import get_policy
 from ..policies.base import CellView
 from ..model.rope_model import rope_specs
 from .archive import Archive, plan_swap, pool_spans
-from .recall import message_scores
+from .recall import contrast, message_scores
 from .runtime import ContextConfig, LlamaError, Runtime, SharedModel
 from .sampling import Sampler, SamplingParams
 from .textstream import TextStream
@@ -246,6 +246,9 @@ class Session:
         self.query_pos = np.empty(0, dtype=np.int64)
         self.focus: dict[int, np.ndarray] = {}  # the user's newest message or the probed question
         self.focus_pos = np.empty(0, dtype=np.int64)
+        # the focus a newer message replaced: recall's baseline, what the conversation looked for before it
+        self.before: dict[int, np.ndarray] = {}
+        self.before_pos = np.empty(0, dtype=np.int64)
         self.question: list[int] = []
         self._n_captured = 0
         self.stats = Stats()
@@ -347,6 +350,10 @@ class Session:
         self.stats.tokens_seen += len(tokens)
         if self.captures:
             self._n_captured += len(tokens)
+            if new_focus and self.recall_on and len(self.focus_pos):
+                keep = self.cfg.recall_queries
+                self.before = {il: q[-keep:] for il, q in self.focus.items()}
+                self.before_pos = self.focus_pos[-keep:]
             if focus:  # a user turn: its queries (the last `chunk`) are the focus window
                 self._pull_queries(keep=self.cfg.chunk, into_focus=True, extend=not new_focus)
             elif len(tokens) > 1:  # a prefill chunk: its (last prefill_stats) queries are the statistics window
@@ -554,6 +561,19 @@ class Session:
                 return {il: win[il][sel] for il in self.layers}, wpos[sel]
         return {}, np.empty(0, dtype=np.int64)
 
+    def baseline_queries(self, since: int, m: int) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        """The last m captured queries before the newest message (positions < since): the previous reply's
+        (statistics window), the previous message's (the focus it replaced) or the same prompt's."""
+        wins = [(w, wp) for w, wp in ((self.before, self.before_pos), (self.queries, self.query_pos),
+                                      (self.focus, self.focus_pos)) if len(wp) and all(il in w for il in self.layers)]
+        if not wins or m <= 0:
+            return {}, np.empty(0, dtype=np.int64)
+        pos = np.concatenate([wp for _, wp in wins])
+        pos, first = np.unique(pos, return_index=True)  # a position in two windows counts once
+        sel = first[(pos >= 0) & (pos < since)][-m:]
+        return ({il: np.concatenate([w[il] for w, _ in wins])[sel] for il in self.layers},
+                np.concatenate([wp for _, wp in wins])[sel])
+
     def recall(self, since: int) -> int:
         """Bring back the archived cells the newest message (positions >= since, already prefilled) needs.
 
@@ -575,6 +595,9 @@ class Session:
         n_live = len(live_pos)
         keys = {il: np.concatenate([live_keys[il], a.digest[il].astype(np.float32)]) for il in self.layers}
         scores = message_scores(queries, q_pos, keys, self.rope, self.info.kq_scale)
+        base_q, base_pos = self.baseline_queries(since, len(q_pos))
+        if len(base_pos):
+            scores = contrast(scores, message_scores(base_q, base_pos, keys, self.rope, self.info.kq_scale))
         r = self.cfg.recall_radius
         live_s = pool_spans(live_pos, scores[:n_live], r)
         arch_s = pool_spans(a.pos, scores[n_live:], r)
@@ -677,6 +700,7 @@ class Session:
         self.live = {remap[p]: t for p, t in self.live.items()}
         self.query_pos = np.array([remap.get(int(p), -1) for p in self.query_pos], dtype=np.int64)
         self.focus_pos = np.array([remap.get(int(p), -1) for p in self.focus_pos], dtype=np.int64)
+        self.before_pos = np.array([remap.get(int(p), -1) for p in self.before_pos], dtype=np.int64)
         self.next_pos = len(old)
         self.stats.compactions += 1
 
@@ -745,5 +769,8 @@ class Session:
         keep = self.focus_pos < pos
         self.focus_pos = self.focus_pos[keep]
         self.focus = {il: q[keep] for il, q in self.focus.items()}
+        keep = self.before_pos < pos
+        self.before_pos = self.before_pos[keep]
+        self.before = {il: q[keep] for il, q in self.before.items()}
         self.next_pos = pos
         return len(drop)

@@ -73,6 +73,8 @@ class Snapshot:
     state: bytes  # llama.cpp's sequence state
     focus_pos: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # query-aware window
     focus: dict[int, np.ndarray] = field(default_factory=dict)
+    before_pos: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # recall's baseline
+    before: dict[int, np.ndarray] = field(default_factory=dict)
     archive: dict[str, np.ndarray] = field(default_factory=dict)  # "archive.*" sections: evicted cells (recall)
 
 
@@ -140,6 +142,9 @@ def save(s: Session, path: str | os.PathLike[str], extra: dict | None = None) ->
     sections.append(("focus_pos", np.asarray(s.focus_pos, dtype=np.int64)))
     for il, q in s.focus.items():
         sections.append((f"focus.{il}", np.ascontiguousarray(q, dtype=np.float32)))
+    sections.append(("before_pos", np.asarray(s.before_pos, dtype=np.int64)))
+    for il, q in s.before.items():
+        sections.append((f"before.{il}", np.ascontiguousarray(q, dtype=np.float32)))
     sections.append(("llama_state", np.frombuffer(seq_state_get(s.rt.ctx, 0), dtype=np.uint8)))
     a = s.archive
     if a is not None and len(a):  # the archive of evicted cells (recall) belongs to the conversation
@@ -253,6 +258,8 @@ def read(path: str | os.PathLike[str], model_path: str) -> Snapshot:
                         state=arrays["llama_state"].tobytes(),
                         focus_pos=arrays.get("focus_pos", np.empty(0, dtype=np.int64)),
                         focus={int(k.split(".", 1)[1]): v for k, v in arrays.items() if k.startswith("focus.")},
+                        before_pos=arrays.get("before_pos", np.empty(0, dtype=np.int64)),
+                        before={int(k.split(".", 1)[1]): v for k, v in arrays.items() if k.startswith("before.")},
                         archive={k: v for k, v in arrays.items() if k.startswith("archive.")})
         if len(snap.live_pos) != len(snap.live_tok) or set(snap.config) != set(CONFIG_FIELDS):
             raise ValueError("inconsistent sections")
@@ -316,6 +323,8 @@ def restore(s: Session, snap: Snapshot) -> None:
     s.queries = {il: q.copy() for il, q in snap.queries.items() if il in s.layers}
     s.focus_pos = snap.focus_pos.copy()
     s.focus = {il: q.copy() for il, q in snap.focus.items() if il in s.layers}
+    s.before_pos = snap.before_pos.copy()
+    s.before = {il: q.copy() for il, q in snap.before.items() if il in s.layers}
     st = snap.stats
     s.stats = Stats(tokens_seen=int(st["tokens_seen"]), compactions=int(st["compactions"]),
                     evictions=[Eviction(**e) for e in st["evictions"]], archived=int(st.get("archived", 0)),
@@ -355,6 +364,8 @@ class Checkpoint:
     logits: np.ndarray  # of the last prefilled token: what a lookahead policy (laq) and the sampler read first
     archive: Archive | None = None  # the archive of evicted cells (recall), copied
     recalled_count: dict[int, int] = field(default_factory=dict)
+    before: dict[int, np.ndarray] = field(default_factory=dict)  # the focus the newest message replaced
+    before_pos: np.ndarray | None = None
 
 
 def checkpoint(s: Session) -> Checkpoint:
@@ -364,7 +375,8 @@ def checkpoint(s: Session) -> Checkpoint:
     return Checkpoint(seq_state_get(s.rt.ctx, 0), dict(s.live), s.next_pos, {k: v.copy() for k, v in s.queries.items()},
                       s.query_pos.copy(), {k: v.copy() for k, v in s.focus.items()}, s.focus_pos.copy(),
                       copy.deepcopy(s.stats), s.cfg.budget, s.rt.logits(),
-                      s.archive.copy() if s.archive is not None else None, dict(s.recalled_count))
+                      s.archive.copy() if s.archive is not None else None, dict(s.recalled_count),
+                      {k: v.copy() for k, v in s.before.items()}, s.before_pos.copy())
 
 
 def rewind(s: Session, cp: Checkpoint) -> None:
@@ -379,6 +391,8 @@ def rewind(s: Session, cp: Checkpoint) -> None:
     s.query_pos = cp.query_pos.copy()
     s.focus = {k: v.copy() for k, v in cp.focus.items()}
     s.focus_pos = cp.focus_pos.copy()
+    s.before = {k: v.copy() for k, v in cp.before.items()}
+    s.before_pos = cp.before_pos.copy() if cp.before_pos is not None else s.focus_pos[:0].copy()
     s._n_captured = 0
     s.stats = copy.deepcopy(cp.stats)
     s.cfg.budget = cp.budget
