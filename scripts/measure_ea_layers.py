@@ -26,6 +26,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # BLAS threads spinning on a
 from ea_local.engine.snapshot import checkpoint, rewind  # noqa: E402
 from ea_local.bench.suites.common import ask  # noqa: E402
 from ea_local.bench.data import passkey_prompt  # noqa: E402
+from ea_local.bench.suites.quality import _prose_tokens  # noqa: E402
 from ea_local.engine.session import Session, SessionConfig  # noqa: E402
 from ea_local.model.embedded import resolve_model  # noqa: E402
 import numpy as np  # noqa: E402
@@ -38,15 +39,21 @@ def spaced(layers: list[int], n: int) -> list[int]:
 
 
 def settings(glob: list[int], only: set[str]) -> dict[str, tuple[str, dict]]:
+    """name -> (policy, options); an EA option "stats": N keeps only the window's last N queries."""
     l8, l15 = spaced(glob, 8), spaced(glob, 15)
     out: dict[str, tuple[str, dict]] = {}
     for n, ls in ((8, l8), (len(glob), glob)):
-        for agg in ("union", "mean", "share"):
+        for agg in ("union", "mean", "share", "max"):
             out[f"ea {n} {agg}"] = ("expected-attention", {"layers": ls, "aggregate": agg})
     out["ea 15 union"] = ("expected-attention", {"layers": l15, "aggregate": "union"})
     out["ea 8 union sinks in softmax"] = ("expected-attention", {"layers": l8, "sinks_in_softmax": True})
-    for pol in ("tova", "snapkv", "knorm"):
-        out[pol] = (pol, {"layers": l8})
+    for n, ls in ((8, l8), (15, l15), (len(glob), glob)):
+        out[f"ea {n} union stats 128"] = ("expected-attention", {"layers": ls, "stats": 128})
+        out[f"ea {n} union eps 0.02"] = ("expected-attention", {"layers": ls, "epsilon": 0.02})  # kvpress' default
+    for n, ls in ((8, l8), (len(glob), glob)):
+        for pol in ("tova", "snapkv"):
+            out[f"{pol} {n}"] = (pol, {"layers": ls})
+    out["knorm"] = ("knorm", {"layers": l8})
     out["streaming-llm"] = ("streaming-llm", {})
     return {k: v for k, v in out.items() if not only or k in only}
 
@@ -132,6 +139,9 @@ def main() -> None:
     ap.add_argument("--fracs", default="0.25,0.125")
     ap.add_argument("--depths", default="0.05,0.15,0.25,0.35,0.45,0.55,0.65,0.75,0.85,0.95")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--haystack", choices=["filler", "prose"], default="filler")
+    ap.add_argument("--texts", choices=["tuning", "reporting"], default="tuning",
+                    help="real-text set of a prose haystack (settings are chosen on tuning)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--only", default="", help="comma list of setting names (default: all)")
     ap.add_argument("--out", type=Path)
@@ -159,7 +169,8 @@ def main() -> None:
     todo = settings(list(s.layers), {x.strip() for x in a.only.split(",") if x.strip()})
     for d in [float(x) for x in a.depths.split(",")]:
         key = random.Random(a.seed * 1000 + int(d * 100) + a.length).randint(10000, 99999)
-        ctx, question, span = passkey_prompt(s.rt, a.length, d, key)
+        hay = _prose_tokens(s.rt, a.texts, a.seed, a.length) if a.haystack == "prose" else None
+        ctx, question, span = passkey_prompt(s.rt, a.length, d, key, haystack=hay)
         s.reset()
         s.set_policy("expected-attention")
         split = max(0, len(ctx) - s.cfg.chunk)  # as the bench: the last chunk's queries are the statistics
@@ -168,19 +179,25 @@ def main() -> None:
         s.prefill(ctx[split:])
         snap = checkpoint(s)
         rewind(s, snap)
-        emit({"setting": "full", "depth": d, "seed": a.seed, "length": len(ctx), "found": str(key) in ask(s, question, 8)})
+        emit({"setting": "full", "depth": d, "seed": a.seed, "length": len(ctx), "haystack": a.haystack,
+              "found": str(key) in ask(s, question, 8)})
         for frac in [float(x) for x in a.fracs.split(",")]:
             cells = int(len(ctx) * frac)
             for name, (pol, opts) in todo.items():
                 rewind(s, snap)
+                opts = dict(opts)
+                n_stats = opts.pop("stats", None)
                 s.set_policy(pol, **opts)
+                if n_stats:  # the lever itself: the last n_stats queries of the last chunk as the statistics
+                    s.queries = {il: q[-n_stats:] for il, q in s.queries.items()}
+                    s.query_pos = s.query_pos[-n_stats:]
                 s.set_one_shot_budget(cells, recent=min(64, cells // 8))
                 t1 = time.perf_counter()
                 s.compress(cells, phase="prefill")
                 t_comp = time.perf_counter() - t1
                 kept = sum(1 for p in range(*span) if p in s.live) / (span[1] - span[0])
                 reply = ask(s, question, 8)
-                emit({"setting": name, "fraction": frac, "cells": cells, "depth": d, "seed": a.seed, "length": len(ctx),
+                emit({"setting": name, "haystack": a.haystack, "fraction": frac, "cells": cells, "depth": d, "seed": a.seed, "length": len(ctx),
                       "found": str(key) in reply, "needle_kept": round(kept, 3), "answer": reply,
                       "compress_s": round(t_comp, 2)})
     s.close()

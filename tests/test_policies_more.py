@@ -5,14 +5,14 @@ import pytest
 
 from ea_local.policies import POLICIES, get_policy
 from ea_local.policies.base import RopeSpec
-from ea_local.policies.compactor import leverage_scores, zscore
+from ea_local.policies.compactor import leverage_scores, unrotate, zscore
 from ea_local.policies.curdkv import row_leverage
 from ea_local.policies.expected_attention import softmax
 from ea_local.policies.lava import lava_layer
 from ea_local.policies.morphkv import morphkv_layer
 from ea_local.policies.obcache import obcache_layer
 from ea_local.policies.snapkv import pool1d
-from ea_local.model.rope import apply_rope
+from ea_local.model.rope import apply_rope, magnitude
 
 from .test_policies import make_view, unit, unit_rows, window_aligned_view
 
@@ -264,6 +264,34 @@ def test_compactor_leverage_of_pre_rope_keys_and_outlier():
     a = get_policy("compactor").score(view, attention=False, sketch_dimension=8)
     view.seed = 1
     assert not np.allclose(a, get_policy("compactor").score(view, attention=False, sketch_dimension=8))
+
+
+def test_compactor_unrotates_yarn_keys_with_the_attention_factor():
+    # YaRN x4 with a file attention factor (as rope_model reads it) on a partial rotary: 16 of 32 dims
+    # rotated, so llama.cpp's magnitude m scales the rotated dims of a cached key and not the rest
+    spec = RopeSpec(16, 10000.0, 0.25, neox=True, ext_factor=1.0, attn_factor=1.25, n_ctx_orig=64)
+    m = magnitude(spec)
+    assert m == pytest.approx(1.25 * (1 + 0.1 * np.log(4.0)))
+    view = make_view(n=80, layers=(0,), seed=5)
+    view.rope[0] = spec
+    rng = np.random.default_rng(4)
+    pre = rng.normal(size=(view.n, 2, D)) * np.r_[np.full(16, 1.0), np.full(16, 3.0)]  # unrotated dims matter
+    pre[31] += 6.0 * unit(rng.normal(size=D))
+    view.keys[0] = apply_rope(pre.transpose(1, 0, 2), view.positions, spec).transpose(1, 0, 2)
+    back = unrotate(view.keys[0].transpose(1, 0, 2), view.positions, spec).transpose(1, 0, 2)
+    np.testing.assert_allclose(back, pre, rtol=1e-9, atol=1e-9)  # exactly the pre-RoPE keys
+    # exact leverage ignores any invertible rescaling of the dimensions; the sketch (8 < d columns) does not
+    s = get_policy("compactor").score(view, attention=False, sketch_dimension=8)
+    sel = slice(8, None)
+
+    def lev(keys):  # the policy's draws: one sketch per KV head from view.seed, in order
+        rng = np.random.default_rng(view.seed)
+        return zscore(np.stack([leverage_scores(keys[j], 8, rng) for j in range(2)])).mean(axis=0)
+
+    np.testing.assert_allclose(s[sel], lev(pre[sel].transpose(1, 0, 2)), rtol=1e-9, atol=1e-12)
+    # R(-p) alone leaves m² on the rotated dims: a different sketch of the keys, a different ranking
+    stray = apply_rope(view.keys[0].transpose(1, 0, 2), -view.positions, spec)[:, sel]
+    assert not np.allclose(lev(stray), s[sel], atol=1e-2)
 
 
 def test_compactor_blends_window_attention_times_value_norm():

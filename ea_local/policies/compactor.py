@@ -16,7 +16,7 @@ known to a policy, so ``blending`` defaults to 0.35. The paper's attention term 
 non-causal chunked attention of every context query over its chunk; here it is the causal
 attention of the captured window queries (``attention=False``: leverage only, fully
 query-agnostic). As kvpress, the first ``n_sink`` cells are left out of both statistics and
-get the layer's top score. Keys are un-rotated with RoPE at minus their positions. Layers and
+get the layer's top score. Keys are un-rotated with the layer's RoPE (``unrotate``). Layers and
 KV heads are reduced with ``aggregate``; the sketch is drawn from ``view.seed``.
 """
 from __future__ import annotations
@@ -25,10 +25,10 @@ from typing import Iterable
 
 import numpy as np
 
-from ea_local.policies.base import CellView, Policy
+from ea_local.policies.base import CellView, Policy, RopeSpec
 from ea_local.policies.common import aggregate_scores, use_layers
 from ea_local.policies.snapkv import group_attention, pool1d, window
-from ea_local.model.rope import apply_rope
+from ea_local.model.rope import apply_rope, magnitude, pair_indices
 
 
 def leverage_scores(
@@ -53,6 +53,23 @@ def leverage_scores(
     keep = lam > rtol * lam[-1]
     y = x @ vec[:, keep]
     return np.einsum("nr,nr->n", y, y / lam[keep])
+
+
+def unrotate(keys: np.ndarray, positions: np.ndarray, spec: RopeSpec) -> np.ndarray:
+    """Pre-RoPE keys (..., n, d) from cached ones at `positions`.
+
+    llama.cpp caches m R(p) k on the rotated pairs, m = ``rope.magnitude`` (YaRN's mscale times the
+    file's attention factor, ``rope_model``); R(-p) applied the same way scales by m again, so the
+    rotated pairs are divided by m², while dimensions past n_dims (partial rotary) were never scaled.
+    Exact leverage would not see a stray m² (it is invariant to rescaling the dimensions), but the
+    sketch K Φ does wherever m² reweights some dimensions against others (a partial rotary)."""
+    out = apply_rope(keys, -np.asarray(positions), spec)
+    m2 = magnitude(spec) ** 2
+    if m2 != 1.0:
+        a, b = pair_indices(spec)
+        out[..., a] /= m2
+        out[..., b] /= m2
+    return out
 
 
 def zscore(x: np.ndarray) -> np.ndarray:
@@ -84,7 +101,7 @@ def score(
         n_kv = keys.shape[1]
         out = np.zeros((n_kv, view.n))
         if sel.any():
-            pre = apply_rope(keys.transpose(1, 0, 2), -pos[sel], view.rope[l])  # (n_kv, n', d): R(-p) undoes R(p)
+            pre = unrotate(keys.transpose(1, 0, 2), pos[sel], view.rope[l])  # (n_kv, n', d)
             lev = np.stack([leverage_scores(pre[j], sketch_dimension, rng) for j in range(n_kv)])
             layer = blending * zscore(lev) if attention else zscore(lev)
             if attention:
