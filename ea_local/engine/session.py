@@ -46,6 +46,20 @@ class BudgetError(ValueError):
     pass
 
 
+def select_evictions(positions: np.ndarray, scores: np.ndarray, n_sink: int, recent: int, next_pos: int,
+                     n: int) -> np.ndarray:
+    """The sorted positions of the n lowest-scoring cells, never a sink (position < n_sink) nor one of the
+    recent window (position >= next_pos - recent); among equal scores the cell listed first goes (the
+    older one: views list cells by position). BudgetError if fewer than n cells may go."""
+    positions = np.asarray(positions)
+    protected = (positions < n_sink) | (positions >= next_pos - recent)
+    cand = np.flatnonzero(~protected)
+    if len(cand) < n:
+        raise BudgetError(f"cannot evict {n} cells: only {len(cand)} are not protected")
+    order = cand[np.argsort(np.asarray(scores)[cand], kind="stable")]
+    return np.sort(positions[order[:n]])
+
+
 def query_shape(info, layer: int) -> tuple[int, int]:
     """(query heads, head size) of `layer`'s captured queries: per layer, since a GGUF may give each
     layer its own head count (attention.head_count as an array)."""
@@ -494,13 +508,8 @@ class Session:
             scores = get_policy("streaming-llm").score(view)
         else:
             scores = np.asarray(self.policy.score(view, **self.cfg.policy_options), dtype=np.float64)
-        protected = (pos < self.cfg.n_sink) | (pos >= self.next_pos - self.cfg.recent)
         n_evict = n_before - target
-        cand = np.flatnonzero(~protected)
-        if len(cand) < n_evict:
-            raise BudgetError(f"cannot evict {n_evict} cells: only {len(cand)} are not protected")
-        order = cand[np.argsort(scores[cand], kind="stable")]
-        evict = np.sort(pos[order[:n_evict]])
+        evict = select_evictions(pos, scores, self.cfg.n_sink, self.cfg.recent, self.next_pos, n_evict)
         if self.archive is not None:
             self._archive_cells(evict, view.positions, view.keys)
         t1 = time.perf_counter()
