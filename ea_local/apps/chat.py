@@ -292,15 +292,21 @@ class Chat:
             snapshot.save(s, path)
             snap = snapshot.read(path, str(self.info.path))
         snap.config["budget"] = n
+        new = self._session_from(snap, cfg)
+        s.close()
+        self.s = new
+        return f"budget: {n} cells — a larger context took the {new.n_cells} cells and the archive as they were"
+
+    def _session_from(self, snap: snapshot.Snapshot, cfg: SessionConfig) -> Session:
+        """A new session of the snapshot's geometry (cfg for the rest) holding the snapshot; the current
+        one is untouched, so on any error the conversation goes on as it was."""
         new = Session(str(self.info.path), snapshot.session_config(snap, cfg))
         try:
             snapshot.restore(new, snap)
         except Exception:
             new.close()
             raise
-        s.close()
-        self.s = new
-        return f"budget: {n} cells — a larger context took the {new.n_cells} cells and the archive as they were"
+        return new
 
     def reset(self) -> str:
         self.s.reset()
@@ -327,12 +333,7 @@ class Chat:
         if snapshot.fits(self.s, snap):
             snapshot.restore(self.s, snap)
         else:  # other budget, chunk or cache type: a context of the saved geometry
-            new = Session(str(self.info.path), snapshot.session_config(snap, self.s.cfg))
-            try:
-                snapshot.restore(new, snap)
-            except Exception:
-                new.close()
-                raise
+            new = self._session_from(snap, self.s.cfg)
             self.s.close()
             self.s = new
         self.system = system

@@ -577,11 +577,11 @@ class Session:
                                       (self.focus, self.focus_pos)) if len(wp) and all(il in w for il in self.layers)]
         if not wins or m <= 0:
             return {}, np.empty(0, dtype=np.int64)
-        pos = np.concatenate([wp for _, wp in wins])
-        pos, first = np.unique(pos, return_index=True)  # a position in two windows counts once
-        sel = first[(pos >= 0) & (pos < since)][-m:]
-        return ({il: np.concatenate([w[il] for w, _ in wins])[sel] for il in self.layers},
-                np.concatenate([wp for _, wp in wins])[sel])
+        # a position in two windows counts once
+        pos, first = np.unique(np.concatenate([wp for _, wp in wins]), return_index=True)
+        keep = (pos >= 0) & (pos < since)
+        sel = first[keep][-m:]
+        return {il: np.concatenate([w[il] for w, _ in wins])[sel] for il in self.layers}, pos[keep][-m:]
 
     def recall(self, since: int) -> int:
         """Bring back the archived cells the newest message (positions >= since, already prefilled) needs.

@@ -365,7 +365,7 @@ class Checkpoint:
     archive: Archive | None = None  # the archive of evicted cells (recall), copied
     recalled_count: dict[int, int] = field(default_factory=dict)
     before: dict[int, np.ndarray] = field(default_factory=dict)  # the focus the newest message replaced
-    before_pos: np.ndarray | None = None
+    before_pos: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
 
 def checkpoint(s: Session) -> Checkpoint:
@@ -392,7 +392,7 @@ def rewind(s: Session, cp: Checkpoint) -> None:
     s.focus = {k: v.copy() for k, v in cp.focus.items()}
     s.focus_pos = cp.focus_pos.copy()
     s.before = {k: v.copy() for k, v in cp.before.items()}
-    s.before_pos = cp.before_pos.copy() if cp.before_pos is not None else s.focus_pos[:0].copy()
+    s.before_pos = cp.before_pos.copy()
     s._n_captured = 0
     s.stats = copy.deepcopy(cp.stats)
     s.cfg.budget = cp.budget
