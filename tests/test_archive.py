@@ -24,7 +24,7 @@ def test_add_take_keeps_rows_with_their_cells():
     a.add([10, 11, 12], [100, 101, 102], _rows([10, 11, 12]), _digest([10, 11, 12]))
     a.add([40, 5], [140, 105], _rows([40, 5]), _digest([40, 5]))
     assert len(a) == 5
-    assert a.bytes_per_token == (6 + 4) * 2 + 2 * 2  # raw rows of two layers + one float16 digest (1 head x 2)
+    assert a.bytes_per_token == (6 + 4) * 2 + 2 * 4  # raw rows of two layers + one float32 digest (1 head x 2)
     assert a.nbytes == 5 * a.bytes_per_token
     pos, rot, tok, rows, dig, rec = a.take([3, 0])  # positions 40 and 10: returned in position order
     assert pos.tolist() == [10, 40] and rot.tolist() == [10, 40] and tok.tolist() == [100, 140]

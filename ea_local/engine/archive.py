@@ -32,9 +32,10 @@ class Archive:
     stamp: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # arrival order
     k: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> (n, K row bytes) uint8
     v: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> (n, V row bytes) uint8
-    # the digest a new message is scored against (ArkVale's page digests, here per cell): float16 post-RoPE
-    # keys of the scored layers, as the float reader returns them (dequantized, Hadamard rotation undone)
-    digest: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> (n, n_kv_head, d_k) float16
+    # the digest a new message is scored against (ArkVale's page digests, here per cell): post-RoPE keys of
+    # the scored layers as the float reader returns them (dequantized, Hadamard rotation undone), in float32,
+    # the type scoring multiplies in: a float16 copy cost a conversion of the whole archive at every message
+    digest: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> (n, n_kv_head, d_k) float32
     dropped: int = 0  # cells dropped past a bound, ever
     _clock: int = 0
 
@@ -79,7 +80,7 @@ class Archive:
         for il, d in digest.items():
             if len(d) != n:
                 raise ValueError(f"layer {il}: {len(d)} digest keys for {n} cells")
-            d = np.asarray(d, dtype=np.float16)
+            d = np.asarray(d, dtype=np.float32)
             self.digest[il] = d if il not in self.digest else np.concatenate([self.digest[il], d])
         return self.enforce()
 
@@ -232,12 +233,12 @@ def parse_size(text: str) -> tuple[int | None, int | None]:
 
 def bytes_per_token(info, cache_type: str = "f16", max_score_layers: int = 8) -> int | None:
     """Host bytes the archive keeps per evicted token of a model (ModelInfo): the raw K/V rows of every
-    evicted layer (the global ones on iSWA models) in the cache type, plus the float16 digest keys of
+    evicted layer (the global ones on iSWA models) in the cache type, plus the float32 digest keys of
     the scored layers (Session: up to max_score_layers evenly spaced global layers)."""
     per = info.kv_bytes_per_token_for(cache_type)
     if per is None:
         return None
     glob = list(info.global_layers)
     idx = np.unique(np.linspace(0, len(glob) - 1, min(len(glob), max_score_layers)).round().astype(int))
-    digest = sum(2 * info.n_head_kv_per_layer[glob[i]] * info.head_dims(glob[i])[0] for i in idx)
+    digest = sum(4 * info.n_head_kv_per_layer[glob[i]] * info.head_dims(glob[i])[0] for i in idx)
     return per.global_part + digest

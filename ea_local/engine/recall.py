@@ -14,7 +14,7 @@ Pure numpy: no llama.cpp here.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
@@ -30,29 +30,40 @@ def rotate_queries(q: np.ndarray, positions: np.ndarray, spec: RopeSpec) -> np.n
     return np.swapaxes(apply_rope(np.swapaxes(q, 0, 1), positions, spec), 0, 1)
 
 
-def max_attention_share(q_rot: np.ndarray, keys: np.ndarray, scale: float) -> np.ndarray:
+def max_attention_share(q_rot: np.ndarray, keys: np.ndarray | Sequence[np.ndarray], scale: float) -> np.ndarray:
     """(n,) max over queries and heads of softmax_n(scale * q . k): q_rot (m, n_head, d) post-RoPE,
-    keys (n, n_kv_head, d) post-RoPE; query head h reads KV head h // (n_head / n_kv_head) (llama.cpp)."""
+    keys (n, n_kv_head, d) post-RoPE, or a sequence of such blocks (the live cells and the archive) scored
+    under one softmax as if concatenated; query head h reads KV head h // (n_head / n_kv_head) (llama.cpp)."""
+    blocks = [keys] if isinstance(keys, np.ndarray) else list(keys)
     m, h, d = q_rot.shape
-    n, h_kv, _ = keys.shape
+    n = sum(len(b) for b in blocks)
     if n == 0 or m == 0:
         return np.zeros(n)
-    g = kv_group(h, h_kv)
-    best = np.zeros(n)
-    for j in range(h_kv):
-        qj = q_rot[:, j * g:(j + 1) * g].reshape(m * g, d).astype(np.float32)
-        z = (qj @ keys[:, j].astype(np.float32).T) * np.float32(scale)  # (m*g, n)
-        z -= z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        a = e / e.sum(axis=1, keepdims=True)
-        best = np.maximum(best, a.max(axis=0))
-    return best
+    g = kv_group(h, blocks[0].shape[1])
+    best = np.zeros(n, dtype=np.float32)
+    edges = np.cumsum([0] + [len(b) for b in blocks])
+    for j in range(blocks[0].shape[1]):
+        qj = np.ascontiguousarray(q_rot[:, j * g:(j + 1) * g].reshape(m * g, d), dtype=np.float32) * np.float32(scale)
+        zs = [qj @ np.asarray(b[:, j], dtype=np.float32).T for b in blocks]  # (m*g, n_b) each
+        top = np.max([z.max(axis=1) for z in zs], axis=0)[:, None]
+        total = np.zeros((m * g, 1), dtype=np.float32)
+        for z in zs:  # in place: these are the big arrays
+            z -= top
+            np.exp(z, out=z)
+            total += z.sum(axis=1, keepdims=True)
+        inv = 1.0 / total
+        for z, a, b in zip(zs, edges[:-1], edges[1:]):
+            z *= inv
+            np.maximum(best[a:b], z.max(axis=0), out=best[a:b])
+    return best.astype(np.float64)
 
 
-def message_scores(queries: Mapping[int, np.ndarray], q_pos: np.ndarray, keys: Mapping[int, np.ndarray],
-                   rope: Mapping[int, RopeSpec], scale: float | None) -> np.ndarray:
+def message_scores(queries: Mapping[int, np.ndarray], q_pos: np.ndarray,
+                   keys: Mapping[int, np.ndarray | Sequence[np.ndarray]], rope: Mapping[int, RopeSpec],
+                   scale: float | None) -> np.ndarray:
     """(n,) per-cell score: max over the layers in `keys` of max_attention_share of the message's
-    queries (pre-RoPE, (m, n_head, d) per layer, at positions q_pos) against keys (n, n_kv_head, d)."""
+    queries (pre-RoPE, (m, n_head, d) per layer, at positions q_pos) against keys (n, n_kv_head, d),
+    or blocks of them under one softmax."""
     out = None
     for il, k in keys.items():
         q = queries[il]

@@ -602,7 +602,7 @@ class Session:
         for il in self.layers:
             live_pos, live_keys[il], _ = self.rt.kv_read(il, values=False)
         n_live = len(live_pos)
-        keys = {il: np.concatenate([live_keys[il], a.digest[il].astype(np.float32)]) for il in self.layers}
+        keys = {il: (live_keys[il], a.digest[il]) for il in self.layers}  # one softmax over both
         scores = message_scores(queries, q_pos, keys, self.rope, self.info.kq_scale)
         base_q, base_pos = self.baseline_queries(since, len(q_pos))
         if len(base_pos):
