@@ -33,11 +33,11 @@ fi
   --deselect "tests/test_hooks.py::test_compaction_equals_fresh_prefill[gemma-None]" \
   --deselect tests/test_hooks.py::test_compaction_after_removal_keeps_the_cache_usable \
   --deselect tests/test_hooks.py::test_remap_rejects_bad_mappings 2>&1 | tee "$OUT/pytest_gpu.log" | tail -5
-python3 scripts/random_gguf.py /tmp/l8b.gguf --shape llama3-8b && echo "random 8B written"
+python3 scripts/bench/random_gguf.py /tmp/l8b.gguf --shape llama3-8b && echo "random 8B written"
 [ -n "${SKIP_STOCK:-}" ] || for H in ${HISTORIES:-32768}; do
-  timeout 200 python3 scripts/bench_hooks.py /tmp/l8b.gguf --stock-lib /tmp/stock --patched-lib /tmp/patched \
+  timeout 200 python3 scripts/bench/bench_hooks.py /tmp/l8b.gguf --stock-lib /tmp/stock --patched-lib /tmp/patched \
     --ngl 99 --history "$H" --tokens 64 --rounds 3 --processes 1 --json "$OUT/hooks_gpu_$H.json" | grep SUMMARY
 done
 LLAMA_CPP_LIB_PATH=/tmp/patched timeout ${ENGINE_TIMEOUT:-300} python3 -c "import llama_cpp, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
-  scripts/bench_engine.py /tmp/l8b.gguf --history 32768 --budget 8192 --tokens ${ENGINE_TOKENS:-1024} --step 512 --chunk 2048 \
+  scripts/bench/bench_engine.py /tmp/l8b.gguf --history 32768 --budget 8192 --tokens ${ENGINE_TOKENS:-1024} --step 512 --chunk 2048 \
   --ngl 99 --json "$OUT/engine_gpu_32k_8k.json" 2>&1 | tee "$OUT/engine.log" | grep -E "SUMMARY|Error"

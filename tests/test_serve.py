@@ -484,14 +484,14 @@ def test_cut_then_feed_equals_fresh_feed(tmp_path, arch):
         x.close()
 
 
-# ---- hardening: fuzz and concurrent load, short versions of scripts/fuzz_server.py ----
+# ---- hardening: fuzz and concurrent load, short versions of scripts/bench/fuzz_server.py ----
 
 def test_fuzz_then_concurrent_load_no_leaks(tiny):
     import importlib.util
 
     from .serve_helpers import ROOT
 
-    spec = importlib.util.spec_from_file_location("fuzz_server", ROOT / "scripts" / "fuzz_server.py")
+    spec = importlib.util.spec_from_file_location("fuzz_server", ROOT / "scripts" / "bench" / "fuzz_server.py")
     fz = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fz)
     s = ServerProcess(tiny, "--budget", "256", "--parallel", "2", "--queue", "8", "--max-body", "65536",

@@ -36,7 +36,7 @@ def _events(evs) -> dict:
 
 def profile(o: BenchOptions, policy: str, cells: int, tick: Tick, step: int | None = None,
             chunk: int | None = None) -> list[dict]:
-    """Points at each history length; step/chunk override the session's (scripts/bench_engine.py)."""
+    """Points at each history length; step/chunk override the session's (scripts/bench/bench_engine.py)."""
     cfg = session_cfg(o, cells, policy, chunk=chunk or min(512, max(32, cells // 2)))
     if step:
         cfg.step = step

@@ -2,7 +2,7 @@
 """The per-policy table of docs/policies.md from a bench run: per policy, the pass key at the longest context and a budget
 (both modes, with the share of the needle kept) and Δ perplexity at every budget.
 
-    python scripts/policy_table.py docs/bench/results.json [--budget 25%]
+    python scripts/measure/policy_table.py docs/bench/results.json [--budget 25%]
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 the full cache fails says nothing about eviction, so the bench's report preset uses variants the
 full cache solves. One prefill per document, every question asked from a restored snapshot.
 
-    .venv/bin/python scripts/measure_task_variants.py --docs 10 --length 2048 --out docs/bench-report/task_variants.json
+    .venv/bin/python scripts/measure/measure_task_variants.py --docs 10 --length 2048 --out docs/bench-report/task_variants.json
 """
 from __future__ import annotations
 

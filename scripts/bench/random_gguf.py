@@ -2,7 +2,7 @@
 """Write a random-weight llama GGUF (Q4_0) with a real model's shape, for speed measurements.
 
 Random weights make the text noise; memory traffic, KV size and kernels are the real shape's.
-    python scripts/random_gguf.py OUT.gguf --shape llama3-8b   # ~4.4 GB, seconds on a fast disk
+    python scripts/bench/random_gguf.py OUT.gguf --shape llama3-8b   # ~4.4 GB, seconds on a fast disk
 """
 from __future__ import annotations
 

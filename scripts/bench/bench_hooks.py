@@ -6,8 +6,8 @@ pulled into Python once per round as the engine does); and time to read K/V of a
 Ratios are measured side by side in one run: worker processes for the stock and the patched
 library alternate, and inside the patched worker the idle and capture modes alternate.
 
-    python scripts/bench_hooks.py MODEL.gguf --stock-lib DIR --patched-lib DIR [--ngl 99] [--history 4096]
-    python scripts/bench_hooks.py MODEL.gguf --worker            # one worker, the library in LLAMA_CPP_LIB_PATH
+    python scripts/bench/bench_hooks.py MODEL.gguf --stock-lib DIR --patched-lib DIR [--ngl 99] [--history 4096]
+    python scripts/bench/bench_hooks.py MODEL.gguf --worker            # one worker, the library in LLAMA_CPP_LIB_PATH
 
 The pure-Python llama_cpp package must be importable in both cases (LLAMA_CPP_LIB_PATH picks the library).
 """
@@ -21,8 +21,6 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
 
 def worker(a: argparse.Namespace) -> dict:
     # imported here, in the worker, with LLAMA_CPP_LIB_PATH set; llama_cpp before numpy
@@ -33,7 +31,9 @@ def worker(a: argparse.Namespace) -> dict:
     try:
         from ea_local.engine.runtime import ContextConfig, Runtime
         patched = True
-    except ImportError:
+    except ImportError as e:
+        if e.name == "ea_local":  # ea_local itself must import (installed, or the repository on PYTHONPATH)
+            raise
         patched = False
     rng = np.random.default_rng(0)
     hist = [1] + rng.integers(3, 500, size=a.history - 1).tolist()

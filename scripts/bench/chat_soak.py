@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Drive `ea-local chat` in tmux as a person would, for many turns; record latency, cells and RSS.
 
-    python scripts/chat_soak.py --turns 200 --budget 512 --max-tokens 16 --csv docs/chat_soak.csv [--model smollm2-135m]
+    python scripts/bench/chat_soak.py --turns 200 --budget 512 --max-tokens 16 --csv docs/chat_soak.csv [--model smollm2-135m]
 
 The REPL runs interactively in a detached tmux session (a real terminal: readline, the `>>>`
 prompt); messages are typed with `tmux send-keys`. The pane's output is also piped to a log
@@ -90,7 +90,7 @@ def main() -> int:
     ap.add_argument("--python", default=sys.executable)
     a = ap.parse_args()
 
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     env = f"PYTHONPATH={shlex.quote(str(repo))} EA_LOCAL_HISTORY=/tmp/ea_chat_soak_history"
     cmd = (f"cd {shlex.quote(str(repo))} && exec env {env} {shlex.quote(a.python)} -m ea_local.cli chat "
            f"--budget {a.budget} --max-tokens {a.max_tokens} --verbose" + (f" --threads {a.threads}" if a.threads else "")

@@ -5,19 +5,15 @@ A thin wrapper over the bench's speed suite (`ea_local/bench/suites/speed.py`, w
 `ea-local bench --suite speed` runs for every policy and budget) with the knobs the GPU check
 needs: one history, a step and a chunk of its own, GPU layers. Prints one JSON summary.
 
-    python scripts/bench_engine.py MODEL --history 32768 --budget 8192 --tokens 1024 [--ngl 99]
+    python scripts/bench/bench_engine.py MODEL --history 32768 --budget 8192 --tokens 1024 [--ngl 99]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from ea_local.bench.options import BenchOptions, Budget  # noqa: E402
-from ea_local.bench.suites.speed import profile  # noqa: E402
+from ea_local.bench.options import BenchOptions, Budget
+from ea_local.bench.suites.speed import profile
 
 
 def main() -> None:

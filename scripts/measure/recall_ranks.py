@@ -5,15 +5,14 @@ question prefilled and the archive scored by the message's share, by the share o
 (two floors), and by the max over the mean share of the message's queries; prints the rank of the
 fact's best cell and how many of the fact turn's cells are among the budget/4 best.
 
-    python scripts/recall_ranks.py 0.125 0,2 [policy]
+    python scripts/measure/recall_ranks.py 0.125 0,2 [policy]
 """
 import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-from ea_local import kvhooks  # noqa: E402,F401
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy is loaded
+from ea_local import kvhooks  # noqa: E402,F401  (loads llama.cpp before numpy)
 import numpy as np
 from ea_local.bench.options import BenchOptions
 from ea_local.engine.snapshot import checkpoint as take, rewind as restore

@@ -1,15 +1,19 @@
 """RSS of `ea-local serve` with 1 and 4 slots (the slots share one loaded model; each adds a context).
 
-    python scripts/serve_memory.py [--model M] [--budget 2048]
+    python scripts/bench/serve_memory.py [--model M] [--budget 2048]
 """
 from __future__ import annotations
 
 import argparse
-import sys
+import importlib.util
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.serve_helpers import ServerProcess  # noqa: E402
+# `ea-local serve` in a child process, as the tests start it (tests/ is not installed: loaded from its file)
+_spec = importlib.util.spec_from_file_location("serve_helpers",
+                                               Path(__file__).resolve().parents[2] / "tests" / "serve_helpers.py")
+_serve_helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_serve_helpers)
+ServerProcess = _serve_helpers.ServerProcess
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 """Which layers Expected Attention scores and how their rankings become one set of cells, on an
 all-layer model (docs/ea-layers.md).
 
-    .venv/bin/python scripts/measure_ea_layers.py --model smollm2-135m --seed 1 \
+    .venv/bin/python scripts/measure/measure_ea_layers.py --model smollm2-135m --seed 1 \
         --depths 0.05,0.15,0.25,0.35,0.45,0.55,0.65,0.75,0.85,0.95 --out docs/ea-layers/tune.jsonl
 
 The question-agnostic one-shot pass key of `ea-local bench --suite passkey --modes agnostic`
@@ -23,7 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # BLAS threads spinning on a busy 2-core machine made scoring 3.5x slower
 
-from ea_local.engine.snapshot import checkpoint, rewind  # noqa: E402
+from ea_local.engine.snapshot import checkpoint, rewind  # noqa: E402  (ea_local first: libllama before numpy)
 from ea_local.bench.suites.common import ask  # noqa: E402
 from ea_local.bench.data import passkey_prompt  # noqa: E402
 from ea_local.bench.suites.quality import _prose_tokens  # noqa: E402

@@ -4,8 +4,8 @@
 Compares builds of the same wheel with different CPU flags: unpack each wheel's llama_cpp/lib/ and
 point --lib (LLAMA_CPP_LIB_PATH, which llama-cpp-python honours) at it, then alternate runs:
 
-    python scripts/bench_cpu_build.py --lib /tmp/native/llama_cpp/lib --threads 2
-    python scripts/bench_cpu_build.py --lib /tmp/auto/llama_cpp/lib --threads 2
+    python scripts/bench/bench_cpu_build.py --lib /tmp/native/llama_cpp/lib --threads 2
+    python scripts/bench/bench_cpu_build.py --lib /tmp/auto/llama_cpp/lib --threads 2
 
 Prefill: one batch of --prefill tokens of real-ish text; decode: --decode tokens one at a time (greedy),
 after it. Timed inside the process, after the model is loaded and one warm-up batch has run.

@@ -2,7 +2,7 @@
 """Pass key through the server's path: one `/v1/completions` request per depth, greedy, the
 question at the end of the prompt after a blank line, as a user of `ea-local serve` would ask it.
 
-    EA_LOCAL_THREADS=1 .venv/bin/python scripts/serve_passkey.py --model smollm2-135m --tokens 2048 \\
+    EA_LOCAL_THREADS=1 .venv/bin/python scripts/bench/serve_passkey.py --model smollm2-135m --tokens 2048 \\
         --budget 512 --policies expected-attention,streaming-llm,none --haystack filler --out results.jsonl
 
 Each policy gets its own server (`--no-reuse`: every request is read from scratch); `none` is the
@@ -12,6 +12,7 @@ digits appear in the 8-token answer. Prints found/n per policy with a Wilson 95%
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import random
@@ -19,10 +20,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ea_local.engine.runtime import ContextConfig, Runtime  # noqa: E402  (libllama before numpy)
-from ea_local.model.embedded import resolve_model  # noqa: E402
-from tests.serve_helpers import ServerProcess  # noqa: E402
+from ea_local.engine.runtime import ContextConfig, Runtime  # ea_local first: libllama before numpy
+from ea_local.model.embedded import resolve_model
+
+# `ea-local serve` in a child process, as the tests start it (tests/ is not installed: loaded from its file)
+_spec = importlib.util.spec_from_file_location("serve_helpers",
+                                               Path(__file__).resolve().parents[2] / "tests" / "serve_helpers.py")
+_serve_helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_serve_helpers)
+ServerProcess = _serve_helpers.ServerProcess
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 PROSE = Path("/usr/share/common-licenses/MPL-2.0")  # real English prose no setting was tuned on

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """The tables of docs/ea-paths.md from the bench's results.json files and serve_passkey.py's rows.
 
-    .venv/bin/python scripts/ea_paths_tables.py passkey OUT/results.json [...]   # pass key, per haystack
-    .venv/bin/python scripts/ea_paths_tables.py serve docs/ea-paths/serve-*.jsonl
-    .venv/bin/python scripts/ea_paths_tables.py ppl OUT/results.json             # ΔPPL, EA / StreamingLLM
+    .venv/bin/python scripts/measure/ea_paths_tables.py passkey OUT/results.json [...]   # pass key, per haystack
+    .venv/bin/python scripts/measure/ea_paths_tables.py serve docs/ea-paths/serve-*.jsonl
+    .venv/bin/python scripts/measure/ea_paths_tables.py ppl OUT/results.json             # ΔPPL, EA / StreamingLLM
 
 Pass key: found k/n with its 95% Wilson interval per policy, mode and budget, then Expected
 Attention against every other policy on the same trials (exact McNemar). Perplexity: ΔPPL against
@@ -17,10 +17,9 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
+from ea_local.bench.stats import delta_ppl_interval, fmt_p, fmt_rate, mcnemar_exact, pair  # loads libllama before numpy
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ea_local.bench.stats import delta_ppl_interval, fmt_p, fmt_rate, mcnemar_exact, pair  # noqa: E402
+import numpy as np
 
 EA = "expected-attention"
 

@@ -4,21 +4,25 @@ Starts `ea-local serve` twice on the default model (or --model), has the same co
 each — a long first message (a slice of the GPL-3 text), then short follow-ups — and prints the
 median time from sending a follow-up to its first streamed token.
 
-    python scripts/serve_ttft.py [--doc-tokens 1500] [--turns 4] [--budget 2048]
+    python scripts/bench/serve_ttft.py [--doc-tokens 1500] [--turns 4] [--budget 2048]
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.serve_helpers import ServerProcess  # noqa: E402
+# `ea-local serve` in a child process, as the tests start it (tests/ is not installed: loaded from its file)
+_spec = importlib.util.spec_from_file_location("serve_helpers",
+                                               Path(__file__).resolve().parents[2] / "tests" / "serve_helpers.py")
+_serve_helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_serve_helpers)
+ServerProcess = _serve_helpers.ServerProcess
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
 FOLLOWUPS = ["Summarize that in one sentence.", "Who is it written for?", "What does it say about patents?",

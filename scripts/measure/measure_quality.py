@@ -2,7 +2,7 @@
 """Quality figures on the default model with options the bench does not take (docs/quality.md, docs/query_aware.md):
 pass key at 8k compressed to 25% with chunked prefill, perplexity at 50/25/12.5%.
 
-    .venv/bin/python scripts/measure_quality.py --out docs/quality [--policies expected-attention,streaming-llm]
+    .venv/bin/python scripts/measure/measure_quality.py --out docs/quality [--policies expected-attention,streaming-llm]
 Writes results.json and report.md into --out.
 """
 from __future__ import annotations

@@ -9,8 +9,8 @@ compression to 25% times the removal, which both would pay, and the whole compre
 The V rows of the explicit form are read through the current library, whose transposed-V read is
 itself faster than before: the ratio is a lower bound.
 
-    python scripts/bench_scoring.py                       # default model, 8k cells
-    python scripts/bench_scoring.py --model smollm2-135m --cells 4096
+    python scripts/bench/bench_scoring.py                       # default model, 8k cells
+    python scripts/bench/bench_scoring.py --model smollm2-135m --cells 4096
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ea_local.engine.session import Session, SessionConfig
+from ea_local.engine.session import Session, SessionConfig  # ea_local first: libllama before numpy
 from ea_local.model.embedded import resolve_model
 from ea_local.policies import expected_attention as ea
 from ea_local.policies.common import aggregate_scores, softmax, use_layers

@@ -7,7 +7,7 @@ a user turn: its queries steer the compressions), then one question per fact, ea
 (chat, policy, budget) is prefilled once with the archive on (archiving changes no eviction), then
 every question is asked twice from the same snapshot: without recall and with it.
 
-    .venv/bin/python scripts/measure_recall.py --model smollm2-135m --chats 7 --length 2048
+    .venv/bin/python scripts/measure/measure_recall.py --model smollm2-135m --chats 7 --length 2048
 
 --facts N (more than 3): the long-memory chat instead, N facts spread evenly over --length tokens of
 prose turns (data.long_memory), each asked at the end; --budgets takes cell counts too (2048).
@@ -26,7 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # BLAS threads spinning on a busy 2-core machine made small scoring GEMMs ~30x slower (measured here)
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 

@@ -9,11 +9,12 @@
    are printed after a warm-up and at the end, and the slots must be idle afterwards.
 4. SIGTERM during in-flight streams: every stream ends with [DONE] and the process exits 0.
 
-    python scripts/fuzz_server.py [--model M] [--fuzz 1000] [--clients 8] [--per-client 20] [--soak 500]
+    python scripts/bench/fuzz_server.py [--model M] [--fuzz 1000] [--clients 8] [--per-client 20] [--soak 500]
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import random
 import sys
@@ -24,8 +25,12 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.serve_helpers import ServerProcess  # noqa: E402
+# `ea-local serve` in a child process, as the tests start it (tests/ is not installed: loaded from its file)
+_spec = importlib.util.spec_from_file_location("serve_helpers",
+                                               Path(__file__).resolve().parents[2] / "tests" / "serve_helpers.py")
+_serve_helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_serve_helpers)
+ServerProcess = _serve_helpers.ServerProcess
 
 KEY = "fuzz-key-7f3a"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -2,7 +2,7 @@
 """The levers of Expected Attention (statistics, recent window, pooling, aggregation), measured on
 held-out data (docs/quality.md, "Levers").
 
-    .venv/bin/python scripts/measure_levers.py --part ppl|passkey|all [--out docs/quality/levers.jsonl]
+    .venv/bin/python scripts/measure/measure_levers.py --part ppl|passkey|all [--out docs/quality/levers.jsonl]
 
 ppl: perplexity of held-out licence text (bench.data.HELD_OUT, not the reported GPL text; --ppl-text
 reported for that one) at 12.5% and 25% for the protected recent window, the statistics window, pooling and n_future_positions.
@@ -19,7 +19,7 @@ import random
 import time
 from pathlib import Path
 
-from ea_local.bench.quality import as_dict, perplexity
+from ea_local.bench.quality import as_dict, perplexity  # ea_local first: libllama before numpy
 from ea_local.bench.data import HELD_OUT, LICENSES, real_text
 from ea_local.engine.snapshot import checkpoint, rewind
 from ea_local.bench.suites.common import ask

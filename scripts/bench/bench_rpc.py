@@ -2,7 +2,7 @@
 """What the RPC hop costs, on loopback: decode tok/s and K/V read time of the same model run locally
 and with its layers on a ggml-rpc-server on 127.0.0.1 (docs/rpc.md).
 
-    nice -n 5 python scripts/bench_rpc.py --history 1024 --tokens 64 --out docs/rpc/loopback.json
+    nice -n 5 python scripts/bench/bench_rpc.py --history 1024 --tokens 64 --out docs/rpc/loopback.json
 
 Three runs of one process each, in turn (the server is started here and stopped at the end):
   local  every layer on this process's CPU backend (n_gpu_layers 0)
@@ -21,15 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from ea_local import rpc  # ea_local first: it loads libllama before numpy
+from ea_local.engine.runtime import ContextConfig, Runtime
+from ea_local.model.info import read_model_info
+from ea_local.model.embedded import default_model_path
+from ea_local.apps.placement import parse
 
-from ea_local import rpc  # noqa: E402
-from ea_local.engine.runtime import ContextConfig, Runtime  # noqa: E402
-from ea_local.model.info import read_model_info  # noqa: E402
-from ea_local.model.embedded import default_model_path  # noqa: E402
-from ea_local.apps.placement import parse  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def run(model: str, a, endpoints: tuple[str, ...], ngl: int | None, layers: list[int]) -> dict:
