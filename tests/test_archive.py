@@ -89,3 +89,18 @@ def test_max_attention_share_finds_the_key_one_query_wants():
     s = max_attention_share(q, keys, 1.0)
     assert s.argmax() == 33 and s.max() > 0.9
     assert np.all((s >= 0) & (s <= 1))
+
+
+def test_appending_reuses_the_buffer_and_keeps_earlier_views():
+    a = Archive((0,))
+    a.add([1, 2], [11, 12], _rows([1, 2], layers=(0,)), _digest([1, 2]))
+    first_pos, first_k = a.pos, a.k[0]
+    a.add([3], [13], _rows([3], layers=(0,)), _digest([3]))
+    assert a.pos.base is first_pos.base and a.k[0].base is first_k.base  # no copy of the archive
+    assert first_pos.tolist() == [1, 2] and a.pos.tolist() == [1, 2, 3] and a.tokens.tolist() == [11, 12, 13]
+    a.take([0])
+    a.add([4], [14], _rows([4], layers=(0,)), _digest([4]))
+    assert a.pos.tolist() == [2, 3, 4] and a.digest[3][:, 0, 0].tolist() == [2, 3, 4]
+    c = a.copy()
+    c.add([5], [15], _rows([5], layers=(0,)), _digest([5]))
+    assert a.pos.tolist() == [2, 3, 4] and c.pos.tolist() == [2, 3, 4, 5]

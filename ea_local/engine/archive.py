@@ -63,25 +63,25 @@ class Archive:
             raise ValueError(f"rows for layers {sorted(rows)}, the archive keeps {list(self.layers)}")
         rot = pos if rotated_at is None else np.asarray(rotated_at, dtype=np.int64)
         rec = np.zeros(n, dtype=np.int32) if recalls is None else np.asarray(recalls, dtype=np.int32)
-        self.pos = np.concatenate([self.pos, pos])
-        self.rotated_at = np.concatenate([self.rotated_at, rot])
-        self.tokens = np.concatenate([self.tokens, np.asarray(tokens, dtype=np.int32)])
-        self.recalls = np.concatenate([self.recalls, rec])
-        self.stamp = np.concatenate([self.stamp, np.arange(self._clock, self._clock + n, dtype=np.int64)])
+        cap = self.capacity()
+        self.pos = _append(self.pos, pos, cap)
+        self.rotated_at = _append(self.rotated_at, rot, cap)
+        self.tokens = _append(self.tokens, np.asarray(tokens, dtype=np.int32), cap)
+        self.recalls = _append(self.recalls, rec, cap)
+        self.stamp = _append(self.stamp, np.arange(self._clock, self._clock + n, dtype=np.int64), cap)
         self._clock += n
         for il in self.layers:
             k, v = rows[il]
             if len(k) != n or len(v) != n:
                 raise ValueError(f"layer {il}: {len(k)} K / {len(v)} V rows for {n} cells")
-            self.k[il] = k if il not in self.k else np.concatenate([self.k[il], k])
-            self.v[il] = v if il not in self.v else np.concatenate([self.v[il], v])
+            self.k[il] = _append(self.k.get(il), k, cap)
+            self.v[il] = _append(self.v.get(il), v, cap)
         if len(self) > n and set(digest) != set(self.digest):
             raise ValueError(f"digest for layers {sorted(digest)}, the archive has {sorted(self.digest)}")
         for il, d in digest.items():
             if len(d) != n:
                 raise ValueError(f"layer {il}: {len(d)} digest keys for {n} cells")
-            d = np.asarray(d, dtype=np.float32)
-            self.digest[il] = d if il not in self.digest else np.concatenate([self.digest[il], d])
+            self.digest[il] = _append(self.digest.get(il), np.asarray(d, dtype=np.float32), cap)
         return self.enforce()
 
     def capacity(self) -> int | None:
@@ -117,12 +117,12 @@ class Archive:
         return out
 
     def _keep(self, keep: np.ndarray) -> None:
-        self.pos, self.rotated_at, self.tokens = self.pos[keep], self.rotated_at[keep], self.tokens[keep]
-        self.recalls, self.stamp = self.recalls[keep], self.stamp[keep]
+        self.pos, self.rotated_at = _subset(self.pos, keep), _subset(self.rotated_at, keep)
+        self.tokens, self.recalls, self.stamp = _subset(self.tokens, keep), _subset(self.recalls, keep), _subset(self.stamp, keep)
         for il in list(self.k):
-            self.k[il], self.v[il] = self.k[il][keep], self.v[il][keep]
+            self.k[il], self.v[il] = _subset(self.k[il], keep), _subset(self.v[il], keep)
         for il in list(self.digest):
-            self.digest[il] = self.digest[il][keep]
+            self.digest[il] = _subset(self.digest[il], keep)
 
     def remap(self, old, new) -> None:
         """Renumber positions as a compaction does (old[i] -> new[i]); every archived position must be listed."""
@@ -152,6 +152,43 @@ class Archive:
                     {il: x.copy() for il, x in self.k.items()}, {il: x.copy() for il, x in self.v.items()},
                     {il: x.copy() for il, x in self.digest.items()}, self.dropped, self._clock)
         return a
+
+
+def _front(cur: np.ndarray | None) -> np.ndarray | None:
+    """The buffer `cur` is the front of (an archive array with spare room), else None."""
+    base = None if cur is None else cur.base
+    if (isinstance(base, np.ndarray) and base.dtype == cur.dtype and base.shape[1:] == cur.shape[1:]
+            and base.flags.c_contiguous and cur.ctypes.data == base.ctypes.data):
+        return base
+    return None
+
+
+def _subset(cur: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """cur[keep] (keep sorted), compacted within cur's buffer so that the next append has its room."""
+    base = _front(cur)
+    if base is None:
+        return cur[keep]
+    f = int(np.searchsorted(keep - np.arange(len(keep)), 1))  # cells before the first removed stay put
+    base[f:len(keep)] = cur[keep[f:]]
+    return base[:len(keep)]
+
+
+def _append(cur: np.ndarray | None, new: np.ndarray, limit: int | None = None) -> np.ndarray:
+    """`cur` with `new` appended: written into the spare room of the buffer `cur` is the front of, when it
+    has room, else into a new buffer twice the size (at most `limit` cells plus the new ones: the
+    archive's bound), so archiving costs the new cells, not a copy of the archive."""
+    n, m = (0, len(new)) if cur is None else (len(cur), len(new))
+    base = _front(cur)
+    if base is not None and len(base) >= n + m:
+        base[n:n + m] = new
+        return base[:n + m]
+    like = new if cur is None else cur
+    size = max(2 * (n + m), 64) if limit is None else max(n + m, min(2 * (n + m), limit + m))
+    buf = np.empty((size,) + like.shape[1:], dtype=like.dtype)
+    if n:
+        buf[:n] = cur
+    buf[n:n + m] = new
+    return buf[:n + m]
 
 
 def pool_spans(pos: np.ndarray, scores: np.ndarray, radius: int) -> np.ndarray:

@@ -61,7 +61,8 @@ def ask(s: Session, qt: list[int], recall: bool, budget: int | None, decode_toke
         for _ in s.generate([], max_tokens=decode_tokens):
             most = max(most, s.n_cells)
         if s.next_pos > p0:  # an end-of-generation token right away decodes nothing: no speed to report
-            cost["decode_tok_s"] = (s.next_pos - p0) / (time.perf_counter() - t1)
+            cost["decode_s"] = time.perf_counter() - t1
+            cost["decode_tok_s"] = (s.next_pos - p0) / cost["decode_s"]
     s.check_cells()  # llama.cpp's cells are the bookkeeping's
     cost.update(cells_after=s.n_cells, cells_max=max(most, s.n_cells))
     if budget is not None and cost["cells_max"] > budget:
@@ -174,9 +175,10 @@ def table(rows: list[dict], args) -> str:
     out = [f"model {args.model}, {args.chats} chats, {full_n} facts, "
            f"{length:.0f} tokens each (mean)", "",
            "| policy | budget | recall | found | 95% interval | of full cache | compressions (mean) | recalled cells (mean) "
-           "| score+restore ms (mean) | share of turn | re-decode ms (mean) | share of turn | decode tok/s (median) |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-           f"| full | full | - | {full_k}/{full_n} | {lo:.2f}-{hi:.2f} | 1.00 | 0 | - | - | - | - | - | {_tps(full_rows)} |"]
+           "| score+restore ms (mean) | share of turn | re-decode ms (mean) | share of turn | decode tok/s (median) "
+           f"| score+restore share, {ANSWER_TOKENS + args.decode_tokens}-token reply |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+           f"| full | full | - | {full_k}/{full_n} | {lo:.2f}-{hi:.2f} | 1.00 | 0 | - | - | - | - | - | {_tps(full_rows)} | - |"]
     keys = sorted({(r["policy"], r["budget"], r["recall"]) for r in rows if r["policy"] != "full"},
                   key=lambda k: (k[0], -float(k[1].rstrip("%")), k[2]))
     for pol, b, rec in keys:
@@ -191,9 +193,13 @@ def table(rows: list[dict], args) -> str:
         rd = 1000 * sum(r["redecode_s"] for r in sel) / n
         rd_share = sum(r["redecode_s"] for r in sel) / turn
         over = sum(bool(r.get("over_budget")) for r in sel)
+        # the turn with the longer reply --decode-tokens asked for (rows without it: no figure)
+        long_turn = sum(r["turn_s"] + r["decode_s"] for r in sel if "decode_s" in r)
+        long_share = (f"{100 * sum(r['recall_s'] for r in sel if 'decode_s' in r) / long_turn:.1f}%"
+                      if long_turn else "-")
         out.append(f"| {pol} | {b} | {'on' if rec else 'off'} | {k}/{n} | {lo:.2f}-{hi:.2f} | "
                    f"{(k / n) / full if full else 0:.2f} | {ev:.1f} | {rc:.0f} | {ms:.0f} | {100 * share:.1f}% | "
-                   f"{rd:.0f} | {100 * rd_share:.1f}% | {_tps(sel)}"
+                   f"{rd:.0f} | {100 * rd_share:.1f}% | {_tps(sel)} | {long_share}"
                    + (f" ({over} over budget!)" if over else "") + " |")
     return "\n".join(out)
 
