@@ -201,7 +201,11 @@ def test_quality_parts_alone_and_the_prose_haystack(tmp_path, tiny_llama):
     assert list(res["quality"]) == ["passkey", "multikey", "multi_turn"]
     assert "speed" not in res and "memory" not in res and res["settings"]["haystack"] == "prose"
     assert {(x["policy"], x["mode"]) for x in res["quality"]["multi_turn"]} == \
-        {("full", "agnostic"), ("expected-attention", "agnostic"), ("expected-attention", "question")}
+        {("full", "agnostic"), ("expected-attention", "agnostic"), ("expected-attention", "question"),
+         ("expected-attention", "question+recall")}  # each question also asked with recall, from the same state
+    rec = [x for x in res["quality"]["multi_turn"] if x["mode"] == "question+recall"]
+    assert len(rec) == len([x for x in res["quality"]["multi_turn"] if x["mode"] == "question"])
+    assert "| expected-attention | question+recall |" in (out / "report.md").read_text()
     assert all(0 <= x["needle_kept"] <= 1 for x in res["quality"]["passkey"])
     md = (out / "report.md").read_text()
     assert "hidden in real prose (the reporting texts below)" in md
@@ -228,7 +232,8 @@ def test_quick_run_writes_every_file_with_sane_content(tmp_path, tiny_llama):
     for task in ("passkey", "multikey", "variable_tracking", "multi_turn"):
         rows = q[task]
         seen = {(x["policy"], x["budget"], x["mode"]) for x in rows}
-        assert seen == {("full", "full", "none" if task != "multi_turn" else "agnostic")} | \
+        recall = {(p, b, "question+recall") for p in pols for b in budgets} if task == "multi_turn" else set()
+        assert seen == {("full", "full", "none" if task != "multi_turn" else "agnostic")} | recall | \
             {(p, b, m) for p in pols for b in budgets for m in ("agnostic", "question")}, task
         assert all(isinstance(x["found"], bool) for x in rows)
     for x in q["passkey"]:

@@ -121,7 +121,8 @@ def _quality(res: dict, figs: list[str]) -> list[str]:
            "the compressed cache). Multi-turn recall and perplexity stream through the budget (compression "
            "after every turn or chunk) and cost one pass per policy and budget; in multi-turn recall's "
            "question-known mode every turn, the question included, is a user turn whose queries steer the "
-           "compressions, as in `ea-local chat`.", "",
+           "compressions, as in `ea-local chat`; each question is then also asked from the same state with "
+           "recall of evicted cells (mode question+recall, `ea-local chat`'s default: docs/recall.md).", "",
            "Every accuracy is k/n (rate, 95% Wilson interval in %). Two policies are compared on the same trials "
            "with an exact McNemar test; where it says *not significant*, the data cannot tell them apart.", ""]
     if "question" not in s["modes"]:
@@ -154,7 +155,10 @@ def _quality(res: dict, figs: list[str]) -> list[str]:
         if not rows:
             continue
         body = []
-        for p, m in columns(res)[1:]:
+        cols = columns(res)[1:]
+        if key == "multi_turn":  # each question also asked with recall of evicted cells (the chat's default)
+            cols += [(p, m) for p in s["policies"] for m in ["question+recall"] if any(r["mode"] == m for r in rows)]
+        for p, m in cols:
             body.append([p, m] + [_pct(*accuracy(rows, p, b, m)) for b in s["budgets"]])
         fk, fn = full_accuracy(rows)
         warn = []

@@ -722,15 +722,18 @@ class Session:
     # ---- generation ----
     def generate(self, prompt_tokens: list[int], params: SamplingParams | None = None,
                  stop: list[str] | None = None, max_tokens: int = 256,
-                 should_stop: Callable[[], bool] | None = None, turn: bool = False) -> Iterator[str]:
+                 should_stop: Callable[[], bool] | None = None, turn: bool = False,
+                 recall: bool = True) -> Iterator[str]:
         """Prefill the prompt, then sample; yields text pieces (UTF-8 safe, stop strings held back).
 
-        turn: the prompt is the user's newest message (its queries steer compression, see prefill)."""
+        turn: the prompt is the user's newest message (its queries steer compression, see prefill), and
+        it recalls archived cells when recall is on for the session; recall=False skips that for this
+        message (the archive keeps growing: the same cells are evicted either way)."""
         params = params or SamplingParams(seed=self.cfg.seed)
         if prompt_tokens:
             start = self.next_pos
             self.prefill(prompt_tokens, turn=turn)
-            if turn and self.recall_on:
+            if turn and recall and self.recall_on:
                 self.recall(since=start)
         sampler = Sampler(self.rt, params)
         stream = TextStream(stop or [])

@@ -45,12 +45,11 @@ def ask(s: Session, qt: list[int], recall: bool, budget: int | None, decode_toke
     """The question as a new turn, 8 greedy answer tokens; then, with decode_tokens, that many more
     timed (decode speed after the turn). Device cells are checked against `budget` after every token
     and against llama.cpp's own count at the end."""
-    s.cfg.recall = recall
     r0, t_r0, d_r0 = s.stats.recalled, s.stats.recall_s, s.stats.redecode_s
     most = 0
     t0 = time.perf_counter()
     pieces = []
-    for piece in s.generate(qt, max_tokens=ANSWER_TOKENS, turn=True):
+    for piece in s.generate(qt, max_tokens=ANSWER_TOKENS, turn=True, recall=recall):
         pieces.append(piece)
         most = max(most, s.n_cells)
     dt = time.perf_counter() - t0

@@ -168,7 +168,9 @@ def multi_turn(o: BenchOptions, tick: Tick) -> list[dict]:
     """Facts in the first turns, then prose turns until task_length tokens, then one question per fact,
     each a new turn of the chat under the same budget. Question-known mode: every turn is a user turn
     whose queries steer the compressions (Session.prefill(turn=True), as `ea-local chat` does), the
-    question's too; agnostic: the context's queries alone (question_weight 0)."""
+    question's too, and each question is asked twice from the same state: as it was, and with recall
+    (the chat's default, docs/recall.md: the question brings back archived cells it needs; mode
+    "question+recall"); agnostic: the context's queries alone (question_weight 0)."""
     rows = []
     rt = Runtime(o.model, ContextConfig(n_ctx=64, n_gpu_layers=0))
     chats = [_chat_tokens(rt, o, i) for i in range(o.task_samples)]
@@ -187,17 +189,21 @@ def multi_turn(o: BenchOptions, tick: Tick) -> list[dict]:
             cfg = session_cfg(o, cells, "streaming-llm" if pol == "full" else pol, chunk=min(256, max(32, cells // 2)))
             if mode == "agnostic":
                 cfg.question_weight = 0.0
+            cfg.recall = mode == "question" and pol != "full"  # archiving changes no eviction
             s = Session(o.model, cfg)
             for t in turns:
                 s.prefill(t, turn=mode == "question")
             snap = checkpoint(s)
             n_ev = len(s.stats.evictions)
             for qi, (qt, answer) in enumerate(qs):
-                rewind(s, snap)
-                reply = "".join(s.generate(qt, max_tokens=ANSWER_TOKENS, turn=True)).strip()
-                rows.append({"sample": i, "length": total, "turns": len(turns), "question": qi, "policy": pol,
-                             "budget": label, "cells": cells, "mode": mode, "evictions": n_ev,
-                             "found": answer in reply, "answer": reply, "expected": answer})
+                for rec in (False, True) if s.recall_on else (False,):
+                    rewind(s, snap)
+                    r0 = s.stats.recalled
+                    reply = "".join(s.generate(qt, max_tokens=ANSWER_TOKENS, turn=True, recall=rec)).strip()
+                    rows.append({"sample": i, "length": total, "turns": len(turns), "question": qi, "policy": pol,
+                                 "budget": label, "cells": cells, "mode": mode + "+recall" * rec, "evictions": n_ev,
+                                 "recalled": s.stats.recalled - r0,
+                                 "found": answer in reply, "answer": reply, "expected": answer})
             s.close()
             tick(f"{pol} {label} {mode}")
     return rows
