@@ -452,8 +452,7 @@ def test_serve_cli_errors(tiny, args, msg):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_cut_then_feed_equals_fresh_feed(tmp_path, arch):
-    from ea_local.engine.session import SessionConfig
-    from ea_local.serve.slots import SlotSession
+    from ea_local.engine.session import Session, SessionConfig
 
     extra = {"sliding_window": 64} if arch == "gemma3" else {}
     p = str(write_tiny_gguf(tmp_path / "m.gguf", arch=arch, context_length=1024, **extra))
@@ -462,24 +461,24 @@ def test_cut_then_feed_equals_fresh_feed(tmp_path, arch):
     b = rng.integers(300, 380, 50).tolist()
     c = rng.integers(300, 380, 40).tolist()
     cfg = SessionConfig(budget=512, chunk=128, n_threads=1)
-    s = SlotSession(p, cfg)
+    s = Session(p, cfg)
     s.prefill(a + b)
-    assert s.cut(len(a))
+    assert s.keep_prefix(len(a))
     s.prefill(c)
-    ref = SlotSession(p, cfg)
+    ref = Session(p, cfg)
     ref.prefill(a + c)
-    assert s.live == ref.live and s.hist == ref.hist and s.hist_pos == ref.hist_pos
+    assert s.live == ref.live and s.transcript.tokens == ref.transcript.tokens and s.transcript.positions == ref.transcript.positions
     np.testing.assert_array_equal(s.rt.logits(), ref.rt.logits())
     # through evictions and compactions, the history still says where every live cell's token sits
-    t = SlotSession(p, SessionConfig(budget=256, chunk=128, n_threads=1))
+    t = Session(p, SessionConfig(budget=256, chunk=128, n_threads=1))
     for _ in range(12):
         t.prefill(rng.integers(300, 380, 150).tolist())
     assert t.stats.compactions >= 1 and t.stats.evictions
-    last = {pos: i for i, pos in enumerate(t.hist_pos)}
-    assert all(t.hist[last[pos]] == tok for pos, tok in t.live.items())
-    assert t.cut(len(t.hist) - 30) and max(t.live) < t.next_pos
+    last = {pos: i for i, pos in enumerate(t.transcript.positions)}
+    assert all(t.transcript.tokens[last[pos]] == tok for pos, tok in t.live.items())
+    assert t.keep_prefix(len(t.transcript.tokens) - 30) and max(t.live) < t.next_pos
     if arch == "gemma3":  # 200 tokens back the 64-token sliding window was pruned: refuse, start over
-        assert not t.cut(len(t.hist) - 200)
+        assert not t.keep_prefix(len(t.transcript.tokens) - 200)
     for x in (s, ref, t):
         x.close()
 
@@ -519,11 +518,10 @@ def test_fuzz_then_concurrent_load_no_leaks(tiny):
 def test_budget_below_the_sliding_window(tmp_path):
     """iSWA with a budget smaller than the sliding window (gemma3's 512): the sliding cache must still
     hold window + chunk cells, or llama.cpp runs out of room at the window (slots and chat alike)."""
-    from ea_local.engine.session import SessionConfig
-    from ea_local.serve.slots import SlotSession
+    from ea_local.engine.session import Session, SessionConfig
 
     p = str(write_tiny_gguf(tmp_path / "g.gguf", arch="gemma3", context_length=4096))  # window 512
-    s = SlotSession(p, SessionConfig(budget=256, chunk=128, n_threads=1))
+    s = Session(p, SessionConfig(budget=256, chunk=128, n_threads=1))
     s.prefill([1] + np.random.default_rng(0).integers(300, 380, 1200).tolist())
     assert s.n_cells <= 256 and s.stats.evictions
     s.close()

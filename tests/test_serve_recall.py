@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from ea_local.engine.sampling import SamplingParams
-from ea_local.engine.session import SessionConfig
+from ea_local.engine.session import Session, SessionConfig
 from ea_local.serve.metrics import Metrics
-from ea_local.serve.slots import GenRequest, Slot, SlotPool, SlotSession
+from ea_local.serve.slots import GenRequest, Slot, SlotPool
 
 
 EA = "expected-attention"
@@ -23,7 +23,7 @@ def request(tokens: list[int], policy: str = EA) -> GenRequest:
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("policy", [EA, "streaming-llm"])
 def test_conversation_recalls_from_its_archive(models, arch, policy):
-    s = SlotSession(models[arch], SessionConfig(budget=256, chunk=128, n_threads=1, policy=policy, recall=True,
+    s = Session(models[arch], SessionConfig(budget=256, chunk=128, n_threads=1, policy=policy, recall=True,
                                                 recall_max=48))
     slot = Slot(0, s, policy, 256)
     rng = np.random.default_rng(0)
@@ -35,7 +35,7 @@ def test_conversation_recalls_from_its_archive(models, arch, policy):
         assert res.cached_tokens > 0 or turn == 0
         s.check_cells()
         recalled += res.recalled_cells
-        conv = conv + s.hist[len(conv):] + rng.integers(300, 380, 90).tolist()
+        conv = conv + s.transcript.tokens[len(conv):] + rng.integers(300, 380, 90).tolist()
     assert s.stats.archived > 0 and len(s.archive) > 0
     assert recalled == s.stats.recalled and recalled > 0
     assert len(s.archive) + s.n_cells <= s.next_pos
@@ -50,7 +50,7 @@ def test_conversation_recalls_from_its_archive(models, arch, policy):
 
 
 def test_compaction_and_cut_back_keep_archive_in_step(models):
-    s = SlotSession(models["llama"], SessionConfig(budget=256, chunk=128, n_threads=1, recall=True,
+    s = Session(models["llama"], SessionConfig(budget=256, chunk=128, n_threads=1, recall=True,
                                                    archive_tokens=200))
     slot = Slot(0, s, EA, 256)
     rng = np.random.default_rng(1)
@@ -58,7 +58,7 @@ def test_compaction_and_cut_back_keep_archive_in_step(models):
     slot.run(request(conv), lambda _: None)
     s.compact()
     assert not set(s.archive.pos.tolist()) & set(s.live) and max(s.archive.pos) < s.next_pos
-    conv2 = conv + s.hist[len(conv):] + rng.integers(300, 380, 50).tolist()
+    conv2 = conv + s.transcript.tokens[len(conv):] + rng.integers(300, 380, 50).tolist()
     res = slot.run(request(conv2), lambda _: None)
     s.check_cells()
     # the client edits an early message: the slot cuts back, archived cells past the cut are forgotten

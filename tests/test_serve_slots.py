@@ -8,8 +8,8 @@ import pytest
 
 from ea_local.engine.runtime import LlamaError
 from ea_local.engine.sampling import SamplingParams
-from ea_local.engine.session import SessionConfig
-from ea_local.serve.slots import GenRequest, Slot, SlotSession
+from ea_local.engine.session import Session, SessionConfig
+from ea_local.serve.slots import GenRequest, Slot
 
 from .gguf_factory import write_tiny_gguf
 
@@ -17,7 +17,7 @@ EA = "expected-attention"
 
 
 def make_slot(path: str, budget: int = 256, policy: str = EA) -> Slot:
-    s = SlotSession(path, SessionConfig(budget=budget, chunk=128, n_threads=1, policy=policy))
+    s = Session(path, SessionConfig(budget=budget, chunk=128, n_threads=1, policy=policy))
     return Slot(0, s, policy, budget)
 
 
@@ -30,11 +30,11 @@ def rand(rng: np.random.Generator, n: int) -> list[int]:
     return rng.integers(300, 380, n).tolist()
 
 
-def live_tokens(s: SlotSession) -> list[bool]:
+def live_tokens(s: Session) -> list[bool]:
     """For every history token: is its cell still cached? (After a compaction an evicted token shares
     its position with the next kept one; the last history token at a live position is the kept one.)"""
-    last = {p: i for i, p in enumerate(s.hist_pos)}
-    return [p in s.live and last[p] == i for i, p in enumerate(s.hist_pos)]
+    last = {p: i for i, p in enumerate(s.transcript.positions)}
+    return [p in s.live and last[p] == i for i, p in enumerate(s.transcript.positions)]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
@@ -53,7 +53,7 @@ def test_follow_up_sharing_part_of_a_compressed_prompt(models, arch):
     k = slot.prepare(b)
     if arch == "llama":
         assert 0 < k <= 400 and was_live[k - 1] and not any(was_live[k:400])
-        assert max(s.live) == s.next_pos - 1 == s.hist_pos[k - 1]
+        assert max(s.live) == s.next_pos - 1 == s.transcript.positions[k - 1]
     else:  # iSWA: the sliding cache holds the window before 400 only if it was not pruned; else start over
         assert k in (0, 400)
     res = slot.run(request(b), lambda _: None)
@@ -92,14 +92,14 @@ def test_cut_back_through_compactions(models):
         alive = live_tokens(s)
         # token k0 - 1 was evicted at a position of its own (a compaction merges an evicted token's
         # position into the next kept one's; then cutting at k0 would already end at a cached cell)
-        gaps = [i for i in range(1, len(alive) - 70) if not alive[i - 1] and s.hist_pos[i - 1] < s.hist_pos[i]]
+        gaps = [i for i in range(1, len(alive) - 70) if not alive[i - 1] and s.transcript.positions[i - 1] < s.transcript.positions[i]]
         k0 = gaps[len(gaps) * (trial + 1) // 4]
-        k = s.cut(k0)
+        k = s.keep_prefix(k0)
         assert 0 < k < k0 and alive[k - 1] and not any(alive[k:k0])
         assert max(s.live) == s.next_pos - 1
         s.prefill(rand(rng, 300))
         s.check_cells()
-        assert all(s.hist[i] == s.live[p] for i, p in enumerate(s.hist_pos) if live_tokens(s)[i])
+        assert all(s.transcript.tokens[i] == s.live[p] for i, p in enumerate(s.transcript.positions) if live_tokens(s)[i])
         s.close()
 
 
@@ -122,7 +122,7 @@ def test_engine_error_leaves_the_slot_usable(models, monkeypatch):
     with pytest.raises(LlamaError):
         slot.run(request(a + rand(rng, 300)), lambda _: None)
     monkeypatch.setattr(s.rt, "decode", decode)
-    assert s.n_cells == 0 and s.hist == []  # reset: nothing half-fed is reused
+    assert s.n_cells == 0 and s.transcript.tokens == []  # reset: nothing half-fed is reused
     got = slot.run(request(a, max_tokens=8), lambda _: None)
     fresh = make_slot(models["llama"])
     want = fresh.run(request(a, max_tokens=8), lambda _: None)

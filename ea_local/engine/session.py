@@ -40,6 +40,7 @@ from .recall import contrast, message_scores
 from .runtime import ContextConfig, LlamaError, Runtime, SharedModel
 from .sampling import Sampler, SamplingParams
 from .textstream import TextStream
+from .transcript import Transcript
 
 
 class BudgetError(ValueError):
@@ -255,6 +256,7 @@ class Session:
         self.rt.clear()
         self.rt.capture_clear()
         self.live: dict[int, int] = {}  # position -> token, cells of the global cache
+        self.transcript = Transcript()  # every token fed, evicted ones included
         self.next_pos = 0
         self.queries: dict[int, np.ndarray] = {}
         self.query_pos = np.empty(0, dtype=np.int64)
@@ -360,6 +362,7 @@ class Session:
         positions = list(range(self.next_pos, self.next_pos + len(tokens)))
         self.rt.decode(tokens, positions, logits_all=logits_all)
         self.live.update(zip(positions, tokens))
+        self.transcript.record(tokens, self.next_pos)
         self.next_pos += len(tokens)
         self.stats.tokens_seen += len(tokens)
         if self.captures:
@@ -701,7 +704,7 @@ class Session:
         old = sorted(set(self.live) | set(self._swa_positions()) | set(arch))
         new = list(range(len(old)))
         self.rt.remap(old, new)
-        self.compacted_from = old  # the positions the last compaction renumbered 0..n-1
+        self.transcript.renumber(old)
         if self.archive is not None:
             self.archive.remap(old, new)
         remap = dict(zip(old, new))
@@ -712,6 +715,34 @@ class Session:
         self.before_pos = np.array([remap.get(int(p), -1) for p in self.before_pos], dtype=np.int64)
         self.next_pos = len(old)
         self.stats.compactions += 1
+
+    def keep_prefix(self, k: int) -> int:
+        """Keep at most the first k tokens of the transcript and drop the rest from the cache; returns
+        how many are kept (the caller feeds the rest from there), 0 when the cache cannot continue at all.
+
+        llama.cpp takes a sequence's next token only at seq_pos_max + 1. When the tokens just before
+        the cut were evicted, the cache ends earlier: the cut moves back to just after the last
+        cached token, and the evicted tokens between there and k are fed again. On sliding-window
+        models the sliding cache reports seq_pos_max and holds every recent position, so there the
+        condition is that it still holds the window before the cut."""
+        t = self.transcript
+        k = min(k, len(t))
+        pos = t.positions[k] if k < len(t) else self.next_pos
+        if self.iswa:
+            swa = self._swa_positions()
+            # a token at p attends to (p - n_swa, p] in the sliding layers (llama.cpp LLAMA_SWA_TYPE_STANDARD)
+            need = max(0, pos - self.info.sliding_window + 1)
+            if swa and min(swa) > need and pos > 0:
+                return 0
+        else:
+            last = max((p for p in self.live if p < pos), default=-1)
+            if last < 0:
+                return 0
+            pos = min(pos, last + 1)
+        self.truncate(pos)
+        if self.rt.seq_pos_range(0)[1] != pos - 1:  # the next batch could not start at pos: start over
+            return 0
+        return len(t)
 
     def _swa_positions(self) -> list[int]:
         if not self.iswa:
@@ -775,6 +806,7 @@ class Session:
             raise LlamaError(f"could not remove positions >= {pos}")
         for p in drop:
             del self.live[p]
+        self.transcript.truncate(pos)
         keep = self.query_pos < pos
         self.query_pos = self.query_pos[keep]
         self.queries = {il: q[keep] for il, q in self.queries.items()}

@@ -1,7 +1,7 @@
 """The slot pool: one Session (one llama.cpp context) per slot, a bounded queue, conversation reuse.
 
-Reuse. Each slot remembers every token it was fed, in order (`hist`), and the position each one
-was decoded at. A request's prompt tokens are compared with that history; the longest common
+Reuse. Each slot's session remembers every token it was fed, in order, and the position each one
+was decoded at (`Session.transcript`). A request's prompt tokens are compared with that history; the longest common
 prefix `k` is kept and only `prompt[k:]` is prefilled. The kept prefix is kept *as compressed*:
 tokens of it that the policy evicted are not recomputed — the slot continues exactly as one
 uninterrupted conversation would (what `ea-local chat` does between turns). When the history goes
@@ -11,12 +11,12 @@ history token `k` on is dropped (`Session.truncate`) and prefilling resumes ther
 On sliding-window models the sliding layers must still hold the window before that position; if
 they were pruned past it, the slot starts over (full prefill) — counted as no reuse.
 llama.cpp continues a sequence only at its highest cached position + 1, so on all-layer models a
-prefix whose last tokens were evicted is shortened to end at its last cached token (`cut`).
+prefix whose last tokens were evicted is shortened to end at its last cached token
+(`Session.keep_prefix`).
 """
 from __future__ import annotations
 
 import asyncio
-import bisect
 import threading
 import time
 from collections import deque
@@ -34,61 +34,6 @@ from .errors import APIError
 
 class Cancelled(Exception):
     """The client went away or the server is shutting down."""
-
-
-class SlotSession(Session):
-    """A Session that records every token fed, in order, and the position it sits at."""
-
-    def reset(self) -> None:
-        super().reset()
-        self.hist: list[int] = []
-        self.hist_pos: list[int] = []
-
-    def _decode(self, tokens: list[int], logits_all: bool = False, focus: bool = False,
-                new_focus: bool = False) -> None:
-        super()._decode(tokens, logits_all, focus, new_focus)
-        start = self.next_pos - len(tokens)  # contiguous: any compaction ran before these were placed
-        self.hist.extend(tokens)
-        self.hist_pos.extend(range(start, self.next_pos))
-
-    def compact(self) -> None:
-        super().compact()
-        old = self.compacted_from
-        # compaction renumbers kept (and archived) cells by rank; an evicted token's position becomes the rank
-        # of the next kept cell, which keeps "everything from history token i on" a position threshold
-        self.hist_pos = [bisect.bisect_left(old, p) for p in self.hist_pos]
-
-    def cut(self, k: int) -> int:
-        """Keep at most history tokens [0, k) and drop the rest from the cache; returns how many are
-        kept (the caller feeds the prompt from there), 0 when the cache cannot continue at all.
-
-        llama.cpp takes a sequence's next token only at seq_pos_max + 1. When the tokens just before
-        the cut were evicted, the cache ends earlier: the cut moves back to just after the last
-        cached token, and the evicted tokens between there and k are fed again. On sliding-window
-        models the sliding cache reports seq_pos_max and holds every recent position, so there the
-        condition is that it still holds the window before the cut."""
-        k = min(k, len(self.hist))
-        pos = self.hist_pos[k] if k < len(self.hist) else self.next_pos
-        if self.iswa:
-            swa = self._swa_positions()
-            # a token at p attends to (p - n_swa, p] in the sliding layers (llama.cpp LLAMA_SWA_TYPE_STANDARD)
-            need = max(0, pos - self.info.sliding_window + 1)
-            if swa and min(swa) > need and pos > 0:
-                return 0
-        else:
-            last = max((p for p in self.live if p < pos), default=-1)
-            if last < 0:
-                return 0
-            if last != pos - 1:
-                # hist_pos never decreases (compaction maps an evicted token to the next kept cell's rank)
-                k = bisect.bisect_right(self.hist_pos, last)
-                pos = last + 1
-        self.truncate(pos)
-        del self.hist[k:]
-        del self.hist_pos[k:]
-        if self.rt.seq_pos_range(0)[1] != pos - 1:  # the next batch could not start at pos: start over
-            return 0
-        return k
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -135,7 +80,7 @@ class GenResult:
 @dataclass
 class Slot:
     id: int
-    session: SlotSession
+    session: Session
     default_policy: str
     default_budget: int
     reuse: bool = True
@@ -144,7 +89,7 @@ class Slot:
     cancel: threading.Event = field(default_factory=threading.Event)
 
     def match(self, tokens: list[int]) -> int:
-        return common_prefix(self.session.hist, tokens) if self.reuse else 0
+        return common_prefix(self.session.transcript.tokens, tokens) if self.reuse else 0
 
     def _configure(self, policy: str, budget: int) -> None:
         s = self.session
@@ -160,7 +105,7 @@ class Slot:
         s = self.session
         k = min(self.match(tokens), len(tokens) - 1)  # at least one token is fed: it gives the logits
         if k > 0:
-            k = s.cut(k)
+            k = s.keep_prefix(k)
         if k > 0 and budget is not None and len(tokens) <= budget and s.n_cells < k:
             k = 0
         if k == 0:
@@ -302,7 +247,7 @@ class SlotPool:
         free = [s for s in self.slots if not s.busy]
         best = max(free, key=lambda s: (s.match(tokens), -s.last_used))
         k = best.match(tokens)
-        if k == 0 or k < len(best.session.hist) // 2:
+        if k == 0 or k < len(best.session.transcript) // 2:
             best = min(free, key=lambda s: s.last_used)
         best.busy = True
         best.cancel.clear()
@@ -341,7 +286,7 @@ def build_pool(model_path: str, cfg: SessionConfig, parallel: int, queue: int, r
     slots = []
     try:
         for i in range(parallel):
-            slots.append(Slot(i, SlotSession(model_path, SessionConfig(**{**cfg.__dict__,
+            slots.append(Slot(i, Session(model_path, SessionConfig(**{**cfg.__dict__,
                                                                           "policy_options": dict(cfg.policy_options)}),
                                              shared=shared),
                               default_policy=cfg.policy, default_budget=cfg.budget, reuse=reuse))

@@ -69,6 +69,24 @@ def ask(s: Session, qt: list[int], recall: bool, budget: int | None, decode_toke
     return "".join(pieces).strip(), cost
 
 
+def expected_message_scores(queries, q_pos, keys, rope, scale):
+    """Recall's alternative scoring, for --scoring expected: per scored layer and KV head, Expected
+    Attention of every cell (live and archived, one softmax) under a Gaussian fitted to the message's
+    own queries, rotated to the positions after it (policies/expected_attention.py, kvpress' formula,
+    without the value norms the archive's digest does not keep); a cell scores its largest over KV
+    heads and layers, as the share does."""
+    import numpy as np
+    from ea_local.policies.expected_attention import expected_attention_layer
+
+    out = None
+    for il, k in keys.items():
+        k = np.concatenate(list(k)) if isinstance(k, (tuple, list)) else k
+        a = expected_attention_layer(queries[il], k, None, rope[il], int(np.max(q_pos)) + 1,
+                                     use_vnorm=False, scale=scale).max(axis=0)
+        out = a if out is None else np.maximum(out, a)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -87,9 +105,15 @@ def main() -> None:
                     help="after each answer, decode this many more tokens and time them (recall off and on alternate)")
     ap.add_argument("--scoring-cost", default=None, metavar="N,N",
                     help="only time recall's scoring (message + baseline, pooling) at these archive sizes, alternating")
+    ap.add_argument("--scoring", choices=["share", "expected"], default="share",
+                    help="recall's scoring: the exact largest attention share (the engine's), or Expected Attention "
+                         "with the message's own statistics (compared in docs/recall.md)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--table", nargs="+", default=None, metavar="JSON", help="print the table of saved rows")
     args = ap.parse_args()
+    if args.scoring == "expected":
+        import ea_local.engine.session as session_module
+        session_module.message_scores = expected_message_scores
     if args.scoring_cost:
         print(scoring_cost(str(resolve_model(args.model)), [int(x) for x in args.scoring_cost.split(",")]))
         return
