@@ -30,10 +30,10 @@ def test_question_agnostic_turns_compress_from_the_contexts_own_queries(tiny_lla
     s = Session(tiny_llama, cfg)
     s.prefill([1] + _tokens(700), turn=True)  # compresses mid-turn: nothing was prefilled with turn=False
     assert s.stats.evictions and s.n_cells <= cfg.budget
-    assert len(s.focus_pos) == 0 and len(s.query_pos) > 0
-    assert s.query_pos.max() == s.next_pos - 1  # the context's newest queries
+    assert len(s.focus.pos) == 0 and len(s.queries.pos) > 0
+    assert s.queries.pos.max() == s.next_pos - 1  # the context's newest queries
     _, qpos, w = s._statistics()
-    assert w is None and np.array_equal(qpos, s.query_pos)
+    assert w is None and np.array_equal(qpos, s.queries.pos)
     text = "".join(s.generate(_tokens(30, 1), SamplingParams(ignore_eos=True), max_tokens=150, turn=True))
     assert text and s.n_cells <= cfg.budget
     s.close()
@@ -44,10 +44,10 @@ def test_weight_set_to_zero_after_a_question_aware_turn_still_scores(tiny_llama)
     question-agnostic request: the focus stands in for the empty statistics window."""
     s = Session(tiny_llama, SessionConfig(budget=300, chunk=256, step=32, recent=32))
     s.prefill([1] + _tokens(250), turn=True)  # one chunk, no compression: every query is in the focus
-    assert len(s.query_pos) == 0 and len(s.focus_pos) == 251
+    assert len(s.queries.pos) == 0 and len(s.focus.pos) == 251
     s.set_question_weight(0.0)
     _, qpos, _ = s._statistics()
-    assert np.array_equal(qpos, s.focus_pos)
+    assert np.array_equal(qpos, s.focus.pos)
     assert s.compress(100, phase="prefill") == 151
     s.close()
 
@@ -56,9 +56,9 @@ def test_no_query_at_all_falls_back_to_recency(tiny_llama):
     """A truncate can remove every captured query; the next compression keeps sinks and newest cells."""
     s = Session(tiny_llama, SessionConfig(budget=200, chunk=64, step=32, recent=32))
     s.prefill([1] + _tokens(150))  # the statistics window: the last chunk's queries, positions 128..150
-    assert s.query_pos.min() >= 100
+    assert s.queries.pos.min() >= 100
     s.truncate(100)
-    assert len(s.query_pos) == 0 and len(s.focus_pos) == 0
+    assert len(s.queries.pos) == 0 and len(s.focus.pos) == 0
     assert s.compress(60) == 40
     assert sorted(s.live) == [0, 1, 2, 3] + list(range(44, 100))
     s.close()
@@ -75,13 +75,13 @@ def test_focus_holds_exactly_the_newest_message(tiny_llama):
     n_reply = s.next_pos - len(first)
     start = s.next_pos
     s.prefill(_tokens(10, 3), turn=True)
-    assert s.focus_pos.tolist() == list(range(start, start + 10))
-    for q in s.focus.values():
+    assert s.focus.pos.tolist() == list(range(start, start + 10))
+    for q in s.focus.q.values():
         assert q.shape[0] == 10
     # the reply's queries (its last token's too, decoded with the message) are in the statistics window
     reply_pos = set(range(len(first), len(first) + n_reply))
-    assert reply_pos - {start - 1} <= set(s.query_pos.tolist())
-    assert not set(s.query_pos.tolist()) & set(range(start, start + 10))
+    assert reply_pos - {start - 1} <= set(s.queries.pos.tolist())
+    assert not set(s.queries.pos.tolist()) & set(range(start, start + 10))
     s.close()
 
 
@@ -91,7 +91,7 @@ def test_multi_chunk_message_focus_is_the_whole_message(tiny_llama):
     list(s.generate([], SamplingParams(ignore_eos=True), max_tokens=30))
     start = s.next_pos
     s.prefill(_tokens(100, 4), turn=True)  # two chunks of one message
-    assert s.focus_pos.tolist() == list(range(start + 36, start + 100))  # its last `chunk` queries
+    assert s.focus.pos.tolist() == list(range(start + 36, start + 100))  # its last `chunk` queries
     s.close()
 
 
@@ -128,8 +128,8 @@ def test_captured_queries_are_reshaped_with_each_layers_head_count(tiny_llama):
     try:
         s._n_captured = 3
         s._pull_queries(keep=128)
-        assert s.queries[0].shape == (3, 4, 32) and s.queries[1].shape == (3, 2, 32)
-        assert s.query_pos.tolist() == [5, 6, 7]
+        assert s.queries.q[0].shape == (3, 4, 32) and s.queries.q[1].shape == (3, 2, 32)
+        assert s.queries.pos.tolist() == [5, 6, 7]
     finally:
         s.rt = real_rt
         s.close()

@@ -182,8 +182,8 @@ def test_laq_without_pseudo_queries_is_an_error():
 
 
 def _state(s: Session) -> dict:
-    st = {"live": dict(s.live), "next_pos": s.next_pos, "query_pos": s.query_pos.tolist(),
-          "queries": {il: q.copy() for il, q in s.queries.items()}, "n_captured": s._n_captured,
+    st = {"live": dict(s.live), "next_pos": s.next_pos, "query_pos": s.queries.pos.tolist(),
+          "queries": {il: q.copy() for il, q in s.queries.q.items()}, "n_captured": s._n_captured,
           "tokens_seen": s.stats.tokens_seen, "evictions": len(s.stats.evictions), "logits": s.rt.logits()}
     for il in range(s.rt.n_layer):
         pos, k, v = s.rt.kv_read(il)

@@ -79,8 +79,8 @@ def test_probe_leaves_no_trace(gemma_ctx):
     s.prefill(gemma_ctx)
     question = s.rt.tokenize("What is the pass key? The pass key is")
     _probe_without_trace(s, question)
-    assert s.focus_pos.tolist() == list(range(s.next_pos, s.next_pos + len(question)))
-    assert all(s.focus[il].shape[0] == len(question) for il in s.layers)
+    assert s.focus.pos.tolist() == list(range(s.next_pos, s.next_pos + len(question)))
+    assert all(s.focus.q[il].shape[0] == len(question) for il in s.layers)
     # the next real token sees the same cache as a session that never probed
     ref = Session(str(GEMMA), cfg)
     ref.prefill(gemma_ctx)
@@ -102,7 +102,7 @@ def test_answer_lookahead_probes_the_greedy_answer(gemma_ctx):
     question = s.rt.tokenize("What is the licence called? It is called")
     _probe_without_trace(s, question)
     n = len(question) + k
-    assert s.focus_pos.tolist() == list(range(s.next_pos, s.next_pos + n))
+    assert s.focus.pos.tolist() == list(range(s.next_pos, s.next_pos + n))
 
     ref = Session(str(GEMMA), SessionConfig(budget=1024, chunk=256))
     ref.prefill(gemma_ctx)
@@ -114,7 +114,7 @@ def test_answer_lookahead_probes_the_greedy_answer(gemma_ctx):
     for il in s.layers:
         got_pos, q = ref.captured_queries(il)
         assert got_pos.tolist() == pos
-        np.testing.assert_allclose(s.focus[il].reshape(n, -1), q.reshape(n, -1), rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(s.focus.q[il].reshape(n, -1), q.reshape(n, -1), rtol=1e-3, atol=1e-3)
     s.close()
     ref.close()
 
@@ -139,20 +139,20 @@ def test_turn_queries_become_the_focus_and_weigh_what_was_asked(gemma_ctx):
     s.prefill(gemma_ctx[:500])
     turn = gemma_ctx[500:540]
     s.prefill(turn, turn=True)
-    assert s.focus_pos.tolist() == list(range(500, 540))
+    assert s.focus.pos.tolist() == list(range(500, 540))
     queries, qpos, w = s._statistics()
-    assert len(qpos) == len(s.query_pos) + 40
+    assert len(qpos) == len(s.queries.pos) + 40
     assert w is not None and w.sum() == pytest.approx(1.0) and w[-40:].sum() == pytest.approx(0.25)
     # a turn that fits in the headroom is prefilled whole and compressed once, at its end
     n_ev = len(s.stats.evictions)
     s.prefill(gemma_ctx[540:900], turn=True)  # 540 + 360 > n_ctx: compressed once mid-turn, once at its end
     assert s.n_cells <= cfg.budget
-    assert s.focus_pos[-1] == 899 and len(s.stats.evictions) > n_ev
+    assert s.focus.pos[-1] == 899 and len(s.stats.evictions) > n_ev
     s.close()
     agnostic = Session(str(GEMMA), SessionConfig(budget=600, chunk=256, step=64, question_weight=0.0))
     agnostic.prefill(gemma_ctx[:500])
     agnostic.prefill(turn, turn=True)
-    assert agnostic._statistics()[2] is None and agnostic._statistics()[1] is agnostic.query_pos
+    assert agnostic._statistics()[2] is None and agnostic._statistics()[1] is agnostic.queries.pos
     agnostic.close()
 
 
@@ -165,7 +165,7 @@ def test_deferred_turn_compresses_once_at_its_end(gemma_ctx):
     s.prefill(gemma_ctx[500:620], turn=True)  # 500 + 120 = 620 <= n_ctx 640: no compression before
     assert len(s.stats.evictions) == n_ev + 1
     assert s.stats.evictions[-1].at_token == 620  # after the whole turn
-    assert s.focus_pos.tolist() == list(range(500, 620))
+    assert s.focus.pos.tolist() == list(range(500, 620))
     assert s.n_cells == cfg.budget - cfg.step
     s.close()
 
@@ -194,8 +194,8 @@ def test_focus_window_survives_save_and_load(gemma_ctx, tmp_path):
     snapshot.save(s, str(tmp_path / "s.eas"))
     t = Session(str(GEMMA), cfg)
     snapshot.load(t, str(tmp_path / "s.eas"))
-    assert t.focus_pos.tolist() == s.focus_pos.tolist() == list(range(300, 340))
+    assert t.focus.pos.tolist() == s.focus.pos.tolist() == list(range(300, 340))
     for il in s.layers:
-        np.testing.assert_array_equal(t.focus[il], s.focus[il])
+        np.testing.assert_array_equal(t.focus.q[il], s.focus.q[il])
     s.close()
     t.close()

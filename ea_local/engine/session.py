@@ -41,6 +41,7 @@ from .runtime import ContextConfig, LlamaError, Runtime, SharedModel
 from .sampling import Sampler, SamplingParams
 from .textstream import TextStream
 from .transcript import Transcript
+from .windows import QueryWindow
 
 
 class BudgetError(ValueError):
@@ -258,13 +259,10 @@ class Session:
         self.live: dict[int, int] = {}  # position -> token, cells of the global cache
         self.transcript = Transcript()  # every token fed, evicted ones included
         self.next_pos = 0
-        self.queries: dict[int, np.ndarray] = {}
-        self.query_pos = np.empty(0, dtype=np.int64)
-        self.focus: dict[int, np.ndarray] = {}  # the user's newest message or the probed question
-        self.focus_pos = np.empty(0, dtype=np.int64)
+        self.queries = QueryWindow()  # the statistics window: the context's newest queries
+        self.focus = QueryWindow()  # the user's newest message or the probed question
         # the focus a newer message replaced: recall's baseline, what the conversation looked for before it
-        self.before: dict[int, np.ndarray] = {}
-        self.before_pos = np.empty(0, dtype=np.int64)
+        self.before = QueryWindow()
         self.question: list[int] = []
         self._n_captured = 0
         self.stats = Stats()
@@ -338,7 +336,7 @@ class Session:
             raise BudgetError(f"the question has {len(tokens)} tokens: at most {self.max_question} "
                               "(chunk - 1 - answer_lookahead)")
         self.question = tokens
-        self.focus, self.focus_pos = {}, np.empty(0, dtype=np.int64)
+        self.focus = QueryWindow()
 
     def prefill_scored(self, tokens: list[int]) -> np.ndarray:
         """Feed one chunk (<= cfg.chunk tokens) and return every token's logits, then compress if needed."""
@@ -367,10 +365,8 @@ class Session:
         self.stats.tokens_seen += len(tokens)
         if self.captures:
             self._n_captured += len(tokens)
-            if new_focus and self.recall_on and len(self.focus_pos):
-                keep = self.cfg.recall_queries
-                self.before = {il: q[-keep:] for il, q in self.focus.items()}
-                self.before_pos = self.focus_pos[-keep:]
+            if new_focus and self.recall_on and len(self.focus):
+                self.before = self.focus.last(self.cfg.recall_queries)
             if focus:  # a user turn: its queries (the last `chunk`) are the focus window
                 self._pull_queries(keep=self.cfg.chunk, into_focus=True, extend=not new_focus)
             elif len(tokens) > 1:  # a prefill chunk: its (last prefill_stats) queries are the statistics window
@@ -383,21 +379,13 @@ class Session:
 
         Statistics window: the new queries, topped up from the old window when fewer than `keep`.
         Focus window (into_focus): the new queries, appended to the old focus when `extend`."""
-        win = self.focus if into_focus else self.queries
-        wpos = self.focus_pos if into_focus else self.query_pos
-        pos = np.empty(0, dtype=np.int64)
+        qs, pos = {}, np.empty(0, dtype=np.int64)
         for il in self.layers:
-            pos, q = self.captured_queries(il)
-            old = win.get(il)
-            if old is not None and (extend if into_focus else len(q) < keep):
-                q = np.concatenate([old, q])
-            win[il] = q[-keep:]
-        if extend if into_focus else len(pos) < keep:
-            pos = np.concatenate([wpos, pos])
+            pos, qs[il] = self.captured_queries(il)
         if into_focus:
-            self.focus_pos = pos[-keep:]
+            self.focus.push(qs, pos, keep, extend=extend)
         else:
-            self.query_pos = pos[-keep:]
+            self.queries.push(qs, pos, keep, extend=len(pos) < keep)
         self.rt.capture_clear()
         self._n_captured = 0
 
@@ -480,16 +468,16 @@ class Session:
         """(queries, positions, weights) for the policy: the statistics window alone, or its union with
         the focus window, which gets `question_weight` of the total weight."""
         w = self.cfg.question_weight
-        mf, mc = len(self.focus_pos), len(self.query_pos)
+        mf, mc = len(self.focus), len(self.queries)
         # an empty window never empties the statistics: the other one stands in (e.g. question-agnostic
         # right after a turn read as focus before question_weight was set to 0)
         if (w <= 0 or mf == 0) and mc:
-            return self.queries, self.query_pos, None
+            return dict(self.queries.q), self.queries.pos, None  # a copy: LAQ's lookahead extends the view's
         if w >= 1 or mc == 0:
-            return self.focus, self.focus_pos, None
-        queries = {il: np.concatenate([self.queries[il], self.focus[il]]) for il in self.layers}
+            return dict(self.focus.q), self.focus.pos, None
+        queries = {il: np.concatenate([self.queries.q[il], self.focus.q[il]]) for il in self.layers}
         weights = np.concatenate([np.full(mc, (1 - w) / mc), np.full(mf, w / mf)])
-        return queries, np.concatenate([self.query_pos, self.focus_pos]), weights
+        return queries, np.concatenate([self.queries.pos, self.focus.pos]), weights
 
     def compress(self, target: int, phase: str = "decode") -> int:
         """Evict the lowest-scoring cells so that `target` remain. Returns how many were evicted."""
@@ -567,24 +555,23 @@ class Session:
         as context (question-agnostic)."""
         if self._n_captured:
             self._pull_queries(keep=self.cfg.stats_window)
-        for win, wpos in ((self.focus, self.focus_pos), (self.queries, self.query_pos)):
-            sel = np.flatnonzero(wpos >= since)[-self.cfg.recall_queries:]
-            if len(sel) and all(il in win for il in self.layers):
-                return {il: win[il][sel] for il in self.layers}, wpos[sel]
+        for win in (self.focus, self.queries):
+            sel = np.flatnonzero(win.pos >= since)[-self.cfg.recall_queries:]
+            if len(sel) and win.covers(self.layers):
+                return {il: win.q[il][sel] for il in self.layers}, win.pos[sel]
         return {}, np.empty(0, dtype=np.int64)
 
     def baseline_queries(self, since: int, m: int) -> tuple[dict[int, np.ndarray], np.ndarray]:
         """The last m captured queries before the newest message (positions < since): the previous reply's
         (statistics window), the previous message's (the focus it replaced) or the same prompt's."""
-        wins = [(w, wp) for w, wp in ((self.before, self.before_pos), (self.queries, self.query_pos),
-                                      (self.focus, self.focus_pos)) if len(wp) and all(il in w for il in self.layers)]
+        wins = [w for w in (self.before, self.queries, self.focus) if len(w) and w.covers(self.layers)]
         if not wins or m <= 0:
             return {}, np.empty(0, dtype=np.int64)
         # a position in two windows counts once
-        pos, first = np.unique(np.concatenate([wp for _, wp in wins]), return_index=True)
+        pos, first = np.unique(np.concatenate([w.pos for w in wins]), return_index=True)
         keep = (pos >= 0) & (pos < since)
         sel = first[keep][-m:]
-        return {il: np.concatenate([w[il] for w, _ in wins])[sel] for il in self.layers}, pos[keep][-m:]
+        return {il: np.concatenate([w.q[il] for w in wins])[sel] for il in self.layers}, pos[keep][-m:]
 
     def recall(self, since: int) -> int:
         """Bring back the archived cells the newest message (positions >= since, already prefilled) needs.
@@ -710,9 +697,8 @@ class Session:
         remap = dict(zip(old, new))
         self.recalled_count = {remap[p]: c for p, c in self.recalled_count.items() if p in remap}
         self.live = {remap[p]: t for p, t in self.live.items()}
-        self.query_pos = np.array([remap.get(int(p), -1) for p in self.query_pos], dtype=np.int64)
-        self.focus_pos = np.array([remap.get(int(p), -1) for p in self.focus_pos], dtype=np.int64)
-        self.before_pos = np.array([remap.get(int(p), -1) for p in self.before_pos], dtype=np.int64)
+        for win in (self.queries, self.focus, self.before):
+            win.remap(remap)
         self.next_pos = len(old)
         self.stats.compactions += 1
 
@@ -807,14 +793,7 @@ class Session:
         for p in drop:
             del self.live[p]
         self.transcript.truncate(pos)
-        keep = self.query_pos < pos
-        self.query_pos = self.query_pos[keep]
-        self.queries = {il: q[keep] for il, q in self.queries.items()}
-        keep = self.focus_pos < pos
-        self.focus_pos = self.focus_pos[keep]
-        self.focus = {il: q[keep] for il, q in self.focus.items()}
-        keep = self.before_pos < pos
-        self.before_pos = self.before_pos[keep]
-        self.before = {il: q[keep] for il, q in self.before.items()}
+        for win in (self.queries, self.focus, self.before):
+            win.truncate(pos)
         self.next_pos = pos
         return len(drop)

@@ -44,12 +44,16 @@ from ..model.gguf_header import read_header
 from ..policies import get_policy
 from .archive import Archive
 from .session import Eviction, Session, Stats
+from .transcript import Transcript
+from .windows import QueryWindow
 
 MAGIC = b"EALSESS\x00"
 VERSION = 1
 _PRELUDE = struct.Struct("<8sII")
 _MAX_HEADER = 64 * 2**20  # the chat history lives in the header; anything larger is not ours
 # the SessionConfig fields that describe the saved cache (threads, GPU layers stay the loader's)
+# the session's query windows as the file names them: queries in "<name>.<layer>", positions in WINDOW_POS[name]
+WINDOW_POS = {"queries": "query_pos", "focus": "focus_pos", "before": "before_pos"}
 CONFIG_FIELDS = ("budget", "policy", "n_sink", "recent", "step", "chunk", "stats_window", "max_score_layers",
                  "prefill_stats", "cache_type", "seed", "policy_options")
 
@@ -68,13 +72,9 @@ class Snapshot:
     extra: dict
     live_pos: np.ndarray
     live_tok: np.ndarray
-    query_pos: np.ndarray
-    queries: dict[int, np.ndarray]
     state: bytes  # llama.cpp's sequence state
-    focus_pos: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # query-aware window
-    focus: dict[int, np.ndarray] = field(default_factory=dict)
-    before_pos: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # recall's baseline
-    before: dict[int, np.ndarray] = field(default_factory=dict)
+    # the session's query windows (engine/windows.py), in the file as "<name>_pos" and "<name>.<layer>"
+    windows: dict[str, QueryWindow] = field(default_factory=dict)
     archive: dict[str, np.ndarray] = field(default_factory=dict)  # "archive.*" sections: evicted cells (recall)
 
 
@@ -134,17 +134,11 @@ def save(s: Session, path: str | os.PathLike[str], extra: dict | None = None) ->
     live = sorted(s.live)
     sections.append(("live_pos", np.asarray(live, dtype=np.int64)))
     sections.append(("live_tok", np.asarray([s.live[p] for p in live], dtype=np.int32)))
-    sections.append(("query_pos", np.concatenate([s.query_pos, pending_pos]).astype(np.int64)))
-    for il in s.layers:
-        parts = [a for a in (s.queries.get(il), pending.get(il)) if a is not None]
-        if parts:
-            sections.append((f"queries.{il}", np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)))
-    sections.append(("focus_pos", np.asarray(s.focus_pos, dtype=np.int64)))
-    for il, q in s.focus.items():
-        sections.append((f"focus.{il}", np.ascontiguousarray(q, dtype=np.float32)))
-    sections.append(("before_pos", np.asarray(s.before_pos, dtype=np.int64)))
-    for il, q in s.before.items():
-        sections.append((f"before.{il}", np.ascontiguousarray(q, dtype=np.float32)))
+    stats_window = s.queries.copy()
+    stats_window.push(pending, pending_pos, len(s.queries) + len(pending_pos))
+    for name, win in (("queries", stats_window), ("focus", s.focus), ("before", s.before)):
+        sections.append((WINDOW_POS[name], np.asarray(win.pos, dtype=np.int64)))
+        sections += [(f"{name}.{il}", np.ascontiguousarray(q, dtype=np.float32)) for il, q in win.q.items()]
     sections.append(("llama_state", np.frombuffer(seq_state_get(s.rt.ctx, 0), dtype=np.uint8)))
     a = s.archive
     if a is not None and len(a):  # the archive of evicted cells (recall) belongs to the conversation
@@ -250,16 +244,13 @@ def read(path: str | os.PathLike[str], model_path: str) -> Snapshot:
         for sec in sections:
             o, n = int(sec["offset"]), int(sec["nbytes"])
             arrays[sec["name"]] = np.frombuffer(payload[o:o + n], dtype=np.dtype(sec["dtype"])).reshape(sec["shape"])
-        queries = {int(k.split(".", 1)[1]): v for k, v in arrays.items() if k.startswith("queries.")}
+        windows = {name: QueryWindow({int(k.split(".", 1)[1]): v for k, v in arrays.items() if k.startswith(name + ".")},
+                                     arrays.get(pos_name, np.empty(0, dtype=np.int64)))
+                   for name, pos_name in WINDOW_POS.items()}
         st = header["stats"]
         snap = Snapshot(path=p, model=model, config=dict(header["config"]), next_pos=int(header["next_pos"]),
                         stats=st, extra=header.get("extra") or {}, live_pos=arrays["live_pos"],
-                        live_tok=arrays["live_tok"], query_pos=arrays["query_pos"], queries=queries,
-                        state=arrays["llama_state"].tobytes(),
-                        focus_pos=arrays.get("focus_pos", np.empty(0, dtype=np.int64)),
-                        focus={int(k.split(".", 1)[1]): v for k, v in arrays.items() if k.startswith("focus.")},
-                        before_pos=arrays.get("before_pos", np.empty(0, dtype=np.int64)),
-                        before={int(k.split(".", 1)[1]): v for k, v in arrays.items() if k.startswith("before.")},
+                        live_tok=arrays["live_tok"], state=arrays["llama_state"].tobytes(), windows=windows,
                         archive={k: v for k, v in arrays.items() if k.startswith("archive.")})
         if len(snap.live_pos) != len(snap.live_tok) or set(snap.config) != set(CONFIG_FIELDS):
             raise ValueError("inconsistent sections")
@@ -319,12 +310,10 @@ def restore(s: Session, snap: Snapshot) -> None:
     s._n_captured = 0
     s.live = dict(zip(snap.live_pos.tolist(), snap.live_tok.tolist()))
     s.next_pos = snap.next_pos
-    s.query_pos = snap.query_pos.copy()
-    s.queries = {il: q.copy() for il, q in snap.queries.items() if il in s.layers}
-    s.focus_pos = snap.focus_pos.copy()
-    s.focus = {il: q.copy() for il, q in snap.focus.items() if il in s.layers}
-    s.before_pos = snap.before_pos.copy()
-    s.before = {il: q.copy() for il, q in snap.before.items() if il in s.layers}
+    s.queries, s.focus, s.before = (snap.windows[name].copy(s.layers) for name in WINDOW_POS)
+    s.transcript = Transcript()  # what the cache holds: the evicted tokens are not in the file
+    for p, t in sorted(s.live.items()):
+        s.transcript.record([t], p)
     st = snap.stats
     s.stats = Stats(tokens_seen=int(st["tokens_seen"]), compactions=int(st["compactions"]),
                     evictions=[Eviction(**e) for e in st["evictions"]], archived=int(st.get("archived", 0)),
@@ -355,28 +344,23 @@ class Checkpoint:
     state: bytes  # llama.cpp's sequence state
     live: dict[int, int]
     next_pos: int
-    queries: dict[int, np.ndarray]
-    query_pos: np.ndarray
-    focus: dict[int, np.ndarray]  # the newest user turn's queries (question-known multi-turn)
-    focus_pos: np.ndarray
+    windows: tuple[QueryWindow, QueryWindow, QueryWindow]  # the statistics window, the focus, the baseline
+    transcript: Transcript
     stats: Stats
     budget: int
     logits: np.ndarray  # of the last prefilled token: what a lookahead policy (laq) and the sampler read first
     archive: Archive | None = None  # the archive of evicted cells (recall), copied
     recalled_count: dict[int, int] = field(default_factory=dict)
-    before: dict[int, np.ndarray] = field(default_factory=dict)  # the focus the newest message replaced
-    before_pos: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
 
 def checkpoint(s: Session) -> Checkpoint:
     """Copy the session's cells and bookkeeping, including the queries captured but not yet pulled."""
     if s.policy.needs_queries and s._n_captured:
         s._pull_queries(keep=s.cfg.stats_window)  # the statistics window belongs to the checkpoint
-    return Checkpoint(seq_state_get(s.rt.ctx, 0), dict(s.live), s.next_pos, {k: v.copy() for k, v in s.queries.items()},
-                      s.query_pos.copy(), {k: v.copy() for k, v in s.focus.items()}, s.focus_pos.copy(),
+    return Checkpoint(seq_state_get(s.rt.ctx, 0), dict(s.live), s.next_pos,
+                      (s.queries.copy(), s.focus.copy(), s.before.copy()), copy.deepcopy(s.transcript),
                       copy.deepcopy(s.stats), s.cfg.budget, s.rt.logits(),
-                      s.archive.copy() if s.archive is not None else None, dict(s.recalled_count),
-                      {k: v.copy() for k, v in s.before.items()}, s.before_pos.copy())
+                      s.archive.copy() if s.archive is not None else None, dict(s.recalled_count))
 
 
 def rewind(s: Session, cp: Checkpoint) -> None:
@@ -387,12 +371,8 @@ def rewind(s: Session, cp: Checkpoint) -> None:
         raise SnapshotError("llama.cpp could not restore the sequence")
     s.live = dict(cp.live)
     s.next_pos = cp.next_pos
-    s.queries = {k: v.copy() for k, v in cp.queries.items()}
-    s.query_pos = cp.query_pos.copy()
-    s.focus = {k: v.copy() for k, v in cp.focus.items()}
-    s.focus_pos = cp.focus_pos.copy()
-    s.before = {k: v.copy() for k, v in cp.before.items()}
-    s.before_pos = cp.before_pos.copy()
+    s.queries, s.focus, s.before = (w.copy() for w in cp.windows)
+    s.transcript = copy.deepcopy(cp.transcript)
     s._n_captured = 0
     s.stats = copy.deepcopy(cp.stats)
     s.cfg.budget = cp.budget

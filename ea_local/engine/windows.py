@@ -31,12 +31,12 @@ class QueryWindow:
         """New queries, after the window's own when `extend`; the last `keep` stay."""
         for il, new in q.items():
             old = self.q.get(il)
-            self.q[il] = (np.concatenate([old, new]) if extend and old is not None else new)[-keep:]
-        self.pos = (np.concatenate([self.pos, pos]) if extend else np.asarray(pos, dtype=np.int64))[-keep:]
+            self.q[il] = _tail(np.concatenate([old, new]) if extend and old is not None else new, keep)
+        self.pos = _tail(np.concatenate([self.pos, pos]) if extend else np.asarray(pos, dtype=np.int64), keep)
 
     def last(self, n: int) -> "QueryWindow":
         """A copy of the newest n."""
-        return QueryWindow({il: q[-n:].copy() for il, q in self.q.items()}, self.pos[-n:].copy())
+        return QueryWindow({il: _tail(q, n).copy() for il, q in self.q.items()}, _tail(self.pos, n).copy())
 
     def keep(self, mask: np.ndarray) -> None:
         self.q = {il: q[mask] for il, q in self.q.items()}
@@ -53,3 +53,7 @@ class QueryWindow:
     def copy(self, layers: Iterable[int] | None = None) -> "QueryWindow":
         keep = None if layers is None else set(layers)
         return QueryWindow({il: q.copy() for il, q in self.q.items() if keep is None or il in keep}, self.pos.copy())
+
+
+def _tail(x: np.ndarray, n: int) -> np.ndarray:
+    return x[len(x) - n:] if 0 < n < len(x) else x if n > 0 else x[:0]

@@ -25,6 +25,7 @@ from ea_local.engine.snapshot import checkpoint, rewind
 from ea_local.bench.suites.common import ask
 from ea_local.bench.data import passkey_prompt
 from ea_local.engine.session import Session, SessionConfig
+from ea_local.engine.windows import QueryWindow
 from ea_local.model.info import read_model_info
 from ea_local.model.embedded import default_model_path
 import numpy as np
@@ -100,19 +101,17 @@ def passkey_part(model: str, length: int, frac: float, depths: list[float], seed
         for start, end in [(a, min(a + chunk, split)) for a in range(0, split, chunk)] + [(split, len(ctx))]:
             part = ctx[start:end]  # each chunk's queries become the statistics window
             s.prefill(part)
-            for il, q in s.queries.items():
-                every_q.setdefault(il, []).append(q[-len(part):])
-            every_pos.append(s.query_pos[-len(part):])
+            for il, q in s.queries.last(len(part)).q.items():
+                every_q.setdefault(il, []).append(q)
+            every_pos.append(s.queries.last(len(part)).pos)
         snap = checkpoint(s)
         for name, st in settings.items():
             rewind(s, snap)
             s.set_policy("expected-attention", **_opts(st))
             if st.get("stats") == "all":
-                s.queries = {il: np.concatenate(qs) for il, qs in every_q.items()}
-                s.query_pos = np.concatenate(every_pos)
+                s.queries = QueryWindow({il: np.concatenate(qs) for il, qs in every_q.items()}, np.concatenate(every_pos))
             elif st.get("stats"):
-                s.queries = {il: q[-st["stats"]:] for il, q in s.queries.items()}
-                s.query_pos = s.query_pos[-st["stats"]:]
+                s.queries = s.queries.last(st["stats"])
             s.set_one_shot_budget(cells)
             s.compress(cells, phase="prefill")
             kept = sum(1 for p in range(*span) if p in s.live) / (span[1] - span[0])

@@ -40,7 +40,7 @@ for (turns, qs), i in cs:
     s = Session(model, cfg)
     for t in turns: s.prefill(t, turn=True)
     snap = take(s)
-    base_q = {il: s.focus[il].copy() for il in s.layers}; base_pos = s.focus_pos.copy()
+    base_q = {il: s.focus.q[il].copy() for il in s.layers}; base_pos = s.focus.pos.copy()
     for qi, (qt, ans) in enumerate(qs):
         restore(s, snap)
         start = s.next_pos
