@@ -129,8 +129,11 @@ def tiny_llama_hd64(tmp_path_factory) -> str:
 
 
 # q8_0 on the head-dim-64 model: llama.cpp's own K-shift of a q8_0 cache crashes on the default tiny llama's
-# small heads (a plain remap, no restore, does too), while real models' heads are 64 wide or more
-@pytest.mark.parametrize("model,cache,fa,tol", [("tiny_llama", "f16", False, 0.0), ("tiny_llama_hd64", "q8_0", True, 1e-3)])
+# small heads (a plain remap, no restore, does too), while real models' heads are 64 wide or more.
+# f16: the restored cells sit in other slots than the reference's, so attention sums them in another order:
+# bit-identical on an AVX-512 build, 1.2e-4 of the largest logit on an AVX2 one (AMD EPYC, measured); K
+# left rotated for its old position instead would be off by 2.5e-3
+@pytest.mark.parametrize("model,cache,fa,tol", [("tiny_llama", "f16", False, 5e-4), ("tiny_llama_hd64", "q8_0", True, 1e-3)])
 def test_restore_after_compaction_lands_at_remapped_position(model, cache, fa, tol, request):
     """Positions 300..399 are gone for good, 450..499 archived; compaction renumbers live and archived
     cells together (0..499). The archived rows go back at 350..399 with K rotated for 450..499:
