@@ -108,20 +108,21 @@ class SharedModel:
 
     llama.cpp allows many contexts on one model; each context has its own KV cache and state."""
 
-    def __init__(self, model_path: str, n_gpu_layers: int | None = None, rpc: tuple[str, ...] = ()):
+    def __init__(self, model_path: str, n_gpu_layers: int | None = None, rpc: tuple[str, ...] = (),
+                 repack: bool | None = None):
         _silence_llama_log()
         ll.llama_backend_init()
         mp = ll.llama_model_default_params()
         ngl = _env_int("EA_LOCAL_N_GPU_LAYERS") if n_gpu_layers is None else n_gpu_layers
         mp.n_gpu_layers = ngl if ngl is not None else build_info.default_gpu_layers(bool(rpc))
-        mp.use_extra_bufts = _repack_default()
+        mp.use_extra_bufts = _repack_default() if repack is None else repack
         self.path = model_path
         self.rpc: tuple[str, ...] = ()
         if rpc:
-            from .. import rpc as _rpc
+            from .. import rpc as _rpc  # RpcError (a ValueError) for a bad or unreachable endpoint
 
             endpoints = _rpc.parse_endpoints(rpc)
-            self._devices = _rpc.model_devices(endpoints)
+            self._devices = _rpc.model_devices(endpoints)  # kept alive: llama.cpp reads it at load
             mp.devices = ctypes.cast(self._devices, ctypes.c_void_p)
             self.rpc = endpoints
             _rpc.acquire(endpoints)
@@ -145,6 +146,7 @@ class SharedModel:
 
 
 class Runtime:
+    """One llama.cpp context: its model (loaded here or shared), batches, the KV hooks, the sequence state."""
     def __init__(self, model_path: str, cfg: ContextConfig, cb_eval=None, shared: SharedModel | None = None):
         global _log_sink
         _silence_llama_log()
@@ -158,24 +160,9 @@ class Runtime:
     def _load(self, model_path: str, cfg: ContextConfig, cb_eval, shared: SharedModel | None = None) -> None:
         if cfg.cache_type not in CACHE_TYPES:
             raise ValueError(f"unknown cache type {cfg.cache_type!r}; choose from {', '.join(CACHE_TYPES)}")
-        mp = ll.llama_model_default_params()
-        ngl = cfg.n_gpu_layers
-        mp.n_gpu_layers = ngl if ngl is not None else build_info.default_gpu_layers(bool(cfg.rpc))
-        mp.use_extra_bufts = cfg.repack
-        self._rpc: tuple[str, ...] = ()
-        self._shared = shared  # a shared model is freed by its owner, not by this context
-        if cfg.rpc and shared is None:
-            from .. import rpc  # RpcError (a ValueError) for a bad or unreachable endpoint
-
-            endpoints = rpc.parse_endpoints(cfg.rpc)
-            self._devices = rpc.model_devices(endpoints)  # kept alive: llama.cpp reads it at load
-            mp.devices = ctypes.cast(self._devices, ctypes.c_void_p)
-            self._rpc = endpoints
-            rpc.acquire(endpoints)
-        self.model = shared.ptr if shared is not None else ll.llama_model_load_from_file(model_path.encode(), mp)
-        if not self.model:
-            self._release_rpc()
-            raise LlamaError(f"llama.cpp could not load {model_path}{_why()}")
+        # the context's own model unless one is shared (the server's slots): freed by its owner
+        self._own = SharedModel(model_path, cfg.n_gpu_layers, cfg.rpc, cfg.repack) if shared is None else None
+        self.model = (shared or self._own).ptr
         self.vocab = ll.llama_model_get_vocab(self.model)
         cp = ll.llama_context_default_params()
         cp.n_ctx = cfg.n_ctx
@@ -197,10 +184,9 @@ class Runtime:
             cp.cb_eval = cb_eval
         self.ctx = ll.llama_init_from_model(self.model, cp)
         if not self.ctx:
-            if shared is None:
-                ll.llama_model_free(self.model)
             self.model = None
-            self._release_rpc()
+            if self._own is not None:
+                self._own.close()
             raise LlamaError(f"llama.cpp could not create a context (n_ctx={cfg.n_ctx}, cache {cfg.cache_type})")
         self.cfg = cfg
         self.flash_attn = fa
@@ -211,6 +197,21 @@ class Runtime:
         self.n_ctx_train = ll.llama_model_n_ctx_train(self.model)
         self._batch = ll.llama_batch_init(cfg.n_batch, 0, 1)
 
+    # ---- sequence state (snapshots) ----
+    def seq_state(self, seq: int = 0) -> bytes:
+        """llama.cpp's state of one sequence: its cells' K/V and positions (llama_state_seq_get_data)."""
+        n = ll.llama_state_seq_get_size(self.ctx, seq)
+        buf = (ctypes.c_uint8 * n)()
+        got = ll.llama_state_seq_get_data(self.ctx, buf, n, seq)
+        if got != n:
+            raise LlamaError(f"llama.cpp wrote {got} bytes of sequence state, expected {n}")
+        return bytes(buf)
+
+    def set_seq_state(self, data: bytes, seq: int = 0) -> bool:
+        """Put a sequence back as seq_state returned it; False when llama.cpp refuses."""
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        return ll.llama_state_seq_set_data(self.ctx, buf, len(data), seq) != 0
+
     def close(self) -> None:
         if getattr(self, "_batch", None) is not None:
             ll.llama_batch_free(self._batch)
@@ -218,18 +219,9 @@ class Runtime:
         if getattr(self, "ctx", None):
             ll.llama_free(self.ctx)
             self.ctx = None
-        if getattr(self, "model", None):
-            if getattr(self, "_shared", None) is None:
-                ll.llama_model_free(self.model)
-            self.model = None
-        self._release_rpc()
-
-    def _release_rpc(self) -> None:
-        if getattr(self, "_rpc", ()):
-            from .. import rpc
-
-            rpc.release(self._rpc)
-            self._rpc = ()
+        self.model = None
+        if getattr(self, "_own", None) is not None:
+            self._own.close()
 
     def __del__(self) -> None:
         self.close()
