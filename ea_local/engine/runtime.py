@@ -1,4 +1,4 @@
-"""The one owner of llama.cpp state: model, context, batch, and the KV-cell hooks.
+"""The one owner of llama.cpp state: model, context, batch, sequence state and the KV-cell hooks.
 
 Thin and mechanical, in the spirit of llama-cpp-python's low-level bindings: every method
 maps to a few C calls. Policy, budget and bookkeeping live in `session.py`.
@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import ctypes
 import os
-import signal
-import threading
-import sys
 from dataclasses import dataclass, field
 
 import llama_cpp.llama_cpp as ll
 import numpy as np
 
 from .. import build_info, kvhooks
+from . import llama_log
 
 CACHE_TYPES = {"f32": ll.GGML_TYPE_F32, "f16": ll.GGML_TYPE_F16, "q8_0": ll.GGML_TYPE_Q8_0, "q4_0": ll.GGML_TYPE_Q4_0}
 
@@ -24,54 +22,6 @@ class LlamaError(RuntimeError):
     pass
 
 
-_log_silenced = False
-_last_error: list[str] = []  # llama.cpp's recent error-level log lines
-
-
-def _why() -> str:
-    """': <why llama.cpp refused the model>' from its error lines (consumed), or ''."""
-    msg = next((m for m in _last_error if "error loading model: " in m), _last_error[-1] if _last_error else "")
-    _last_error.clear()
-    return f": {msg.split('error loading model: ', 1)[-1]}" if msg else ""
-# while a Runtime loads, llama.cpp's own lines about where layers and buffers went (placement.py)
-_log_sink: list[str] | None = None
-_PLACEMENT_PREFIXES = (b"load_tensors:", b"llama_kv_cache:", b"llama_kv_cache_iswa:")
-
-
-def _silence_llama_log() -> None:
-    """llama.cpp logs to stderr by default; keep it quiet unless EA_LOCAL_LLAMA_LOG=1 (then it is passed
-    through). The placement lines are kept either way while a Runtime loads."""
-    global _log_silenced, _log_cb
-    if _log_silenced:
-        return
-    echo = os.environ.get("EA_LOCAL_LLAMA_LOG") == "1"
-
-    def _cb_py(level, text, user_data):  # noqa: ANN001
-        if level == 4 and text:  # GGML_LOG_LEVEL_ERROR (ggml.h): why a load failed, for LlamaError's one line
-            _last_error[:] = _last_error[-7:] + [text.decode("utf-8", errors="replace").strip()]
-        if _log_sink is not None and text and text.startswith(_PLACEMENT_PREFIXES):
-            _log_sink.append(text.decode("utf-8", errors="replace"))
-        if echo and text:
-            sys.stderr.write(text.decode("utf-8", errors="replace"))
-        return None
-
-    def _sigint(signum, frame):  # noqa: ANN001
-        # Ctrl-C while llama.cpp is inside this log callback (model load): a KeyboardInterrupt raised there is
-        # printed and dropped by ctypes ("Exception ignored") and the load goes on. Deliver it again shortly.
-        if frame is not None and frame.f_code is _cb_code:
-            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
-            return
-        raise KeyboardInterrupt
-
-    _cb = ll.llama_log_callback(_cb_py)
-    _cb_code = _cb_py.__code__
-    if threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _sigint)
-
-    _log_cb = _cb  # keep a reference: ctypes callbacks must outlive their use
-    ll.llama_log_set(_log_cb, ctypes.c_void_p())
-    _log_silenced = True
 
 
 @dataclass(frozen=True)
@@ -110,7 +60,7 @@ class SharedModel:
 
     def __init__(self, model_path: str, n_gpu_layers: int | None = None, rpc: tuple[str, ...] = (),
                  repack: bool | None = None):
-        _silence_llama_log()
+        llama_log.install()
         ll.llama_backend_init()
         mp = ll.llama_model_default_params()
         ngl = _env_int("EA_LOCAL_N_GPU_LAYERS") if n_gpu_layers is None else n_gpu_layers
@@ -129,7 +79,7 @@ class SharedModel:
         self.ptr = ll.llama_model_load_from_file(model_path.encode(), mp)
         if not self.ptr:
             self.close()
-            raise LlamaError(f"llama.cpp could not load {model_path}{_why()}")
+            raise LlamaError(f"llama.cpp could not load {model_path}{llama_log.load_error()}")
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
@@ -148,14 +98,10 @@ class SharedModel:
 class Runtime:
     """One llama.cpp context: its model (loaded here or shared), batches, the KV hooks, the sequence state."""
     def __init__(self, model_path: str, cfg: ContextConfig, cb_eval=None, shared: SharedModel | None = None):
-        global _log_sink
-        _silence_llama_log()
+        llama_log.install()
         ll.llama_backend_init()
-        _log_sink = self.load_log = []  # llama.cpp's placement lines of this load (placement.py reads them)
-        try:
+        with llama_log.placement_lines() as self.load_log:  # where this load put layers (placement.py reads them)
             self._load(model_path, cfg, cb_eval, shared)
-        finally:
-            _log_sink = None
 
     def _load(self, model_path: str, cfg: ContextConfig, cb_eval, shared: SharedModel | None = None) -> None:
         if cfg.cache_type not in CACHE_TYPES:
