@@ -108,5 +108,5 @@ def describe(info, rpc: tuple[str, ...], n_gpu_layers: int | None, n_ctx: int, c
 
 
 def rpc_device_list(rt) -> list[int]:
-    devs = getattr(rt, "_devices", None)
+    devs = getattr(rt._own, "_devices", None) if rt._own is not None else None
     return [d for d in devs if d] if devs is not None else []

@@ -1,4 +1,4 @@
-"""The one owner of llama.cpp state: model, context, batch, and the KV-cell hooks.
+"""The one owner of llama.cpp state: model, context, batch, sequence state and the KV-cell hooks.
 
 Thin and mechanical, in the spirit of llama-cpp-python's low-level bindings: every method
 maps to a few C calls. Policy, budget and bookkeeping live in `session.py`.
@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import ctypes
 import os
-import signal
-import threading
-import sys
 from dataclasses import dataclass, field
 
 import llama_cpp.llama_cpp as ll
 import numpy as np
 
 from .. import build_info, kvhooks
+from . import llama_log
 
 CACHE_TYPES = {"f32": ll.GGML_TYPE_F32, "f16": ll.GGML_TYPE_F16, "q8_0": ll.GGML_TYPE_Q8_0, "q4_0": ll.GGML_TYPE_Q4_0}
 
@@ -24,54 +22,6 @@ class LlamaError(RuntimeError):
     pass
 
 
-_log_silenced = False
-_last_error: list[str] = []  # llama.cpp's recent error-level log lines
-
-
-def _why() -> str:
-    """': <why llama.cpp refused the model>' from its error lines (consumed), or ''."""
-    msg = next((m for m in _last_error if "error loading model: " in m), _last_error[-1] if _last_error else "")
-    _last_error.clear()
-    return f": {msg.split('error loading model: ', 1)[-1]}" if msg else ""
-# while a Runtime loads, llama.cpp's own lines about where layers and buffers went (placement.py)
-_log_sink: list[str] | None = None
-_PLACEMENT_PREFIXES = (b"load_tensors:", b"llama_kv_cache:", b"llama_kv_cache_iswa:")
-
-
-def _silence_llama_log() -> None:
-    """llama.cpp logs to stderr by default; keep it quiet unless EA_LOCAL_LLAMA_LOG=1 (then it is passed
-    through). The placement lines are kept either way while a Runtime loads."""
-    global _log_silenced, _log_cb
-    if _log_silenced:
-        return
-    echo = os.environ.get("EA_LOCAL_LLAMA_LOG") == "1"
-
-    def _cb_py(level, text, user_data):  # noqa: ANN001
-        if level == 4 and text:  # GGML_LOG_LEVEL_ERROR (ggml.h): why a load failed, for LlamaError's one line
-            _last_error[:] = _last_error[-7:] + [text.decode("utf-8", errors="replace").strip()]
-        if _log_sink is not None and text and text.startswith(_PLACEMENT_PREFIXES):
-            _log_sink.append(text.decode("utf-8", errors="replace"))
-        if echo and text:
-            sys.stderr.write(text.decode("utf-8", errors="replace"))
-        return None
-
-    def _sigint(signum, frame):  # noqa: ANN001
-        # Ctrl-C while llama.cpp is inside this log callback (model load): a KeyboardInterrupt raised there is
-        # printed and dropped by ctypes ("Exception ignored") and the load goes on. Deliver it again shortly.
-        if frame is not None and frame.f_code is _cb_code:
-            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
-            return
-        raise KeyboardInterrupt
-
-    _cb = ll.llama_log_callback(_cb_py)
-    _cb_code = _cb_py.__code__
-    if threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _sigint)
-
-    _log_cb = _cb  # keep a reference: ctypes callbacks must outlive their use
-    ll.llama_log_set(_log_cb, ctypes.c_void_p())
-    _log_silenced = True
 
 
 @dataclass(frozen=True)
@@ -108,27 +58,28 @@ class SharedModel:
 
     llama.cpp allows many contexts on one model; each context has its own KV cache and state."""
 
-    def __init__(self, model_path: str, n_gpu_layers: int | None = None, rpc: tuple[str, ...] = ()):
-        _silence_llama_log()
+    def __init__(self, model_path: str, n_gpu_layers: int | None = None, rpc: tuple[str, ...] = (),
+                 repack: bool | None = None):
+        llama_log.install()
         ll.llama_backend_init()
         mp = ll.llama_model_default_params()
         ngl = _env_int("EA_LOCAL_N_GPU_LAYERS") if n_gpu_layers is None else n_gpu_layers
         mp.n_gpu_layers = ngl if ngl is not None else build_info.default_gpu_layers(bool(rpc))
-        mp.use_extra_bufts = _repack_default()
+        mp.use_extra_bufts = _repack_default() if repack is None else repack
         self.path = model_path
         self.rpc: tuple[str, ...] = ()
         if rpc:
-            from .. import rpc as _rpc
+            from .. import rpc as _rpc  # RpcError (a ValueError) for a bad or unreachable endpoint
 
             endpoints = _rpc.parse_endpoints(rpc)
-            self._devices = _rpc.model_devices(endpoints)
+            self._devices = _rpc.model_devices(endpoints)  # kept alive: llama.cpp reads it at load
             mp.devices = ctypes.cast(self._devices, ctypes.c_void_p)
             self.rpc = endpoints
             _rpc.acquire(endpoints)
         self.ptr = ll.llama_model_load_from_file(model_path.encode(), mp)
         if not self.ptr:
             self.close()
-            raise LlamaError(f"llama.cpp could not load {model_path}{_why()}")
+            raise LlamaError(f"llama.cpp could not load {model_path}{llama_log.load_error()}")
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
@@ -145,37 +96,19 @@ class SharedModel:
 
 
 class Runtime:
+    """One llama.cpp context: its model (loaded here or shared), batches, the KV hooks, the sequence state."""
     def __init__(self, model_path: str, cfg: ContextConfig, cb_eval=None, shared: SharedModel | None = None):
-        global _log_sink
-        _silence_llama_log()
+        llama_log.install()
         ll.llama_backend_init()
-        _log_sink = self.load_log = []  # llama.cpp's placement lines of this load (placement.py reads them)
-        try:
+        with llama_log.placement_lines() as self.load_log:  # where this load put layers (placement.py reads them)
             self._load(model_path, cfg, cb_eval, shared)
-        finally:
-            _log_sink = None
 
     def _load(self, model_path: str, cfg: ContextConfig, cb_eval, shared: SharedModel | None = None) -> None:
         if cfg.cache_type not in CACHE_TYPES:
             raise ValueError(f"unknown cache type {cfg.cache_type!r}; choose from {', '.join(CACHE_TYPES)}")
-        mp = ll.llama_model_default_params()
-        ngl = cfg.n_gpu_layers
-        mp.n_gpu_layers = ngl if ngl is not None else build_info.default_gpu_layers(bool(cfg.rpc))
-        mp.use_extra_bufts = cfg.repack
-        self._rpc: tuple[str, ...] = ()
-        self._shared = shared  # a shared model is freed by its owner, not by this context
-        if cfg.rpc and shared is None:
-            from .. import rpc  # RpcError (a ValueError) for a bad or unreachable endpoint
-
-            endpoints = rpc.parse_endpoints(cfg.rpc)
-            self._devices = rpc.model_devices(endpoints)  # kept alive: llama.cpp reads it at load
-            mp.devices = ctypes.cast(self._devices, ctypes.c_void_p)
-            self._rpc = endpoints
-            rpc.acquire(endpoints)
-        self.model = shared.ptr if shared is not None else ll.llama_model_load_from_file(model_path.encode(), mp)
-        if not self.model:
-            self._release_rpc()
-            raise LlamaError(f"llama.cpp could not load {model_path}{_why()}")
+        # the context's own model unless one is shared (the server's slots): freed by its owner
+        self._own = SharedModel(model_path, cfg.n_gpu_layers, cfg.rpc, cfg.repack) if shared is None else None
+        self.model = (shared or self._own).ptr
         self.vocab = ll.llama_model_get_vocab(self.model)
         cp = ll.llama_context_default_params()
         cp.n_ctx = cfg.n_ctx
@@ -197,10 +130,9 @@ class Runtime:
             cp.cb_eval = cb_eval
         self.ctx = ll.llama_init_from_model(self.model, cp)
         if not self.ctx:
-            if shared is None:
-                ll.llama_model_free(self.model)
             self.model = None
-            self._release_rpc()
+            if self._own is not None:
+                self._own.close()
             raise LlamaError(f"llama.cpp could not create a context (n_ctx={cfg.n_ctx}, cache {cfg.cache_type})")
         self.cfg = cfg
         self.flash_attn = fa
@@ -211,6 +143,21 @@ class Runtime:
         self.n_ctx_train = ll.llama_model_n_ctx_train(self.model)
         self._batch = ll.llama_batch_init(cfg.n_batch, 0, 1)
 
+    # ---- sequence state (snapshots) ----
+    def seq_state(self, seq: int = 0) -> bytes:
+        """llama.cpp's state of one sequence: its cells' K/V and positions (llama_state_seq_get_data)."""
+        n = ll.llama_state_seq_get_size(self.ctx, seq)
+        buf = (ctypes.c_uint8 * n)()
+        got = ll.llama_state_seq_get_data(self.ctx, buf, n, seq)
+        if got != n:
+            raise LlamaError(f"llama.cpp wrote {got} bytes of sequence state, expected {n}")
+        return bytes(buf)
+
+    def set_seq_state(self, data: bytes, seq: int = 0) -> bool:
+        """Put a sequence back as seq_state returned it; False when llama.cpp refuses."""
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        return ll.llama_state_seq_set_data(self.ctx, buf, len(data), seq) != 0
+
     def close(self) -> None:
         if getattr(self, "_batch", None) is not None:
             ll.llama_batch_free(self._batch)
@@ -218,18 +165,9 @@ class Runtime:
         if getattr(self, "ctx", None):
             ll.llama_free(self.ctx)
             self.ctx = None
-        if getattr(self, "model", None):
-            if getattr(self, "_shared", None) is None:
-                ll.llama_model_free(self.model)
-            self.model = None
-        self._release_rpc()
-
-    def _release_rpc(self) -> None:
-        if getattr(self, "_rpc", ()):
-            from .. import rpc
-
-            rpc.release(self._rpc)
-            self._rpc = ()
+        self.model = None
+        if getattr(self, "_own", None) is not None:
+            self._own.close()
 
     def __del__(self) -> None:
         self.close()

@@ -233,6 +233,10 @@ class Session:
         replace(self.cfg, question_weight=w).validate()
         self.cfg.question_weight = w
 
+    def set_statistics(self, window: QueryWindow) -> None:
+        """Replace the statistics window the next compression reads (measurements of its size and span)."""
+        self.queries = window.copy(self.layers)
+
     @property
     def recall_on(self) -> bool:
         """Recall runs: asked for, and the policy evicts without renumbering positions."""

@@ -25,7 +25,6 @@ before each policy x budget trial.
 from __future__ import annotations
 
 import copy
-import ctypes
 import dataclasses
 import hashlib
 import json
@@ -37,7 +36,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import llama_cpp.llama_cpp as ll
 import numpy as np
 
 from ..model.gguf_header import read_header
@@ -103,22 +101,6 @@ def model_identity(path: str, info: Any = None) -> dict:
     return ident
 
 
-# ---- llama.cpp sequence state ----
-
-def seq_state_get(ctx, seq: int = 0) -> bytes:
-    n = ll.llama_state_seq_get_size(ctx, seq)
-    buf = (ctypes.c_uint8 * n)()
-    got = ll.llama_state_seq_get_data(ctx, buf, n, seq)
-    if got != n:
-        raise SnapshotError(f"llama.cpp wrote {got} bytes of sequence state, expected {n}")
-    return bytes(buf)
-
-
-def seq_state_set(ctx, data: bytes, seq: int = 0) -> bool:
-    buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-    return ll.llama_state_seq_set_data(ctx, buf, len(data), seq) != 0
-
-
 # ---- writing ----
 
 def save(s: Session, path: str | os.PathLike[str], extra: dict | None = None) -> int:
@@ -139,7 +121,7 @@ def save(s: Session, path: str | os.PathLike[str], extra: dict | None = None) ->
     for name, win in (("queries", stats_window), ("focus", s.focus), ("before", s.before)):
         sections.append((WINDOW_POS[name], np.asarray(win.pos, dtype=np.int64)))
         sections += [(f"{name}.{il}", np.ascontiguousarray(q, dtype=np.float32)) for il, q in win.q.items()]
-    sections.append(("llama_state", np.frombuffer(seq_state_get(s.rt.ctx, 0), dtype=np.uint8)))
+    sections.append(("llama_state", np.frombuffer(s.rt.seq_state(0), dtype=np.uint8)))
     a = s.archive
     if a is not None and len(a):  # the archive of evicted cells (recall) belongs to the conversation
         sections += [("archive.pos", a.pos), ("archive.rotated_at", a.rotated_at), ("archive.tokens", a.tokens),
@@ -291,14 +273,14 @@ def restore(s: Session, snap: Snapshot) -> None:
         policy = get_policy(cfg["policy"])
     except ValueError as e:
         raise SnapshotError(f"{snap.path}: {e}") from e
-    backup = seq_state_get(s.rt.ctx, 0)
-    ok = seq_state_set(s.rt.ctx, snap.state, 0)
+    backup = s.rt.seq_state(0)
+    ok = s.rt.set_seq_state(snap.state, 0)
     if ok:
         pos, _, _ = s.rt.kv_read(s.info.global_layers[0], keys=False, values=False)
         ok = pos.tolist() == snap.live_pos.tolist()
     if not ok:
         s.rt.seq_rm(0)
-        if not seq_state_set(s.rt.ctx, backup, 0):
+        if not s.rt.set_seq_state(backup, 0):
             s.reset()  # llama.cpp refused its own state back: start clean rather than out of step
             raise SnapshotError(f"{snap.path}: llama.cpp could not restore the cache; the conversation was reset")
         raise SnapshotError(f"{snap.path}: llama.cpp could not restore the cache; the session is unchanged")
@@ -357,7 +339,7 @@ def checkpoint(s: Session) -> Checkpoint:
     """Copy the session's cells and bookkeeping, including the queries captured but not yet pulled."""
     if s.policy.needs_queries and s._n_captured:
         s._pull_queries(keep=s.cfg.stats_window)  # the statistics window belongs to the checkpoint
-    return Checkpoint(seq_state_get(s.rt.ctx, 0), dict(s.live), s.next_pos,
+    return Checkpoint(s.rt.seq_state(0), dict(s.live), s.next_pos,
                       (s.queries.copy(), s.focus.copy(), s.before.copy()), copy.deepcopy(s.transcript),
                       copy.deepcopy(s.stats), s.cfg.budget, s.rt.logits(),
                       s.archive.copy() if s.archive is not None else None, dict(s.recalled_count))
@@ -367,7 +349,7 @@ def rewind(s: Session, cp: Checkpoint) -> None:
     """Put the session back to `cp` (same context; the policy and its options stay as they are now)."""
     s.rt.clear()
     s.rt.capture_clear()
-    if not seq_state_set(s.rt.ctx, cp.state, 0):
+    if not s.rt.set_seq_state(cp.state, 0):
         raise SnapshotError("llama.cpp could not restore the sequence")
     s.live = dict(cp.live)
     s.next_pos = cp.next_pos

@@ -189,7 +189,7 @@ def main() -> None:
                 n_stats = opts.pop("stats", None)
                 s.set_policy(pol, **opts)
                 if n_stats:  # the lever itself: the last n_stats queries of the last chunk as the statistics
-                    s.queries = s.queries.last(n_stats)
+                    s.set_statistics(s.queries.last(n_stats))
                 s.set_one_shot_budget(cells, recent=min(64, cells // 8))
                 t1 = time.perf_counter()
                 s.compress(cells, phase="prefill")

@@ -109,9 +109,9 @@ def passkey_part(model: str, length: int, frac: float, depths: list[float], seed
             rewind(s, snap)
             s.set_policy("expected-attention", **_opts(st))
             if st.get("stats") == "all":
-                s.queries = QueryWindow({il: np.concatenate(qs) for il, qs in every_q.items()}, np.concatenate(every_pos))
+                s.set_statistics(QueryWindow({il: np.concatenate(qs) for il, qs in every_q.items()}, np.concatenate(every_pos)))
             elif st.get("stats"):
-                s.queries = s.queries.last(st["stats"])
+                s.set_statistics(s.queries.last(st["stats"]))
             s.set_one_shot_budget(cells)
             s.compress(cells, phase="prefill")
             kept = sum(1 for p in range(*span) if p in s.live) / (span[1] - span[0])
