@@ -104,10 +104,15 @@ class SessionConfig:
     recall_queries: int = 128  # the message's last queries that score the cells
     recall_redecode: int = 64  # the message's last tokens decoded again once cells came back (their logits)
 
+    @property
+    def min_budget(self) -> int:
+        """The smallest budget that holds the sinks, the recent window and one step of new tokens."""
+        return self.n_sink + self.recent + self.step + 1
+
     def validate(self) -> None:
         if self.budget <= 0:
             raise BudgetError(f"budget must be positive, got {self.budget}")
-        floor = self.n_sink + self.recent + self.step + 1
+        floor = self.min_budget
         if self.budget < floor:
             raise BudgetError(f"budget {self.budget} cannot hold n_sink {self.n_sink} + recent window {self.recent} "
                               f"+ step {self.step}: use at least {floor}")
@@ -306,7 +311,7 @@ class Session:
             for s in range(0, len(tokens), self.cfg.chunk):
                 part = tokens[s:s + self.cfg.chunk]
                 if self.policy.evicts and self.n_cells + len(part) > room:
-                    self.compress(min(self.cfg.budget - self.cfg.step, room - len(part)), phase="prefill")
+                    self.compress(min(self.room_target, room - len(part)), phase="prefill")
                 self._decode(part, focus=turn, new_focus=turn and s == 0)
                 if progress:
                     progress(min(s + len(part), len(tokens)), len(tokens))
@@ -314,12 +319,12 @@ class Session:
             # an interrupted prefill (Ctrl-C, a client gone) still leaves the session within its budget
             if self.policy.evicts and self.n_cells > self.cfg.budget:
                 try:
-                    self.compress(self.cfg.budget - self.cfg.step, phase="prefill")
+                    self.compress(self.room_target, phase="prefill")
                 except Exception:  # noqa: BLE001 - the original error is the one to report
                     pass
             raise
         if self.n_cells > self.cfg.budget:
-            self.compress(self.cfg.budget - self.cfg.step, phase="prefill")
+            self.compress(self.room_target, phase="prefill")
 
     def turn_overflows(self, n_tokens: int) -> bool:
         """True when prefilling n_tokens more would compress before their end: the turn is longer than
@@ -347,7 +352,7 @@ class Session:
         self._decode(tokens, logits_all=True)
         logits = self.rt.all_logits(len(tokens))
         if self.n_cells > self.cfg.budget:
-            self.compress(self.cfg.budget - self.cfg.step, phase="prefill")
+            self.compress(self.room_target, phase="prefill")
         return logits
 
     def _decode(self, tokens: list[int], logits_all: bool = False, focus: bool = False,
@@ -483,6 +488,11 @@ class Session:
         weights = np.concatenate([np.full(mc, (1 - w) / mc), np.full(mf, w / mf)])
         return queries, np.concatenate([self.queries.pos, self.focus.pos]), weights
 
+    @property
+    def room_target(self) -> int:
+        """Cells a compression leaves: the budget less one step, so that the next `step` tokens fit."""
+        return self.cfg.budget - self.cfg.step
+
     def compress(self, target: int, phase: str = "decode") -> int:
         """Evict the lowest-scoring cells so that `target` remain. Returns how many were evicted."""
         n_before = self.n_cells
@@ -605,7 +615,7 @@ class Session:
         live_s = pool_spans(live_pos, scores[:n_live], r)
         arch_s = pool_spans(a.pos, scores[n_live:], r)
         evictable = (live_pos >= self.cfg.n_sink) & (live_pos < min(since, self.next_pos - self.cfg.recent))
-        room = max(0, self.cfg.budget - self.cfg.step - self.n_cells)
+        room = max(0, self.room_target - self.n_cells)
         max_recall = self.cfg.recall_max if self.cfg.recall_max is not None else self.cfg.budget // 4
         back, out = plan_swap(arch_s, live_s, evictable, room, max_recall)
         if not len(back):
@@ -767,7 +777,7 @@ class Session:
                     break
                 self._decode([tok])
                 if self.n_cells > self.cfg.budget:
-                    self.compress(self.cfg.budget - self.cfg.step, phase="decode")
+                    self.compress(self.room_target, phase="decode")
                 piece, stopped = stream.push(self.rt.token_bytes(tok))
                 if piece:
                     yield piece

@@ -14,7 +14,7 @@ import secrets
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import anyio
@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from ..model.chat_template import ChatTemplate, TemplateError
 from ..engine.runtime import LlamaError, Runtime
 from ..engine.sampling import SamplingParams
-from ..engine.session import BudgetError
+from ..engine.session import BudgetError, SessionConfig
 from ..policies import get_policy
 from .errors import APIError, error_response
 from .guard import Guard
@@ -44,7 +44,7 @@ class ServeConfig:
     model_id: str
     budget: int  # the slots' budget: the largest a request may ask for
     policy: str = "expected-attention"
-    min_budget: int = 197  # SessionConfig's floor: n_sink + recent + step + 1
+    min_budget: int = field(default_factory=lambda: SessionConfig().min_budget)  # the engine's floor
     max_tokens: int = 512  # when a request gives none
     max_tokens_limit: int = 32768
     max_prompt_tokens: int = 131072

@@ -54,7 +54,7 @@ def profile(o: BenchOptions, policy: str, cells: int, tick: Tick, step: int | No
         for tok in toks[h:h + o.decode_tokens]:  # the engine's decode loop (Session.generate) minus sampling
             s._decode([tok])
             if s.n_cells > s.cfg.budget:
-                s.compress(s.cfg.budget - s.cfg.step, phase="decode")
+                s.compress(s.room_target, phase="decode")
         t_dec = time.perf_counter() - t0
         points.append({"history": h, "prefilled": h - fed, "prefill_s": t_pre, "prefill_tok_s": (h - fed) / t_pre,
                        "decode_tokens": o.decode_tokens, "decode_s": t_dec, "decode_tok_s": o.decode_tokens / t_dec,
