@@ -104,3 +104,16 @@ def test_appending_reuses_the_buffer_and_keeps_earlier_views():
     c = a.copy()
     c.add([5], [15], _rows([5], layers=(0,)), _digest([5]))
     assert a.pos.tolist() == [2, 3, 4] and c.pos.tolist() == [2, 3, 4, 5]
+
+
+def test_buffers_stay_within_the_bound():
+    """Growing in place never holds more than the bound plus one batch: the host memory the --archive
+    limit promises."""
+    a = Archive((0,), max_tokens=100)
+    for start in range(0, 1000, 30):
+        pos = list(range(start, start + 30))
+        a.add(pos, pos, _rows(pos, layers=(0,)), _digest(pos))
+        assert len(a) <= 100
+        for arr in (a.pos, a.k[0], a.v[0], a.digest[3]):
+            assert len(arr.base if arr.base is not None else arr) <= 100 + 30
+    assert sorted(a.pos.tolist()) == list(range(920, 1020)) and a.dropped == 920  # the oldest go first
