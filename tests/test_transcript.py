@@ -15,3 +15,10 @@ def test_record_renumber_truncate():
     t.record([17], 4)
     t.truncate(2)  # cells at positions >= 2 dropped: the tokens that sit there go too
     assert t.tokens == [10, 11, 12, 13] and t.positions == [0, 1, 1, 1] and len(t) == 4
+
+
+def test_copy_is_independent():
+    t = Transcript([5, 6], [0, 1])
+    c = t.copy()
+    c.record([7], 2)
+    assert t.tokens == [5, 6] and t.positions == [0, 1] and c.tokens == [5, 6, 7] and c.positions == [0, 1, 2]

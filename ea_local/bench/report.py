@@ -157,7 +157,8 @@ def _quality(res: dict, figs: list[str]) -> list[str]:
         body = []
         cols = columns(res)[1:]
         if key == "multi_turn":  # each question also asked with recall of evicted cells (the chat's default)
-            cols += [(p, m) for p in s["policies"] for m in ["question+recall"] if any(r["mode"] == m for r in rows)]
+            if any(r["mode"] == "question+recall" for r in rows):
+                cols += [(p, "question+recall") for p in s["policies"]]
         for p, m in cols:
             body.append([p, m] + [_pct(*accuracy(rows, p, b, m)) for b in s["budgets"]])
         fk, fn = full_accuracy(rows)

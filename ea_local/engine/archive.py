@@ -117,8 +117,8 @@ class Archive:
         return out
 
     def _keep(self, keep: np.ndarray) -> None:
-        self.pos, self.rotated_at = _subset(self.pos, keep), _subset(self.rotated_at, keep)
-        self.tokens, self.recalls, self.stamp = _subset(self.tokens, keep), _subset(self.recalls, keep), _subset(self.stamp, keep)
+        for name in ("pos", "rotated_at", "tokens", "recalls", "stamp"):
+            setattr(self, name, _subset(getattr(self, name), keep))
         for il in list(self.k):
             self.k[il], self.v[il] = _subset(self.k[il], keep), _subset(self.v[il], keep)
         for il in list(self.digest):

@@ -293,9 +293,8 @@ def restore(s: Session, snap: Snapshot) -> None:
     s.live = dict(zip(snap.live_pos.tolist(), snap.live_tok.tolist()))
     s.next_pos = snap.next_pos
     s.queries, s.focus, s.before = (snap.windows[name].copy(s.layers) for name in WINDOW_POS)
-    s.transcript = Transcript()  # what the cache holds: the evicted tokens are not in the file
-    for p, t in sorted(s.live.items()):
-        s.transcript.record([t], p)
+    # what the cache holds: the evicted tokens are not in the file
+    s.transcript = Transcript(snap.live_tok.tolist(), snap.live_pos.tolist())
     st = snap.stats
     s.stats = Stats(tokens_seen=int(st["tokens_seen"]), compactions=int(st["compactions"]),
                     evictions=[Eviction(**e) for e in st["evictions"]], archived=int(st.get("archived", 0)),
@@ -340,7 +339,7 @@ def checkpoint(s: Session) -> Checkpoint:
     if s.policy.needs_queries and s._n_captured:
         s._pull_queries(keep=s.cfg.stats_window)  # the statistics window belongs to the checkpoint
     return Checkpoint(s.rt.seq_state(0), dict(s.live), s.next_pos,
-                      (s.queries.copy(), s.focus.copy(), s.before.copy()), copy.deepcopy(s.transcript),
+                      (s.queries.copy(), s.focus.copy(), s.before.copy()), s.transcript.copy(),
                       copy.deepcopy(s.stats), s.cfg.budget, s.rt.logits(),
                       s.archive.copy() if s.archive is not None else None, dict(s.recalled_count))
 
@@ -354,7 +353,7 @@ def rewind(s: Session, cp: Checkpoint) -> None:
     s.live = dict(cp.live)
     s.next_pos = cp.next_pos
     s.queries, s.focus, s.before = (w.copy() for w in cp.windows)
-    s.transcript = copy.deepcopy(cp.transcript)
+    s.transcript = cp.transcript.copy()
     s._n_captured = 0
     s.stats = copy.deepcopy(cp.stats)
     s.cfg.budget = cp.budget

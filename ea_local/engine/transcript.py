@@ -11,9 +11,12 @@ import bisect
 
 
 class Transcript:
-    def __init__(self) -> None:
-        self.tokens: list[int] = []
-        self.positions: list[int] = []  # never decreasing
+    def __init__(self, tokens: list[int] | None = None, positions: list[int] | None = None) -> None:
+        self.tokens: list[int] = list(tokens or [])
+        self.positions: list[int] = list(positions or [])  # never decreasing
+
+    def copy(self) -> "Transcript":
+        return Transcript(self.tokens, self.positions)
 
     def __len__(self) -> int:
         return len(self.tokens)
