@@ -7,6 +7,7 @@ from ea_local.policies import POLICIES, get_policy
 from ea_local.policies.base import CellView, RopeSpec
 from ea_local.policies.expected_attention import (
     aggregate_scores,
+    cholesky_factor,
     expected_attention_layer,
     expected_logits,
     query_statistics,
@@ -385,14 +386,30 @@ def test_tova_averages_all_heads_of_layer_and_layers():
     np.testing.assert_allclose(get_policy("tova").score(view, aggregate="max"), np.max(per_layer, axis=0), rtol=1e-12)
 
 
-@pytest.mark.parametrize("m", [7, 40])  # fewer queries than head_dim (centred queries as the factor), more (eigh)
-def test_factored_float32_scores_equal_the_float64_covariance_form(m):
-    """The layer's fast path (Σ = PᵀP, keys in float32) gives the scores of the explicit float64 form
+def test_cholesky_factor_takes_singular_and_slightly_indefinite_covariances():
+    """Σ of rank 1, and the same with an eigenvalue of -1e-5 of the largest (float32 rounding does
+    that): L Lᵀ - δ I gives Σ back, δ is small next to Σ's scale, and a non-finite Σ is refused."""
+    u = np.random.default_rng(0).normal(size=(16, 1))
+    low = u @ u.T
+    v = np.linalg.eigh(low)[1][:, 0]
+    for cov in (low, low - 1e-5 * np.trace(low) * np.outer(v, v)):
+        lower, delta = cholesky_factor(cov[None])
+        np.testing.assert_allclose(lower[0] @ lower[0].T - delta[0] * np.eye(16), cov, atol=1e-4 * np.trace(low))
+        assert np.allclose(lower[0], np.tril(lower[0])) and 0 < delta[0] <= 1e-2 * np.trace(low) / 16
+    with pytest.raises(ValueError):
+        cholesky_factor(np.full((1, 4, 4), np.nan))
+
+
+@pytest.mark.parametrize("m, rank", [(7, 32), (40, 32), (40, 5), (40, 0)])
+def test_factored_float32_scores_equal_the_float64_covariance_form(m, rank):
+    """The layer's fast path (keys in float32; centred queries as the factor when m ≤ d, a blocked
+    Cholesky factor of Σ' when m > d, singular Σ included) gives the scores of the explicit float64 form
     z = s μ'·k + ½ s² kᵀ(R̄ΣR̄ᵀ)k, GQA groups of 3 query heads per KV head included."""
-    rng = np.random.default_rng(m)
+    rng = np.random.default_rng(m + rank)
     d, n_head, n_kv, n = 32, 6, 2, 300
     spec = RopeSpec(d, 10000.0, 1.0, False)
-    q = rng.normal(size=(m, n_head, d)) * 2.0 + rng.normal(size=(1, n_head, d))
+    spread = rng.normal(size=(m, n_head, rank)) @ rng.normal(size=(rank, d))  # Σ of rank `rank` per head
+    q = spread * 2.0 + rng.normal(size=(1, n_head, d))
     keys = rng.normal(size=(n, n_kv, d)) * 1.5
     w = rng.uniform(0.5, 2.0, size=m)
     got = expected_attention_layer(q, keys, None, spec, 900, n_future_positions=64, use_vnorm=False, weights=w)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from ea_local.policies.base import RopeSpec
-from ea_local.model.rope import apply_rope, mean_rotation, theta
+from ea_local.model.rope import apply_rope, mean_rotate, mean_rotation, theta
 
 LAYOUTS = [pytest.param(False, id="norm"), pytest.param(True, id="neox")]
 
@@ -64,6 +64,10 @@ def test_mean_rotation_equals_explicit_mean(neox, d, base, scale, p0, n_future):
     q = np.random.default_rng(2).normal(size=d)
     rotated = apply_rope(np.tile(q, (n_future, 1)), p0 + np.arange(n_future), spec)
     np.testing.assert_allclose(r @ q, rotated.mean(axis=0), atol=1e-11)
+    x = np.random.default_rng(3).normal(size=(5, 2, d + 4))  # rows of heads, 4 unrotated dims past n_dims
+    np.testing.assert_allclose(mean_rotate(x, spec, p0, n_future), x @ mean_rotation(spec, p0, n_future, d + 4).T,
+                               atol=1e-11)
+    assert mean_rotate(x.astype(np.float32), spec, p0, n_future).dtype == np.float32
 
 
 def test_mean_rotation_layouts_differ_and_single_position_is_rotation():

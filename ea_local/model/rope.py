@@ -144,3 +144,20 @@ def mean_rotation(spec: RopeSpec, p0: int, n_future: int, head_dim: int | None =
     r[a, b] = -s
     r[b, a] = s
     return r
+
+
+def mean_rotate(x: np.ndarray, spec: RopeSpec, p0: int, n_future: int) -> np.ndarray:
+    """R̄ x over the last axis (d >= n_dims), the same as ``x @ mean_rotation(...).T`` in O(d) per row
+    instead of a d×d product; keeps x's float dtype."""
+    x = np.asarray(x)
+    if x.shape[-1] < spec.n_dims:
+        raise ValueError(f"last dimension {x.shape[-1]} < n_dims {spec.n_dims}")
+    dt = x.dtype if x.dtype in (np.float32, np.float64) else np.float64
+    c, s = (v.astype(dt) for v in mean_cos_sin(spec, p0, n_future))
+    half = spec.n_dims // 2  # the pairs of ``pair_indices`` as strided views: no gather
+    a, b = (slice(0, half), slice(half, spec.n_dims)) if spec.neox else (slice(0, spec.n_dims, 2), slice(1, spec.n_dims, 2))
+    out = x.astype(dt, copy=True)
+    xa, xb = x[..., a], x[..., b]
+    out[..., a] = xa * c - xb * s
+    out[..., b] = xa * s + xb * c
+    return out

@@ -29,7 +29,7 @@ import numpy as np
 
 from ea_local.policies.base import CellView, Policy, RopeSpec
 from ea_local.policies.common import aggregate_scores, kv_group, pool1d, softmax, use_layers
-from ea_local.model.rope import mean_rotation
+from ea_local.model.rope import mean_rotate
 
 
 def query_statistics(q: np.ndarray, use_covariance: bool = True, weights: np.ndarray | None = None,
@@ -74,7 +74,7 @@ def query_factor(q: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.n
 
     With m ≤ d queries, M (n_head, m, d) is the weighted, centred queries, a factor of the
     covariance (Σ_h = M_hᵀ M_h, so kᵀΣk = ‖M k‖², m columns instead of d); with more, M = Σ
-    itself (n_head, d, d). Either way the scoring is one GEMM of at most d columns per head.
+    itself (n_head, d, d), which ``expected_logits_fast`` factors (Cholesky) into at most d columns.
     float32 throughout, as the scoring GEMM: the scores only rank cells, and float64 statistics of a
     512-query window cost as much as the GEMM (measured: z within 1e-5 of the float64 statistics')."""
     q = np.asarray(q, dtype=np.float32)
@@ -87,36 +87,69 @@ def query_factor(q: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.n
     return mu, ((q - mu) * np.sqrt(w).astype(np.float32)[:, None, None]).transpose(1, 0, 2), True
 
 
-def rotate_cov(cov: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """R Σ_h Rᵀ for every head of a symmetric cov (n_head, d, d), as two flat GEMMs."""
-    h, d, _ = cov.shape
-    y = (cov.reshape(h * d, d) @ r.T).reshape(h, d, d)  # Σ_h Rᵀ
-    return (y.transpose(0, 2, 1).reshape(h * d, d) @ r.T).reshape(h, d, d)  # (Σ_h Rᵀ)ᵀ Rᵀ = R Σ_h Rᵀ
+def cholesky_factor(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Lower-triangular L_h (float32) with L_h L_hᵀ = Σ_h + δ_h I, and δ (n_head,), for symmetric PSD cov.
+
+    The jitter δ_h (from 1e-6 of Σ_h's mean eigenvalue, ×10 while float32 rounding leaves Σ a little
+    indefinite) makes a singular Σ factorable (a window that never used a direction, RoPE's averaging
+    shrinking a pair to nothing); kᵀΣk = ‖L_hᵀk‖² − δ_h‖k‖² stays exact."""
+    c = cov.astype(np.float64)
+    if not np.isfinite(c).all():
+        raise ValueError("query covariance is not finite (non-finite queries)")
+    d = c.shape[-1]
+    base = np.maximum(np.trace(c, axis1=1, axis2=2) / d, np.finfo(np.float32).tiny)
+    for rel in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2):
+        delta = rel * base
+        try:
+            return np.linalg.cholesky(c + delta[:, None, None] * np.eye(d)).astype(np.float32), delta
+        except np.linalg.LinAlgError:
+            continue
+    raise ValueError("query covariance is not positive semi-definite")
 
 
 def expected_logits_fast(mu: np.ndarray, op: np.ndarray | None, factored: bool, keys: np.ndarray,
-                         scale: float) -> np.ndarray:
+                         scale: float, block: int = 32, chunk: int = 2048) -> np.ndarray:
     """z (n_head, n) = s μ'·k + ½ s² kᵀΣ'k, the same z as ``expected_logits``, with the rotated operand
     of ``query_factor`` (op None: no covariance term).
 
-    keys (n, n_kv_head, d) float32: one GEMM per KV group against its heads' μ' and operand stacked,
-    in float32 (the scores only rank cells; float64 doubles the time of the largest product)."""
+    keys (n, n_kv_head, d) float32, in float32 (the scores only rank cells; float64 doubles the time of
+    the largest product). A factor M: kᵀΣ'k = ‖M k‖², one GEMM per KV group against its heads' μ' and
+    factors stacked. A full Σ': kᵀΣ'k = ‖Lᵀk‖² with L its Cholesky factor; L is lower-triangular, so
+    column block b of k L needs only k's columns from b on. In blocks of ``block`` columns that is
+    (nb + 1) / 2nb of the dense product's flops (56% at d = 256), with every product a plain GEMM;
+    ``chunk`` cells at a time keep each block's product in cache for the sum of squares."""
     n_head, d = mu.shape
-    n_kv = keys.shape[1]
+    n_kv, n = keys.shape[1], keys.shape[0]
     g = kv_group(n_head, n_kv)
-    c = 0 if op is None else op.shape[1]
-    z = np.empty((n_head, keys.shape[0]))
+    z = np.empty((n_head, n))
+    if op is not None and not factored:
+        chol, delta = cholesky_factor(op)
     for j in range(n_kv):
         heads = slice(j * g, (j + 1) * g)
         k = keys[:, j, :]
-        cols = [mu[heads].T] if op is None else [mu[heads].T, op[heads].reshape(g * c, d).T]
-        y = k @ np.concatenate(cols, axis=1).astype(np.float32)  # (n, g + g c)
-        z[heads] = scale * y[:, :g].T
-        if op is not None:
-            yq = y[:, g:].reshape(-1, g, c)
-            # factor: ‖M k‖²; covariance (symmetric): k·(Σ k)
-            quad = np.einsum("ngc,ngc->gn", yq, yq) if factored else np.einsum("ngc,nc->gn", yq, k)
-            z[heads] += 0.5 * scale**2 * quad
+        mean_cols = mu[heads].T.astype(np.float32)
+        if op is None:
+            z[heads] = scale * (k @ mean_cols).T
+            continue
+        if factored:  # (row offset, operand): μ' with the first block, then the quadratic term's blocks
+            blocks = [(0, np.concatenate([mean_cols, op[heads].reshape(g * op.shape[1], d).T.astype(np.float32)], 1))]
+        else:
+            lower = chol[heads]  # (g, d, d)
+            blocks = [(lo, lower[:, lo:, lo:lo + block].transpose(1, 0, 2).reshape(d - lo, -1)) for lo in range(0, d, block)]
+            blocks[0] = (0, np.concatenate([mean_cols, blocks[0][1]], axis=1))
+        quad = np.zeros((g, n), dtype=np.float32)
+        for c0 in range(0, n, chunk):
+            kc, part = k[c0:c0 + chunk], slice(c0, c0 + chunk)
+            for lo, o in blocks:
+                y = kc[:, lo:] @ o
+                if lo == 0:
+                    z[heads, part] = scale * y[:, :g].T
+                    y = y[:, g:]
+                y = y.reshape(y.shape[0], g, -1)
+                quad[:, part] += np.einsum("ngc,ngc->gn", y, y)
+        if not factored:
+            quad -= delta[heads, None].astype(np.float32) * np.einsum("nc,nc->n", k, k)[None, :]
+        z[heads] += 0.5 * scale**2 * quad
     return z
 
 
@@ -142,14 +175,12 @@ def expected_attention_layer(
     keys = np.ascontiguousarray(keys, dtype=np.float32)
     d = keys.shape[-1]
     s = 1.0 / np.sqrt(d) if scale is None else float(scale)
+    # statistics of the rotated queries R̄q are μ' = R̄μ and Σ' = R̄ΣR̄ᵀ; rotating the m queries is O(m d)
+    queries = mean_rotate(np.asarray(queries, dtype=np.float32), rope, next_pos, n_future_positions)
     if use_covariance:
         mu, op, factored = query_factor(queries, weights)
     else:
         (mu, op), factored = query_statistics(queries, False, weights), False
-    r = mean_rotation(rope, next_pos, n_future_positions, head_dim=d).astype(mu.dtype)
-    mu = mu @ r.T
-    if op is not None:  # Σ' = R̄ Σ R̄ᵀ; for a factor, (M R̄ᵀ)ᵀ (M R̄ᵀ)
-        op = op @ r.T if factored else rotate_cov(op, r)
     a = softmax(expected_logits_fast(mu, op, factored, keys, s), axis=-1)  # (n_head, n)
     n_kv = keys.shape[1]
     a = a.reshape(n_kv, -1, keys.shape[0]).mean(axis=1)  # heads j*g .. j*g+g-1 -> KV head j
@@ -213,17 +244,20 @@ def score(
         if not chosen:
             raise ValueError("the view has no layer with keys, queries, rope and values")
     positions = np.asarray(view.positions)
-    scored = np.ones(positions.shape[0], dtype=bool) if sinks_in_softmax else positions >= n_sink
+    sinks = np.zeros(positions.shape[0], dtype=bool) if sinks_in_softmax else positions < n_sink
+    k0 = int(sinks.sum())
+    # cells come in position order, so the sinks are first: a slice, not a copy of every layer's keys
+    scored = slice(k0, None) if not sinks[k0:].any() else ~sinks
     per_layer = []
     for l in chosen:
         q, w = _stat_queries(view, l, n_sink)
         rest = np.zeros((view.keys[l].shape[1], positions.shape[0]))
-        if scored.any():
+        if not sinks.all():
             rest[:, scored] = expected_attention_layer(
                 q, np.asarray(view.keys[l])[scored], view.vnorms(l)[scored] if use_vnorm else None,
                 view.rope[l], view.next_pos, n_future_positions=n_future_positions, use_covariance=use_covariance,
                 use_vnorm=use_vnorm, epsilon=epsilon, scale=view.attn_scale, weights=w)
-        rest[:, ~scored] = rest.max(axis=1, keepdims=True) + 1.0
+        rest[:, sinks] = rest.max(axis=1, keepdims=True) + 1.0
         per_layer.append(rest)
     scores = aggregate_scores(per_layer, aggregate, evictable=positions >= n_sink)
     return scores if kernel_size == 1 else pool1d(scores, kernel_size, "max")
