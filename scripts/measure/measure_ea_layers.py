@@ -50,6 +50,8 @@ def settings(glob: list[int], only: set[str]) -> dict[str, tuple[str, dict]]:
     for n, ls in ((8, l8), (15, l15), (len(glob), glob)):
         out[f"ea {n} union stats 128"] = ("expected-attention", {"layers": ls, "stats": 128})
         out[f"ea {n} union eps 0.02"] = ("expected-attention", {"layers": ls, "epsilon": 0.02})  # kvpress' default
+    for nf in (1, 16, 64):  # RoPE averaged over fewer coming positions (kvpress: 512, the default)
+        out[f"ea 8 union future {nf}"] = ("expected-attention", {"layers": l8, "n_future_positions": nf})
     for n, ls in ((8, l8), (len(glob), glob)):
         for pol in ("tova", "snapkv"):
             out[f"{pol} {n}"] = (pol, {"layers": ls})
