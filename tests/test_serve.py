@@ -485,11 +485,12 @@ def test_cut_then_feed_equals_fresh_feed(tmp_path, arch):
 
 # ---- hardening: fuzz and concurrent load, short versions of scripts/bench/fuzz_server.py ----
 
-def test_fuzz_then_concurrent_load_no_leaks(tiny):
+def test_fuzz_then_concurrent_load_no_leaks(tiny, monkeypatch):
     import importlib.util
 
     from .serve_helpers import ROOT
 
+    monkeypatch.syspath_prepend(str(ROOT / "scripts" / "bench"))  # its sibling serve_process.py, as when run
     spec = importlib.util.spec_from_file_location("fuzz_server", ROOT / "scripts" / "bench" / "fuzz_server.py")
     fz = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fz)

@@ -99,14 +99,10 @@ def describe(info, rpc: tuple[str, ...], n_gpu_layers: int | None, n_ctx: int, c
         if rpc:
             from ..ggml_registry import fn
 
-            for d in rpc_device_list(rt):
+            for d in rt.loaded.rpc_devices:
                 devices[fn("ggml_backend_dev_name")(d).decode()] = fn("ggml_backend_dev_description")(d).decode()
         head = f"context: {rt.n_ctx} cells, KV {cache_type}" + (f", RPC: {', '.join(rpc)}" if rpc else "")
         return head + "\n" + format_placement(parse(rt.load_log), rt.n_layer, devices)
     finally:
         rt.close()
 
-
-def rpc_device_list(rt) -> list[int]:
-    devs = getattr(rt._own, "_devices", None) if rt._own is not None else None
-    return [d for d in devs if d] if devs is not None else []

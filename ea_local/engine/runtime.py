@@ -68,6 +68,7 @@ class SharedModel:
         mp.use_extra_bufts = _repack_default() if repack is None else repack
         self.path = model_path
         self.rpc: tuple[str, ...] = ()
+        self._devices = None
         if rpc:
             from .. import rpc as _rpc  # RpcError (a ValueError) for a bad or unreachable endpoint
 
@@ -80,6 +81,11 @@ class SharedModel:
         if not self.ptr:
             self.close()
             raise LlamaError(f"llama.cpp could not load {model_path}{llama_log.load_error()}")
+
+    @property
+    def rpc_devices(self) -> list[int]:
+        """The ggml devices (RPC servers first, then local GPUs) the model was loaded onto; [] without RPC."""
+        return [d for d in self._devices if d] if self._devices is not None else []
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
@@ -108,7 +114,8 @@ class Runtime:
             raise ValueError(f"unknown cache type {cfg.cache_type!r}; choose from {', '.join(CACHE_TYPES)}")
         # the context's own model unless one is shared (the server's slots): freed by its owner
         self._own = SharedModel(model_path, cfg.n_gpu_layers, cfg.rpc, cfg.repack) if shared is None else None
-        self.model = (shared or self._own).ptr
+        self.loaded = shared or self._own
+        self.model = self.loaded.ptr
         self.vocab = ll.llama_model_get_vocab(self.model)
         cp = ll.llama_context_default_params()
         cp.n_ctx = cfg.n_ctx

@@ -14,23 +14,16 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import random
 import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import httpx
 
-# `ea-local serve` in a child process, as the tests start it (tests/ is not installed: loaded from its file)
-_spec = importlib.util.spec_from_file_location("serve_helpers",
-                                               Path(__file__).resolve().parents[2] / "tests" / "serve_helpers.py")
-_serve_helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_serve_helpers)
-ServerProcess = _serve_helpers.ServerProcess
+from serve_process import ServerProcess  # this folder: run as a script
 
 KEY = "fuzz-key-7f3a"
 AUTH = {"Authorization": f"Bearer {KEY}"}

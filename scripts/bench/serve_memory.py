@@ -5,15 +5,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 
-# `ea-local serve` in a child process, as the tests start it (tests/ is not installed: loaded from its file)
-_spec = importlib.util.spec_from_file_location("serve_helpers",
-                                               Path(__file__).resolve().parents[2] / "tests" / "serve_helpers.py")
-_serve_helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_serve_helpers)
-ServerProcess = _serve_helpers.ServerProcess
+from serve_process import ServerProcess  # this folder: run as a script
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ digits appear in the 8-token answer. Prints found/n per policy with a Wilson 95%
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import random
@@ -23,12 +22,7 @@ from pathlib import Path
 from ea_local.engine.runtime import ContextConfig, Runtime  # ea_local first: libllama before numpy
 from ea_local.model.embedded import resolve_model
 
-# `ea-local serve` in a child process, as the tests start it (tests/ is not installed: loaded from its file)
-_spec = importlib.util.spec_from_file_location("serve_helpers",
-                                               Path(__file__).resolve().parents[2] / "tests" / "serve_helpers.py")
-_serve_helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_serve_helpers)
-ServerProcess = _serve_helpers.ServerProcess
+from serve_process import ServerProcess  # this folder: run as a script
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 PROSE = Path("/usr/share/common-licenses/MPL-2.0")  # real English prose no setting was tuned on

@@ -9,7 +9,6 @@ median time from sending a follow-up to its first streamed token.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import time
@@ -17,12 +16,7 @@ from pathlib import Path
 
 import httpx
 
-# `ea-local serve` in a child process, as the tests start it (tests/ is not installed: loaded from its file)
-_spec = importlib.util.spec_from_file_location("serve_helpers",
-                                               Path(__file__).resolve().parents[2] / "tests" / "serve_helpers.py")
-_serve_helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_serve_helpers)
-ServerProcess = _serve_helpers.ServerProcess
+from serve_process import ServerProcess  # this folder: run as a script
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
 FOLLOWUPS = ["Summarize that in one sentence.", "Who is it written for?", "What does it say about patents?",
