@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import time
 from pathlib import Path
 
 from ea_local.engine.runtime import ContextConfig, Runtime  # ea_local first: libllama before numpy
+from ea_local.bench.stats import wilson
 from ea_local.model.embedded import resolve_model
 
 from serve_process import ServerProcess  # this folder: run as a script
@@ -28,17 +28,6 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 PROSE = Path("/usr/share/common-licenses/MPL-2.0")  # real English prose no setting was tuned on
 INTRO = "There is important info hidden inside a lot of irrelevant text. Find it and memorize it. "
 QUESTION = "\n\nWhat is the pass key? The pass key is"
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials (Wilson 1927)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return max(0.0, c - h), min(1.0, c + h)
 
 
 def haystack(rt: Runtime, kind: str, n_tokens: int) -> list[str]:

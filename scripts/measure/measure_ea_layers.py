@@ -27,6 +27,7 @@ from ea_local.engine.snapshot import checkpoint, rewind  # noqa: E402  (ea_local
 from ea_local.bench.suites.common import ask  # noqa: E402
 from ea_local.bench.data import passkey_prompt  # noqa: E402
 from ea_local.bench.suites.quality import _prose_tokens  # noqa: E402
+from ea_local.bench.stats import wilson  # noqa: E402
 from ea_local.engine.session import Session, SessionConfig  # noqa: E402
 from ea_local.model.embedded import resolve_model  # noqa: E402
 import numpy as np  # noqa: E402
@@ -58,16 +59,6 @@ def settings(glob: list[int], only: set[str]) -> dict[str, tuple[str, dict]]:
     out["knorm"] = ("knorm", {"layers": l8})
     out["streaming-llm"] = ("streaming-llm", {})
     return {k: v for k, v in out.items() if not only or k in only}
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of k successes in n trials (Wilson 1927)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def load(paths: list[Path]) -> list[dict]:
