@@ -97,8 +97,13 @@ def apply_rope(x: np.ndarray, positions, spec: RopeSpec) -> np.ndarray:
     pos = np.asarray(positions, dtype=np.float64)
     ang = pos[..., None] * theta(spec)  # (n, n_dims/2) or (n_dims/2,)
     m = magnitude(spec)
-    cos, sin = m * np.cos(ang), m * np.sin(ang)
-    a, b = pair_indices(spec)
+    return _rotate_pairs(x, m * np.cos(ang), m * np.sin(ang), spec)
+
+
+def _rotate_pairs(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, spec: RopeSpec) -> np.ndarray:
+    """A copy of x with every pair (a, b) of the spec's layout turned by (cos, sin); dims past n_dims kept."""
+    half = spec.n_dims // 2  # the pairs of ``pair_indices`` as strided views: no gather
+    a, b = (slice(0, half), slice(half, spec.n_dims)) if spec.neox else (slice(0, spec.n_dims, 2), slice(1, spec.n_dims, 2))
     xa, xb = x[..., a], x[..., b]
     out = x.copy()
     out[..., a] = xa * cos - xb * sin
@@ -154,10 +159,4 @@ def mean_rotate(x: np.ndarray, spec: RopeSpec, p0: int, n_future: int) -> np.nda
         raise ValueError(f"last dimension {x.shape[-1]} < n_dims {spec.n_dims}")
     dt = x.dtype if x.dtype in (np.float32, np.float64) else np.float64
     c, s = (v.astype(dt) for v in mean_cos_sin(spec, p0, n_future))
-    half = spec.n_dims // 2  # the pairs of ``pair_indices`` as strided views: no gather
-    a, b = (slice(0, half), slice(half, spec.n_dims)) if spec.neox else (slice(0, spec.n_dims, 2), slice(1, spec.n_dims, 2))
-    out = x.astype(dt, copy=True)
-    xa, xb = x[..., a], x[..., b]
-    out[..., a] = xa * c - xb * s
-    out[..., b] = xa * s + xb * c
-    return out
+    return _rotate_pairs(x.astype(dt, copy=False), c, s, spec)
