@@ -37,4 +37,3 @@ class Transcript:
         k = bisect.bisect_left(self.positions, pos)
         del self.tokens[k:]
         del self.positions[k:]
-
