@@ -364,7 +364,7 @@ def bench(
                                                     "cell, 20 documents per task, 32k scored tokens); flags given "
                                                     "after it override its sizes"),
     seeds: Optional[int] = typer.Option(None, help="pass keys per (length, depth, haystack)"),
-    ppl_docs: Optional[int] = typer.Option(None, "--ppl-docs", help="perplexity windows, from different documents"),
+    ppl_docs: Optional[int] = typer.Option(None, "--ppl-docs", help="perplexity windows, cut one after another from the text set"),
     texts: str = typer.Option("reporting", help="real-text set for prose and perplexity: reporting or tuning "
                                                 "(disjoint; settings are chosen on tuning)"),
     estimate_only: bool = typer.Option(False, "--estimate-only", help="calibrate, print the estimated time, exit"),

@@ -145,3 +145,21 @@ def test_new_bad_flags_are_one_line_exit_2(args, msg, tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and msg in lines[0], r.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("model", ["gemma3-270m", "smollm2-135m"])
+def test_report_preset_perplexity_windows_exist(model):
+    """The preset's 16 windows of 4k tokens are cut in a row from the reporting texts on each
+    embedded model's tokenizer; every window is BOS + 4,096 tokens and they do not overlap."""
+    from ea_local.bench.suites.quality import ppl_windows
+    from ea_local.model.embedded import resolve_model
+
+    o = report_sizes(BenchOptions(model=str(resolve_model(model)), out="o", suites=["all"],
+                                  policies=["expected-attention"], budgets=parse_budgets("50%")))
+    wins = ppl_windows(o)
+    assert len(wins) == o.ppl_docs == 16
+    assert all(len(t) == o.ppl_tokens + 1 for _, t in wins)
+    assert wins[0][0] == "license:GPL-3" and " + " in wins[1][0]  # GPL-3 is 7.6k tokens: the second window crosses
+    assert wins[0][1][1:] != wins[1][1][1:]
+    docs = {d for name, _ in wins for d in name.split(" + ")}
+    assert len(docs) >= 8

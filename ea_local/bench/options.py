@@ -152,7 +152,7 @@ class BenchOptions:
     haystacks: list[str] | None = None  # several of them (None: [haystack]); trials are made in each
     texts: str = "reporting"  # which real text set (bench/corpus.py) the prose haystack and perplexity read
     seeds: int = 1  # pass keys per (length, depth, haystack): different keys and, in prose, different documents
-    ppl_docs: int = 1  # perplexity windows of ppl_tokens tokens, from different documents where they suffice
+    ppl_docs: int = 1  # perplexity windows of ppl_tokens tokens, cut in a row from the text set
     multikey_keys: int = 4  # needles per multi-key document (the others are its distractors)
     vt_hops: int = 4  # variable tracking: assignments per chain
     vt_chains: int = 2  # variable tracking: chains per document
@@ -198,7 +198,7 @@ def report_sizes(o: BenchOptions) -> BenchOptions:
     """`--preset report`: enough trials for intervals that can tell policies apart. Pass key: 5 depths
     x 3 keys x 2 haystacks = 30 trials per (length, budget, mode); multi-key needle and variable
     tracking: 10 documents per haystack, 20 in all; budgets 25% and 12.5%; perplexity: 16 windows
-    of 4k tokens from the reporting texts, 2,048 scored each (32,768 scored tokens). Task variants:
+    of 4k tokens cut in a row from the reporting texts (65k of their 80k tokens), 2,048 scored each (32,768 scored tokens). Task variants:
     docs/bench-report.md has the full cache's accuracy on each; multi-turn recall streams one pass
     per configuration and is left out."""
     o.suites = ["passkey", "perplexity", "multikey", "variable_tracking"]

@@ -225,9 +225,9 @@ def _perplexity(res: dict) -> list[str]:
     wins = full.get("windows") or []
     _, counts, unit = ppl_units(full)
     if len(wins) >= 2:
-        docs = sorted({w["doc"].split(" #")[0] for w in wins})
-        what = (f"{len(wins)} windows of {full['n_tokens']} tokens from {len(docs)} documents of the "
-                f"{s.get('texts', 'reporting')} texts, each streamed through the budget in 256-token chunks "
+        docs = {d for w in wins for d in w["doc"].split(" + ")}
+        what = (f"{len(wins)} consecutive windows of {full['n_tokens']} tokens covering {len(docs)} documents of "
+                f"the {s.get('texts', 'reporting')} texts read in a row, each streamed through the budget in 256-token chunks "
                 f"(compression after every chunk over budget); mean NLL of each window's tokens "
                 f"{full['eval_from']}–{full['n_tokens'] - 1}, {sum(counts):,} scored tokens in all")
     else:

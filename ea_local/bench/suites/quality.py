@@ -210,30 +210,25 @@ def multi_turn(o: BenchOptions, tick: Tick) -> list[dict]:
 
 
 def ppl_windows(o: BenchOptions) -> list[tuple[str, list[int]]]:
-    """(document, BOS + ppl_tokens tokens) windows of the text set. One window: the set's documents
-    read in a row (GPL-3, then GPL-2, ... for the reporting set). More: each document's first window,
-    then each document's second one, and so on, so the windows come from as many documents as the
-    set has long enough."""
+    """ppl_docs windows of BOS + ppl_tokens tokens, cut one after another from the text set's documents
+    read in a row (GPL-3, then GPL-2, ... for the reporting set), so a window may span two documents
+    (as wikitext perplexity spans articles). Each window is labelled with the documents it covers."""
     n = o.ppl_tokens
     rt = Runtime(o.model, ContextConfig(n_ctx=64, n_gpu_layers=0))
     try:
         bos = [rt.bos()] if rt.add_bos() else []
-        if o.ppl_docs == 1:
-            toks = bos + rt.tokenize(corpus.text(o.texts), add_bos=False, special=False)
-            if len(toks) <= n:
-                raise ValueError(f"the {o.texts} texts have only {len(toks)} tokens, need {n + 1}")
-            return [(f"{o.texts} texts in a row", toks[:n + 1])]
         per_doc = [(d.name, rt.tokenize(d.text, add_bos=False, special=False)) for d in corpus.documents(o.texts)]
     finally:
         rt.close()
-    out: list[tuple[str, list[int]]] = []
+    toks = [t for _, ts in per_doc for t in ts]
+    owner = [name for name, ts in per_doc for _ in ts]
     body = n + 1 - len(bos)
-    for j in range(max((len(t) // body for _, t in per_doc), default=0)):
-        for name, toks in per_doc:
-            if len(toks) >= (j + 1) * body and len(out) < o.ppl_docs:
-                out.append((f"{name} #{j + 1}" if j else name, bos + toks[j * body:(j + 1) * body]))
-    if len(out) < o.ppl_docs:
-        raise ValueError(f"the {o.texts} texts give only {len(out)} windows of {n} tokens, need {o.ppl_docs}")
+    if len(toks) < o.ppl_docs * body:
+        raise ValueError(f"the {o.texts} texts have {len(toks):,} tokens, fewer than {o.ppl_docs} windows of {n}")
+    out = []
+    for j in range(o.ppl_docs):
+        span = slice(j * body, (j + 1) * body)
+        out.append((" + ".join(dict.fromkeys(owner[span])), bos + toks[span]))
     return out
 
 
