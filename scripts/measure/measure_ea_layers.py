@@ -31,6 +31,7 @@ from ea_local.bench.stats import wilson  # noqa: E402
 from ea_local.engine.session import Session, SessionConfig  # noqa: E402
 from ea_local.model.embedded import resolve_model  # noqa: E402
 import numpy as np  # noqa: E402
+from rows import jsonl_emitter  # noqa: E402  (scripts/measure/rows.py)
 
 
 def spaced(layers: list[int], n: int) -> list[int]:
@@ -148,14 +149,7 @@ def main() -> None:
         ap.error("--out is required to measure")
     model = str(resolve_model(a.model))
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-
-    def emit(row: dict) -> None:
-        row["seconds"] = round(time.time() - t0, 1)
-        line = json.dumps(row)
-        print(line, flush=True)
-        with a.out.open("a") as f:
-            f.write(line + "\n")
+    emit = jsonl_emitter(a.out)
 
     s = Session(model, SessionConfig(budget=a.length + 256, chunk=512, n_threads=a.threads, seed=a.seed,
                                      max_score_layers=10_000))

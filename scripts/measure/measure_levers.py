@@ -14,9 +14,7 @@ aggregate="mean" plus the one change its name says.
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import time
 from pathlib import Path
 
 from ea_local.bench.quality import as_dict, perplexity  # ea_local first: libllama before numpy
@@ -29,6 +27,7 @@ from ea_local.engine.windows import QueryWindow
 from ea_local.model.info import read_model_info
 from ea_local.model.embedded import default_model_path
 import numpy as np
+from rows import jsonl_emitter  # scripts/measure/rows.py
 
 # name -> Session settings (recent, prefill_stats) and EA options; "policy" swaps in a baseline
 PPL_SETTINGS = {
@@ -138,14 +137,7 @@ def main() -> None:
     model = str(default_model_path())
     only = {x.strip() for x in a.only.split(",") if x.strip()}
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-
-    def emit(row: dict) -> None:
-        row["seconds"] = round(time.time() - t0, 1)
-        line = json.dumps(row)
-        print(line, flush=True)
-        with a.out.open("a") as f:
-            f.write(line + "\n")
+    emit = jsonl_emitter(a.out)
 
     if a.part in ("ppl", "all"):
         ppl_part(model, a.ppl_tokens, [float(f) for f in a.fracs.split(",")], a.threads, emit, only, a.ppl_text)

@@ -108,6 +108,8 @@ def main() -> None:
     ap.add_argument("--scoring", choices=["share", "expected"], default="share",
                     help="recall's scoring: the exact largest attention share (the engine's), or Expected Attention "
                          "with the message's own statistics (compared in docs/recall.md)")
+    ap.add_argument("--question-weight", type=float, default=None,
+                    help="share of Expected Attention's statistics from the newest message (default: SessionConfig's)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--table", nargs="+", default=None, metavar="JSON", help="print the table of saved rows")
     args = ap.parse_args()
@@ -146,6 +148,8 @@ def main() -> None:
             cfg = session_cfg(o, cells, "streaming-llm" if pol == "full" else pol, chunk=min(256, max(32, cells // 2)))
             cfg.recall = pol != "full"
             cfg.recall_max = args.recall_max
+            if args.question_weight is not None:
+                cfg.question_weight = args.question_weight
             s = Session(model, cfg)
             for t in turns:
                 s.prefill(t, turn=True)
@@ -157,7 +161,7 @@ def main() -> None:
                     reply, cost = ask(s, qt, rec, None if pol == "full" else cells, args.decode_tokens)
                     row = {"chat": i, "length": total, "question": qi, "policy": pol,
                            "budget": "full" if frac is None else f"{100 * frac:g}%" if frac <= 1 else str(cells),
-                           "cells": cells,
+                           "cells": cells, "question_weight": cfg.question_weight,
                            "recall": rec, "evictions": n_ev, "archive": len(snap.archive) if snap.archive else 0,
                            "found": answer in reply, "answer": reply, "expected": answer, **cost}
                     rows.append(row)
