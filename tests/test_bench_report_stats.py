@@ -163,3 +163,19 @@ def test_report_preset_perplexity_windows_exist(model):
     assert wins[0][1][1:] != wins[1][1][1:]
     docs = {d for name, _ in wins for d in name.split(" + ")}
     assert len(docs) >= 8
+
+
+def test_headline_has_columns_only_for_what_ran():
+    base = [2.0, 2.2, 2.4, 2.1]
+    full = _ppl_row("full", "full", base)
+    ea = _ppl_row("expected-attention", "25%", [v + 0.1 for v in base])
+    sl = _ppl_row("streaming-llm", "25%", base)
+    for r in (full, ea, sl):
+        r["delta_ppl"] = r["ppl"] - full["ppl"]
+    md = report.render(_res([], [full, ea, sl]), [])  # a perplexity-only run
+    head = md[md.index("## Headline"):md.index("## Quality")]
+    assert "| policy | perplexity (Δ) |" in head and "expected-attention" in head
+    assert "None" not in head and "pass key" not in head and "decode" not in head
+    md = report.render(_res(_passkey_rows([True], [False])), [])  # a pass-key-only run
+    head = md[md.index("## Headline"):md.index("## Quality")]
+    assert "| policy | pass key @ 1024 |" in head and "perplexity" not in head

@@ -40,27 +40,43 @@ def _header(res: dict) -> list[str]:
 
 
 def _headline(res: dict) -> list[str]:
+    """One row per policy at the headline budget, with a column only for what this run measured."""
     b = headline_budget(res)
     rows = headline(res)
     if not rows or b is None:
         return []
-    length = rows[0]["length"]
+    length, history = rows[0]["length"], rows[0]["history"]
+    has_pk, has_ppl = any(r["passkey"] for r in rows), any(r["ppl"] is not None for r in rows)
+    has_speed = any(r["decode_tok_s"] is not None for r in rows)
+    if not (has_pk or has_ppl or has_speed):
+        return []
+    head, what = ["policy"], [f"Budget {b} (full cache: no eviction)"]
+    if has_pk:
+        head.append(f"pass key @ {length}")
+        what.append(f"pass key: question-agnostic, context {length} tokens, every depth")
+    if has_ppl:
+        head.append("perplexity (Δ)")
+        what.append("perplexity: Δ against the full cache")
+    if has_speed:
+        head += ["decode tok/s", "decode speed ratio"]
+        what.append(f"decode: tok/s at the longest history ({history} tokens) and the ratio to the full cache in "
+                    "the same run")
     body = []
     for r in rows:
-        pk = _pct(*r["passkey"]) if r["passkey"] else "–"
-        dppl = "" if r["policy"] == "full" else f" ({'+' if (r['delta_ppl'] or 0) >= 0 else ''}{_f(r['delta_ppl'])})"
-        prow, pfull = ppl_of(res, r["policy"], r["budget"]), ppl_of(res, "full", "full")
-        if r["policy"] != "full" and prow and pfull and "ppl" in prow and (d := delta_ci(prow, pfull)):
-            dppl = f" (Δ {d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}])"
-        ratio = "1.00 (reference)" if r["policy"] == "full" else _f(r["decode_ratio"])
-        body.append([r["policy"], pk, _f(r["ppl"]) + (dppl if r["ppl"] is not None else ""),
-                     f"{_f(r['decode_tok_s'], '.1f')}", ratio])
-    return ["## Headline", "",
-            f"Budget {b} (full cache: no eviction). Pass key: question-agnostic, context {length} tokens, every "
-            f"depth; perplexity: Δ against the full cache"
-            + (f"; decode: tok/s at the longest history ({rows[0]['history']} tokens) and the ratio to the full "
-               "cache in the same run." if rows[0]["history"] else "; decode: speed suite not run."), ""] + \
-        _table(["policy", f"pass key @ {length}", "perplexity (Δ)", "decode tok/s", "decode speed ratio"], body) + [""]
+        line = [r["policy"]]
+        if has_pk:
+            line.append(_pct(*r["passkey"]) if r["passkey"] else "–")
+        if has_ppl:
+            dppl = "" if r["policy"] == "full" else f" ({'+' if (r['delta_ppl'] or 0) >= 0 else ''}{_f(r['delta_ppl'])})"
+            prow, pfull = ppl_of(res, r["policy"], r["budget"]), ppl_of(res, "full", "full")
+            if r["policy"] != "full" and prow and pfull and "ppl" in prow and (d := delta_ci(prow, pfull)):
+                dppl = f" (Δ {d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}])"
+            line.append(_f(r["ppl"]) + (dppl if r["ppl"] is not None else ""))
+        if has_speed:
+            line += [f"{_f(r['decode_tok_s'], '.1f')}",
+                     "1.00 (reference)" if r["policy"] == "full" else _f(r["decode_ratio"])]
+        body.append(line)
+    return ["## Headline", "", "; ".join(what) + ".", ""] + _table(head, body) + [""]
 
 
 def _hours(sec: float) -> str:
