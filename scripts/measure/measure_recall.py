@@ -33,7 +33,7 @@ from ea_local import kvhooks  # noqa: E402,F401  (loads llama.cpp before numpy)
 from ea_local.bench import data  # noqa: E402
 from ea_local.bench.options import BenchOptions  # noqa: E402
 from ea_local.engine.snapshot import checkpoint as take, rewind as restore  # noqa: E402
-from ea_local.bench.stats import wilson  # noqa: E402
+from ea_local.bench.stats import mcnemar_exact, pair, wilson  # noqa: E402
 from ea_local.bench.suites.common import session_cfg, skipped, streaming_floor  # noqa: E402
 from ea_local.bench.suites.quality import ANSWER_TOKENS, _chat_tokens  # noqa: E402
 from ea_local.engine.runtime import ContextConfig, Runtime  # noqa: E402
@@ -206,10 +206,17 @@ def table(rows: list[dict], args) -> str:
            f"| score+restore share, {ANSWER_TOKENS + args.decode_tokens}-token reply |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
            f"| full | full | - | {full_k}/{full_n} | {lo:.2f}-{hi:.2f} | 1.00 | 0 | - | - | - | - | - | {_tps(full_rows)} | - |"]
-    keys = sorted({(r["policy"], r["budget"], r["recall"]) for r in rows if r["policy"] != "full"},
-                  key=lambda k: (k[0], -float(k[1].rstrip("%")), k[2]))
-    for pol, b, rec in keys:
-        sel = [r for r in rows if (r["policy"], r["budget"], r["recall"]) == (pol, b, rec)]
+    weights = sorted({r.get("question_weight") for r in rows if r["policy"] != "full"}, key=str)
+
+    def group(r: dict) -> tuple:
+        return r["policy"], r["budget"], r["recall"], r.get("question_weight")
+
+    keys = sorted({group(r) for r in rows if r["policy"] != "full"},
+                  key=lambda k: (k[0], -float(k[1].rstrip("%")), k[2], str(k[3])))
+    for pol, b, rec, w in keys:
+        sel = [r for r in rows if group(r) == (pol, b, rec, w)]
+        if len(weights) > 1:
+            pol = f"{pol}, question_weight {w}"
         k, n = rate(sel)
         lo, hi = wilson(k, n)
         ev = sum(r["evictions"] for r in sel) / n
@@ -228,6 +235,19 @@ def table(rows: list[dict], args) -> str:
                    f"{(k / n) / full if full else 0:.2f} | {ev:.1f} | {rc:.0f} | {ms:.0f} | {100 * share:.1f}% | "
                    f"{rd:.0f} | {100 * rd_share:.1f}% | {_tps(sel)} | {long_share}"
                    + (f" ({over} over budget!)" if over else "") + " |")
+    if len(weights) > 1:  # the same facts asked under each weight: exact McNemar against the first
+        out += ["", f"Paired on the same facts against question_weight {weights[0]} (exact McNemar: "
+                    "this weight only / the other only, two-sided p):", "",
+                "| policy | budget | recall | question_weight | found vs | discordant | p |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for pol, b, rec, w in keys:
+            if w == weights[0]:
+                continue
+            this = [r for r in rows if group(r) == (pol, b, rec, w)]
+            base = [r for r in rows if group(r) == (pol, b, rec, weights[0])]
+            fa, fb = pair(this, base, lambda r: (r["chat"], r["length"], r["question"]))
+            t = mcnemar_exact(fa, fb)
+            out.append(f"| {pol} | {b} | {'on' if rec else 'off'} | {w} | {t.a_hits}/{t.n} vs {t.b_hits}/{t.n} | "
+                       f"{t.a_only} / {t.b_only} | {t.p_value:.3g} |")
     return "\n".join(out)
 
 
