@@ -1,6 +1,7 @@
 """`ea-local bench`: the data generators' answers, flag errors, and a --quick run end to end."""
 from __future__ import annotations
 
+import math
 import json
 import random
 import re
@@ -276,3 +277,15 @@ def test_quick_run_writes_every_file_with_sane_content(tmp_path, tiny_llama):
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(p.name for p in again.glob("*.png")) == pngs
     assert (again / "report.md").read_text() == report
+
+
+def test_perplexity_scores_every_token_once_and_reads_a_prefix_as_the_message(tiny_llama):
+    from ea_local.bench.quality import perplexity
+
+    toks = [1] + [(7 * i) % 200 + 3 for i in range(400)]
+    # 301 tokens in chunks of 64: the last chunk is partial and its last token is only a target
+    a = perplexity(tiny_llama, "expected-attention", 1024, 301, 150, chunk=64, tokens=toks, n_threads=1)
+    assert sum(a.chunk_n) == 301 - 150 and math.isfinite(a.nll)
+    b = perplexity(tiny_llama, "expected-attention", 1024, 301, 150, chunk=64, tokens=toks, prefix=[1, 5, 6, 7],
+                   n_threads=1)
+    assert sum(b.chunk_n) == 301 - 150 and b.nll != a.nll  # the same text, now after a message

@@ -69,10 +69,14 @@ class PplResult:
 
 
 def perplexity(model: str, policy: str, budget: int, n_tokens: int, eval_from: int, chunk: int = 256,
-               text: str | None = None, tokens: list[int] | None = None, **cfg) -> PplResult:
+               text: str | None = None, tokens: list[int] | None = None, prefix: list[int] | None = None,
+               **cfg) -> PplResult:
     """Teacher-forced NLL of real text (default: real_text(); or `tokens`, BOS included) streamed
-    through the budgeted engine (chunked prefill)."""
+    through the budgeted engine (chunked prefill). prefix: read first as the user's message, so its
+    queries are the focus window of every compression, as when the text is a chat reply to it."""
     s = Session(model, SessionConfig(budget=budget, policy=policy, chunk=chunk, **cfg))
+    if prefix:
+        s.prefill(prefix, turn=True)
     if tokens is None:
         tokens = ([s.rt.bos()] if s.rt.add_bos() else []) + s.rt.tokenize(text if text is not None else real_text())
     toks = list(tokens[:n_tokens + 1])
@@ -82,7 +86,7 @@ def perplexity(model: str, policy: str, budget: int, n_tokens: int, eval_from: i
     chunk_nll: list[float] = []
     chunk_n: list[int] = []
     for start in range(0, n_tokens, chunk):
-        part = toks[start:start + chunk]
+        part = toks[start:min(start + chunk, n_tokens)]  # token n_tokens is only a target
         if start + len(part) <= eval_from:  # nothing scored here: same prefill and compression, no vocab-wide logits
             s.prefill(part)
             continue

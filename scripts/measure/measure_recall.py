@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("--chat-ids", default=None, help="comma-separated chat numbers instead of 0..chats-1")
     ap.add_argument("--length", type=int, default=2048, help="chat tokens before the questions")
     ap.add_argument("--budgets", default="0.25,0.125")
-    ap.add_argument("--policies", default="expected-attention,streaming-llm")
+    ap.add_argument("--policies", default="expected-attention,streaming-llm", help="\"\": the full cache only")
     ap.add_argument("--cache-type", default="f16")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -140,7 +140,7 @@ def main() -> None:
     for i, (turns, qs) in zip(ids, chats):
         total = sum(map(len, turns))
         runs = [("full", None, total + 256)] * (not args.skip_full) + [
-            (p, f, max(1, round(total * f) if f <= 1 else int(f))) for p in args.policies.split(",") for f in fractions]
+            (p, f, max(1, round(total * f) if f <= 1 else int(f))) for p in args.policies.split(",") if p for f in fractions]
         for pol, frac, cells in runs:
             if why := skipped(floor, cells):
                 print(f"chat {i}: {pol} {frac}: skipped ({why})", file=sys.stderr)
