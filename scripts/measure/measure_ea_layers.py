@@ -29,6 +29,7 @@ from ea_local.bench.data import passkey_prompt  # noqa: E402
 from ea_local.bench.suites.quality import _prose_tokens  # noqa: E402
 from ea_local.bench.stats import wilson  # noqa: E402
 from ea_local.engine.session import Session, SessionConfig  # noqa: E402
+from ea_local.engine.windows import QueryWindow  # noqa: E402
 from ea_local.model.embedded import resolve_model  # noqa: E402
 import numpy as np  # noqa: E402
 from rows import jsonl_emitter  # noqa: E402  (scripts/measure/rows.py)
@@ -51,6 +52,8 @@ def settings(glob: list[int], only: set[str]) -> dict[str, tuple[str, dict]]:
     out["ea 8 union sinks in softmax"] = ("expected-attention", {"layers": l8, "sinks_in_softmax": True})
     for n, ls in ((8, l8), (15, l15), (len(glob), glob)):
         out[f"ea {n} union stats 128"] = ("expected-attention", {"layers": ls, "stats": 128})
+        # kvpress' statistics: every query of the context but the sinks', not the last chunk's
+        out[f"ea {n} union stats all"] = ("expected-attention", {"layers": ls, "stats": "all"})
         out[f"ea {n} union eps 0.02"] = ("expected-attention", {"layers": ls, "epsilon": 0.02})  # kvpress' default
     for nf in (1, 16, 64):  # RoPE averaged over fewer coming positions (kvpress: 512, the default)
         out[f"ea 8 union future {nf}"] = ("expected-attention", {"layers": l8, "n_future_positions": nf})
@@ -161,9 +164,13 @@ def main() -> None:
         s.reset()
         s.set_policy("expected-attention")
         split = max(0, len(ctx) - s.cfg.chunk)  # as the bench: the last chunk's queries are the statistics
-        if split:
-            s.prefill(ctx[:split])
-        s.prefill(ctx[split:])
+        blocks = [ctx[i:min(i + s.cfg.chunk, split)] for i in range(0, split, s.cfg.chunk)] + [ctx[split:]]
+        every = QueryWindow()  # every chunk's queries, for "stats all"
+        for b in blocks:  # the same chunks s.prefill(ctx[:split]) would feed
+            s.prefill(b)
+            if any(o.get("stats") == "all" for _, o in todo.values()):
+                every.push(s.queries.q, s.queries.pos, keep=len(ctx))
+        every.keep(every.pos >= s.cfg.n_sink)
         snap = checkpoint(s)
         rewind(s, snap)
         emit({"setting": "full", "depth": d, "seed": a.seed, "length": len(ctx), "haystack": a.haystack,
@@ -175,7 +182,9 @@ def main() -> None:
                 opts = dict(opts)
                 n_stats = opts.pop("stats", None)
                 s.set_policy(pol, **opts)
-                if n_stats:  # the lever itself: the last n_stats queries of the last chunk as the statistics
+                if n_stats == "all":
+                    s.set_statistics(every)
+                elif n_stats:  # the lever itself: the last n_stats queries of the last chunk as the statistics
                     s.set_statistics(s.queries.last(n_stats))
                 s.set_one_shot_budget(cells, recent=min(64, cells // 8))
                 t1 = time.perf_counter()
