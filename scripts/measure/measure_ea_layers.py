@@ -157,6 +157,7 @@ def main() -> None:
     s = Session(model, SessionConfig(budget=a.length + 256, chunk=512, n_threads=a.threads, seed=a.seed,
                                      max_score_layers=10_000))
     todo = settings(list(s.layers), {x.strip() for x in a.only.split(",") if x.strip()})
+    keep_every = any(o.get("stats") == "all" for _, o in todo.values())
     for d in [float(x) for x in a.depths.split(",")]:
         key = random.Random(a.seed * 1000 + int(d * 100) + a.length).randint(10000, 99999)
         hay = _prose_tokens(s.rt, a.texts, a.seed, a.length) if a.haystack == "prose" else None
@@ -168,7 +169,7 @@ def main() -> None:
         every = QueryWindow()  # every chunk's queries, for "stats all"
         for b in blocks:  # the same chunks s.prefill(ctx[:split]) would feed
             s.prefill(b)
-            if any(o.get("stats") == "all" for _, o in todo.values()):
+            if keep_every:
                 every.push(s.queries.q, s.queries.pos, keep=len(ctx))
         every.keep(every.pos >= s.cfg.n_sink)
         snap = checkpoint(s)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from ea_local.bench.stats import delta_ppl_interval
 
 
 def main(path: str) -> None:
-    res = json.load(open(path))
+    res = json.loads(Path(path).read_text())
     rows = res["quality"]["perplexity"]
     full = next(r for r in rows if r["policy"] == "full")["ppl"]
     for b in res["settings"]["budgets"]:
