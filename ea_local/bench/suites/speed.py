@@ -35,11 +35,13 @@ def _events(evs) -> dict:
 
 
 def profile(o: BenchOptions, policy: str, cells: int, tick: Tick, step: int | None = None,
-            chunk: int | None = None) -> list[dict]:
-    """Points at each history length; step/chunk override the session's (scripts/bench/bench_engine.py)."""
+            chunk: int | None = None, score_layers: int | None = None) -> list[dict]:
+    """Points at each history length; step/chunk/score_layers override the session's (scripts/bench/)."""
     cfg = session_cfg(o, cells, policy, chunk=chunk or min(512, max(32, cells // 2)))
     if step:
         cfg.step = step
+    if score_layers:
+        cfg.max_score_layers = score_layers
     s = Session(o.model, cfg)
     hist = o.histories or o.lengths
     toks = _text_tokens(s, max(hist) + o.decode_tokens * len(hist) + 1)
