@@ -7,7 +7,7 @@ import pytest
 
 from ea_local.apps.chat import Chat, ChatOptions
 from ea_local.engine.archive import bytes_per_token, parse_size
-from ea_local.engine.session import Session, SessionConfig
+from ea_local.engine.session import Session, SessionConfig, scored_layers
 from ea_local.model.info import read_model_info
 from ea_local.model.embedded import chat_model_path
 
@@ -44,7 +44,8 @@ def test_question_brings_the_fact_back_within_budget(policy):
     assert where and not any(p in s.live for p in where), "the filler should have evicted the fact"
     a = s.archive
     assert len(a) == s.stats.archived == sum(e.n_evicted for e in s.stats.evictions)
-    assert a.bytes_per_token == bytes_per_token(s.info, "f16") and a.nbytes == len(a) * a.bytes_per_token
+    layers = scored_layers(list(s.info.global_layers), SessionConfig.max_score_layers)  # what `ea-local info` shows
+    assert a.bytes_per_token == bytes_per_token(s.info, "f16", layers) and a.nbytes == len(a) * a.bytes_per_token
     start = s.next_pos
     s.prefill(s.rt.tokenize(QUESTION), turn=True)
     n = s.recall(since=start)

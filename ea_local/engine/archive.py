@@ -16,6 +16,7 @@ Pure numpy: no llama.cpp here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -268,14 +269,11 @@ def parse_size(text: str) -> tuple[int | None, int | None]:
     raise ValueError(f"--archive takes tokens (4096) or a size (64MiB, 1GiB), got {text!r}")
 
 
-def bytes_per_token(info, cache_type: str = "f16", max_score_layers: int = 8) -> int | None:
+def bytes_per_token(info, cache_type: str, layers: Sequence[int]) -> int | None:
     """Host bytes the archive keeps per evicted token of a model (ModelInfo): the raw K/V rows of every
     evicted layer (the global ones on iSWA models) in the cache type, plus the float32 digest keys of
-    the scored layers (Session: up to max_score_layers evenly spaced global layers)."""
+    the scored `layers` (session.scored_layers)."""
     per = info.kv_bytes_per_token_for(cache_type)
     if per is None:
         return None
-    glob = list(info.global_layers)
-    idx = np.unique(np.linspace(0, len(glob) - 1, min(len(glob), max_score_layers)).round().astype(int))
-    digest = sum(4 * info.n_head_kv_per_layer[glob[i]] * info.head_dims(glob[i])[0] for i in idx)
-    return per.global_part + digest
+    return per.global_part + sum(4 * info.n_head_kv_per_layer[il] * info.head_dims(il)[0] for il in layers)

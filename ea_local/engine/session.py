@@ -27,7 +27,7 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -60,6 +60,13 @@ def select_evictions(positions: np.ndarray, scores: np.ndarray, n_sink: int, rec
         raise BudgetError(f"cannot evict {n} cells: only {len(cand)} are not protected")
     order = cand[np.argsort(np.asarray(scores)[cand], kind="stable")]
     return np.sort(positions[order[:n]])
+
+
+def scored_layers(global_layers: Sequence[int], n: int) -> list[int]:
+    """The layers a compression reads and scores: all global layers up to n, else n evenly spaced ones,
+    the first and the last included (reading K/V is most of a compression's cost)."""
+    idx = np.unique(np.linspace(0, len(global_layers) - 1, min(len(global_layers), n)).round().astype(int))
+    return [global_layers[i] for i in idx]
 
 
 def query_shape(info, layer: int) -> tuple[int, int]:
@@ -180,10 +187,7 @@ class Session:
         self.rt = Runtime(model_path, ContextConfig(
             n_ctx=n_ctx, n_batch=cfg.chunk, cache_type=cfg.cache_type,
             swa_full=not self.iswa, n_threads=cfg.n_threads, seed=cfg.seed, **gpu), shared=shared)
-        glob = list(self.info.global_layers)
-        # scoring reads K/V of every scored layer: past max_score_layers, take evenly spaced ones (and the last)
-        idx = np.unique(np.linspace(0, len(glob) - 1, min(len(glob), cfg.max_score_layers)).round().astype(int))
-        self.layers = [glob[i] for i in idx]
+        self.layers = scored_layers(list(self.info.global_layers), cfg.max_score_layers)
         try:
             self.rope = rope_specs(self.info, self.layers, self.rt.n_ctx)  # as llama.cpp rotates, or refused
         except ValueError:

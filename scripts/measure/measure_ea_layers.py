@@ -28,17 +28,11 @@ from ea_local.bench.suites.common import ask  # noqa: E402
 from ea_local.bench.data import passkey_prompt  # noqa: E402
 from ea_local.bench.suites.quality import _prose_tokens  # noqa: E402
 from ea_local.bench.stats import wilson  # noqa: E402
-from ea_local.engine.session import Session, SessionConfig  # noqa: E402
+from ea_local.engine.session import Session, SessionConfig, scored_layers as spaced  # noqa: E402
 from ea_local.engine.windows import QueryWindow  # noqa: E402
 from ea_local.model.embedded import resolve_model  # noqa: E402
 import numpy as np  # noqa: E402
 from rows import jsonl_emitter  # noqa: E402  (scripts/measure/rows.py)
-
-
-def spaced(layers: list[int], n: int) -> list[int]:
-    """The engine's choice of n scored layers: evenly spaced, first and last included."""
-    idx = np.unique(np.linspace(0, len(layers) - 1, min(len(layers), n)).round().astype(int))
-    return [layers[i] for i in idx]
 
 
 def settings(glob: list[int], only: set[str]) -> dict[str, tuple[str, dict]]:
