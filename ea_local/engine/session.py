@@ -92,7 +92,7 @@ class SessionConfig:
     step: int = 128  # evict down to budget - step, so compression runs once per `step` tokens
     chunk: int = 512  # prefill chunk: n_ctx = budget + chunk
     stats_window: int = 128  # decoded queries kept as Expected Attention's statistics
-    max_score_layers: int = 8  # global layers read and scored per compression (evenly spaced)
+    max_score_layers: int = 15  # global layers read and scored per compression, evenly spaced (docs/ea-paths.md)
     prefill_stats: int | None = None  # statistics from the last N queries of a prefill chunk (None: all)
     cache_type: str = "f16"
     n_threads: int | None = None
