@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from ea_local.engine.session import BudgetError, select_evictions
+from ea_local.engine.session import BudgetError, scored_layers, select_evictions
 
 
 def test_lowest_scores_go_sinks_and_recent_window_stay():
@@ -32,3 +32,12 @@ def test_not_enough_unprotected_cells():
     with pytest.raises(BudgetError, match="cannot evict 4 cells: only 3"):
         select_evictions(pos, np.zeros(10), n_sink=4, recent=3, next_pos=10, n=4)
     assert select_evictions(pos, np.zeros(10), n_sink=4, recent=3, next_pos=10, n=0).size == 0
+
+
+def test_scored_layers_are_evenly_spaced_with_both_ends():
+    glob = list(range(30))
+    picked = scored_layers(glob, 15)
+    assert len(picked) == 15 and picked[0] == 0 and picked[-1] == 29
+    assert max(np.diff(picked)) - min(np.diff(picked)) <= 1  # as even as integers allow
+    assert scored_layers([5, 11, 17], 15) == [5, 11, 17]  # fewer global layers than n: all of them
+    assert scored_layers(glob, 1) == [0]

@@ -64,7 +64,7 @@ def select_evictions(positions: np.ndarray, scores: np.ndarray, n_sink: int, rec
 
 def scored_layers(global_layers: Sequence[int], n: int) -> list[int]:
     """The layers a compression reads and scores: all global layers up to n, else n evenly spaced ones,
-    the first and the last included (reading K/V is most of a compression's cost)."""
+    the first and (n > 1) the last included: reading K/V is most of a compression's cost."""
     idx = np.unique(np.linspace(0, len(global_layers) - 1, min(len(global_layers), n)).round().astype(int))
     return [global_layers[i] for i in idx]
 
