@@ -44,7 +44,7 @@ def test_question_brings_the_fact_back_within_budget(policy):
     assert where and not any(p in s.live for p in where), "the filler should have evicted the fact"
     a = s.archive
     assert len(a) == s.stats.archived == sum(e.n_evicted for e in s.stats.evictions)
-    layers = scored_layers(list(s.info.global_layers), SessionConfig.max_score_layers)  # what `ea-local info` shows
+    layers = scored_layers(s.info.global_layers)  # what `ea-local info` shows
     assert a.bytes_per_token == bytes_per_token(s.info, "f16", layers) and a.nbytes == len(a) * a.bytes_per_token
     start = s.next_pos
     s.prefill(s.rt.tokenize(QUESTION), turn=True)

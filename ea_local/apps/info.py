@@ -133,9 +133,9 @@ def format_info(info: ModelInfo) -> str:
             add(key, str(b.total))
 
     from ..engine.archive import bytes_per_token as archive_bytes
-    from ..engine.session import SessionConfig, scored_layers
+    from ..engine.session import scored_layers
 
-    layers = scored_layers(list(info.global_layers), SessionConfig.max_score_layers)
+    layers = scored_layers(info.global_layers)
     for t, b in info.kv_bytes_per_token.items():
         if b is not None and (ab := archive_bytes(info, t, layers)) is not None:
             add(f"archive bytes/token {t}", f"{ab}  (evicted cells kept on the host for recall: raw rows of the "

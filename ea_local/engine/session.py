@@ -62,9 +62,11 @@ def select_evictions(positions: np.ndarray, scores: np.ndarray, n_sink: int, rec
     return np.sort(positions[order[:n]])
 
 
-def scored_layers(global_layers: Sequence[int], n: int) -> list[int]:
-    """The layers a compression reads and scores: all global layers up to n, else n evenly spaced ones,
-    the first and (n > 1) the last included: reading K/V is most of a compression's cost."""
+def scored_layers(global_layers: Sequence[int], n: int | None = None) -> list[int]:
+    """The layers a compression reads and scores: all global layers up to n (None: the session's default
+    max_score_layers), else n evenly spaced ones, the first and (n > 1) the last included: reading K/V
+    is most of a compression's cost."""
+    n = SessionConfig.max_score_layers if n is None else n
     idx = np.unique(np.linspace(0, len(global_layers) - 1, min(len(global_layers), n)).round().astype(int))
     return [global_layers[i] for i in idx]
 
@@ -187,7 +189,7 @@ class Session:
         self.rt = Runtime(model_path, ContextConfig(
             n_ctx=n_ctx, n_batch=cfg.chunk, cache_type=cfg.cache_type,
             swa_full=not self.iswa, n_threads=cfg.n_threads, seed=cfg.seed, **gpu), shared=shared)
-        self.layers = scored_layers(list(self.info.global_layers), cfg.max_score_layers)
+        self.layers = scored_layers(self.info.global_layers, cfg.max_score_layers)
         try:
             self.rope = rope_specs(self.info, self.layers, self.rt.n_ctx)  # as llama.cpp rotates, or refused
         except ValueError:

@@ -37,7 +37,7 @@ from ea_local.bench.stats import mcnemar_exact, pair, wilson  # noqa: E402
 from ea_local.bench.suites.common import session_cfg, skipped, streaming_floor  # noqa: E402
 from ea_local.bench.suites.quality import ANSWER_TOKENS, _chat_tokens  # noqa: E402
 from ea_local.engine.runtime import ContextConfig, Runtime  # noqa: E402
-from ea_local.engine.session import Session, SessionConfig, scored_layers  # noqa: E402
+from ea_local.engine.session import Session, scored_layers  # noqa: E402
 from ea_local.model.embedded import resolve_model  # noqa: E402
 
 
@@ -262,7 +262,7 @@ def scoring_cost(model: str, sizes: list[int], budget: int = 2048, m: int = 16, 
     import numpy as np
 
     info = read_model_info(model)
-    layers = scored_layers(list(info.global_layers), SessionConfig.max_score_layers)  # as Session
+    layers = scored_layers(info.global_layers)  # as Session
     rope = rope_specs(info, layers, budget + max(sizes) + 1024)
     rng = np.random.default_rng(0)
     times: dict[int, list[float]] = {n: [] for n in sizes}

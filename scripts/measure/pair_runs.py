@@ -61,9 +61,11 @@ def main() -> None:
     qa = json.loads(Path(args.a).read_text())["quality"]
     qb = json.loads(Path(args.b).read_text())["quality"]
     for task in ("passkey", "multikey", "variable_tracking", "perplexity"):
-        if task not in qa or task not in qb:
-            continue
-        (_perplexity if task == "perplexity" else lambda a, b, p: _one_shot(task, a, b, p))(qa[task], qb[task], args.policy)
+        if task in qa and task in qb:
+            if task == "perplexity":
+                _perplexity(qa[task], qb[task], args.policy)
+            else:
+                _one_shot(task, qa[task], qb[task], args.policy)
 
 
 if __name__ == "__main__":
