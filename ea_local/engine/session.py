@@ -85,6 +85,12 @@ class InvariantError(RuntimeError):
 DEBUG = os.environ.get("EA_LOCAL_DEBUG", "") not in ("", "0")
 
 
+# Expected Attention max-pools its scores over 5 neighbouring cells where every layer is evicted, and
+# not on iSWA models: on the report preset pooling gained on SmolLM2 (all 30 layers) and lost on
+# Gemma 3 (3 global layers) at 25% (docs/bench-report.md, "Pooling over 5 cells").
+EA_POOL_ALL_LAYERS = 5
+
+
 @dataclass
 class SessionConfig:
     budget: int = 2048  # KV cells of the (global) cache the conversation may occupy
@@ -211,6 +217,8 @@ class Session:
         unknown = sorted(set(options) - set(pol.options))
         if unknown:
             raise ValueError(f"policy {name} has no option {', '.join(unknown)} (it has: {', '.join(pol.options) or 'none'})")
+        if name == "expected-attention" and not self.iswa:
+            options = {"kernel_size": EA_POOL_ALL_LAYERS, **options}
         self.policy, self.cfg.policy, self.cfg.policy_options = pol, name, dict(options)
         self.set_capture()
 

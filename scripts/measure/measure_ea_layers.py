@@ -176,6 +176,8 @@ def main() -> None:
                 rewind(s, snap)
                 opts = dict(opts)
                 n_stats = opts.pop("stats", None)
+                if pol == "expected-attention":  # unpooled (kvpress' form): pooling is a lever of its own
+                    opts.setdefault("kernel_size", 1)
                 s.set_policy(pol, **opts)
                 if n_stats == "all":
                     s.set_statistics(every)

@@ -58,10 +58,10 @@ PASSKEY_SETTINGS = {
 
 
 def _opts(setting: dict) -> dict:
-    """EA options of a setting: mean over layers unless it names another aggregate (baselines: none)."""
+    """EA options of a setting: mean over layers, no pooling, unless it names another (baselines: none)."""
     if setting.get("policy", "expected-attention") != "expected-attention":
         return {}
-    return {"aggregate": "mean", **setting.get("opts", {})}
+    return {"aggregate": "mean", "kernel_size": 1, **setting.get("opts", {})}
 
 
 def ppl_part(model: str, n: int, fracs: list[float], threads: int | None, emit, only: set[str],

@@ -43,7 +43,7 @@ def main() -> None:
     pols = a.policies.split(",")
 
     def opts(pol: str) -> dict:
-        return {"kernel_size": a.ea_kernel} if pol == "expected-attention" and a.ea_kernel > 1 else {}
+        return {"kernel_size": a.ea_kernel} if pol == "expected-attention" else {}
 
     depths = [float(d) for d in a.depths.split(",")]
     a.out.mkdir(parents=True, exist_ok=True)
