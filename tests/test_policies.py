@@ -258,6 +258,17 @@ def test_expected_attention_scores_sinks_outside_the_softmax():
     assert u[:4].min() >= u[4:].max()
 
 
+def test_expected_attention_pools_without_spreading_the_sinks_padding():
+    """Pooling runs over the evictable cells only: the sinks keep their padding, and the cells next to
+    them do not inherit it (they would be kept forever, as extra sinks)."""
+    view = make_view(layers=(0, 1), seed=9)
+    ea = get_policy("expected-attention").score
+    plain, pooled = ea(view, kernel_size=1), ea(view, kernel_size=5)
+    np.testing.assert_array_equal(pooled[:4], plain[:4])
+    np.testing.assert_array_equal(pooled[4:], pool1d(plain[4:], 5, "max"))
+    assert pooled[4:].max() < pooled[:4].min()
+
+
 def test_streaming_llm_ranks_newest_highest():
     view = make_view()
     view.positions = np.array([0, 1, 2, 3, 10, 11, 50, 51, 52, 90] + list(range(100, 130)), dtype=np.int64)

@@ -41,7 +41,8 @@ def test_question_brings_the_fact_back_within_budget(policy):
     for t in _filler(6):
         s.prefill(s.rt.tokenize(t), turn=True)
     where = _fact_positions(s, fact)
-    assert where and not any(p in s.live for p in where), "the filler should have evicted the fact"
+    gone = [p for p in where if p not in s.live]  # pooled scores may keep a digit or two of it
+    assert where and len(gone) > len(where) // 2, "the filler should have evicted the fact"
     a = s.archive
     assert len(a) == s.stats.archived == sum(e.n_evicted for e in s.stats.evictions)
     layers = scored_layers(s.info.global_layers)  # what `ea-local info` shows
@@ -52,8 +53,8 @@ def test_question_brings_the_fact_back_within_budget(policy):
     assert n > 0 and s.stats.recalls == 1 and s.stats.recalled == n
     assert s.n_cells <= s.cfg.budget
     s.check_cells()  # llama.cpp's cells are exactly the bookkeeping's
-    back = [p for p in where if p in s.live]
-    assert len(back) >= len(where) // 2, f"fact digits back: {back} of {where}"
+    back = [p for p in gone if p in s.live]
+    assert len(back) >= len(gone) // 2, f"fact digits back: {back} of {gone}"
     # the answer is generated from the restored cells (greedy)
     reply = "".join(s.generate([], max_tokens=8))
     assert s.n_cells <= s.cfg.budget

@@ -260,8 +260,11 @@ def score(
                 use_vnorm=use_vnorm, epsilon=epsilon, scale=view.attn_scale, weights=w)
         rest[:, sinks] = rest.max(axis=1, keepdims=True) + 1.0
         per_layer.append(rest)
-    scores = aggregate_scores(per_layer, aggregate, evictable=positions >= n_sink)
-    return scores if kernel_size == 1 else pool1d(scores, kernel_size, "max")
+    evictable = positions >= n_sink
+    scores = aggregate_scores(per_layer, aggregate, evictable=evictable)
+    if kernel_size > 1:  # pooled among the evictable cells, so the sinks' padding does not spread to their neighbours
+        scores[evictable] = pool1d(scores[evictable], kernel_size, "max")
+    return scores
 
 
 POLICY = Policy(
