@@ -267,6 +267,11 @@ def test_expected_attention_pools_without_spreading_the_sinks_padding():
     np.testing.assert_array_equal(pooled[:4], plain[:4])
     np.testing.assert_array_equal(pooled[4:], pool1d(plain[4:], 5, "max"))
     assert pooled[4:].max() < pooled[:4].min()
+    view.positions, view.keys = view.positions[:4], {l: k[:4] for l, k in view.keys.items()}
+    view.values = {l: v[:4] for l, v in view.values.items()}
+    np.testing.assert_array_equal(ea(view, kernel_size=5), ea(view, kernel_size=1))  # sinks only: nothing to pool
+    with pytest.raises(ValueError, match="odd"):
+        ea(view, kernel_size=4)
 
 
 def test_streaming_llm_ranks_newest_highest():

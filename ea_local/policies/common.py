@@ -77,6 +77,8 @@ def pool1d(x: np.ndarray, kernel_size: int, how: str = "max") -> np.ndarray:
         raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}")
     if how not in POOLINGS:
         raise ValueError(f"unknown pooling {how!r}; choose from: {', '.join(POOLINGS)}")
+    if x.shape[-1] == 0:  # nothing to pool (a view of sinks only); the window view needs kernel_size cells
+        return np.array(x, dtype=np.float64)
     p = kernel_size // 2
     width = [(0, 0)] * (x.ndim - 1) + [(p, p)]
     padded = np.pad(x, width, constant_values=-np.inf if how == "max" else 0.0)

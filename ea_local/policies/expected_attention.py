@@ -262,7 +262,7 @@ def score(
         per_layer.append(rest)
     evictable = positions >= n_sink
     scores = aggregate_scores(per_layer, aggregate, evictable=evictable)
-    if kernel_size > 1:  # pooled among the evictable cells, so the sinks' padding does not spread to their neighbours
+    if kernel_size != 1:  # pooled among the evictable cells, so the sinks' padding does not spread to their neighbours
         scores[evictable] = pool1d(scores[evictable], kernel_size, "max")
     return scores
 
