@@ -347,7 +347,7 @@ def serve(
 def bench(
     suite: str = typer.Option("all", help="quality, speed, memory or all, or a quality part: passkey, perplexity, "
                                           "multikey, variable_tracking, multi_turn (a comma list works too)"),
-    policy_list: str = typer.Option("expected-attention,streaming-llm,snapkv,knorm,random", "--policies",
+    policy_list: str = typer.Option("expected-attention,streaming-llm,snapkv,tova,knorm,random", "--policies",
                                     help="comma list of policies; the full cache is always measured"),
     budgets: Optional[str] = typer.Option(None, help="comma list: percentages of each test's context or cell counts "
                                                      "(default 50%,25%,12.5%; --preset report: 25%,12.5%)"),

@@ -373,6 +373,22 @@ def test_tova_uses_last_query_only(neox):
     assert np.argmax(get_policy("snapkv").score(view, kernel_size=1)) == 12
 
 
+@pytest.mark.parametrize("neox", LAYOUTS)
+def test_tova_skips_the_probes_answer_tokens(neox):
+    """With a probed question the engine appends greedy answer tokens (pseudo queries); TOVA's last
+    query is the newest real one, so the score equals that of the view without them."""
+    view = window_aligned_view(neox)
+    rng = np.random.default_rng(5)
+    extra = rng.normal(size=(3,) + view.queries[0].shape[1:])
+    view.keys[0][30] = 4.0 * unit(apply_rope(extra[-1, 0], 42, view.rope[0]))  # the last pseudo query's key
+    s_real = get_policy("tova").score(view)
+    view.queries = {0: np.concatenate([view.queries[0], extra])}
+    view.query_positions = np.concatenate([view.query_positions, [40, 41, 42]])
+    assert np.argmax(get_policy("tova").score(view)) == 30  # unmarked, the answer's last token decides
+    view.pseudo_queries = 3
+    np.testing.assert_allclose(get_policy("tova").score(view), s_real, rtol=1e-12)
+
+
 def test_aggregate_scores():
     a = np.array([[1.0, 2.0], [3.0, 0.0]])
     b = np.array([[5.0, 1.0], [1.0, 1.0]])

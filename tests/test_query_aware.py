@@ -119,6 +119,23 @@ def test_answer_lookahead_probes_the_greedy_answer(gemma_ctx):
     ref.close()
 
 
+def test_view_marks_the_probes_answer_tokens(gemma_ctx):
+    """The view says how many of its newest queries are the probe's greedy answer tokens, so that TOVA's
+    last query is the question's last token; without a probe (question-agnostic) there are none."""
+    k = 3
+    s = Session(str(GEMMA), SessionConfig(budget=1024, chunk=256, policy="tova", question_weight=0.5, answer_lookahead=k))
+    s.prefill(gemma_ctx)
+    question = s.rt.tokenize("What is the licence called? It is called")
+    s.set_question(question)
+    view = s.view()
+    assert view.pseudo_queries == k
+    newest = np.sort(view.query_positions)[-1 - k]
+    assert newest == s.next_pos + len(question) - 1  # the question's last token
+    s.set_question_weight(0.0)
+    assert s.view().pseudo_queries == 0
+    s.close()
+
+
 def test_question_too_long_is_refused():
     s = Session(str(GEMMA), SessionConfig(budget=512, chunk=64, answer_lookahead=0))
     with pytest.raises(BudgetError, match="at most 63"):

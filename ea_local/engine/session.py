@@ -465,7 +465,8 @@ class Session:
         """What the policy sees: the live global cells and the statistics window."""
         if self.captures and self._n_captured:
             self._pull_queries(keep=self.cfg.stats_window)
-        if self.policy.needs_queries and self.question and self.cfg.question_weight > 0:
+        probed = self.policy.needs_queries and self.question and self.cfg.question_weight > 0
+        if probed:
             self._probe_question()
         queries, qpos, qw = self._statistics()
         keys, values, norms = {}, {}, {}
@@ -485,7 +486,8 @@ class Session:
             positions = np.array(sorted(self.live), dtype=np.int64)
         return CellView(positions=positions, keys=keys, values=values, value_norms=norms, queries=queries,
                         query_positions=qpos, query_weights=qw, rope=self.rope, next_pos=self.next_pos,
-                        attn_scale=self.info.kq_scale, seed=self.cfg.seed + len(self.stats.evictions))
+                        attn_scale=self.info.kq_scale, seed=self.cfg.seed + len(self.stats.evictions),
+                        pseudo_queries=self.cfg.answer_lookahead if probed else 0)
 
     def _statistics(self) -> tuple[dict[int, np.ndarray], np.ndarray, np.ndarray | None]:
         """(queries, positions, weights) for the policy: the statistics window alone, or its union with

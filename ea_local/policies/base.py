@@ -33,6 +33,9 @@ class CellView:
     next_pos: int = 0  # position the next token will take
     attn_scale: float | None = None  # softmax scale; None -> 1/sqrt(d_k)
     seed: int = 0
+    # the newest `pseudo_queries` queries are greedy answer tokens the engine decoded after a probed
+    # question (Session._probe_question), not text the model read; a policy of "the last query" skips them
+    pseudo_queries: int = 0
 
     @property
     def n(self) -> int:

@@ -29,8 +29,12 @@ def tova_layer(
 
 
 def score(view: CellView, *, aggregate: str = "mean", layers: Iterable[int] | None = None) -> np.ndarray:
-    """(n,) TOVA score per cell."""
-    last = window(view, 1)[0]
+    """(n,) TOVA score per cell. With a probed question the last query is the question's last token,
+    as in kvpress, where the question ends the context. The engine's greedy answer tokens after it
+    (``CellView.pseudo_queries``) are skipped: the last of them comes after the answer and no longer
+    looks for it (the multi-key needle: 13/80 with it, 53/80 without, docs/bench-report.md)."""
+    order = window(view, None)
+    last = order[-1 - view.pseudo_queries] if len(order) > view.pseudo_queries else order[-1]
     qpos = int(np.asarray(view.query_positions)[last])
     per_layer = [
         tova_layer(np.asarray(view.queries[l])[last], qpos, view.keys[l], view.positions, view.rope[l], view.attn_scale)
