@@ -289,3 +289,14 @@ def test_perplexity_scores_every_token_once_and_reads_a_prefix_as_the_message(ti
     b = perplexity(tiny_llama, "expected-attention", 1024, 301, 150, chunk=64, tokens=toks, prefix=[1, 5, 6, 7],
                    n_threads=1)
     assert sum(b.chunk_n) == 301 - 150 and b.nll != a.nll  # the same text, now after a message
+
+
+def test_each_policy_keeps_one_colour_of_its_own_in_the_plots():
+    """Six policies in two modes are 12 lines, past the default colour cycle's 10: a policy's colour is
+    its own, and shared by its two modes."""
+    from ea_local.bench.plots import _policy_colours
+
+    six = ["expected-attention", "streaming-llm", "snapkv", "tova", "knorm", "random"]
+    colours = _policy_colours([p for p in six for _ in ("agnostic", "question")])
+    assert list(colours) == six and len(set(colours.values())) == 6
+    assert len(set(_policy_colours([f"p{i}" for i in range(14)]).values())) == 14

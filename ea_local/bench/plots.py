@@ -25,6 +25,14 @@ def _save(fig, out: Path, name: str) -> str:
     return name
 
 
+def _policy_colours(policies: list[str]) -> dict[str, tuple]:
+    """One colour per policy, shared by its modes (the line style tells them apart); the default
+    cycle repeats after 10 lines, which a run of 6 policies in 2 modes passes."""
+    names = list(dict.fromkeys(policies))
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    return {p: cmap(i % cmap.N) for i, p in enumerate(names)}
+
+
 def accuracy_vs_budget(res: dict, out: Path) -> str | None:
     q = res.get("quality")
     if not q:
@@ -41,6 +49,7 @@ def accuracy_vs_budget(res: dict, out: Path) -> str | None:
         if n:
             ax.axhline(hit / n, color="black", ls="--", lw=1, label="full cache")
         cols = [c for c in columns(res)[1:] if not (key == "multi_turn" and c[1] != "agnostic")]
+        colour = _policy_colours([p for p, _ in cols])
         for j, (p, m) in enumerate(cols):
             ys, lo, hi = [], [], []
             for b in budgets:
@@ -51,8 +60,10 @@ def accuracy_vs_budget(res: dict, out: Path) -> str | None:
                 hi.append(w[1] - ys[-1] if k else 0)
             # 95% Wilson intervals; lines nudged sideways so overlapping bars stay readable
             xs = [i + 0.06 * (j - (len(cols) - 1) / 2) for i in range(len(budgets))]
-            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", ls="-" if m == "agnostic" else ":", capsize=2, lw=1,
-                        label=p if m == "agnostic" else f"{p} (question known)")
+            agnostic = m == "agnostic"
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o" if agnostic else "s", ls="-" if agnostic else ":",
+                        mfc=None if agnostic else "white", color=colour[p], capsize=2, lw=1,
+                        label=p if agnostic else f"{p} (question known)")
         ax.set_xticks(range(len(budgets)), budgets)
         ax.set_title(f"{title} (n={n} per point, 95% CI)", fontsize=9)
         ax.set_xlabel("KV budget")
