@@ -1,5 +1,6 @@
 """Eviction policies on synthetic cases whose right answer is known, and Expected Attention's
 closed form against Monte-Carlo sampling of Gaussian queries."""
+import functools
 import numpy as np
 import pytest
 
@@ -220,7 +221,7 @@ def test_expected_attention_aggregates_and_drops_sink_queries():
     view = make_view(layers=(0, 1), seed=6)
     per = [expected_attention_layer(view.queries[l], view.keys[l], view.vnorms(l), view.rope[l], view.next_pos)
            for l in (0, 1)]
-    ea = get_policy("expected-attention").score
+    ea = functools.partial(get_policy("expected-attention").score, newest_query=False)  # the closed form alone
     np.testing.assert_allclose(ea(view, aggregate="mean", n_sink=0), np.mean(np.concatenate(per), axis=0))
     np.testing.assert_allclose(ea(view, aggregate="max", n_sink=0), np.max(np.concatenate(per), axis=0))
     np.testing.assert_allclose(ea(view, n_sink=0), aggregate_scores(per, "union"))  # the default
@@ -243,7 +244,7 @@ def test_expected_attention_scores_sinks_outside_the_softmax():
     the closed form over the non-sink keys alone) and score above every other cell."""
     view = make_view(layers=(0, 1), seed=9)
     view.keys[0][:4] *= 6.0  # sinks that draw most of the attention, unevenly across heads
-    ea = get_policy("expected-attention").score
+    ea = functools.partial(get_policy("expected-attention").score, newest_query=False)
     per = [expected_attention_layer(view.queries[l], view.keys[l][4:], view.vnorms(l)[4:], view.rope[l], view.next_pos)
            for l in (0, 1)]
     got = ea(view, n_sink=0, aggregate="mean", layers=[0, 1], sinks_in_softmax=False)  # n_sink 0: nothing left out
@@ -272,6 +273,38 @@ def test_expected_attention_pools_without_spreading_the_sinks_padding():
     np.testing.assert_array_equal(ea(view, kernel_size=5), ea(view, kernel_size=1))  # sinks only: nothing to pool
     with pytest.raises(ValueError, match="odd"):
         ea(view, kernel_size=4)
+
+
+@pytest.mark.parametrize("neox", LAYOUTS)
+def test_expected_attention_adds_the_newest_querys_rows(neox):
+    """The newest query's own expected attention (one query, no covariance) joins the rows that are
+    aggregated, so a cell only it looks for is kept: a window of queries that all read one thing and
+    a last query that reads another, the case of a needle in filler."""
+    view = make_view(n=60, m=32, next_pos=60, neox=neox, seed=3)
+    rng = np.random.default_rng(8)
+    d = 32
+    filler, needle = unit(rng.normal(size=d)), unit(rng.normal(size=d))
+    view.queries[0][:] = 2.0 * filler + 0.05 * rng.normal(size=view.queries[0].shape)
+    view.queries[0][-1] = 2.0 * needle  # every head
+    r = mean_rotation(view.rope[0], view.next_pos, 512)
+    view.keys[0][10:30] = 3.0 * unit(r @ filler)  # 20 cells the window reads
+    view.keys[0][40] = 3.0 * unit(r @ needle)  # the one the newest query reads
+    ea = get_policy("expected-attention").score
+    plain, with_newest = ea(view, newest_query=False), ea(view)
+    top = lambda s, k: set(np.argsort(-s[4:], kind="stable")[:k] + 4)
+    assert 40 not in top(plain, 16) and 40 in top(with_newest, 16)
+    per = [expected_attention_layer(view.queries[0], view.keys[0][4:], view.vnorms(0)[4:], view.rope[0], 60),
+           expected_attention_layer(view.queries[0][[-1]], view.keys[0][4:], view.vnorms(0)[4:], view.rope[0], 60,
+                                    use_covariance=False)]
+    union = lambda rows: aggregate_scores(rows, "union") * 56 / 60  # ranks among 56 cells below 4 padded sinks
+    np.testing.assert_allclose(with_newest[4:], union(per))
+    # the newest real query: the probe's answer tokens after it join the window, not the newest rows
+    view.queries = {0: np.concatenate([view.queries[0], rng.normal(size=(2, 4, d))])}
+    view.query_positions = np.concatenate([view.query_positions, [60, 61]])
+    view.pseudo_queries = 2
+    np.testing.assert_allclose(ea(view)[4:], union(
+        [expected_attention_layer(view.queries[0], view.keys[0][4:], view.vnorms(0)[4:], view.rope[0], 60),
+         per[1]]))
 
 
 def test_streaming_llm_ranks_newest_highest():

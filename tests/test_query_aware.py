@@ -43,9 +43,10 @@ def _view(weights, focus_dir, ctx_dir):
                     rope={0: rope}, next_pos=106)
 
 
-@pytest.mark.parametrize("policy,opts", [(expected_attention, {}), (snapkv, {"kernel_size": 1})])
+@pytest.mark.parametrize("policy,opts", [(expected_attention, {"newest_query": False}), (snapkv, {"kernel_size": 1})])
 def test_focus_weight_moves_the_ranking(policy, opts):
-    """Equal weights: 4 context queries outvote 2 focus queries; focus weight 0.9: the focus key wins."""
+    """Equal weights: 4 context queries outvote 2 focus queries; focus weight 0.9: the focus key wins.
+    (Expected Attention without the newest query's rows, a focus query here: the weights alone decide.)"""
     plain = policy.score(_view(None, 6, 4), **opts)
     assert plain[0] > plain[1]
     w = np.concatenate([np.full(4, 0.1 / 4), np.full(2, 0.9 / 2)])

@@ -45,6 +45,15 @@ def use_layers(view: CellView, layers: Iterable[int] | None, need: Sequence[str]
     return chosen
 
 
+def newest_query_index(view: CellView) -> int:
+    """Index of the newest captured query the model read: the probed question's answer tokens
+    (``CellView.pseudo_queries``, the newest) are skipped unless they are all there is."""
+    if view.query_positions is None:
+        raise ValueError("this policy needs query_positions to apply RoPE to the captured queries")
+    order = np.argsort(np.asarray(view.query_positions), kind="stable")
+    return int(order[-1 - view.pseudo_queries] if len(order) > view.pseudo_queries else order[-1])
+
+
 def aggregate_scores(per_layer: Sequence[np.ndarray], how: str = "mean",
                      evictable: np.ndarray | None = None) -> np.ndarray:
     """Reduce per-layer (n_kv_head, n) (or (n,)) scores to (n,) over layers and heads.

@@ -9,8 +9,8 @@ from typing import Iterable
 import numpy as np
 
 from ea_local.policies.base import CellView, Policy, RopeSpec
-from ea_local.policies.common import aggregate_scores, use_layers
-from ea_local.policies.snapkv import group_attention, window
+from ea_local.policies.common import aggregate_scores, newest_query_index, use_layers
+from ea_local.policies.snapkv import group_attention
 
 
 def tova_layer(
@@ -33,8 +33,7 @@ def score(view: CellView, *, aggregate: str = "mean", layers: Iterable[int] | No
     as in kvpress, where the question ends the context. The engine's greedy answer tokens after it
     (``CellView.pseudo_queries``) are skipped: the last of them comes after the answer and no longer
     looks for it (the multi-key needle: 13/80 with it, 53/80 without, docs/bench-report.md)."""
-    order = window(view, None)
-    last = order[-1 - view.pseudo_queries] if len(order) > view.pseudo_queries else order[-1]
+    last = newest_query_index(view)
     qpos = int(np.asarray(view.query_positions)[last])
     per_layer = [
         tova_layer(np.asarray(view.queries[l])[last], qpos, view.keys[l], view.positions, view.rope[l], view.attn_scale)
