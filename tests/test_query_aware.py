@@ -217,3 +217,22 @@ def test_focus_window_survives_save_and_load(gemma_ctx, tmp_path):
         np.testing.assert_array_equal(t.focus.q[il], s.focus.q[il])
     s.close()
     t.close()
+
+
+@pytest.mark.parametrize("arch,rows_when_steered", [("llama", False), ("gemma3", True)])
+def test_expected_attention_drops_the_newest_querys_rows_where_a_message_steers_an_all_layer_model(
+        models, arch, rows_when_steered):
+    """The newest query's rows stay on with the context's own queries; on a model whose every layer is
+    evicted they go when a user message (or a probed question) steers the statistics, as measured; an
+    explicit option wins."""
+    s = Session(models[arch], SessionConfig(budget=512, chunk=64, n_threads=1))
+    s.prefill([1] + list(range(3, 160)))
+    assert s._score_options().get("newest_query", True)  # the context's own queries
+    s.prefill(list(range(200, 230)), turn=True)  # a user message: its queries are the focus
+    assert s._score_options().get("newest_query", True) is rows_when_steered
+    s.set_question_weight(0.0)  # question-agnostic: the context's own queries again
+    assert s._score_options().get("newest_query", True)
+    s.set_question_weight(0.5)
+    s.set_policy("expected-attention", newest_query=True)
+    assert s._score_options()["newest_query"] is True
+    s.close()
