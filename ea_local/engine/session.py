@@ -508,7 +508,7 @@ class Session:
         """The policy's options for this compression. Expected Attention adds the newest query's rows
         except, on models whose every layer is evicted, when a message or probed question steers the
         statistics: there they cost needles (SmolLM2 multi-key needle at 12.5%, question known: 53 -> 46
-        of 80, p 0.039), on Gemma 3 they found them (21 -> 45); docs/bench-report.md, "The newest query".
+        of 80, p 0.039, tuning texts), on Gemma 3 they found them (26 -> 49); docs/bench-report.md, "The newest query".
         An explicit ``newest_query`` wins."""
         options = self.cfg.policy_options
         steered = self.cfg.question_weight > 0 and len(self.focus) > 0
