@@ -496,7 +496,7 @@ class Session:
         mf, mc = len(self.focus), len(self.queries)
         # an empty window never empties the statistics: the other one stands in (e.g. question-agnostic
         # right after a turn read as focus before question_weight was set to 0)
-        if (w <= 0 or mf == 0) and mc:
+        if not self._focus_steers and mc:
             return dict(self.queries.q), self.queries.pos, None  # a copy: LAQ's lookahead extends the view's
         if w >= 1 or mc == 0:
             return dict(self.focus.q), self.focus.pos, None
@@ -511,10 +511,14 @@ class Session:
         of 80, p 0.039, tuning texts), on Gemma 3 they found them (26 -> 49); docs/bench-report.md, "The newest query".
         An explicit ``newest_query`` wins."""
         options = self.cfg.policy_options
-        steered = self.cfg.question_weight > 0 and len(self.focus) > 0
-        if self.cfg.policy == "expected-attention" and not self.iswa and steered:
+        if self.cfg.policy == "expected-attention" and not self.iswa and self._focus_steers:
             return {"newest_query": False, **options}
         return options
+
+    @property
+    def _focus_steers(self) -> bool:
+        """Whether the focus window (the newest message or the probed question) has a share of the statistics."""
+        return self.cfg.question_weight > 0 and len(self.focus) > 0
 
     @property
     def room_target(self) -> int:

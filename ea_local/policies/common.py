@@ -45,12 +45,18 @@ def use_layers(view: CellView, layers: Iterable[int] | None, need: Sequence[str]
     return chosen
 
 
-def newest_query_index(view: CellView) -> int:
-    """Index of the newest captured query the model read: the probed question's answer tokens
-    (``CellView.pseudo_queries``, the newest) are skipped unless they are all there is."""
+def window(view: CellView, window_size: int | None) -> np.ndarray:
+    """Indices of the captured queries to use: the last ``window_size`` by position (all if None)."""
     if view.query_positions is None:
         raise ValueError("this policy needs query_positions to apply RoPE to the captured queries")
     order = np.argsort(np.asarray(view.query_positions), kind="stable")
+    return order if window_size is None else order[-int(window_size):]
+
+
+def newest_query_index(view: CellView) -> int:
+    """Index of the newest captured query the model read: the probed question's answer tokens
+    (``CellView.pseudo_queries``, the newest) are skipped unless they are all there is."""
+    order = window(view, None)
     return int(order[-1 - view.pseudo_queries] if len(order) > view.pseudo_queries else order[-1])
 
 

@@ -26,8 +26,8 @@ from typing import Iterable
 import numpy as np
 
 from ea_local.policies.base import CellView, Policy, RopeSpec
-from ea_local.policies.common import aggregate_scores, use_layers
-from ea_local.policies.snapkv import group_attention, pool1d, window
+from ea_local.policies.common import aggregate_scores, use_layers, window
+from ea_local.policies.snapkv import group_attention, pool1d
 from ea_local.model.rope import apply_rope, magnitude, pair_indices
 
 

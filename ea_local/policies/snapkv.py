@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from ea_local.policies.base import CellView, Policy, RopeSpec
-from ea_local.policies.common import aggregate_scores, kv_group, pool1d, softmax, use_layers
+from ea_local.policies.common import aggregate_scores, kv_group, pool1d, softmax, use_layers, window
 from ea_local.model.rope import apply_rope
 
 def group_attention(
@@ -60,14 +60,6 @@ def snapkv_layer(
         votes = attn.sum(axis=1) if weights is None else np.einsum("gmn,m->gn", attn, np.asarray(weights))
         out[j] = pool1d(votes, kernel_size, pooling).mean(axis=0)
     return out
-
-
-def window(view: CellView, window_size: int | None) -> np.ndarray:
-    """Indices of the captured queries to use: the last ``window_size`` by position (all if None)."""
-    if view.query_positions is None:
-        raise ValueError("this policy needs query_positions to apply RoPE to the captured queries")
-    order = np.argsort(np.asarray(view.query_positions), kind="stable")
-    return order if window_size is None else order[-int(window_size):]
 
 
 def over_window(view: CellView, window_size: int | None, layers: Iterable[int] | None, need: list[str],
