@@ -79,6 +79,28 @@ def test_held_out_text_barely_overlaps_the_reported_text():
         data.real_text([Path("/nonexistent/licence")])
 
 
+def test_tuning_filler_trials_are_not_the_reported_ones():
+    """The filler is the same text in every set, so only the keys and needles can tell a tuning
+    trial from a reported one: they differ, and the reporting set still draws the published keys."""
+    from ea_local.bench.options import BenchOptions
+    from ea_local.bench.suites.quality import passkey_key, trial_rng
+
+    def opts(texts: str) -> BenchOptions:
+        return BenchOptions(model="m", out="o", suites=["passkey"], policies=[], budgets=[], texts=texts)
+
+    rep, tun = opts("reporting"), opts("tuning")
+    published = json.loads((ROOT / "docs/bench-report/gemma3-270m/results.json").read_text())["quality"]["passkey"]
+    rows = {(r["length"], r["depth"], r["seed"], r["expected"]) for r in published if r["haystack"] == "filler"}
+    assert len(rows) == 15
+    for length, depth, k, key in rows:
+        assert str(passkey_key(rep, length, depth, k)) == key
+        assert passkey_key(tun, length, depth, k) != passkey_key(rep, length, depth, k)
+    assert trial_rng(rep, "multikey-0-3").random() == random.Random("multikey-0-3").random()
+    hay = [FILLER] * 150
+    needles = lambda o: data.multikey_needle(trial_rng(o, "multikey-0-3"), hay).questions
+    assert [q.answer for q in needles(tun)] != [q.answer for q in needles(rep)]
+
+
 def test_multi_turn_facts_come_first_and_match_the_questions():
     paras = data.paragraphs()
     chat = data.multi_turn(random.Random(3), 20, paras)

@@ -90,6 +90,18 @@ def _prose_tokens(rt: Runtime, texts: str, start: int, n: int) -> list[int]:
     return toks if len(toks) >= n or cut >= len(full) else rt.tokenize(full, add_bos=False, special=False)
 
 
+def trial_rng(o: BenchOptions, seed: int | str) -> random.Random:
+    """A trial's random stream (keys, needles, their positions). The filler haystack is the same
+    text in every set, so a set other than the reporting one salts the stream with its name: the
+    trials settings are chosen on are not the trials they are reported on. The reporting set keeps
+    the unsalted streams its published rows were drawn from."""
+    return random.Random(seed if o.texts == "reporting" else f"{o.texts}-{seed}")
+
+
+def passkey_key(o: BenchOptions, length: int, depth: float, k: int) -> int:
+    return trial_rng(o, o.seed * 1000 + int(depth * 100) + length + 7919 * k).randint(10000, 99999)
+
+
 def passkey(o: BenchOptions, tick: Tick) -> list[dict]:
     """length x haystack x key (seed) x depth trials; key k of a prose haystack hides in the text set
     beginning with its document k, so the keys read different documents."""
@@ -100,7 +112,7 @@ def passkey(o: BenchOptions, tick: Tick) -> list[dict]:
             for k in range(o.seeds):
                 hay = _prose_tokens(s.rt, o.texts, k, length) if hay_kind == "prose" else None
                 for d in o.depths:
-                    key = random.Random(o.seed * 1000 + int(d * 100) + length + 7919 * k).randint(10000, 99999)
+                    key = passkey_key(o, length, d, k)
                     ctx, question, span = passkey_prompt(s.rt, length, d, key, haystack=hay)
                     base = {"length": length, "depth": d, "seed": k, "haystack": hay_kind}
                     rows += _trials(o, s, ctx, [(question, str(key))], base, span, tick)
@@ -137,7 +149,7 @@ def one_shot_task(o: BenchOptions, name: str, tick: Tick) -> list[dict]:
     bos = [s.rt.bos()] if s.rt.add_bos() else []
     for hay_kind in o.haystack_list():
         for i in range(o.task_samples):
-            rng = random.Random(f"{name}-{o.seed}-{i}")
+            rng = trial_rng(o, f"{name}-{o.seed}-{i}")
             hay = _haystack(s.rt, hay_kind, o.task_length - 128, start=i, texts=o.texts)
             task = make_task(o, name, rng, hay)
             ctx = bos + s.rt.tokenize(task.context)
@@ -153,7 +165,7 @@ def task_questions(o: BenchOptions, name: str) -> int:
 
 
 def _chat_tokens(rt: Runtime, o: BenchOptions, sample: int) -> tuple[list[list[int]], list[tuple[list[int], str]]]:
-    chat = data.multi_turn(random.Random(f"chat-{o.seed}-{sample}"), 400, data.paragraphs())
+    chat = data.multi_turn(trial_rng(o, f"chat-{o.seed}-{sample}"), 400, data.paragraphs())
     turns, total = [], 0
     for i, t in enumerate(chat.turns):
         toks = ([rt.bos()] if i == 0 and rt.add_bos() else []) + rt.tokenize(t)
