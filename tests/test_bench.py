@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import json
+import os
 import random
 import re
 import subprocess
@@ -99,6 +100,17 @@ def test_tuning_filler_trials_are_not_the_reported_ones():
     hay = [FILLER] * 150
     needles = lambda o: data.multikey_needle(trial_rng(o, "multikey-0-3"), hay).questions
     assert [q.answer for q in needles(tun)] != [q.answer for q in needles(rep)]
+
+
+def test_tasks_are_the_same_in_every_process():
+    """A seed builds the same documents whatever Python's string hashing (PYTHONHASHSEED) is."""
+    code = ("import random; from ea_local.bench import data; h = [data.FILLER] * 40; "
+            "print([(t.context, [(q.prompt, q.answer) for q in t.questions]) for t in "
+            "[data.variable_tracking(random.Random(f'vt-{i}'), h, 2, 1, 'completion') for i in range(10)] + "
+            "[data.multikey_needle(random.Random(f'mk-{i}'), h) for i in range(3)]])")
+    outs = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                           capture_output=True, text=True, check=True, cwd=ROOT).stdout for seed in (1, 2, 3)}
+    assert len(outs) == 1
 
 
 def test_multi_turn_facts_come_first_and_match_the_questions():

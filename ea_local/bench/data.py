@@ -99,10 +99,14 @@ def multikey_needle(rng: random.Random, haystack: list[str], n_keys: int = 4) ->
 
 
 def _var_names(rng: random.Random, n: int) -> list[str]:
-    names: set[str] = set()
+    """n distinct random names in the order drawn (a set's order would follow the process's string
+    hashing, so the same seed would build another task in another process)."""
+    names: list[str] = []
     while len(names) < n:
-        names.add("".join(rng.choices(string.ascii_uppercase, k=5)))
-    return sorted(names, key=lambda _: rng.random())
+        name = "".join(rng.choices(string.ascii_uppercase, k=5))
+        if name not in names:
+            names.append(name)
+    return names
 
 
 VT_QUESTIONS = {  # how the value of the chain's last variable is asked
