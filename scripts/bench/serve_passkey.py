@@ -1,13 +1,19 @@
 #!/usr/bin/env python3
-"""Pass key through the server's path: one `/v1/completions` request per depth, greedy, the
-question at the end of the prompt after a blank line, as a user of `ea-local serve` would ask it.
+"""Pass key through the server's path: one request per trial, greedy, the question at the end of the
+prompt (`/v1/completions`) or of the user's message (`/v1/chat/completions`), as a user of
+`ea-local serve` would ask it.
 
-    EA_LOCAL_THREADS=1 .venv/bin/python scripts/bench/serve_passkey.py --model smollm2-135m --tokens 2048 \\
-        --budget 512 --policies expected-attention,streaming-llm,none --haystack filler --out results.jsonl
+    EA_LOCAL_THREADS=1 .venv/bin/python scripts/bench/serve_passkey.py --model smollm2-135m --endpoint chat \\
+        --tokens 1024 --budget 256,128 --keys 2 --policies expected-attention,streaming-llm,snapkv,tova,none \\
+        --agnostic expected-attention,tova --haystack prose --out results.jsonl
 
-Each policy gets its own server (`--no-reuse`: every request is read from scratch); `none` is the
-full cache (its budget is the prompt plus the answer). A depth counts as found when the key's
-digits appear in the 8-token answer. Prints found/n per policy with a Wilson 95% interval.
+One server per run (`--no-reuse`: every request is read from scratch) at the largest budget; each
+request names its policy and budget in `kv_compression` (and `question_agnostic` for the policies
+`--agnostic` names). `none`, the full cache, gets a server of its own sized for the
+prompt. Trials are depths × keys (key k of depth i is drawn from seed·1000 + 100·k + i). A trial
+counts as found when the key's digits appear in the answer. Prints found/n per policy, mode and budget
+with a Wilson 95% interval, and Expected Attention against every other row on the same trials (exact
+McNemar: EA only / other only).
 """
 from __future__ import annotations
 
@@ -19,8 +25,9 @@ import time
 from pathlib import Path
 
 from ea_local.engine.runtime import ContextConfig, Runtime  # ea_local first: libllama before numpy
-from ea_local.bench.stats import wilson
+from ea_local.bench.stats import fmt_p, fmt_rate, mcnemar_exact
 from ea_local.model.embedded import resolve_model
+from ea_local.policies import get_policy
 
 from serve_process import ServerProcess  # this folder: run as a script
 
@@ -28,6 +35,8 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 PROSE = Path("/usr/share/common-licenses/MPL-2.0")  # real English prose no setting was tuned on
 INTRO = "There is important info hidden inside a lot of irrelevant text. Find it and memorize it. "
 QUESTION = "\n\nWhat is the pass key? The pass key is"
+CHAT_QUESTION = "\n\nWhat is the pass key?"
+EA = "expected-attention"
 
 
 def haystack(rt: Runtime, kind: str, n_tokens: int) -> list[str]:
@@ -47,21 +56,66 @@ def haystack(rt: Runtime, kind: str, n_tokens: int) -> list[str]:
     return out
 
 
-def prompt(sents: list[str], depth: float, key: int) -> str:
+def document(sents: list[str], depth: float, key: int) -> str:
     cut = int(len(sents) * depth)
     needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
-    return INTRO + "".join(sents[:cut]) + needle + "".join(sents[cut:]).rstrip() + QUESTION
+    return INTRO + "".join(sents[:cut]) + needle + "".join(sents[cut:]).rstrip()
+
+
+def request(endpoint: str, doc: str, max_tokens: int) -> tuple[str, dict]:
+    if endpoint == "chat":
+        return "/v1/chat/completions", {"messages": [{"role": "user", "content": doc + CHAT_QUESTION}],
+                                        "max_tokens": max_tokens, "temperature": 0}
+    return "/v1/completions", {"prompt": doc + QUESTION, "max_tokens": max_tokens, "temperature": 0}
+
+
+def answer_text(endpoint: str, j: dict) -> str:
+    c = j["choices"][0]
+    return c["message"]["content"] if endpoint == "chat" else c["text"]
+
+
+def mode_name(r: dict) -> str:
+    if r["policy"] == "none":
+        return "full"
+    if not get_policy(r["policy"]).needs_queries:
+        return "-"  # reads no question either way
+    return "agnostic" if r["agnostic"] else "question"
+
+
+def summary(rows: list[dict]) -> str:
+    cells: dict[tuple, dict] = {}
+    for r in rows:
+        cells.setdefault((r["policy"], mode_name(r), r["budget"]), {})[(r["depth"], r["key"])] = bool(r["found"])
+    out = ["| policy | mode | budget | found |", "| --- | --- | --- | --- |"]
+    out += [f"| {p} | {m} | {b if p != 'none' else 'full'} | {fmt_rate(sum(v.values()), len(v))} |"
+            for (p, m, b), v in cells.items()]
+    out += ["", "| Expected Attention | other | EA only / other only, p |", "| --- | --- | --- |"]
+    for (p, m, b), ea in cells.items():
+        if p != EA:
+            continue
+        for (q, m2, b2), other in cells.items():
+            if q == EA or not (m2 == "full" or (b2 == b and m2 in (m, "-"))):
+                continue
+            common = sorted(set(ea) & set(other))
+            t = mcnemar_exact([ea[c] for c in common], [other[c] for c in common])
+            out.append(f"| {m}, {b} | {q} {m2 if m2 != '-' else ''} | {t.a_only} / {t.b_only}, p {fmt_p(t.p_value)} |")
+    return "\n".join(out)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     ap.add_argument("--tokens", type=int, default=2048, help="haystack tokens")
-    ap.add_argument("--budget", type=int, default=512)
+    ap.add_argument("--budget", default="512", help="cells, comma-separated")
     ap.add_argument("--depths", default="0.05,0.2,0.35,0.5,0.65,0.8")
+    ap.add_argument("--keys", type=int, default=1, help="keys (trials) per depth")
     ap.add_argument("--policies", default="expected-attention,streaming-llm,none")
-    ap.add_argument("--agnostic", action="store_true", help="also expected-attention with question_agnostic")
+    ap.add_argument("--agnostic", nargs="?", const=EA, default="",
+                    help="also these policies (comma-separated; alone: expected-attention) with "
+                         "kv_compression.question_agnostic")
     ap.add_argument("--haystack", choices=["filler", "prose"], default="filler")
+    ap.add_argument("--max-tokens", type=int, default=None, help="answer tokens (8 completions, 16 chat)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON lines, one per request")
     a = ap.parse_args()
@@ -69,45 +123,51 @@ def main() -> int:
     rt = Runtime(path, ContextConfig(n_ctx=64, n_threads=1))
     sents = haystack(rt, a.haystack, a.tokens)
     rt.close()
+    budgets = sorted({int(x) for x in a.budget.split(",")}, reverse=True)
     depths = [float(x) for x in a.depths.split(",")]
-    keys = [random.Random(a.seed * 1000 + i).randint(10000, 99999) for i in range(len(depths))]
-    runs = [(p, False) for p in a.policies.split(",")] + ([("expected-attention", True)] if a.agnostic else [])
+    trials = [(d, random.Random(a.seed * 1000 + 100 * k + i).randint(10000, 99999))
+              for k in range(a.keys) for i, d in enumerate(depths)]
+    max_tokens = a.max_tokens or (16 if a.endpoint == "chat" else 8)
+    policies = a.policies.split(",")
+    evicting = [p for p in policies if p != "none"]
+    runs = [(p, b, False) for p in evicting for b in budgets]
+    runs += [(p, b, True) for p in a.agnostic.split(",") if p for b in budgets if get_policy(p).needs_queries]
+    servers = ([(evicting[0], budgets[0], runs)] if evicting else []) + \
+        ([("none", a.tokens + 512, [("none", a.tokens + 512, False)])] if "none" in policies else [])
     out = open(a.out, "a") if a.out else None
-    summary = []
-    for policy, agnostic in runs:
-        budget = a.budget if policy != "none" else a.tokens + 512
-        srv = ServerProcess(path, "--budget", str(budget), "--policy", policy, "--parallel", "1", "--no-reuse",
-                            start_timeout=600)
+    rows = []
+    for server_policy, server_budget, server_runs in servers:
+        srv = ServerProcess(path, "--budget", str(server_budget), "--policy", server_policy, "--parallel", "1",
+                            "--no-reuse", start_timeout=600)
         srv.client.timeout = 3600
-        found = 0
         try:
-            for depth, key in zip(depths, keys):
-                body = {"prompt": prompt(sents, depth, key), "max_tokens": 8, "temperature": 0}
-                if agnostic:
-                    body["kv_compression"] = {"question_agnostic": True}
-                t0 = time.perf_counter()
-                r = srv.client.post("/v1/completions", json=body)
-                row = {"model": a.model, "haystack": a.haystack, "tokens": a.tokens, "budget": budget,
-                       "policy": policy, "agnostic": agnostic, "depth": depth, "key": key, "status": r.status_code,
-                       "seconds": round(time.perf_counter() - t0, 1)}
-                if r.status_code == 200:
-                    j = r.json()
-                    row.update(answer=j["choices"][0]["text"], found=str(key) in j["choices"][0]["text"],
-                               prompt_tokens=j["usage"]["prompt_tokens"], kv_cache=j["kv_cache"])
-                else:
-                    row.update(found=False, error=r.text[:300])
-                found += row["found"]
-                print(json.dumps(row), flush=True)
-                if out:
-                    out.write(json.dumps(row) + "\n")
-                    out.flush()
+            for depth, key in trials:
+                url, body0 = request(a.endpoint, document(sents, depth, key), max_tokens)
+                for policy, budget, agnostic in server_runs:
+                    body = dict(body0)
+                    if policy != "none":
+                        body["kv_compression"] = {"policy": policy, "budget": budget,
+                                                  **({"question_agnostic": True} if agnostic else {})}
+                    t0 = time.perf_counter()
+                    r = srv.client.post(url, json=body)
+                    row = {"model": a.model, "endpoint": a.endpoint, "haystack": a.haystack, "tokens": a.tokens,
+                           "budget": budget, "policy": policy, "agnostic": agnostic, "depth": depth, "key": key,
+                           "status": r.status_code, "seconds": round(time.perf_counter() - t0, 1)}
+                    if r.status_code == 200:
+                        j = r.json()
+                        text = answer_text(a.endpoint, j)
+                        row.update(answer=text, found=str(key) in text, prompt_tokens=j["usage"]["prompt_tokens"],
+                                   kv_cache=j.get("kv_cache"))
+                    else:
+                        row.update(found=False, error=r.text[:300])
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    if out:
+                        out.write(json.dumps(row) + "\n")
+                        out.flush()
         finally:
             srv.stop()
-        lo, hi = wilson(found, len(depths))
-        name = policy + (" (question-agnostic)" if agnostic else "")
-        summary.append(f"{name}: {found}/{len(depths)} found (95% CI {lo:.2f}-{hi:.2f})")
-        print(summary[-1], flush=True)
-    print("\n".join(summary))
+    print(summary(rows))
     return 0
 
 
