@@ -96,7 +96,8 @@ def test_probe_leaves_no_trace(gemma_ctx):
 
 def test_answer_lookahead_probes_the_greedy_answer(gemma_ctx):
     """answer_lookahead k: the focus holds the question's queries and those of the k greedy answer
-    tokens, exactly what decoding the question and then answering greedily captures; no trace left."""
+    tokens, exactly what decoding the question and then answering greedily captures; the session
+    keeps the answer; no trace left."""
     k = 4
     s = Session(str(GEMMA), SessionConfig(budget=1024, chunk=256, question_weight=1.0, answer_lookahead=k))
     s.prefill(gemma_ctx)
@@ -110,8 +111,11 @@ def test_answer_lookahead_probes_the_greedy_answer(gemma_ctx):
     ref.rt.capture_clear()
     pos = list(range(ref.next_pos, ref.next_pos + n))
     ref.rt.decode(question, pos[:len(question)])
+    answer = []
     for p in pos[len(question):]:
-        ref.rt.decode([int(np.argmax(ref.rt.logits()))], [p])
+        answer.append(int(np.argmax(ref.rt.logits())))
+        ref.rt.decode([answer[-1]], [p])
+    assert s.probe_answer == answer  # what steered the compression, for tracing it (scripts/bench/probe_trace.py)
     for il in s.layers:
         got_pos, q = ref.captured_queries(il)
         assert got_pos.tolist() == pos

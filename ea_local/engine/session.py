@@ -287,6 +287,7 @@ class Session:
         # the focus a newer message replaced: recall's baseline, what the conversation looked for before it
         self.before = QueryWindow()
         self.question: list[int] = []
+        self.probe_answer: list[int] = []  # the last probe's greedy answer tokens: what steered that compression
         self._n_captured = 0
         self.stats = Stats()
         self.recalled_count: dict[int, int] = {}  # position -> times a live cell came back from the archive
@@ -435,8 +436,10 @@ class Session:
         pos = list(range(self.next_pos, self.next_pos + self._probe_len()))
         with self._undone(pos):
             self.rt.decode(self.question, pos[:n_q])
+            self.probe_answer = []
             for p in pos[n_q:]:
-                self.rt.decode([int(np.argmax(self.rt.logits()))], [p])
+                self.probe_answer.append(int(np.argmax(self.rt.logits())))
+                self.rt.decode([self.probe_answer[-1]], [p])
             self._n_captured = len(pos)
             self._pull_queries(keep=len(pos), into_focus=True, extend=False)
 
