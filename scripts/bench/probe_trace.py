@@ -19,7 +19,9 @@ from ea_local.engine.sampling import SamplingParams  # ea_local first: libllama 
 from ea_local.engine.session import Session, SessionConfig
 from ea_local.model.chat_template import resolve_template
 from ea_local.model.embedded import resolve_model
+from ea_local.model.info import read_model_info
 from ea_local.serve.question import chat_question_text, question_length
+from ea_local.serve.server import configure
 
 import serve_passkey as sp  # this folder: run as a script
 
@@ -41,8 +43,11 @@ def main() -> int:
     ap.add_argument("--full", action="store_true", help="also the full cache's answer after each prefix")
     a = ap.parse_args()
     path = str(resolve_model(a.model))
-    # the server's slot settings (serve.server.configure): prefill chunks of half the budget
-    cfg = SessionConfig(budget=a.budget, policy=a.policy, n_threads=1, chunk=max(1, min(512, a.budget // 2)))
+    # the slot's settings and question cap exactly as `ea-local serve --threads 1` makes them (its defaults)
+    srv, cfg = configure(read_model_info(path), budget=a.budget, policy=a.policy, max_tokens=16,
+                         max_prompt_tokens=131072, max_body=4 * 2**20, temperature=0.0, api_key=None,
+                         cache_type="f16", seed=0, threads=1, n_gpu_layers=None, rpc=(), recall=True,
+                         archive="64MiB")
     s = Session(path, cfg)
     template, _ = resolve_template(s.info, s.rt)
     doc = sp.document(sp.haystack(s.rt, a.haystack, a.tokens), a.depth, a.key)
@@ -53,20 +58,20 @@ def main() -> int:
     def count(t: str) -> int:
         return len(s.rt.tokenize(t, add_bos=False, special=True))
 
-    max_q = min(cfg.step - cfg.answer_lookahead, cfg.chunk - 1 - cfg.answer_lookahead)
+    max_q = srv.max_question
     n_q = question_length(chat_question_text(text, messages, count, max_q), len(toks), count, max_q)
     needle = f"The pass key is {a.key}. Remember it. {a.key} is the pass key."
     before = text[:text.index(needle)]
     lo, hi = count(before), count(before + needle)
     print(f"prompt {len(toks)} tokens, question {n_q}, needle at {lo}..{hi}, chunk {cfg.chunk}")
     full = Session(path, SessionConfig(budget=len(toks) + 64, policy="none", n_threads=1)) if a.full else None
-    fed = 0
+    fed = seen = 0
 
     def trace(done: int, total: int) -> None:
-        nonlocal fed
-        if len(s.stats.evictions) == trace.seen:
+        nonlocal fed, seen
+        if len(s.stats.evictions) == seen:
             return
-        trace.seen = len(s.stats.evictions)
+        seen = len(s.stats.evictions)
         at = s.stats.evictions[-1].at_token
         kept = sum(1 for p in range(lo, hi) if p in s.live) / (hi - lo)
         line = f"compression after {at} tokens: needle kept {kept:.0%}, probe answered {text_of(s, s.probe_answer)!r}"
@@ -77,7 +82,6 @@ def main() -> int:
             full.truncate(at)
             line += f"; full cache answers {reply!r}"
         print(line, flush=True)
-    trace.seen = 0
 
     s.set_question_weight(a.question_weight)
     s.set_question(toks[len(toks) - n_q:])
