@@ -3,7 +3,7 @@
 share of the needle's tokens still cached and the probe's greedy answer that steered the scores.
 
     EA_LOCAL_THREADS=1 .venv/bin/python scripts/bench/probe_trace.py --model smollm2-135m --tokens 3800 \\
-        --budget 947 --depth 0.3 --key 27611 --haystack prose --full
+        --budget 947 --depth 0.3 --key 27611 --haystack prose --texts tuning --full
 
 The session is set up as a slot sets it up for a request that does not fit (`Slot.run`: the
 question probed, the prompt read with `turn=False`); the prompt is serve_passkey.py's chat request.
@@ -40,6 +40,7 @@ def main() -> int:
     ap.add_argument("--depth", type=float, default=0.3)
     ap.add_argument("--key", type=int, default=27611)
     ap.add_argument("--haystack", choices=["filler", "prose"], default="prose")
+    ap.add_argument("--texts", choices=sorted(sp.PROSE), default="reporting")
     ap.add_argument("--full", action="store_true", help="also the full cache's answer after each prefix")
     a = ap.parse_args()
     path = str(resolve_model(a.model))
@@ -50,7 +51,7 @@ def main() -> int:
                          archive="64MiB")
     s = Session(path, cfg)
     template, _ = resolve_template(s.info, s.rt)
-    doc = sp.document(sp.haystack(s.rt, a.haystack, a.tokens), a.depth, a.key)
+    doc = sp.document(sp.haystack(s.rt, a.haystack, a.tokens, a.texts), a.depth, a.key)
     messages = [{"role": "user", "content": doc + sp.CHAT_QUESTION}]
     text = template.render(messages, add_generation_prompt=True)
     toks = s.rt.tokenize(text, add_bos=False, special=True)

@@ -22,9 +22,9 @@ import json
 import random
 import sys
 import time
-from pathlib import Path
 
 from ea_local.engine.runtime import ContextConfig, Runtime  # ea_local first: libllama before numpy
+from ea_local.bench.corpus import LICENSES
 from ea_local.bench.stats import fmt_p, fmt_rate, mcnemar_exact
 from ea_local.model.embedded import resolve_model
 from ea_local.policies import get_policy
@@ -32,20 +32,21 @@ from ea_local.policies import get_policy
 from serve_process import ServerProcess  # this folder: run as a script
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-PROSE = Path("/usr/share/common-licenses/MPL-2.0")  # real English prose no setting was tuned on
+# real English prose from each text set (bench/corpus.py): settings are chosen on the tuning one
+PROSE = {"tuning": LICENSES / "MPL-2.0", "reporting": LICENSES / "GPL-2"}
 INTRO = "There is important info hidden inside a lot of irrelevant text. Find it and memorize it. "
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 CHAT_QUESTION = "\n\nWhat is the pass key?"
 EA = "expected-attention"
 
 
-def haystack(rt: Runtime, kind: str, n_tokens: int) -> list[str]:
-    """Sentences of the haystack, enough for n_tokens."""
+def haystack(rt: Runtime, kind: str, n_tokens: int, texts: str = "reporting") -> list[str]:
+    """Sentences of the haystack, enough for n_tokens; prose from the `texts` set."""
     if kind == "filler":
         unit = FILLER.split(". ")
         sents = [s.strip().rstrip(".") + ". " for s in unit if s.strip()]
     else:
-        sents = [s.strip() + ". " for s in " ".join(PROSE.read_text().split()).split(". ") if s.strip()]
+        sents = [s.strip() + ". " for s in " ".join(PROSE[texts].read_text().split()).split(". ") if s.strip()]
     out, n, i = [], 0, 0
     per = {s: len(rt.tokenize(s, add_bos=False, special=False)) for s in set(sents)}
     while n < n_tokens:
@@ -115,13 +116,15 @@ def main() -> int:
                     help="also these policies (comma-separated; alone: expected-attention) with "
                          "kv_compression.question_agnostic")
     ap.add_argument("--haystack", choices=["filler", "prose"], default="filler")
+    ap.add_argument("--texts", choices=sorted(PROSE), default="reporting",
+                    help="prose from this text set: MPL-2.0 (tuning) or GPL-2 (reporting)")
     ap.add_argument("--max-tokens", type=int, default=None, help="answer tokens (8 completions, 16 chat)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON lines, one per request")
     a = ap.parse_args()
     path = str(resolve_model(a.model))
     rt = Runtime(path, ContextConfig(n_ctx=64, n_threads=1))
-    sents = haystack(rt, a.haystack, a.tokens)
+    sents = haystack(rt, a.haystack, a.tokens, a.texts)
     rt.close()
     budgets = sorted({int(x) for x in a.budget.split(",")}, reverse=True)
     depths = [float(x) for x in a.depths.split(",")]
@@ -150,7 +153,8 @@ def main() -> int:
                                                   **({"question_agnostic": True} if agnostic else {})}
                     t0 = time.perf_counter()
                     r = srv.client.post(url, json=body)
-                    row = {"model": a.model, "endpoint": a.endpoint, "haystack": a.haystack, "tokens": a.tokens,
+                    row = {"model": a.model, "endpoint": a.endpoint, "haystack": a.haystack,
+                           "texts": a.texts if a.haystack == "prose" else None, "tokens": a.tokens,
                            "budget": budget, "policy": policy, "agnostic": agnostic, "depth": depth, "key": key,
                            "status": r.status_code, "seconds": round(time.perf_counter() - t0, 1)}
                     if r.status_code == 200:
