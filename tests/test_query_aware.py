@@ -124,6 +124,32 @@ def test_answer_lookahead_probes_the_greedy_answer(gemma_ctx):
     ref.close()
 
 
+def test_a_question_the_context_ends_with_is_not_asked_twice(gemma_ctx):
+    """When the context was just read up to its question (a request's last chunk, then a compression),
+    the probe answers from there: the focus holds the question's queries as read and the greedy
+    answer's, the same a probe after the context without the question would capture."""
+    k = 4
+    cfg = SessionConfig(budget=1024, chunk=256, question_weight=1.0, answer_lookahead=k)
+    s = Session(str(GEMMA), cfg)
+    s.prefill(gemma_ctx)
+    question = s.rt.tokenize("What is the licence called? It is called")
+    s.prefill(question)
+    _probe_without_trace(s, question)
+    n = len(question) + k
+    start = s.next_pos - len(question)
+    assert s.focus.pos.tolist() == list(range(start, start + n))
+
+    ref = Session(str(GEMMA), cfg)
+    ref.prefill(gemma_ctx)
+    ref.set_question(question)
+    ref._probe_question()  # asked after the context, at the positions the context gave it
+    assert s.probe_answer == ref.probe_answer
+    for il in s.layers:
+        np.testing.assert_allclose(s.focus.q[il].reshape(n, -1), ref.focus.q[il].reshape(n, -1), rtol=1e-3, atol=1e-3)
+    s.close()
+    ref.close()
+
+
 def test_view_marks_the_probes_answer_tokens(gemma_ctx):
     """The view says how many of its newest queries are the probe's greedy answer tokens, so that TOVA's
     last query is the question's last token; without a probe (question-agnostic) there are none."""

@@ -432,16 +432,30 @@ class Session:
         Invisible to the conversation: positions, bookkeeping and the last logits are restored."""
         if self._n_captured:
             self._pull_queries(keep=self.cfg.stats_window)
-        n_q = len(self.question)
-        pos = list(range(self.next_pos, self.next_pos + self._probe_len()))
+        read = self._question_read()
+        asked = [] if read else self.question  # a question the context ends with is not asked twice
+        pos = list(range(self.next_pos, self.next_pos + len(asked) + self.cfg.answer_lookahead))
         with self._undone(pos):
-            self.rt.decode(self.question, pos[:n_q])
+            if asked:
+                self.rt.decode(asked, pos[:len(asked)])
             self.probe_answer = []
-            for p in pos[n_q:]:
+            for p in pos[len(asked):]:
                 self.probe_answer.append(int(np.argmax(self.rt.logits())))
                 self.rt.decode([self.probe_answer[-1]], [p])
             self._n_captured = len(pos)
             self._pull_queries(keep=len(pos), into_focus=True, extend=False)
+        if read:  # its queries, captured when the context read it, lead the focus as a probe's would
+            focus = self.queries.last(len(self.question))
+            focus.push(self.focus.q, self.focus.pos, keep=self._probe_len())
+            self.focus = focus
+
+    def _question_read(self) -> bool:
+        """Whether the context's newest tokens are the question and their queries are in the statistics
+        window: the last prompt chunk of a request ended with its question, then compressed."""
+        n = len(self.question)
+        pos = range(self.next_pos - n, self.next_pos)
+        return (n > 0 and [self.live.get(p) for p in pos] == self.question
+                and self.queries.pos[-n:].tolist() == list(pos))
 
     @contextmanager
     def _undone(self, positions: list[int]):
