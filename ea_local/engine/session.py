@@ -423,8 +423,8 @@ class Session:
         return len(self.question) + self.cfg.answer_lookahead if self.question else 0
 
     def _probe_question(self) -> None:
-        """Decode the question right after the context, then `answer_lookahead` greedy answer tokens,
-        keep their queries as the focus, remove their cells.
+        """Decode the question right after the context (unless the context ends with it), then
+        `answer_lookahead` greedy answer tokens; keep their queries as the focus, remove their cells.
 
         The answer's own queries are the ones that read the fact back (a pass key's later digits are
         attended to while the earlier ones are written, not while the question is read): LAQ's
