@@ -434,6 +434,8 @@ class Session:
             self._pull_queries(keep=self.cfg.stats_window)
         read = self._question_read()
         asked = [] if read else self.question  # a question the context ends with is not asked twice
+        # its queries, captured when the context read it, lead the focus as a probe's would
+        self.focus = self.queries.last(len(self.question)) if read else QueryWindow()
         pos = list(range(self.next_pos, self.next_pos + len(asked) + self.cfg.answer_lookahead))
         with self._undone(pos):
             if asked:
@@ -443,11 +445,7 @@ class Session:
                 self.probe_answer.append(int(np.argmax(self.rt.logits())))
                 self.rt.decode([self.probe_answer[-1]], [p])
             self._n_captured = len(pos)
-            self._pull_queries(keep=len(pos), into_focus=True, extend=False)
-        if read:  # its queries, captured when the context read it, lead the focus as a probe's would
-            focus = self.queries.last(len(self.question))
-            focus.push(self.focus.q, self.focus.pos, keep=self._probe_len())
-            self.focus = focus
+            self._pull_queries(keep=self._probe_len(), into_focus=True)
 
     def _question_read(self) -> bool:
         """Whether the context's newest tokens are the question and their queries are in the statistics
