@@ -54,7 +54,7 @@ def test_weight_set_to_zero_after_a_question_aware_turn_still_scores(tiny_llama)
 
 def test_no_query_at_all_falls_back_to_recency(tiny_llama):
     """A truncate can remove every captured query; the next compression keeps sinks and newest cells."""
-    s = Session(tiny_llama, SessionConfig(budget=200, chunk=64, step=32, recent=32))
+    s = Session(tiny_llama, SessionConfig(budget=200, chunk=64, step=32, recent=32, stats_window=16))
     s.prefill([1] + _tokens(150))  # the statistics window: the last chunk's queries, positions 128..150
     assert s.queries.pos.min() >= 100
     s.truncate(100)
@@ -92,6 +92,36 @@ def test_multi_chunk_message_focus_is_the_whole_message(tiny_llama):
     start = s.next_pos
     s.prefill(_tokens(100, 4), turn=True)  # two chunks of one message
     assert s.focus.pos.tolist() == list(range(start + 36, start + 100))  # its last `chunk` queries
+    s.close()
+
+
+def test_a_short_prefill_chunk_is_topped_up_to_the_statistics_window(tiny_llama):
+    """A request's last chunk may be a few tokens: the statistics window keeps the previous chunk's
+    newest queries beside them (stats_window in all), not the few alone; a full chunk replaces it."""
+    s = Session(tiny_llama, SessionConfig(budget=1024, chunk=256, step=64, recent=32, stats_window=128))
+    s.prefill([1] + _tokens(255))
+    assert s.queries.pos.tolist() == list(range(256))
+    s.prefill(_tokens(4, 1))
+    assert s.queries.pos.tolist() == list(range(132, 260))
+    assert all(q.shape[0] == 128 for q in s.queries.q.values())
+    s.prefill(_tokens(256, 2))
+    assert s.queries.pos.tolist() == list(range(260, 516))
+    s.close()
+
+
+def test_a_question_split_across_the_last_two_chunks_is_not_asked_twice(tiny_llama):
+    """The prompt's last chunk holds only the question's tail: the question was still read whole, so
+    the probe starts from it (focus = the question as read, then the answer lookahead)."""
+    k = 4
+    s = Session(tiny_llama, SessionConfig(budget=1024, chunk=254, step=64, recent=32, answer_lookahead=k))
+    question = _tokens(10, 5)
+    prompt = [1] + _tokens(501) + question  # 512 tokens: chunks of 254 and 254, then the question's last 4
+    s.prefill(prompt)
+    s.set_question(question)
+    assert s._question_read()
+    s._probe_question()
+    start = len(prompt) - len(question)
+    assert s.focus.pos.tolist() == list(range(start, start + len(question) + k))
     s.close()
 
 

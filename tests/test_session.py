@@ -11,6 +11,10 @@ from ea_local.policies import POLICIES
 from .conftest import GEMMA, gpl_tokens
 
 
+def _tokens(n: int, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(3, 380, size=n).tolist()
+
+
 def _check_consistent(s: Session) -> None:
     """The engine's bookkeeping equals llama.cpp's cells (global cache)."""
     pos, _, _ = s.rt.kv_read(s.layers[0], keys=False, values=False)
@@ -48,6 +52,19 @@ def test_generation_far_past_n_ctx(tiny_llama):
     _check_consistent(s)
     assert s.n_cells <= cfg.budget
     s.close()
+
+
+def test_a_small_budget_is_compressed_by_a_quarter_not_by_a_whole_step(tiny_llama):
+    """Under 4 steps a compression frees a quarter of the budget: a 256-cell budget keeps 192 cells,
+    not 128; from 512 cells on it frees `step` (128) as before."""
+    for budget, kept in ((256, 192), (512, 384)):
+        s = Session(tiny_llama, SessionConfig(budget=budget, chunk=64, policy="streaming-llm"))
+        s.prefill([1] + _tokens(budget + 200))
+        ev = s.stats.evictions
+        assert ev and all(e.n_before - e.n_evicted == kept for e in ev)
+        assert s.cfg.min_budget == 4 + 64 + (budget - kept) + 1
+        s.close()
+    assert SessionConfig(budget=96).min_budget == 4 + 64 + 24 + 1  # small budgets a 128-cell step refused
 
 
 def test_decode_compresses_once_per_step(tiny_llama):
@@ -98,7 +115,7 @@ def test_every_policy_runs_end_to_end_on_default_model(name):
 
 def test_budget_too_small_is_a_clear_error(tiny_llama):
     with pytest.raises(BudgetError, match="cannot hold"):
-        Session(tiny_llama, SessionConfig(budget=100, recent=64, step=64))
+        Session(tiny_llama, SessionConfig(budget=80, recent=64, step=64))
     with pytest.raises(ValueError, match="unknown policy"):
         Session(tiny_llama, SessionConfig(policy="nope"))
 

@@ -70,7 +70,7 @@ def test_summarize_bad_input_one_line_exit_2(case, tmp_path):
     elif case == "directory":
         src = str(tmp_path)
     elif case == "budget":
-        args = ["--budget", "100"]
+        args = ["--budget", "50"]
     elif case == "policy":
         args += ["--policy", "nope"]
     elif case == "not_gguf":

@@ -97,11 +97,11 @@ class SessionConfig:
     policy: str = "expected-attention"
     n_sink: int = 4
     recent: int = 64  # newest tokens never evicted
-    step: int = 128  # evict down to budget - step, so compression runs once per `step` tokens
+    step: int = 128  # evict down to budget - step_cells, so compression runs once per step_cells tokens
     chunk: int = 512  # prefill chunk: n_ctx = budget + chunk
     stats_window: int = 128  # decoded queries kept as Expected Attention's statistics
     max_score_layers: int = 15  # global layers read and scored per compression, evenly spaced (docs/ea-paths.md)
-    prefill_stats: int | None = None  # statistics from the last N queries of a prefill chunk (None: all)
+    prefill_stats: int | None = None  # statistics from the last N prefill queries (None: the chunk's, at least stats_window)
     cache_type: str = "f16"
     n_threads: int | None = None
     n_gpu_layers: int | None = None  # None: EA_LOCAL_N_GPU_LAYERS, else all on a GPU build or with rpc, 0 on CPU
@@ -120,9 +120,15 @@ class SessionConfig:
     recall_redecode: int = 64  # the message's last tokens decoded again once cells came back (their logits)
 
     @property
+    def step_cells(self) -> int:
+        """Cells a compression frees: `step`, or a quarter of a budget under 4 steps, so that a small
+        budget is not compressed to half of itself (the bench's sessions scale the same way)."""
+        return max(1, min(self.step, self.budget // 4))
+
+    @property
     def min_budget(self) -> int:
         """The smallest budget that holds the sinks, the recent window and one step of new tokens."""
-        return self.n_sink + self.recent + self.step + 1
+        return self.n_sink + self.recent + self.step_cells + 1
 
     def validate(self) -> None:
         if self.budget <= 0:
@@ -130,7 +136,7 @@ class SessionConfig:
         floor = self.min_budget
         if self.budget < floor:
             raise BudgetError(f"budget {self.budget} cannot hold n_sink {self.n_sink} + recent window {self.recent} "
-                              f"+ step {self.step}: use at least {floor}")
+                              f"+ step {self.step_cells}: use at least {floor}")
         if not 0 < self.chunk <= 4096:
             raise BudgetError(f"chunk must be in 1..4096, got {self.chunk}")
         if self.n_threads is not None and self.n_threads < 1:
@@ -230,7 +236,7 @@ class Session:
             raise BudgetError(f"budget {n} is more than this context holds ({self.rt.n_ctx} cells): start a new session")
         replace(self.cfg, budget=n).validate()
         self.cfg.budget = n
-        return self.compress(n - self.cfg.step, phase="decode") if compress and self.n_cells > n else 0
+        return self.compress(n - self.cfg.step_cells, phase="decode") if compress and self.n_cells > n else 0
 
     def set_one_shot_budget(self, n: int, recent: int | None = None) -> None:
         """The budget of kvpress' one-shot protocol: the whole context was prefilled and is compressed
@@ -393,8 +399,10 @@ class Session:
                 self.before = self.focus.last(self.cfg.recall_queries)
             if focus:  # a user turn: its queries (the last `chunk`) are the focus window
                 self._pull_queries(keep=self.cfg.chunk, into_focus=True, extend=not new_focus)
-            elif len(tokens) > 1:  # a prefill chunk: its (last prefill_stats) queries are the statistics window
-                self._pull_queries(keep=min(len(tokens), self.cfg.prefill_stats or len(tokens)))
+            elif len(tokens) > 1:  # a prefill chunk: its queries are the statistics window, topped up from the
+                # previous window to stats_window: a request's short last chunk alone (a few tokens) is too
+                # few queries for a covariance, and would hide a question it completes from _question_read
+                self._pull_queries(keep=self.cfg.prefill_stats or max(len(tokens), self.cfg.stats_window))
             elif self._n_captured >= 4 * self.cfg.stats_window:  # decoding: pulled in batches, not per token
                 self._pull_queries(keep=self.cfg.stats_window)
 
@@ -537,8 +545,8 @@ class Session:
 
     @property
     def room_target(self) -> int:
-        """Cells a compression leaves: the budget less one step, so that the next `step` tokens fit."""
-        return self.cfg.budget - self.cfg.step
+        """Cells a compression leaves: the budget less one step, so that the next step's tokens fit."""
+        return self.cfg.budget - self.cfg.step_cells
 
     def compress(self, target: int, phase: str = "decode") -> int:
         """Evict the lowest-scoring cells so that `target` remain. Returns how many were evicted."""

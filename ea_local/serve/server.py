@@ -50,7 +50,7 @@ def configure(info: ModelInfo, *, budget: int, policy: str, max_tokens: int, max
                       max_tokens_limit=max(max_tokens, info.n_ctx_train), max_prompt_tokens=max_prompt_tokens,
                       temperature=temperature, api_key=api_key or None, max_body=max_body,
                       # a probe of at most `step` tokens costs no budget: prefill's room already leaves a step free
-                      max_question=min(scfg.step - scfg.answer_lookahead, scfg.chunk - 1 - scfg.answer_lookahead))
+                      max_question=min(scfg.step_cells - scfg.answer_lookahead, scfg.chunk - 1 - scfg.answer_lookahead))
     return cfg, scfg
 
 
