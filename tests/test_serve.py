@@ -188,6 +188,8 @@ def test_unknown_fields_ignored_and_kv_extension(srv):
     (json.dumps({"messages": [{"role": "user", "content": "x"}],
                  "kv_compression": {"budget": 100000}}).encode(), "invalid_value"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}],
+                 "kv_compression": {"budget": 90}}).encode(), "invalid_value"),  # under the floor, 91 cells
+    (json.dumps({"messages": [{"role": "user", "content": "x"}],
                  "kv_compression": {"polcy": "knorm"}}).encode(), None),
     (json.dumps({"messages": [{"role": "user", "content": "x"}],
                  "kv_compression": {"policy": "none"}}).encode(), "unsupported_policy"),

@@ -56,7 +56,8 @@ def test_a_long_prompt_is_steered_by_its_question(server):
 def test_kv_compression_options(server):
     msgs = [{"role": "user", "content": TEXT[12000:14400] + "\n\nSummarize in one line."}]
     for kv in ({"question_agnostic": True}, {"policy": "streaming-llm"}, {"budget": 200},
-               {"policy": "snapkv", "budget": 220, "question_agnostic": True}, {}):
+               {"policy": "snapkv", "budget": 220, "question_agnostic": True},
+               {"budget": 100}, {}):  # a budget under 4 steps frees a quarter of itself, so 100 cells are enough
         out = post(server, "/v1/chat/completions", {"messages": msgs, "kv_compression": kv})
         assert out["kv_cache"]["cells"] <= kv.get("budget", 256)
         assert out["kv_cache"]["policy"] == kv.get("policy", "expected-attention")

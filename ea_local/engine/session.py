@@ -130,6 +130,11 @@ class SessionConfig:
         """The smallest budget that holds the sinks, the recent window and one step of new tokens."""
         return self.n_sink + self.recent + self.step_cells + 1
 
+    @property
+    def smallest_budget(self) -> int:
+        """The smallest budget these settings allow (a smaller budget frees a smaller step)."""
+        return next((b for b in range(1, self.budget + 1) if replace(self, budget=b).min_budget <= b), self.budget)
+
     def validate(self) -> None:
         if self.budget <= 0:
             raise BudgetError(f"budget must be positive, got {self.budget}")

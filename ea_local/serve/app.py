@@ -44,7 +44,7 @@ class ServeConfig:
     model_id: str
     budget: int  # the slots' budget: the largest a request may ask for
     policy: str = "expected-attention"
-    min_budget: int = field(default_factory=lambda: SessionConfig().min_budget)  # the engine's floor
+    min_budget: int = field(default_factory=lambda: SessionConfig().smallest_budget)  # the engine's floor
     max_tokens: int = 512  # when a request gives none
     max_tokens_limit: int = 32768
     max_prompt_tokens: int = 131072

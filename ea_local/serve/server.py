@@ -46,7 +46,7 @@ def configure(info: ModelInfo, *, budget: int, policy: str, max_tokens: int, max
                          recall=recall, archive_tokens=a_tokens, archive_bytes=a_bytes)
     scfg.validate()
     cfg = ServeConfig(model_id=model_id(str(info.path)), budget=budget, policy=policy,
-                      min_budget=scfg.min_budget, max_tokens=max_tokens,
+                      min_budget=scfg.smallest_budget, max_tokens=max_tokens,
                       max_tokens_limit=max(max_tokens, info.n_ctx_train), max_prompt_tokens=max_prompt_tokens,
                       temperature=temperature, api_key=api_key or None, max_body=max_body,
                       # a probe of at most `step` tokens costs no budget: prefill's room already leaves a step free
