@@ -120,7 +120,7 @@ FLAG_CASES = [
     (["--budget", "-5"], "budget must be positive"),
     (["--budget", "0"], "budget must be positive"),
     (["--budget", "1000000000000"], "training context"),
-    (["--budget", "100"], "cannot hold"),
+    (["--budget", "50"], "cannot hold"),
     (["--policy", "nope"], "unknown policy"),
     (["--cache-type", "q5_9"], "unknown cache type"),
     (["--threads", "0"], "threads"),
