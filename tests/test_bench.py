@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ea_local.bench import data
-from ea_local.bench.data import FILLER
+from ea_local.bench.data import FILLER, answered
 from ea_local.bench.options import BenchError, parse_budgets, parse_policies, parse_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +59,14 @@ def test_multikey_needle_answers_are_in_the_text(seed, hay):
     # the needles are spread: the first sits in the first half, the last in the second
     positions = [t.context.index(f"for {w} is") for w in found]
     assert min(positions) < len(t.context) / 2 < max(positions)
+
+
+def test_an_answer_is_found_only_as_a_whole_number():
+    assert answered("27611", "The pass key is 27611. This is the pass key")
+    assert answered("27611", "27611")
+    assert not answered("27611", "The pass key is 276111. This is the pass")  # a longer number is wrong
+    assert not answered("27611", "127611")
+    assert answered("ABCDE", "VAR ABCDE.")
 
 
 def test_place_puts_statements_at_their_depths():

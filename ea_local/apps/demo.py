@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..bench.data import passkey_prompt
+from ..bench.data import answered, passkey_prompt
 from ..engine.session import Session, SessionConfig
 
 def run_demo(info, budget: int, policy: str, length: int, cache_type: str, seed: int,
@@ -45,7 +45,7 @@ def run_demo(info, budget: int, policy: str, length: int, cache_type: str, seed:
     t_prefill = time.perf_counter() - t0
     kept_needle = sum(1 for p in range(*span) if p in s.live)
     answer = "".join(s.generate(question, max_tokens=8)).strip()
-    found = str(key) in answer
+    found = answered(str(key), answer)
 
     tab = Table(show_header=False)
     tab.add_row("tokens read", str(len(ctx) + len(question)))

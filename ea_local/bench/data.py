@@ -9,6 +9,7 @@ default model is a base model.
 from __future__ import annotations
 
 import random
+import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,14 @@ def passkey_prompt(rt: "Runtime", length: int, depth: float, key: int,
     ctx += after
     question = rt.tokenize("What is the pass key? The pass key is")
     return ctx, question, span
+
+
+def answered(expected: str, reply: str) -> bool:
+    """Whether the reply states the expected answer: it contains it, and a number is not part of a
+    longer one ("276111" does not answer 27611)."""
+    lead = r"(?<!\d)" if expected[:1].isdigit() else ""
+    trail = r"(?!\d)" if expected[-1:].isdigit() else ""
+    return re.search(lead + re.escape(expected) + trail, reply) is not None
 
 
 @dataclass

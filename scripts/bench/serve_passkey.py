@@ -25,6 +25,7 @@ import time
 
 from ea_local.engine.runtime import ContextConfig, Runtime  # ea_local first: libllama before numpy
 from ea_local.bench.corpus import LICENSES
+from ea_local.bench.data import answered
 from ea_local.bench.stats import fmt_p, fmt_rate, mcnemar_exact
 from ea_local.model.embedded import resolve_model
 from ea_local.policies import get_policy
@@ -160,7 +161,7 @@ def main() -> int:
                     if r.status_code == 200:
                         j = r.json()
                         text = answer_text(a.endpoint, j)
-                        row.update(answer=text, found=str(key) in text, prompt_tokens=j["usage"]["prompt_tokens"],
+                        row.update(answer=text, found=answered(str(key), text), prompt_tokens=j["usage"]["prompt_tokens"],
                                    kv_cache=j.get("kv_cache"))
                     else:
                         row.update(found=False, error=r.text[:300])

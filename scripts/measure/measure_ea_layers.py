@@ -25,7 +25,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # BLAS threads spinning on a
 
 from ea_local.engine.snapshot import checkpoint, rewind  # noqa: E402  (ea_local first: libllama before numpy)
 from ea_local.bench.suites.common import ask  # noqa: E402
-from ea_local.bench.data import passkey_prompt  # noqa: E402
+from ea_local.bench.data import answered, passkey_prompt  # noqa: E402
 from ea_local.bench.suites.quality import _prose_tokens  # noqa: E402
 from ea_local.bench.stats import wilson  # noqa: E402
 from ea_local.engine.session import Session, SessionConfig, scored_layers as spaced  # noqa: E402
@@ -169,7 +169,7 @@ def main() -> None:
         snap = checkpoint(s)
         rewind(s, snap)
         emit({"setting": "full", "depth": d, "seed": a.seed, "length": len(ctx), "haystack": a.haystack,
-              "found": str(key) in ask(s, question, 8)})
+              "found": answered(str(key), ask(s, question, 8))})
         for frac in [float(x) for x in a.fracs.split(",")]:
             cells = int(len(ctx) * frac)
             for name, (pol, opts) in todo.items():
@@ -190,7 +190,7 @@ def main() -> None:
                 kept = sum(1 for p in range(*span) if p in s.live) / (span[1] - span[0])
                 reply = ask(s, question, 8)
                 emit({"setting": name, "haystack": a.haystack, "fraction": frac, "cells": cells, "depth": d, "seed": a.seed, "length": len(ctx),
-                      "found": str(key) in reply, "needle_kept": round(kept, 3), "answer": reply,
+                      "found": answered(str(key), reply), "needle_kept": round(kept, 3), "answer": reply,
                       "compress_s": round(t_comp, 2)})
     s.close()
 

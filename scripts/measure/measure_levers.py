@@ -21,7 +21,7 @@ from ea_local.bench.quality import as_dict, perplexity  # ea_local first: liblla
 from ea_local.bench.data import HELD_OUT, LICENSES, real_text
 from ea_local.engine.snapshot import checkpoint, rewind
 from ea_local.bench.suites.common import ask
-from ea_local.bench.data import passkey_prompt
+from ea_local.bench.data import answered, passkey_prompt
 from ea_local.engine.session import Session, SessionConfig
 from ea_local.engine.windows import QueryWindow
 from ea_local.model.info import read_model_info
@@ -116,7 +116,7 @@ def passkey_part(model: str, length: int, frac: float, depths: list[float], seed
             kept = sum(1 for p in range(*span) if p in s.live) / (span[1] - span[0])
             reply = ask(s, question, 8)
             emit({"part": "passkey", "setting": name, "length": len(ctx), "cells": cells, "depth": d, "seed": seed,
-                  "found": str(key) in reply, "needle_kept": kept, "answer": reply})
+                  "found": answered(str(key), reply), "needle_kept": kept, "answer": reply})
     s.close()
 
 

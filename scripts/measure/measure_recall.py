@@ -163,7 +163,7 @@ def main() -> None:
                            "budget": "full" if frac is None else f"{100 * frac:g}%" if frac <= 1 else str(cells),
                            "cells": cells, "question_weight": cfg.question_weight,
                            "recall": rec, "evictions": n_ev, "archive": len(snap.archive) if snap.archive else 0,
-                           "found": answer in reply, "answer": reply, "expected": answer, **cost}
+                           "found": data.answered(answer, reply), "answer": reply, "expected": answer, **cost}
                     rows.append(row)
             s.close()
             if args.json:

@@ -62,7 +62,7 @@ def main() -> None:
                     rewind(s, snap)
                     reply = ask(s, s.rt.tokenize(q.prompt), 8)
                     rows.append({"variant": name, "haystack": hay_kind, "doc": i, "question": qi,
-                                 "found": q.answer in reply, "answer": reply, "expected": q.answer})
+                                 "found": data.answered(q.answer, reply), "answer": reply, "expected": q.answer})
                 s.reset()
             sel = [r for r in rows if r["variant"] == name and r["haystack"] == hay_kind]
             print(f"{hay_kind:7s} {name:20s} full cache {fmt_rate(sum(r['found'] for r in sel), len(sel))}"

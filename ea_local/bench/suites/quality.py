@@ -16,7 +16,7 @@ from typing import Callable
 
 from ...engine.runtime import ContextConfig, Runtime
 from ...engine.session import Session
-from ..data import FILLER, passkey_prompt
+from ..data import FILLER, answered, passkey_prompt
 from .. import quality as q_mod
 from .. import corpus, data
 from ..options import BenchOptions
@@ -43,7 +43,7 @@ def _trials(o: BenchOptions, s: Session, ctx: list[int], questions: list[tuple[l
         rewind(s, snap)
         reply = ask(s, qt, ANSWER_TOKENS)
         rows.append({**base, "context": len(ctx), "question": qi, "policy": "full", "budget": "full", "cells": len(ctx),
-                     "mode": "none", "found": answer in reply, "answer": reply, "expected": answer,
+                     "mode": "none", "found": answered(answer, reply), "answer": reply, "expected": answer,
                      "needle_kept": 1.0 if span else None})
         tick("full")
         for pol in o.policies:
@@ -66,7 +66,7 @@ def _trials(o: BenchOptions, s: Session, ctx: list[int], questions: list[tuple[l
                             if span and not s.policy.shift else None)
                     reply = ask(s, qt, ANSWER_TOKENS)
                     rows.append({**base, "context": len(ctx), "question": qi, "policy": pol, "budget": b.label, "cells": cells,
-                                 "mode": mode, "found": answer in reply, "answer": reply, "expected": answer,
+                                 "mode": mode, "found": answered(answer, reply), "answer": reply, "expected": answer,
                                  "needle_kept": kept, "compress_s": t_comp, "cells_after": n_after})
                     tick(f"{pol} {b.label}")
     return rows
@@ -215,7 +215,7 @@ def multi_turn(o: BenchOptions, tick: Tick) -> list[dict]:
                     rows.append({"sample": i, "length": total, "turns": len(turns), "question": qi, "policy": pol,
                                  "budget": label, "cells": cells, "mode": mode + "+recall" * rec, "evictions": n_ev,
                                  "recalled": s.stats.recalled - r0,
-                                 "found": answer in reply, "answer": reply, "expected": answer})
+                                 "found": answered(answer, reply), "answer": reply, "expected": answer})
             s.close()
             tick(f"{pol} {label} {mode}")
     return rows
