@@ -129,7 +129,7 @@ def _quality(res: dict, figs: list[str]) -> list[str]:
     out = ["## Quality", "",
            "One-shot tasks (pass key, multi-key needle, variable tracking) follow kvpress' main protocol: the "
            "context is prefilled in full, compressed once to the budget, then the question is asked (greedy, "
-           "8 tokens; found = the answer contains the expected string, a number not as part of a longer one). One prefill per sample serves every "
+           "8 tokens; found = the answer contains the expected string, a number standing alone). One prefill per sample serves every "
            "policy and budget (the sequence state is saved and restored). The query-based "
            "policies' statistics are the queries of the context's last prefill chunk (up to 512 tokens; "
            "question-agnostic mode), or those mixed half and half with the question's (question-known mode: the "
