@@ -131,7 +131,7 @@ def _quality(res: dict, figs: list[str]) -> list[str]:
            "context is prefilled in full, compressed once to the budget, then the question is asked (greedy, "
            "8 tokens; found = the answer contains the expected string, a number standing alone). One prefill per sample serves every "
            "policy and budget (the sequence state is saved and restored). The query-based "
-           "policies' statistics are the queries of the context's last prefill chunk (up to 512 tokens; "
+           "policies' statistics are the queries of the context's last prefill chunk (up to 512 tokens, at least 128; "
            "question-agnostic mode), or those mixed half and half with the question's (question-known mode: the "
            "engine decodes the question after the context at the compression, then removes it and asks it on "
            "the compressed cache). Multi-turn recall and perplexity stream through the budget (compression "

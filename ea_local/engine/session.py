@@ -99,7 +99,7 @@ class SessionConfig:
     recent: int = 64  # newest tokens never evicted
     step: int = 128  # evict down to budget - step_cells, so compression runs once per step_cells tokens
     chunk: int = 512  # prefill chunk: n_ctx = budget + chunk
-    stats_window: int = 128  # decoded queries kept as Expected Attention's statistics
+    stats_window: int = 128  # decoded queries kept as the statistics, and the fewest a prefill chunk leaves
     max_score_layers: int = 15  # global layers read and scored per compression, evenly spaced (docs/ea-paths.md)
     prefill_stats: int | None = None  # statistics from the last N prefill queries (None: the chunk's, at least stats_window)
     cache_type: str = "f16"
