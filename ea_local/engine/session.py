@@ -122,7 +122,7 @@ class SessionConfig:
     @property
     def step_cells(self) -> int:
         """Cells a compression frees: `step`, or a quarter of a budget under 4 steps, so that a small
-        budget is not compressed to half of itself (the bench's sessions scale the same way)."""
+        budget is not compressed to half of itself."""
         return max(1, min(self.step, self.budget // 4))
 
     @property

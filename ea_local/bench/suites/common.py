@@ -6,10 +6,10 @@ from ..options import BenchOptions
 
 
 def session_cfg(o: BenchOptions, budget: int, policy: str = "expected-attention", chunk: int = 512) -> SessionConfig:
-    # tiny --quick budgets cannot hold the engine's defaults (recent 64 + step 128), so both scale
-    # down below 512 cells; at the sizes of a full run they are the engine's defaults
+    # tiny --quick budgets cannot hold the engine's default recent window (64), so it scales down below
+    # 512 cells as the engine's step does (SessionConfig.step_cells); at a full run's sizes both are the defaults
     return SessionConfig(budget=budget, policy=policy, chunk=chunk, recent=min(64, budget // 8),
-                         step=min(128, budget // 4), cache_type=o.cache_type, n_threads=o.threads,
+                         cache_type=o.cache_type, n_threads=o.threads,
                          n_gpu_layers=o.n_gpu_layers, seed=o.seed, rpc=o.rpc)
 
 
