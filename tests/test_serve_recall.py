@@ -68,3 +68,30 @@ def test_compaction_and_cut_back_keep_archive_in_step(models):
     assert len(s.archive) == 0 or max(s.archive.pos) < s.next_pos
     s.check_cells()
     s.close()
+
+
+@pytest.mark.parametrize("policy", [EA, "streaming-llm"])
+def test_a_prompt_compressed_before_its_question_recalls_with_the_question(models, monkeypatch, policy):
+    """A request over the budget is compressed before its end is read; once it is, recall scores the
+    archive with the question's queries (from where it starts), whatever the policy; a question-agnostic
+    request recalls nothing."""
+    s = Session(models["llama"], SessionConfig(budget=256, chunk=128, n_threads=1, policy=policy, recall=True))
+    slot = Slot(0, s, policy, 256)
+    calls: list[tuple[int, int]] = []
+    real = s.recall
+    monkeypatch.setattr(s, "recall", lambda since: calls.append((since, s.next_pos)) or real(since))
+    rng = np.random.default_rng(2)
+    prompt = [1] + rng.integers(300, 380, 900).tolist()
+    res = slot.run(GenRequest(tokens=prompt, params=SamplingParams(temperature=0.0), stop=[], max_tokens=4,
+                              policy=policy, budget=256, question_len=20), lambda _: None)
+    assert calls == [(len(prompt) - 20, len(prompt))]
+    assert res.evictions > 0 and len(s.archive) > 0 and res.cells <= 256
+    assert res.question_tokens == (20 if policy == EA else 0)  # probed only by a policy that reads queries
+    assert res.recalled_cells == s.stats.recalled
+    s.check_cells()
+    calls.clear()
+    slot.run(GenRequest(tokens=[1] + rng.integers(300, 380, 900).tolist(), params=SamplingParams(temperature=0.0),
+                        stop=[], max_tokens=4, policy=policy, budget=256, question_len=20, question_agnostic=True),
+             lambda _: None)
+    assert calls == []
+    s.close()

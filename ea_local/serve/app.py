@@ -222,7 +222,7 @@ def _kv(res: GenResult) -> dict:
     """Extension: what the request did to its slot's cache."""
     return {"slot": res.slot, "cells": res.cells, "budget": res.budget, "policy": res.policy,
             "prefilled_tokens": res.prompt_tokens - res.cached_tokens, "question_tokens": res.question_tokens,
-            "evicted_cells": res.evicted_cells,
+            "evicted_cells": res.evicted_cells, "recalled_cells": res.recalled_cells,
             "compression_ms": round(1000 * res.compression_s, 1)}
 
 

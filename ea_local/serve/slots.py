@@ -114,12 +114,13 @@ class Slot:
 
     def question(self, req: GenRequest, k: int) -> list[int]:
         """The request's question, when it must steer: the prompt's new tokens will be compressed
-        before the question at their end is read (they do not fit the budget), so the question is
-        probed after the context at every compression, as `summarize --prompt` does."""
+        before the question at their end is read (they do not fit the budget), so a policy that reads
+        queries probes it after the context at every compression, as `summarize --prompt` does, and
+        recall brings back what it asks for once it is read (whatever the policy)."""
         s = self.session
         n = min(req.question_len, s.max_question)
         new = len(req.tokens) - k
-        if req.question_agnostic or n == 0 or not s.policy.needs_queries or new <= n:
+        if req.question_agnostic or n == 0 or new <= n or not s.policy.evicts:
             return []
         if s.n_cells + new <= s.cfg.budget:  # nothing is evicted while it is read
             return []
@@ -141,18 +142,21 @@ class Slot:
 
             question = self.question(req, k)
             s.set_question_weight(0.0 if req.question_agnostic else SessionConfig.question_weight)
-            s.set_question(question)
+            s.set_question(question if s.policy.needs_queries else None)
             # question-agnostic: the new tokens are context like any other (their queries are the statistics);
-            # otherwise, unless a probed question steers, they end with the user's newest message: their
-            # queries are the focus
+            # otherwise, unless a question steers, they end with the user's newest message: their queries
+            # are the focus
             start = s.next_pos
             turn = not (question or req.question_agnostic)
             s.prefill(req.tokens[k:], progress=check, turn=turn)
             r0, rs0 = s.stats.recalled, s.stats.recall_s
-            if turn and s.recall_on:  # the conversation's archive: bring back what the new message needs
-                s.recall(since=start)
+            if s.recall_on and not req.question_agnostic:
+                # the conversation's archive: bring back what the new message needs, or, when the prompt was
+                # compressed before its end was read, what its question asks for (its queries against the
+                # context's just before it, as summarize --prompt recalls with its question)
+                s.recall(since=s.next_pos - len(question) if question else start)
             res = GenResult(prompt_tokens=len(req.tokens), cached_tokens=k, slot=self.id, policy=req.policy,
-                            budget=req.budget, question_tokens=len(question))
+                            budget=req.budget, question_tokens=len(s.question))
             res.prefill_s = time.perf_counter() - t0
             res.recalled_cells, res.recall_s = s.stats.recalled - r0, s.stats.recall_s - rs0
             stream = TextStream(req.stop)  # stop strings here, not in Session.generate: we need to know one hit
