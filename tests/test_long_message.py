@@ -54,3 +54,23 @@ def test_question_agnostic_chat_never_probes(tiny_llama):
     "".join(chat.ask(_document(600) + "\n\nWhich word came first?"))
     assert probed == [] and chat.s.stats.evictions and chat.s.n_cells <= 256
     chat.s.close()
+
+
+def test_long_message_recalls_with_its_question(tiny_llama):
+    """With recall, what comes back for a pasted message compressed while it was read is what its
+    question (the message's last tokens) asks for, whatever the policy; a message that fits recalls
+    with all of itself."""
+    for policy in ("expected-attention", "streaming-llm"):
+        chat = _chat(tiny_llama, policy=policy, recall=True)
+        chat.start()
+        calls: list[tuple[int, int]] = []
+        real = chat.s.recall
+        chat.s.recall = lambda since: calls.append((since, chat.s.next_pos)) or real(since)
+        question = "Which word came first?"
+        n_q = len(chat.tokens(question + chat.turns.split()[1]))
+        "".join(chat.ask(_document(600) + "\n\n" + question))
+        assert len(calls) == 1 and calls[0][1] - calls[0][0] == n_q, policy
+        start = chat.s.next_pos
+        "".join(chat.ask("Thanks."))
+        assert len(calls) == 2 and calls[1][0] == start, policy  # the short message: from its own start
+        chat.s.close()

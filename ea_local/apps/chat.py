@@ -193,16 +193,18 @@ class Chat:
             # it is the user's turn: its queries steer compression
             # a message longer than the room (a pasted document) is compressed while it is read: its question
             # (after the last paragraph break) is probed at each compression of this turn, as summarize --prompt does
-            if self.s.cfg.question_weight > 0 and self.s.policy.needs_queries and self.s.max_question \
-                    and self.s.turn_overflows(len(prompt)):
-                self.s.set_question(self.tokens(question_text(text) + self.turns.split()[1])[-self.s.max_question:])
+            question: list[int] = []
+            if self.s.cfg.question_weight > 0 and self.s.max_question and self.s.turn_overflows(len(prompt)):
+                question = self.tokens(question_text(text) + self.turns.split()[1])[-self.s.max_question:]
+                if self.s.policy.needs_queries:
+                    self.s.set_question(question)
             start = self.s.next_pos
             try:
                 self.s.prefill(prompt, progress=lambda d, t: _stop_if(should_stop), turn=True)
             except _Stopped:
                 return
-            if self.s.recall_on:  # the message is in: bring back what it needs before answering
-                self.s.recall(since=start)
+            if self.s.recall_on:  # the message is in: bring back what it (its question, when known) needs
+                self.s.recall(since=self.s.next_pos - len(question) if question else start)
             for piece in self.s.generate([], params, stop=list(self.template.stop), max_tokens=self.opts.max_tokens,
                                          should_stop=should_stop):
                 if t_first is None:
