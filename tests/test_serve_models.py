@@ -45,9 +45,11 @@ def test_follow_up_sharing_the_start_of_a_compressed_prompt(server):
 def test_a_long_prompt_is_steered_by_its_question(server):
     steered = post(server, "/v1/completions", {"prompt": TEXT[:3600] + "\n\nWhat is this license called?"})
     assert 0 < steered["kv_cache"]["question_tokens"] <= 120
+    assert 0 <= steered["kv_cache"]["recalled_cells"] <= 256 // 4  # recall's cap per message
     agnostic = post(server, "/v1/completions", {"prompt": TEXT[4000:7600] + "\n\nWhat is this license called?",
                                                 "kv_compression": {"question_agnostic": True}})
     assert agnostic["kv_cache"]["question_tokens"] == 0 and agnostic["kv_cache"]["evicted_cells"] > 0
+    assert agnostic["kv_cache"]["recalled_cells"] == 0
     msgs = [{"role": "user", "content": TEXT[8000:11600] + "\n\nWhat does this paragraph say about patents?"}]
     chat = post(server, "/v1/chat/completions", {"messages": msgs})
     assert 0 < chat["kv_cache"]["question_tokens"] <= 120
