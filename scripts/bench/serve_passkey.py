@@ -120,6 +120,7 @@ def main() -> int:
     ap.add_argument("--texts", choices=sorted(PROSE), default="reporting",
                     help="prose from this text set: MPL-2.0 (tuning) or GPL-2 (reporting)")
     ap.add_argument("--max-tokens", type=int, default=None, help="answer tokens (8 completions, 16 chat)")
+    ap.add_argument("--no-recall", action="store_true", help="serve with --no-recall: evicted cells never come back")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON lines, one per request")
     a = ap.parse_args()
@@ -142,7 +143,7 @@ def main() -> int:
     rows = []
     for server_policy, server_budget, server_runs in servers:
         srv = ServerProcess(path, "--budget", str(server_budget), "--policy", server_policy, "--parallel", "1",
-                            "--no-reuse", start_timeout=600)
+                            "--no-reuse", *(["--no-recall"] if a.no_recall else []), start_timeout=600)
         srv.client.timeout = 3600
         try:
             for depth, key in trials:
@@ -156,7 +157,8 @@ def main() -> int:
                     r = srv.client.post(url, json=body)
                     row = {"model": a.model, "endpoint": a.endpoint, "haystack": a.haystack,
                            "texts": a.texts if a.haystack == "prose" else None, "tokens": a.tokens,
-                           "budget": budget, "policy": policy, "agnostic": agnostic, "depth": depth, "key": key,
+                           "budget": budget, "policy": policy, "agnostic": agnostic, "recall": not a.no_recall,
+                           "depth": depth, "key": key,
                            "status": r.status_code, "seconds": round(time.perf_counter() - t0, 1)}
                     if r.status_code == 200:
                         j = r.json()
