@@ -67,6 +67,18 @@ def test_a_small_budget_is_compressed_by_a_quarter_not_by_a_whole_step(tiny_llam
     assert SessionConfig(budget=96).min_budget == 4 + 64 + 24 + 1  # small budgets a 128-cell step refused
 
 
+def test_a_refused_budget_names_the_smallest_that_works():
+    """The error suggests a budget that validates, whatever the budget refused (a smaller budget frees
+    a smaller step, so the floor of the refused budget itself is not one)."""
+    for budget in (1, 10, 70, 90):
+        with pytest.raises(BudgetError, match="use at least 91") as e:
+            SessionConfig(budget=budget).validate()
+        assert "use at least 91" in str(e.value)
+    SessionConfig(budget=91).validate()
+    assert SessionConfig(budget=10).smallest_budget == SessionConfig().smallest_budget == 91
+    assert SessionConfig(recent=8, step=16).smallest_budget == 4 + 8 + 17 // 4 + 1  # a quarter of 17 cells
+
+
 def test_decode_compresses_once_per_step(tiny_llama):
     cfg = SessionConfig(budget=160, chunk=32, step=32, recent=32, policy="streaming-llm")
     s = Session(tiny_llama, cfg)

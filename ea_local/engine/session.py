@@ -132,16 +132,17 @@ class SessionConfig:
 
     @property
     def smallest_budget(self) -> int:
-        """The smallest budget these settings allow (a smaller budget frees a smaller step)."""
-        return next((b for b in range(1, self.budget + 1) if replace(self, budget=b).min_budget <= b), self.budget)
+        """The smallest budget these settings allow (a smaller budget frees a smaller step); the floor with
+        a whole step always holds, so the search ends there."""
+        top = self.n_sink + self.recent + self.step + 1
+        return next(b for b in range(1, top + 1) if replace(self, budget=b).min_budget <= b)
 
     def validate(self) -> None:
         if self.budget <= 0:
             raise BudgetError(f"budget must be positive, got {self.budget}")
-        floor = self.min_budget
-        if self.budget < floor:
+        if self.budget < self.min_budget:
             raise BudgetError(f"budget {self.budget} cannot hold n_sink {self.n_sink} + recent window {self.recent} "
-                              f"+ step {self.step_cells}: use at least {floor}")
+                              f"+ step {self.step_cells}: use at least {self.smallest_budget}")
         if not 0 < self.chunk <= 4096:
             raise BudgetError(f"chunk must be in 1..4096, got {self.chunk}")
         if self.n_threads is not None and self.n_threads < 1:
