@@ -192,7 +192,9 @@ class Chat:
             # the prompt is fed here, not by generate(), so that Ctrl-C also stops a long prefill between chunks;
             # it is the user's turn: its queries steer compression
             # a message longer than the room (a pasted document) is compressed while it is read: its question
-            # (after the last paragraph break) is probed at each compression of this turn, as summarize --prompt does
+            # (after the last paragraph break) is probed at each compression of this turn, as summarize --prompt
+            # and the server do, and the message is read as context (its queries the statistics, the probe's
+            # the focus: a document's queries would crowd the question out of the focus)
             question: list[int] = []
             if self.s.cfg.question_weight > 0 and self.s.max_question and self.s.turn_overflows(len(prompt)):
                 question = self.tokens(question_text(text) + self.turns.split()[1])[-self.s.max_question:]
@@ -200,7 +202,7 @@ class Chat:
                     self.s.set_question(question)
             start = self.s.next_pos
             try:
-                self.s.prefill(prompt, progress=lambda d, t: _stop_if(should_stop), turn=True)
+                self.s.prefill(prompt, progress=lambda d, t: _stop_if(should_stop), turn=not self.s.question)
             except _Stopped:
                 return
             if self.s.recall_on:  # the message is in: bring back what it (its question, when known) needs
