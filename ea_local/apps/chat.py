@@ -194,7 +194,7 @@ class Chat:
             # a message longer than the room (a pasted document) is compressed while it is read: its question
             # (after the last paragraph break) is probed at each compression of this turn, as summarize --prompt
             # and the server do, and the message is read as context (its queries the statistics, the probe's
-            # the focus: a document's queries would crowd the question out of the focus)
+            # the focus: read as the turn, every chunk's queries would join the probe's in the focus)
             question: list[int] = []
             if self.s.cfg.question_weight > 0 and self.s.max_question and self.s.turn_overflows(len(prompt)):
                 question = self.tokens(question_text(text) + self.turns.split()[1])[-self.s.max_question:]
