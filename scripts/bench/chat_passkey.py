@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 
 from ea_local.apps.chat import Chat, ChatOptions  # ea_local first: libllama before numpy
@@ -45,11 +44,10 @@ def main() -> int:
     rt.close()
     info = read_model_info(path)
     depths = [float(x) for x in a.depths.split(",")]
-    trials = [(d, random.Random(int(s) * 1000 + i).randint(10000, 99999))
-              for s in a.seeds.split(",") for i, d in enumerate(depths)]
+    plan = [t for s in a.seeds.split(",") for t in sp.trials(int(s), depths)]
     out = open(a.out, "a") if a.out else None
     found = 0
-    for depth, key in trials:
+    for depth, key in plan:
         chat = Chat(info, ChatOptions(budget=a.budget, policy=a.policy, recall=not a.no_recall, temperature=0.0,
                                       max_tokens=16, threads=1, seed=0))
         try:
@@ -65,7 +63,7 @@ def main() -> int:
         if out:
             out.write(json.dumps(row) + "\n")
             out.flush()
-    print(f"{a.policy}, {a.budget} cells, recall {'off' if a.no_recall else 'on'}: {fmt_rate(found, len(trials))}")
+    print(f"{a.policy}, {a.budget} cells, recall {'off' if a.no_recall else 'on'}: {fmt_rate(found, len(plan))}")
     return 0
 
 

@@ -58,6 +58,12 @@ def haystack(rt: Runtime, kind: str, n_tokens: int, texts: str = "reporting") ->
     return out
 
 
+def trials(seed: int, depths: list[float], keys: int = 1) -> list[tuple[float, int]]:
+    """(depth, pass key) per trial: key k of depth i is drawn from seed·1000 + 100·k + i."""
+    return [(d, random.Random(seed * 1000 + 100 * k + i).randint(10000, 99999))
+            for k in range(keys) for i, d in enumerate(depths)]
+
+
 def document(sents: list[str], depth: float, key: int) -> str:
     cut = int(len(sents) * depth)
     needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
@@ -130,8 +136,7 @@ def main() -> int:
     rt.close()
     budgets = sorted({int(x) for x in a.budget.split(",")}, reverse=True)
     depths = [float(x) for x in a.depths.split(",")]
-    trials = [(d, random.Random(a.seed * 1000 + 100 * k + i).randint(10000, 99999))
-              for k in range(a.keys) for i, d in enumerate(depths)]
+    plan = trials(a.seed, depths, a.keys)
     max_tokens = a.max_tokens or (16 if a.endpoint == "chat" else 8)
     policies = a.policies.split(",")
     evicting = [p for p in policies if p != "none"]
@@ -146,7 +151,7 @@ def main() -> int:
                             "--no-reuse", *(["--no-recall"] if a.no_recall else []), start_timeout=600)
         srv.client.timeout = 3600
         try:
-            for depth, key in trials:
+            for depth, key in plan:
                 url, body0 = request(a.endpoint, document(sents, depth, key), max_tokens)
                 for policy, budget, agnostic in server_runs:
                     body = dict(body0)
