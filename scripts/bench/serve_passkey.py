@@ -24,7 +24,7 @@ import sys
 import time
 
 from ea_local.engine.runtime import ContextConfig, Runtime  # ea_local first: libllama before numpy
-from ea_local.bench.corpus import LICENSES
+from ea_local.bench.corpus import LICENSES, REPORTING, TUNING
 from ea_local.bench.data import answered
 from ea_local.bench.stats import fmt_p, fmt_rate, mcnemar_exact
 from ea_local.model.embedded import resolve_model
@@ -33,8 +33,10 @@ from ea_local.policies import get_policy
 from serve_process import ServerProcess  # this folder: run as a script
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-# real English prose from each text set (bench/corpus.py): settings are chosen on the tuning one
-PROSE = {"tuning": LICENSES / "MPL-2.0", "reporting": LICENSES / "GPL-2"}
+# real English prose from each text set (bench/corpus.py): settings are chosen on the tuning one;
+# any licence of either set by name (e.g. Apache-2.0, a tuning text)
+PROSE = {"tuning": LICENSES / "MPL-2.0", "reporting": LICENSES / "GPL-2",
+         **{src.ref: LICENSES / src.ref for src in TUNING + REPORTING if src.kind == "license"}}
 INTRO = "There is important info hidden inside a lot of irrelevant text. Find it and memorize it. "
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 CHAT_QUESTION = "\n\nWhat is the pass key?"
@@ -124,7 +126,7 @@ def main() -> int:
                          "kv_compression.question_agnostic")
     ap.add_argument("--haystack", choices=["filler", "prose"], default="filler")
     ap.add_argument("--texts", choices=sorted(PROSE), default="reporting",
-                    help="prose from this text set: MPL-2.0 (tuning) or GPL-2 (reporting)")
+                    help="prose from this text set: MPL-2.0 (tuning) or GPL-2 (reporting), or a licence of either set by name")
     ap.add_argument("--max-tokens", type=int, default=None, help="answer tokens (8 completions, 16 chat)")
     ap.add_argument("--no-recall", action="store_true", help="serve with --no-recall: evicted cells never come back")
     ap.add_argument("--seed", type=int, default=0)
