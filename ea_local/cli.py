@@ -403,18 +403,34 @@ def bench(
     runs = _bench_models(model, out)  # every model checked before the first is measured
     from dataclasses import replace
 
+    from .bench.options import fit_context
+    from .model.info import read_model_info
+
+    given = {flag for flag, val in (("--lengths", lengths), ("--histories", histories), ("--task-length", task_length),
+                                    ("--ppl-tokens", ppl_tokens), ("--chat-tokens", chat_tokens)) if val}
+    sized = []
+    for path, folder in runs:
+        try:
+            om, note = fit_context(replace(o, model=path, out=str(folder)), read_model_info(path).n_ctx_train,
+                                   Path(path).name, given)
+        except BenchError as e:
+            _fail(str(e))
+        if note:
+            typer.echo(note, err=True)
+        sized.append(om)
     if estimate_only:
         from .bench.run import print_estimate
 
-        print_estimate(replace(o, model=runs[0][0]))
+        print_estimate(sized[0])
         return
     from .bench.run import run_bench
     from .engine.runtime import LlamaError
     from .engine.session import BudgetError
 
-    for path, folder in runs:
+    for om in sized:
+        path, folder = om.model, om.out
         try:
-            run_bench(replace(o, model=path, out=str(folder)))
+            run_bench(om)
         except (BudgetError, LlamaError, OSError, ValueError) as e:
             _fail(f"{Path(path).name}: {e}" if len(runs) > 1 else str(e))
         typer.echo(f"wrote {folder}/results.json, {folder}/report.md and plots")

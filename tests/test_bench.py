@@ -14,7 +14,8 @@ import pytest
 
 from ea_local.bench import data
 from ea_local.bench.data import FILLER, answered
-from ea_local.bench.options import BenchError, parse_budgets, parse_policies, parse_tokens
+from ea_local.bench.options import (BenchError, BenchOptions, fit_context, parse_budgets, parse_policies,
+                                   parse_tokens)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,6 +174,37 @@ def test_bad_flags_are_one_line_exit_2(args, msg, tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and msg in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_sizes_beyond_the_models_context_are_left_out_or_refused_before_anything_runs():
+    """An 8k-context model: the default 8k pass key does not fit (8k + 256 cells of full cache), so it is
+    left out with a note; a length or task size the user asked for that does not fit is refused."""
+    def opts(**kw) -> BenchOptions:
+        return BenchOptions(model="m", out="o", policies=["expected-attention"], budgets=parse_budgets("25%"), **kw)
+
+    o = opts(suites=["quality"])
+    fitted, note = fit_context(o, 8192, "m.gguf", given=set())
+    assert fitted.lengths == [2048, 4096] and "8k left out" in note and "8192" in note
+    same, note = fit_context(o, 32768, "m.gguf", given=set())
+    assert same.lengths == [2048, 4096, 8192] and note is None
+    with pytest.raises(BenchError, match="--lengths needs a full cache of 8448 cells"):
+        fit_context(o, 8192, "m.gguf", given={"--lengths"})
+    with pytest.raises(BenchError, match="use a smaller --ppl-tokens"):
+        fit_context(opts(suites=["perplexity"], ppl_tokens=4096), 4096, "m", given=set())
+    with pytest.raises(BenchError, match="--task-length"):
+        fit_context(opts(suites=["multi_turn"], task_length=4096), 4096, "m", given=set())
+
+
+def test_a_length_the_model_cannot_hold_is_one_line_exit_2_before_running(tmp_path):
+    from .gguf_factory import write_tiny_gguf
+
+    model = tmp_path / "ctx1k.gguf"
+    write_tiny_gguf(model, arch="llama", context_length=1024)
+    r = _cli("-m", str(model), "--suite", "passkey", "--lengths", "1k", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "training context (1024 tokens)" in lines[0] and "--lengths" in lines[0], r.stderr
     assert not (tmp_path / "o").exists()
 
 

@@ -4,7 +4,7 @@ Every parse error is a BenchError with one line a user can act on (the CLI print
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 SUITES = ("quality", "speed", "memory")
 QUALITY_PARTS = ("passkey", "perplexity", "multikey", "variable_tracking", "multi_turn")  # one of them: that part only
@@ -270,3 +270,48 @@ def from_flags(*, out: str, suite: str, policies: str, budgets: str | None, mode
                 raise BenchError(f"{flag} must be at least 1, got {val}")
             setattr(o, attr, val)
     return o
+
+
+def full_cache_cells(o: BenchOptions) -> dict[str, int]:
+    """Per size flag, the most cells a full-cache session of this run holds (the suites size them so:
+    the pass key's context + 256, the speed suite's longest history + its decoded tokens, ...); every
+    session must fit in the model's training context."""
+    need: dict[str, int] = {}
+
+    def at_least(flag: str, n: int) -> None:
+        need[flag] = max(need.get(flag, 0), n)
+
+    parts = o.quality_parts()
+    if "passkey" in parts:
+        at_least("--lengths", max(o.lengths) + 256)
+    if "speed" in o.suites:
+        hist = o.histories or o.lengths
+        at_least("--histories" if o.histories else "--lengths", max(hist) + (o.decode_tokens + 1) * len(hist) + 64)
+    if {"multikey", "variable_tracking"} & set(parts):
+        at_least("--task-length", o.task_length + 384)
+    if "multi_turn" in parts:  # the chat's turns end past task_length by up to one turn
+        at_least("--task-length", o.task_length + 768)
+    if "perplexity" in parts:
+        at_least("--ppl-tokens", o.ppl_tokens + 512)
+    if "memory" in o.suites:
+        at_least("--chat-tokens", o.chat_tokens + 1024)
+    return need
+
+
+def fit_context(o: BenchOptions, n_ctx_train: int, model: str, given: set[str]) -> tuple[BenchOptions, str | None]:
+    """The run's sizes for a model trained on n_ctx_train tokens, checked before anything is measured.
+
+    Default pass-key lengths (and speed histories) the model cannot hold are left out, with a note;
+    a size the user gave, or one that still does not fit, is a BenchError naming the flag."""
+    note = None
+    fits = [n for n in o.lengths if full_cache_cells(replace(o, lengths=[n])).get("--lengths", 0) <= n_ctx_train]
+    if "--lengths" not in given and fits and fits != o.lengths:
+        left = [n for n in o.lengths if n not in fits]
+        note = (f"{model}: pass-key lengths {', '.join(f'{n // 1024}k' if n % 1024 == 0 else str(n) for n in left)} "
+                f"left out: its training context is {n_ctx_train} tokens")
+        o = replace(o, lengths=fits)
+    for flag, cells in full_cache_cells(o).items():
+        if cells > n_ctx_train:
+            raise BenchError(f"{model}: {flag} needs a full cache of {cells} cells, more than its training context "
+                             f"({n_ctx_train} tokens); use a smaller {flag}")
+    return o, note
