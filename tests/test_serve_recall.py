@@ -95,3 +95,29 @@ def test_a_prompt_compressed_before_its_question_recalls_with_the_question(model
              lambda _: None)
     assert calls == []
     s.close()
+
+
+def test_a_repeated_request_recalls_nothing_new(models, monkeypatch):
+    """Sent again as it was (a regenerate), a request says nothing new: the one token re-fed for its logits
+    does not recall, so the cache is the one the first answer came from; a request that adds to the
+    conversation recalls as before."""
+    s = Session(models["llama"], SessionConfig(budget=256, chunk=128, n_threads=1, recall=True))
+    slot = Slot(0, s, EA, 256)
+    calls: list[int] = []
+    real = s.recall
+    monkeypatch.setattr(s, "recall", lambda since: calls.append(since) or real(since))
+    rng = np.random.default_rng(3)
+    prompt = [1] + rng.integers(300, 380, 900).tolist()
+
+    def req(tokens: list[int]) -> GenRequest:
+        return GenRequest(tokens=tokens, params=SamplingParams(temperature=0.0), stop=[], max_tokens=4,
+                          policy=EA, budget=256, question_len=20)
+
+    slot.run(req(prompt), lambda _: None)
+    assert len(calls) == 1
+    again = slot.run(req(prompt), lambda _: None)
+    assert again.cached_tokens == len(prompt) - 1 and again.recalled_cells == 0 and len(calls) == 1
+    slot.run(req(prompt + rng.integers(300, 380, 12).tolist()), lambda _: None)
+    assert len(calls) == 2
+    s.check_cells()
+    s.close()

@@ -132,6 +132,9 @@ class Slot:
         s = self.session
         t0 = time.perf_counter()
         try:
+            # a request that repeats the cached conversation (a regenerate) says nothing new: recall with the
+            # one token re-fed for its logits would change the cache the first answer was given from
+            says_new = self.match(req.tokens) < len(req.tokens)
             k = self.prepare(req.tokens, req.budget)
             self._configure(req.policy, req.budget)
             ev0 = len(s.stats.evictions)
@@ -150,7 +153,7 @@ class Slot:
             turn = not (question or req.question_agnostic)
             s.prefill(req.tokens[k:], progress=check, turn=turn)
             r0, rs0 = s.stats.recalled, s.stats.recall_s
-            if s.recall_on and not req.question_agnostic:
+            if s.recall_on and not req.question_agnostic and says_new:
                 # the conversation's archive: bring back what the new message needs, or, when the prompt was
                 # compressed before its end was read, what its question asks for (its queries against the
                 # context's just before it, as summarize --prompt recalls with its question)
