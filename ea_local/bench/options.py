@@ -272,10 +272,28 @@ def from_flags(*, out: str, suite: str, policies: str, budgets: str | None, mode
     return o
 
 
+def one_shot_cells(context: int) -> int:
+    """The full cache of a one-shot task: its context, then its question and answer."""
+    return context + 256
+
+
+def speed_full_cells(o: BenchOptions) -> int:
+    """The speed suite's full cache: the longest history and every point's decoded tokens."""
+    hist = o.histories or o.lengths
+    return max(hist) + (o.decode_tokens + 1) * len(hist) + 64
+
+
+def ppl_full_cells(o: BenchOptions) -> int:
+    return o.ppl_tokens + 512
+
+
+def chat_full_cells(o: BenchOptions) -> int:
+    return o.chat_tokens + 1024
+
+
 def full_cache_cells(o: BenchOptions) -> dict[str, int]:
-    """Per size flag, the most cells a full-cache session of this run holds (the suites size them so:
-    the pass key's context + 256, the speed suite's longest history + its decoded tokens, ...); every
-    session must fit in the model's training context."""
+    """Per size flag, the most cells a full-cache session of this run holds (the suites size their
+    sessions with the functions above); every session must fit in the model's training context."""
     need: dict[str, int] = {}
 
     def at_least(flag: str, n: int) -> None:
@@ -283,18 +301,17 @@ def full_cache_cells(o: BenchOptions) -> dict[str, int]:
 
     parts = o.quality_parts()
     if "passkey" in parts:
-        at_least("--lengths", max(o.lengths) + 256)
+        at_least("--lengths", one_shot_cells(max(o.lengths)))
     if "speed" in o.suites:
-        hist = o.histories or o.lengths
-        at_least("--histories" if o.histories else "--lengths", max(hist) + (o.decode_tokens + 1) * len(hist) + 64)
+        at_least("--histories" if o.histories else "--lengths", speed_full_cells(o))
     if {"multikey", "variable_tracking"} & set(parts):
-        at_least("--task-length", o.task_length + 384)
+        at_least("--task-length", one_shot_cells(o.task_length + 128))
     if "multi_turn" in parts:  # the chat's turns end past task_length by up to one turn
-        at_least("--task-length", o.task_length + 768)
+        at_least("--task-length", one_shot_cells(o.task_length + 512))
     if "perplexity" in parts:
-        at_least("--ppl-tokens", o.ppl_tokens + 512)
+        at_least("--ppl-tokens", ppl_full_cells(o))
     if "memory" in o.suites:
-        at_least("--chat-tokens", o.chat_tokens + 1024)
+        at_least("--chat-tokens", chat_full_cells(o))
     return need
 
 

@@ -11,7 +11,7 @@ import random
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable
 
-from ..options import BenchOptions
+from ..options import BenchOptions, chat_full_cells
 
 Tick = Callable[[str], None]
 
@@ -60,7 +60,7 @@ def steps(o: BenchOptions) -> int:
 
 def run(o: BenchOptions, tick: Tick) -> list[dict]:
     policy = o.policies[0]
-    runs = [("full", "full", o.chat_tokens + 1024)] + [(policy, b.label, b.resolve(o.chat_tokens)) for b in o.budgets]
+    runs = [("full", "full", chat_full_cells(o))] + [(policy, b.label, b.resolve(o.chat_tokens)) for b in o.budgets]
     from .common import skipped, streaming_floor
 
     floor = streaming_floor(o.model)

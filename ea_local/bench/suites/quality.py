@@ -19,7 +19,7 @@ from ...engine.session import Session
 from ..data import FILLER, answered, passkey_prompt
 from .. import quality as q_mod
 from .. import corpus, data
-from ..options import BenchOptions
+from ..options import BenchOptions, one_shot_cells, ppl_full_cells
 from ...engine.snapshot import checkpoint, rewind
 from .common import ask, compress_question_known, session_cfg, skipped, streaming_floor
 
@@ -73,7 +73,7 @@ def _trials(o: BenchOptions, s: Session, ctx: list[int], questions: list[tuple[l
 
 
 def _room(o: BenchOptions, n: int) -> Session:
-    cfg = session_cfg(o, n + 256)
+    cfg = session_cfg(o, one_shot_cells(n))
     cfg.prefill_stats = None
     return Session(o.model, cfg)
 
@@ -190,7 +190,7 @@ def multi_turn(o: BenchOptions, tick: Tick) -> list[dict]:
     floor = streaming_floor(o.model)
     for i, (turns, qs) in enumerate(chats):
         total = sum(map(len, turns))
-        runs = [("full", None, total + 256, "agnostic")] + \
+        runs = [("full", None, one_shot_cells(total), "agnostic")] + \
             [(p, b, b.resolve(total), m) for p in o.policies for b in o.budgets for m in o.modes]
         for pol, b, cells, mode in runs:
             label = "full" if b is None else b.label
@@ -249,7 +249,7 @@ def perplexity(o: BenchOptions, tick: Tick) -> list[dict]:
     pooled NLL and each window's sums, the units of the report's bootstrap interval."""
     n = o.ppl_tokens
     windows = ppl_windows(o)
-    runs = [("full", None, n + 512)] + [(p, b, b.resolve(n)) for p in o.policies for b in o.budgets]
+    runs = [("full", None, ppl_full_cells(o))] + [(p, b, b.resolve(n)) for p in o.policies for b in o.budgets]
     rows = []
     floor = streaming_floor(o.model)
     for pol, b, cells in runs:

@@ -14,7 +14,7 @@ from typing import Callable
 
 from ...engine.session import Session
 from ..quality import real_text
-from ..options import BenchOptions
+from ..options import BenchOptions, speed_full_cells
 from .common import session_cfg, skipped, streaming_floor
 
 Tick = Callable[[str], None]
@@ -76,7 +76,7 @@ def steps(o: BenchOptions) -> int:
 def run(o: BenchOptions, tick: Tick) -> list[dict]:
     hist = o.histories or o.lengths
     longest = max(hist)
-    full = profile(o, "streaming-llm", longest + (o.decode_tokens + 1) * len(hist) + 64, tick)
+    full = profile(o, "streaming-llm", speed_full_cells(o), tick)
     rows = [{"policy": "full", "budget": "full", "cells": None, "points": full}]
     floor = streaming_floor(o.model)
     for pol in o.policies:
