@@ -13,6 +13,8 @@ from ea_local.model.embedded import chat_model_path
 
 from .conftest import GPL3
 
+APACHE = GPL3.with_name("Apache-2.0")  # real prose, as GPL3
+
 FACT = "User: Please remember this. My locker code is 58213.\nAssistant: Noted: My locker code is 58213.\n"
 QUESTION = "User: What is my locker code?\nAssistant: Your locker code is"
 
@@ -203,4 +205,38 @@ def test_tight_budget_brings_the_asked_fact_back():
     assert 0 < n <= 40 and s.n_cells <= s.cfg.budget
     back = [p for p in where if p in s.live]
     assert len(back) >= len(where) // 2, f"fact digits back: {back} of {where}"
+    s.close()
+
+
+def test_a_chat_request_recalls_with_the_users_words_not_the_templates_tail():
+    """A chat request far over the budget, a pass key in real prose, read through 128 cells by StreamingLLM:
+    recall scored with the queries of the user's words brings the key back. The template's tail
+    (<|im_end|>, the assistant's header) attends to the system prompt and the turn markers whatever was
+    asked; with its queries the recall went there and 10 of the key's 24 cells came back (20 without)."""
+    from ea_local.engine.sampling import SamplingParams
+    from ea_local.model.chat_template import resolve_template
+    from ea_local.serve.question import chat_question_text, chat_tail_text, question_length
+    from ea_local.serve.slots import GenRequest, Slot
+
+    s = Session(str(chat_model_path()), SessionConfig(budget=128, policy="streaming-llm", recall=True, n_threads=1))
+    template, _ = resolve_template(s.info, s.rt)
+    words = " ".join(APACHE.read_text().split()).split(" ")
+    needle = "The pass key is 17412. Remember it. 17412 is the pass key. "
+    doc = ("There is important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+           + " ".join(words[:380]) + " " + needle + " ".join(words[380:760]))
+    messages = [{"role": "user", "content": doc + "\n\nWhat is the pass key?"}]
+    text = template.render(messages, add_generation_prompt=True)
+    count = lambda t: len(s.rt.tokenize(t, add_bos=False, special=True))  # noqa: E731
+    tokens = s.rt.tokenize(text, add_bos=False, special=True)
+    n_q = question_length(chat_question_text(text, messages, count, s.max_question), len(tokens), count, s.max_question)
+    tail = count(chat_tail_text(text, messages))
+    assert len(tokens) > 1000 and 0 < tail < n_q
+    a = count(text[:text.index(needle)])
+    key = list(range(a, count(text[:text.index(needle)] + needle.rstrip())))
+    res = Slot(0, s, "streaming-llm", 128).run(
+        GenRequest(tokens=tokens, params=SamplingParams(temperature=0.0), stop=[], max_tokens=1,
+                   policy="streaming-llm", budget=128, question_len=n_q, template_tail=tail), lambda _: None)
+    assert res.evictions > 0 and res.recalled_cells > 0 and res.cells <= 128
+    back = [p for p in key if p in s.live]
+    assert len(back) >= 2 * len(key) // 3, f"pass key cells back: {len(back)} of {len(key)}"
     s.close()

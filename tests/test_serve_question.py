@@ -1,7 +1,8 @@
 """Which tail of a request's prompt the server probes as its question (no model needed)."""
 from __future__ import annotations
 
-from ea_local.serve.question import chat_question_text, completion_question_text, last_paragraph, question_length
+from ea_local.serve.question import (chat_question_text, chat_tail_text, completion_question_text, last_paragraph,
+                                     question_length)
 
 
 def words(text: str) -> int:  # a stand-in tokenizer: one token per word
@@ -27,6 +28,17 @@ def test_chat_question_is_the_last_user_message_and_the_template_tail():
             {"role": "assistant", "content": "first answer"}, {"role": "user", "content": "What is the pass key?"}]
     r = chatml(msgs)
     assert chat_question_text(r, msgs, words, cap=100) == "What is the pass key?" + CHATML_TAIL
+
+
+def test_the_template_tail_is_what_follows_the_users_text():
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the pass key?"}]
+    assert chat_tail_text(chatml(msgs), msgs) == CHATML_TAIL
+    # a request that ends with the assistant (a prefix to continue) or an empty user message has none
+    assert chat_tail_text(chatml(msgs + [{"role": "assistant", "content": "The key"}]),
+                          msgs + [{"role": "assistant", "content": "The key"}]) == ""
+    assert chat_tail_text(chatml([{"role": "user", "content": " "}]), [{"role": "user", "content": " "}]) == ""
+    # a template that rewrites the message: nothing is left out
+    assert chat_tail_text("[INST] padded question? [/INST]", [{"role": "user", "content": "  padded question?  "}]) == ""
 
 
 def test_a_long_last_message_contributes_its_last_paragraph():

@@ -79,12 +79,13 @@ def test_a_prompt_compressed_before_its_question_recalls_with_the_question(model
     slot = Slot(0, s, policy, 256)
     calls: list[tuple[int, int]] = []
     real = s.recall
-    monkeypatch.setattr(s, "recall", lambda since: calls.append((since, s.next_pos)) or real(since))
+    monkeypatch.setattr(s, "recall", lambda since, until=None: calls.append((since, until, s.next_pos))
+                        or real(since, until))
     rng = np.random.default_rng(2)
     prompt = [1] + rng.integers(300, 380, 900).tolist()
     res = slot.run(GenRequest(tokens=prompt, params=SamplingParams(temperature=0.0), stop=[], max_tokens=4,
                               policy=policy, budget=256, question_len=20), lambda _: None)
-    assert calls == [(len(prompt) - 20, len(prompt))]
+    assert calls == [(len(prompt) - 20, None, len(prompt))]
     assert res.evictions > 0 and len(s.archive) > 0 and res.cells <= 256
     assert res.question_tokens == (20 if policy == EA else 0)  # probed only by a policy that reads queries
     assert res.recalled_cells == s.stats.recalled
@@ -94,6 +95,11 @@ def test_a_prompt_compressed_before_its_question_recalls_with_the_question(model
                         stop=[], max_tokens=4, policy=policy, budget=256, question_len=20, question_agnostic=True),
              lambda _: None)
     assert calls == []
+    # a chat request: the template's last tokens (end of turn, assistant header) do not score the archive
+    prompt = [1] + rng.integers(300, 380, 900).tolist()
+    slot.run(GenRequest(tokens=prompt, params=SamplingParams(temperature=0.0), stop=[], max_tokens=4,
+                        policy=policy, budget=256, question_len=20, template_tail=5), lambda _: None)
+    assert calls == [(len(prompt) - 20, len(prompt) - 5, len(prompt))]
     s.close()
 
 
@@ -105,7 +111,7 @@ def test_a_repeated_request_recalls_nothing_new(models, monkeypatch):
     slot = Slot(0, s, EA, 256)
     calls: list[int] = []
     real = s.recall
-    monkeypatch.setattr(s, "recall", lambda since: calls.append(since) or real(since))
+    monkeypatch.setattr(s, "recall", lambda since, until=None: calls.append(since) or real(since, until))
     rng = np.random.default_rng(3)
     prompt = [1] + rng.integers(300, 380, 900).tolist()
 

@@ -205,8 +205,11 @@ class Chat:
                 self.s.prefill(prompt, progress=lambda d, t: _stop_if(should_stop), turn=not self.s.question)
             except _Stopped:
                 return
-            if self.s.recall_on:  # the message is in: bring back what it (its question, when known) needs
-                self.s.recall(since=self.s.next_pos - len(question) if question else start)
+            if self.s.recall_on:  # the message is in: bring back what it (its question, when known) needs,
+                # asked by the user's text, not by the template's end of turn and assistant header after it
+                tail = self.s.rt.tokenize(self.turns.split()[1], add_bos=False, special=True)
+                self.s.recall(since=self.s.next_pos - len(question) if question else start,
+                              until=self.s.next_pos - len(tail))
             for piece in self.s.generate([], params, stop=list(self.template.stop), max_tokens=self.opts.max_tokens,
                                          should_stop=should_stop):
                 if t_first is None:

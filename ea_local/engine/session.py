@@ -624,14 +624,15 @@ class Session:
         a.add(positions, [self.live[int(p)] for p in positions], rows, digest, recalls=recalls)
         self.stats.archived += len(positions)
 
-    def message_queries(self, since: int) -> tuple[dict[int, np.ndarray], np.ndarray]:
-        """The captured pre-RoPE queries of the tokens at positions >= since (the newest message), last
-        `recall_queries` of them: from the focus window, or the statistics window when the turn was read
-        as context (question-agnostic)."""
+    def message_queries(self, since: int, until: int | None = None) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        """The captured pre-RoPE queries of the tokens at positions since..until-1 (the newest message;
+        until None: to its end), last `recall_queries` of them: from the focus window, or the statistics
+        window when the turn was read as context (question-agnostic)."""
         if self._n_captured:
             self._pull_queries(keep=self.cfg.stats_window)
+        end = self.next_pos if until is None else until
         for win in (self.focus, self.queries):
-            sel = np.flatnonzero(win.pos >= since)[-self.cfg.recall_queries:]
+            sel = np.flatnonzero((win.pos >= since) & (win.pos < end))[-self.cfg.recall_queries:]
             if len(sel) and win.covers(self.layers):
                 return {il: win.q[il][sel] for il in self.layers}, win.pos[sel]
         return {}, np.empty(0, dtype=np.int64)
@@ -648,10 +649,14 @@ class Session:
         sel = first[keep][-m:]
         return {il: np.concatenate([w.q[il] for w in wins])[sel] for il in self.layers}, pos[keep][-m:]
 
-    def recall(self, since: int) -> int:
+    def recall(self, since: int, until: int | None = None) -> int:
         """Bring back the archived cells the newest message (positions >= since, already prefilled) needs.
 
-        Its queries score live and archived cells together (recall.py); scores are max-pooled over
+        Its queries (those of positions before `until`, when given) score live and archived cells together
+        (recall.py). A chat caller passes until = where the user's text ends: the chat template's end of
+        turn and assistant header after it attend to the conversation's structure (the system prompt, earlier
+        turn markers) whatever the message asks, and on SmolLM2 took the whole recall at small budgets
+        (docs/recall.md, "The template's tail"); scores are max-pooled over
         neighbours within `recall_radius` positions so that spans come back whole; the best archived
         cells replace the lowest-scoring live ones that are neither sinks, nor recent, nor the message
         (archive.plan_swap), and go back at their positions. The budget holds: the cells only grow into
@@ -660,7 +665,7 @@ class Session:
         if a is None or not len(a) or any(il not in a.digest for il in self.layers):
             return 0
         t0 = time.perf_counter()
-        queries, q_pos = self.message_queries(since)
+        queries, q_pos = self.message_queries(since, until)
         if not len(q_pos):
             return 0
         live_pos, live_keys = None, {}

@@ -32,7 +32,7 @@ from ..policies import get_policy
 from .errors import APIError, error_response
 from .guard import Guard
 from .metrics import Metrics
-from .question import chat_question_text, completion_question_text, question_length
+from .question import chat_question_text, chat_tail_text, completion_question_text, question_length
 from .schemas import ChatRequest, CompletionRequest, chat_messages, check_common, parse
 from .slots import Cancelled, GenRequest, GenResult, Slot, SlotPool
 
@@ -93,24 +93,27 @@ class Server:
     def count(self, text: str) -> int:
         return len(self.rt.tokenize(text, add_bos=False, special=True))
 
-    def chat_request(self, messages: list[dict]) -> tuple[list[int], int]:
-        """(prompt tokens, how many of the last ones are the question)."""
+    def chat_request(self, messages: list[dict]) -> tuple[list[int], int, int]:
+        """(prompt tokens, how many of the last ones are the question, how many of those the template
+        wrote after the user's text)."""
         try:
             text = self.template.render(messages, add_generation_prompt=True)
         except TemplateError as e:
             raise APIError(400, str(e), code="invalid_value", param="messages") from None
         tokens = self.tokens(text)
         q = chat_question_text(text, messages, self.count, self.cfg.max_question)
-        return tokens, question_length(q, len(tokens), self.count, self.cfg.max_question)
+        tail = chat_tail_text(text, messages)
+        return (tokens, question_length(q, len(tokens), self.count, self.cfg.max_question),
+                min(self.count(tail), len(tokens) - 1) if tail else 0)
 
-    def completion_request(self, prompt) -> tuple[list[int], int]:
+    def completion_request(self, prompt) -> tuple[list[int], int, int]:
         tokens = self.prompt_tokens(prompt)
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             prompt = prompt[0]
         if not isinstance(prompt, str):  # token ids: the question is found in their text
             prompt = b"".join(self.rt.token_bytes(t, special=True) for t in tokens).decode("utf-8", errors="replace")
         q = completion_question_text(prompt)
-        return tokens, question_length(q, len(tokens), self.count, self.cfg.max_question)
+        return tokens, question_length(q, len(tokens), self.count, self.cfg.max_question), 0
 
     def prompt_tokens(self, prompt) -> list[int]:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
@@ -127,7 +130,7 @@ class Server:
         return self.tokens(prompt)
 
     async def prepare(self, req, max_tokens: int | None,
-                      make_tokens: Callable[[], tuple[list[int], int]]) -> Prepared:
+                      make_tokens: Callable[[], tuple[list[int], int, int]]) -> Prepared:
         cfg = self.cfg
         kv = req.kv_compression
         policy = (kv.policy if kv and kv.policy else None) or cfg.policy
@@ -146,7 +149,7 @@ class Server:
         if not cfg.min_budget <= budget <= cfg.budget:
             raise APIError(400, f"kv_compression.budget must be in {cfg.min_budget}..{cfg.budget} (the server's "
                            f"--budget), got {budget}", code="invalid_value", param="kv_compression.budget")
-        tokens, question_len = await asyncio.to_thread(make_tokens)
+        tokens, question_len, template_tail = await asyncio.to_thread(make_tokens)
         if not tokens:
             raise APIError(400, "the prompt is empty", code="invalid_value", param="prompt")
         if len(tokens) > cfg.max_prompt_tokens:
@@ -161,7 +164,7 @@ class Server:
         params.ignore_eos = req.ignore_eos
         gen = GenRequest(tokens=tokens, params=params, stop=req.stop_list(), max_tokens=max_tokens or cfg.max_tokens,
                          policy=policy, budget=budget, question_agnostic=bool(kv and kv.question_agnostic),
-                         question_len=question_len)
+                         question_len=question_len, template_tail=template_tail)
         include = bool(req.stream_options and req.stream_options.include_usage)
         return Prepared(tokens, gen, bool(req.stream), include)
 

@@ -41,6 +41,17 @@ def chat_question_text(rendered: str, messages: list[dict], count: Callable[[str
     return text
 
 
+def chat_tail_text(rendered: str, messages: list[dict]) -> str:
+    """What the template writes after the last message when it is the user's (its end of turn, the
+    assistant's header): their queries attend to the conversation's structure, not to what the user
+    asked, so recall leaves them out. "" when the last message is not the user's or cannot be found."""
+    if not messages or messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
+        return ""
+    user = messages[-1]["content"]
+    i = rendered.rfind(user)
+    return rendered[i + len(user):] if i >= 0 else ""
+
+
 def completion_question_text(prompt: str) -> str:
     return last_paragraph(prompt)
 
