@@ -79,13 +79,13 @@ def test_a_prompt_compressed_before_its_question_recalls_with_the_question(model
     slot = Slot(0, s, policy, 256)
     calls: list[tuple[int, int]] = []
     real = s.recall
-    monkeypatch.setattr(s, "recall", lambda since, until=None: calls.append((since, until, s.next_pos))
-                        or real(since, until))
+    monkeypatch.setattr(s, "recall", lambda since, until=None, recent=None:
+                        calls.append((since, until, recent, s.next_pos)) or real(since, until, recent))
     rng = np.random.default_rng(2)
     prompt = [1] + rng.integers(300, 380, 900).tolist()
     res = slot.run(GenRequest(tokens=prompt, params=SamplingParams(temperature=0.0), stop=[], max_tokens=4,
                               policy=policy, budget=256, question_len=20), lambda _: None)
-    assert calls == [(len(prompt) - 20, None, len(prompt))]
+    assert calls == [(len(prompt) - 20, None, 0, len(prompt))]  # the question's document: no recent window
     assert res.evictions > 0 and len(s.archive) > 0 and res.cells <= 256
     assert res.question_tokens == (20 if policy == EA else 0)  # probed only by a policy that reads queries
     assert res.recalled_cells == s.stats.recalled
@@ -99,7 +99,7 @@ def test_a_prompt_compressed_before_its_question_recalls_with_the_question(model
     prompt = [1] + rng.integers(300, 380, 900).tolist()
     slot.run(GenRequest(tokens=prompt, params=SamplingParams(temperature=0.0), stop=[], max_tokens=4,
                         policy=policy, budget=256, question_len=20, template_tail=5), lambda _: None)
-    assert calls == [(len(prompt) - 20, len(prompt) - 5, len(prompt))]
+    assert calls == [(len(prompt) - 20, len(prompt) - 5, 0, len(prompt))]
     s.close()
 
 
@@ -111,7 +111,8 @@ def test_a_repeated_request_recalls_nothing_new(models, monkeypatch):
     slot = Slot(0, s, EA, 256)
     calls: list[int] = []
     real = s.recall
-    monkeypatch.setattr(s, "recall", lambda since, until=None: calls.append(since) or real(since, until))
+    monkeypatch.setattr(s, "recall", lambda since, until=None, recent=None: calls.append(since)
+                        or real(since, until, recent))
     rng = np.random.default_rng(3)
     prompt = [1] + rng.integers(300, 380, 900).tolist()
 
@@ -126,4 +127,27 @@ def test_a_repeated_request_recalls_nothing_new(models, monkeypatch):
     slot.run(req(prompt + rng.integers(300, 380, 12).tolist()), lambda _: None)
     assert len(calls) == 2
     s.check_cells()
+    s.close()
+
+
+def test_a_probed_questions_recall_may_replace_the_documents_last_cells(models, monkeypatch):
+    """recent=0 (a request's question, read after its own document): recall may swap out the live cells just
+    before the question, never the sinks or the question; by default the newest cfg.recent positions stay."""
+    import ea_local.engine.session as session_mod
+
+    s = Session(models["llama"], SessionConfig(budget=256, chunk=128, n_threads=1, recall=True))
+    rng = np.random.default_rng(4)
+    s.prefill([1] + rng.integers(300, 380, 900).tolist())
+    since = s.next_pos
+    s.prefill(rng.integers(300, 380, 10).tolist())
+    seen: list[np.ndarray] = []
+    nothing = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64))  # no swap: both calls see one cache
+    monkeypatch.setattr(session_mod, "plan_swap", lambda a, l, ev, room, mx: seen.append(ev.copy()) or nothing)
+    live = np.array(sorted(s.live))
+    s.recall(since)
+    s.recall(since, recent=0)
+    by_default, probed = seen
+    window = (live >= s.next_pos - s.cfg.recent) & (live < since)
+    assert window.any() and not by_default[window].any() and probed[window].all()
+    assert not probed[(live < s.cfg.n_sink) | (live >= since)].any()
     s.close()

@@ -649,14 +649,17 @@ class Session:
         sel = first[keep][-m:]
         return {il: np.concatenate([w.q[il] for w in wins])[sel] for il in self.layers}, pos[keep][-m:]
 
-    def recall(self, since: int, until: int | None = None) -> int:
+    def recall(self, since: int, until: int | None = None, recent: int | None = None) -> int:
         """Bring back the archived cells the newest message (positions >= since, already prefilled) needs.
 
         Its queries (those of positions before `until`, when given) score live and archived cells together
         (recall.py). A chat caller passes until = where the user's text ends: the chat template's end of
         turn and assistant header after it attend to the conversation's structure (the system prompt, earlier
         turn markers) whatever the message asks, and on SmolLM2 took the whole recall at small budgets
-        (docs/recall.md, "The template's tail"); scores are max-pooled over
+        (docs/recall.md, "The template's tail"). `recent` (default cfg.recent): the newest positions before
+        the message that no recalled cell may replace; a request's probed question passes 0, since what
+        precedes it is the same document, not the conversation's last exchange (docs/recall.md). Scores are
+        max-pooled over
         neighbours within `recall_radius` positions so that spans come back whole; the best archived
         cells replace the lowest-scoring live ones that are neither sinks, nor recent, nor the message
         (archive.plan_swap), and go back at their positions. The budget holds: the cells only grow into
@@ -680,7 +683,8 @@ class Session:
         r = self.cfg.recall_radius
         live_s = pool_spans(live_pos, scores[:n_live], r)
         arch_s = pool_spans(a.pos, scores[n_live:], r)
-        evictable = (live_pos >= self.cfg.n_sink) & (live_pos < min(since, self.next_pos - self.cfg.recent))
+        keep = self.cfg.recent if recent is None else recent
+        evictable = (live_pos >= self.cfg.n_sink) & (live_pos < min(since, self.next_pos - keep))
         room = max(0, self.room_target - self.n_cells)
         max_recall = self.cfg.recall_max if self.cfg.recall_max is not None else self.cfg.budget // 4
         back, out = plan_swap(arch_s, live_s, evictable, room, max_recall)

@@ -159,7 +159,8 @@ class Slot:
                 # compressed before its end was read, what its question asks for (its queries against the
                 # context's just before it, as summarize --prompt recalls with its question)
                 s.recall(since=s.next_pos - len(question) if question else start,
-                         until=s.next_pos - req.template_tail if req.template_tail else None)
+                         until=s.next_pos - req.template_tail if req.template_tail else None,
+                         recent=0 if question else None)
             res = GenResult(prompt_tokens=len(req.tokens), cached_tokens=k, slot=self.id, policy=req.policy,
                             budget=req.budget, question_tokens=len(s.question))
             res.prefill_s = time.perf_counter() - t0
