@@ -63,14 +63,21 @@ def test_long_message_recalls_with_its_question(tiny_llama):
     for policy in ("expected-attention", "streaming-llm"):
         chat = _chat(tiny_llama, policy=policy, recall=True)
         chat.start()
-        calls: list[tuple[int, int]] = []
+        calls: list[tuple[int, int | None, int | None, int]] = []
         real = chat.s.recall
-        chat.s.recall = lambda since: calls.append((since, chat.s.next_pos)) or real(since)
+        chat.s.recall = lambda since, until=None, recent=None: (
+            calls.append((since, until, recent, chat.s.next_pos)) or real(since, until, recent))
         question = "Which word came first?"
         n_q = len(chat.tokens(question + chat.turns.split()[1]))
+        n_tail = len(chat.s.rt.tokenize(chat.turns.split()[1], add_bos=False, special=True))
         "".join(chat.ask(_document(600) + "\n\n" + question))
-        assert len(calls) == 1 and calls[0][1] - calls[0][0] == n_q, policy
+        since, until, recent, end = calls[0]
+        assert len(calls) == 1 and end - since == n_q, policy
+        # asked by the user's words, not the template's tail; the question may replace its document's last cells
+        assert until == end - n_tail and recent == 0, policy
         start = chat.s.next_pos
         "".join(chat.ask("Thanks."))
-        assert len(calls) == 2 and calls[1][0] == start, policy  # the short message: from its own start
+        since, until, recent, end = calls[1]
+        assert len(calls) == 2 and since == start, policy  # the short message: from its own start
+        assert until == end - n_tail and recent is None, policy  # the last exchange stays guarded
         chat.s.close()
