@@ -151,3 +151,22 @@ def test_a_probed_questions_recall_may_replace_the_documents_last_cells(models, 
     assert window.any() and not by_default[window].any() and probed[window].all()
     assert not probed[(live < s.cfg.n_sink) | (live >= since)].any()
     s.close()
+
+
+def test_a_probed_questions_answer_tokens_score_the_archive_unless_recall_stops_at_the_users_words(models):
+    """The greedy answer tokens a probed question decodes after the context (positions from next_pos) are
+    part of the message recall scores with; with `until` (a chat request: where the user's text ends) only
+    the user's words are."""
+    s = Session(models["llama"], SessionConfig(budget=256, chunk=128, n_threads=1, recall=True))
+    rng = np.random.default_rng(5)
+    question = rng.integers(300, 380, 10).tolist()
+    s.set_question(question)
+    s.prefill([1] + rng.integers(300, 380, 900).tolist() + question, turn=False)
+    assert s.stats.evictions
+    since, end = s.next_pos - len(question), s.next_pos
+    answers = set(range(end, end + s.cfg.answer_lookahead))
+    _, whole = s.message_queries(since)
+    _, words = s.message_queries(since, until=end - 3)
+    assert answers <= set(whole.tolist()) and whole.min() >= since
+    assert set(words.tolist()) == set(range(since, end - 3))
+    s.close()

@@ -625,14 +625,18 @@ class Session:
         self.stats.archived += len(positions)
 
     def message_queries(self, since: int, until: int | None = None) -> tuple[dict[int, np.ndarray], np.ndarray]:
-        """The captured pre-RoPE queries of the tokens at positions since..until-1 (the newest message;
-        until None: to its end), last `recall_queries` of them: from the focus window, or the statistics
-        window when the turn was read as context (question-agnostic)."""
+        """The captured pre-RoPE queries of the newest message, last `recall_queries` of them: from the focus
+        window, or the statistics window when the turn was read as context (question-agnostic).
+
+        until None: every query from position `since` on, a probed question's greedy answer tokens (decoded
+        after the context, at positions from next_pos) included; given: the user's words only, positions
+        since..until-1. Measured on the tuning texts (docs/recall.md, "The template's tail"): with the answer
+        tokens Gemma 3's completion requests found more keys, SmolLM2's chat requests fewer."""
         if self._n_captured:
             self._pull_queries(keep=self.cfg.stats_window)
-        end = self.next_pos if until is None else until
         for win in (self.focus, self.queries):
-            sel = np.flatnonzero((win.pos >= since) & (win.pos < end))[-self.cfg.recall_queries:]
+            mine = win.pos >= since if until is None else (win.pos >= since) & (win.pos < until)
+            sel = np.flatnonzero(mine)[-self.cfg.recall_queries:]
             if len(sel) and win.covers(self.layers):
                 return {il: win.q[il][sel] for il in self.layers}, win.pos[sel]
         return {}, np.empty(0, dtype=np.int64)
