@@ -208,8 +208,7 @@ class Chat:
             if self.s.recall_on:  # the message is in: bring back what it (its question, when known) needs,
                 # asked by the user's text, not by the template's end of turn and assistant header after it
                 tail = self.s.rt.tokenize(self.turns.split()[1], add_bos=False, special=True)
-                self.s.recall(since=self.s.next_pos - len(question) if question else start,
-                              until=self.s.next_pos - len(tail), recent=0 if question else None)
+                self.s.recall_message(start, question, until=self.s.next_pos - len(tail))
             for piece in self.s.generate([], params, stop=list(self.template.stop), max_tokens=self.opts.max_tokens,
                                          should_stop=should_stop):
                 if t_first is None:

@@ -663,9 +663,8 @@ class Session:
         (docs/recall.md, "The template's tail"). `recent` (default cfg.recent): the newest positions before
         the message that no recalled cell may replace; a request's probed question passes 0, since what
         precedes it is the same document, not the conversation's last exchange (docs/recall.md). Scores are
-        max-pooled over
-        neighbours within `recall_radius` positions so that spans come back whole; the best archived
-        cells replace the lowest-scoring live ones that are neither sinks, nor recent, nor the message
+        max-pooled over neighbours within `recall_radius` positions so that spans come back whole; the best
+        archived cells replace the lowest-scoring live ones that are neither sinks, nor recent, nor the message
         (archive.plan_swap), and go back at their positions. The budget holds: the cells only grow into
         the room below budget - step. Returns the number of cells brought back."""
         a = self.archive
@@ -714,6 +713,13 @@ class Session:
         if DEBUG:
             self.check_cells()
         return len(pos)
+
+    def recall_message(self, start: int, question: list[int], until: int | None = None) -> int:
+        """Recall for the message prefilled from position `start`: asked by all of it, or, when a question
+        was probed while it was read (its last tokens), by that question, which may then replace its own
+        document's last cells (recent=0). `until`: where the user's words end (see recall)."""
+        return self.recall(since=self.next_pos - len(question) if question else start, until=until,
+                           recent=0 if question else None)
 
     def _redecode_tail(self, since: int) -> None:
         """The message was decoded before the recalled cells were back: its last tokens (up to

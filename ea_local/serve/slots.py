@@ -158,9 +158,8 @@ class Slot:
                 # the conversation's archive: bring back what the new message needs, or, when the prompt was
                 # compressed before its end was read, what its question asks for (its queries against the
                 # context's just before it, as summarize --prompt recalls with its question)
-                s.recall(since=s.next_pos - len(question) if question else start,
-                         until=s.next_pos - req.template_tail if req.template_tail else None,
-                         recent=0 if question else None)
+                s.recall_message(start, question,
+                                 until=s.next_pos - req.template_tail if req.template_tail else None)
             res = GenResult(prompt_tokens=len(req.tokens), cached_tokens=k, slot=self.id, policy=req.policy,
                             budget=req.budget, question_tokens=len(s.question))
             res.prefill_s = time.perf_counter() - t0
