@@ -172,3 +172,25 @@ def test_question_agnostic_requests_in_every_order(models, arch):
         assert res.cells <= req.budget
         slot.session.check_cells()
     slot.session.close()
+
+
+def test_a_cache_compressed_under_other_settings_is_not_reused(models):
+    """The same long prompt sent question-agnostic, then with its question, then under another policy:
+    each reads it again (reusing the first cache would answer as the agnostic request did, without a
+    probe); the same settings again reuse it, and a cache that lost nothing is reused under any."""
+    rng = np.random.default_rng(6)
+    slot = make_slot(models["llama"])
+    a = [1] + rand(rng, 900)
+    first = slot.run(request(a, question_agnostic=True, question_len=30), lambda _: None)
+    assert first.evictions > 0 and first.question_tokens == 0
+    asked = slot.run(request(a, question_len=30), lambda _: None)
+    assert asked.cached_tokens == 0 and asked.question_tokens == 30
+    again = slot.run(request(a, question_len=30), lambda _: None)
+    assert again.cached_tokens == len(a) - 1
+    other = slot.run(request(a, policy="streaming-llm", question_len=30), lambda _: None)
+    assert other.cached_tokens == 0
+    short = [1] + rand(rng, 100)
+    slot.run(request(short), lambda _: None)
+    assert slot.run(request(short + rand(rng, 10), policy="streaming-llm"), lambda _: None).cached_tokens == len(short)
+    slot.session.check_cells()
+    slot.session.close()

@@ -169,8 +169,8 @@ class Server:
         return Prepared(tokens, gen, bool(req.stream), include)
 
     # ---- running ----
-    async def acquire(self, request: Request, tokens: list[int]) -> Slot:
-        task = asyncio.ensure_future(self.pool.acquire(tokens))
+    async def acquire(self, request: Request, gen: GenRequest) -> Slot:
+        task = asyncio.ensure_future(self.pool.acquire(gen))
         gone = await _race_disconnect(request, task)
         if gone:
             raise _ClientGone()
@@ -301,7 +301,7 @@ def create_app(srv: Server) -> Guard:
 
     async def _respond(request: Request, prep: Prepared, chat: bool):
         try:
-            slot = await srv.acquire(request, prep.tokens)
+            slot = await srv.acquire(request, prep.gen)
         except _ClientGone:
             return Response(status_code=499)  # nobody is listening; the status only shows in the access log
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]

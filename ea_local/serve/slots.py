@@ -56,6 +56,11 @@ class GenRequest:
     question_len: int = 0  # the prompt's last tokens that are its question (serve/question.py)
     template_tail: int = 0  # the prompt's last tokens the chat template wrote after the user's text
 
+    @property
+    def compression(self) -> tuple[str, int, bool]:
+        """What decides which cells a compression keeps (a cache compressed otherwise answers otherwise)."""
+        return self.policy, self.budget, self.question_agnostic
+
 
 @dataclass
 class GenResult:
@@ -87,10 +92,17 @@ class Slot:
     reuse: bool = True
     busy: bool = False
     last_used: float = 0.0
+    compressed_as: tuple[str, int, bool] | None = None  # the last request's GenRequest.compression
     cancel: threading.Event = field(default_factory=threading.Event)
 
-    def match(self, tokens: list[int]) -> int:
-        return common_prefix(self.session.transcript.tokens, tokens) if self.reuse else 0
+    def match(self, tokens: list[int], compression: tuple[str, int, bool] | None = None) -> int:
+        """Prompt tokens the cache stands for: none when it lost cells under other compression settings
+        (a request's policy, budget or question-agnostic mode would then answer as the previous one's)."""
+        s = self.session
+        if not self.reuse or (compression is not None and self.compressed_as not in (None, compression)
+                              and s.n_cells < len(s.transcript)):
+            return 0
+        return common_prefix(s.transcript.tokens, tokens)
 
     def _configure(self, policy: str, budget: int) -> None:
         s = self.session
@@ -98,13 +110,14 @@ class Slot:
             s.set_policy(policy)
         s.set_budget(budget)
 
-    def prepare(self, tokens: list[int], budget: int | None = None) -> int:
+    def prepare(self, tokens: list[int], budget: int | None = None,
+                compression: tuple[str, int, bool] | None = None) -> int:
         """Make the cache hold a prefix of `tokens`; returns its length (tokens not to prefill).
 
         A prompt that fits the budget whole is read again from scratch when its cached prefix lost
         cells to eviction: reading it costs at most `budget` tokens and nothing of it is lost."""
         s = self.session
-        k = min(self.match(tokens), len(tokens) - 1)  # at least one token is fed: it gives the logits
+        k = min(self.match(tokens, compression), len(tokens) - 1)  # at least one token is fed: it gives the logits
         if k > 0:
             k = s.keep_prefix(k)
         if k > 0 and budget is not None and len(tokens) <= budget and s.n_cells < k:
@@ -135,8 +148,9 @@ class Slot:
         try:
             # a request that repeats the cached conversation (a regenerate) says nothing new: recall with the
             # one token re-fed for its logits would change the cache the first answer was given from
-            says_new = self.match(req.tokens) < len(req.tokens)
-            k = self.prepare(req.tokens, req.budget)
+            says_new = self.match(req.tokens, req.compression) < len(req.tokens)
+            k = self.prepare(req.tokens, req.budget, req.compression)
+            self.compressed_as = req.compression
             self._configure(req.policy, req.budget)
             ev0 = len(s.stats.evictions)
 
@@ -225,11 +239,11 @@ class SlotPool:
     def _busy_error(self, why: str) -> APIError:
         return APIError(503, why, code="server_busy", headers={"Retry-After": str(self.retry_after)})
 
-    async def acquire(self, tokens: list[int]) -> Slot:
+    async def acquire(self, req: GenRequest) -> Slot:
         if self.closing:
             raise self._busy_error("the server is shutting down")
         if self.n_free - self.reserved > 0:
-            return self._take(tokens)
+            return self._take(req)
         if len(self.waiters) >= self.queue_limit:
             raise self._busy_error(f"all {len(self.slots)} slots are busy and {len(self.waiters)} requests wait")
         fut = asyncio.get_running_loop().create_future()
@@ -247,15 +261,15 @@ class SlotPool:
         if self.closing:
             self._wake()
             raise self._busy_error("the server is shutting down")
-        return self._take(tokens)
+        return self._take(req)
 
-    def _take(self, tokens: list[int]) -> Slot:
+    def _take(self, req: GenRequest) -> Slot:
         """The free slot whose cache holds the longest part of this prompt; when none holds at least
         half of its own history, the least recently used one (so unrelated clients do not wipe each
         other's conversations while an idle slot exists)."""
         free = [s for s in self.slots if not s.busy]
-        best = max(free, key=lambda s: (s.match(tokens), -s.last_used))
-        k = best.match(tokens)
+        best = max(free, key=lambda s: (s.match(req.tokens, req.compression), -s.last_used))
+        k = best.match(req.tokens, req.compression)
         if k == 0 or k < len(best.session.transcript) // 2:
             best = min(free, key=lambda s: s.last_used)
         best.busy = True
