@@ -100,6 +100,12 @@ def test_a_prompt_compressed_before_its_question_recalls_with_the_question(model
     slot.run(GenRequest(tokens=prompt, params=SamplingParams(temperature=0.0), stop=[], max_tokens=4,
                         policy=policy, budget=256, question_len=20, template_tail=5), lambda _: None)
     assert calls == [(len(prompt) - 20, len(prompt) - 5, 0, len(prompt))]
+    # a chat template that writes nothing after the user's text: still the user's words only, as in chat
+    calls.clear()
+    prompt = [1] + rng.integers(300, 380, 900).tolist()
+    slot.run(GenRequest(tokens=prompt, params=SamplingParams(temperature=0.0), stop=[], max_tokens=4,
+                        policy=policy, budget=256, question_len=20, template_tail=0), lambda _: None)
+    assert calls == [(len(prompt) - 20, len(prompt), 0, len(prompt))]
     s.close()
 
 

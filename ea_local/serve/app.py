@@ -106,14 +106,14 @@ class Server:
         return (tokens, question_length(q, len(tokens), self.count, self.cfg.max_question),
                 min(self.count(tail), len(tokens) - 1) if tail else 0)
 
-    def completion_request(self, prompt) -> tuple[list[int], int, int]:
+    def completion_request(self, prompt) -> tuple[list[int], int, int | None]:
         tokens = self.prompt_tokens(prompt)
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             prompt = prompt[0]
         if not isinstance(prompt, str):  # token ids: the question is found in their text
             prompt = b"".join(self.rt.token_bytes(t, special=True) for t in tokens).decode("utf-8", errors="replace")
         q = completion_question_text(prompt)
-        return tokens, question_length(q, len(tokens), self.count, self.cfg.max_question), 0
+        return tokens, question_length(q, len(tokens), self.count, self.cfg.max_question), None  # no template
 
     def prompt_tokens(self, prompt) -> list[int]:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
@@ -130,7 +130,7 @@ class Server:
         return self.tokens(prompt)
 
     async def prepare(self, req, max_tokens: int | None,
-                      make_tokens: Callable[[], tuple[list[int], int, int]]) -> Prepared:
+                      make_tokens: Callable[[], tuple[list[int], int, int | None]]) -> Prepared:
         cfg = self.cfg
         kv = req.kv_compression
         policy = (kv.policy if kv and kv.policy else None) or cfg.policy

@@ -54,7 +54,7 @@ class GenRequest:
     budget: int
     question_agnostic: bool = False
     question_len: int = 0  # the prompt's last tokens that are its question (serve/question.py)
-    template_tail: int = 0  # the prompt's last tokens the chat template wrote after the user's text
+    template_tail: int | None = None  # chat: the prompt's last tokens the template wrote after the user's text
 
     @property
     def compression(self) -> tuple[str, int, bool]:
@@ -173,7 +173,7 @@ class Slot:
                 # compressed before its end was read, what its question asks for (its queries against the
                 # context's just before it, as summarize --prompt recalls with its question)
                 s.recall_message(start, question,
-                                 until=s.next_pos - req.template_tail if req.template_tail else None)
+                                 until=None if req.template_tail is None else s.next_pos - req.template_tail)
             res = GenResult(prompt_tokens=len(req.tokens), cached_tokens=k, slot=self.id, policy=req.policy,
                             budget=req.budget, question_tokens=len(s.question))
             res.prefill_s = time.perf_counter() - t0
