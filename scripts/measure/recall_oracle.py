@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Does a recalled cache miss a pass key because of *which* cells it holds, or because its later cells
+were computed while the key was evicted? (docs/recall.md, "What does not work")
+
+Each trial is read as the server reads a chat request over the budget (question probed, recall with the
+user's words, the document's last cells replaceable), then answered greedily. The same prompt is then
+prefilled whole into an uncompressed cache, every cell the recalled cache does not hold is removed, the
+question is decoded again (as recall does), and it is answered: the same cell set, every cell computed
+in the full context. One JSON row per trial.
+
+    scripts/measure/recall_oracle.py --budget 128 --texts Apache-2.0 --depths 0.1 --seed 0
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy is loaded
+from ea_local import kvhooks  # noqa: E402,F401  (loads llama.cpp before numpy)
+import numpy as np  # noqa: E402
+
+from ea_local.bench.corpus import LICENSES  # noqa: E402
+from ea_local.bench.data import answered  # noqa: E402
+from ea_local.engine.sampling import SamplingParams  # noqa: E402
+from ea_local.engine.session import Session  # noqa: E402
+from ea_local.model.chat_template import resolve_template  # noqa: E402
+from ea_local.model.embedded import resolve_model  # noqa: E402
+from ea_local.model.info import read_model_info  # noqa: E402
+from ea_local.serve.question import chat_question_text, chat_tail_text, question_length  # noqa: E402
+from ea_local.serve.server import configure  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import serve_passkey as sp  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--budget", type=int, default=128)
+    ap.add_argument("--texts", default="reporting", help="reporting, tuning or a licence file name")
+    ap.add_argument("--tokens", type=int, default=1000)
+    ap.add_argument("--depths", default="0.1")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--policy", default="expected-attention")
+    a = ap.parse_args()
+    sp.PROSE.setdefault(a.texts, LICENSES / a.texts)
+    path = str(resolve_model(a.model))
+
+    def session(budget: int):
+        srv, cfg = configure(read_model_info(path), budget=budget, policy=a.policy, max_tokens=16,
+                             max_prompt_tokens=131072, max_body=4 * 2**20, temperature=0.0, api_key=None,
+                             cache_type="f16", seed=0, threads=1, n_gpu_layers=None, rpc=(), recall=True,
+                             archive="64MiB")
+        return srv, Session(path, cfg)
+
+    srv, s = session(a.budget)
+    _, full = session(8 * 1024)
+    template, _ = resolve_template(s.info, s.rt)
+    sents = sp.haystack(s.rt, "prose", a.tokens, a.texts)
+    count = lambda t: len(s.rt.tokenize(t, add_bos=False, special=True))  # noqa: E731
+    greedy = SamplingParams(temperature=0.0)
+    for depth, key in sp.trials(a.seed, [float(d) for d in a.depths.split(",")]):
+        messages = [{"role": "user", "content": sp.document(sents, depth, key) + sp.CHAT_QUESTION}]
+        text = template.render(messages, add_generation_prompt=True)
+        toks = s.rt.tokenize(text, add_bos=False, special=True)
+        n_q = question_length(chat_question_text(text, messages, count, srv.max_question), len(toks), count,
+                              srv.max_question)
+        tail = count(chat_tail_text(text, messages))
+        question = toks[len(toks) - n_q:]
+        s.reset()
+        s.set_question(question if s.policy.needs_queries else None)
+        s.prefill(toks, turn=False)
+        s.recall_message(0, question, until=s.next_pos - tail)
+        s.set_question(None)
+        kept = set(s.live)
+        recalled = "".join(s.generate([], greedy, max_tokens=12))
+        full.reset()
+        full.prefill(toks, turn=False)
+        full._remove(np.array(sorted(p for p in full.live if p not in kept), dtype=np.int64), global_only=False)
+        full._redecode_tail(len(toks) - n_q)
+        oracle = "".join(full.generate([], greedy, max_tokens=12))
+        print(json.dumps({"texts": a.texts, "budget": a.budget, "policy": a.policy, "depth": depth, "key": key,
+                          "cells": len(kept), "recalled": answered(str(key), recalled),
+                          "same_cells_full_context": answered(str(key), oracle),
+                          "answer_recalled": recalled, "answer_full_context": oracle}), flush=True)
+    s.close()
+    full.close()
+
+
+if __name__ == "__main__":
+    main()
