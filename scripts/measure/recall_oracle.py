@@ -27,8 +27,9 @@ from ea_local.engine.session import Session  # noqa: E402
 from ea_local.model.chat_template import resolve_template  # noqa: E402
 from ea_local.model.embedded import resolve_model  # noqa: E402
 from ea_local.model.info import read_model_info  # noqa: E402
-from ea_local.serve.question import chat_question_text, chat_tail_text, question_length  # noqa: E402
+from ea_local.serve.app import Server  # noqa: E402
 from ea_local.serve.server import configure  # noqa: E402
+from ea_local.serve.slots import Slot, SlotPool  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import serve_passkey as sp  # noqa: E402
@@ -54,19 +55,15 @@ def main() -> None:
                              archive="64MiB")
         return srv, Session(path, cfg)
 
-    srv, s = session(a.budget)
+    srv_cfg, s = session(a.budget)
     _, full = session(8 * 1024)
     template, _ = resolve_template(s.info, s.rt)
+    srv = Server(srv_cfg, SlotPool([Slot(0, s, a.policy, a.budget)], queue=1), s.rt, template)  # its request rules
     sents = sp.haystack(s.rt, "prose", a.tokens, a.texts)
-    count = lambda t: len(s.rt.tokenize(t, add_bos=False, special=True))  # noqa: E731
     greedy = SamplingParams(temperature=0.0)
     for depth, key in sp.trials(a.seed, [float(d) for d in a.depths.split(",")]):
         messages = [{"role": "user", "content": sp.document(sents, depth, key) + sp.CHAT_QUESTION}]
-        text = template.render(messages, add_generation_prompt=True)
-        toks = s.rt.tokenize(text, add_bos=False, special=True)
-        n_q = question_length(chat_question_text(text, messages, count, srv.max_question), len(toks), count,
-                              srv.max_question)
-        tail = count(chat_tail_text(text, messages))
+        toks, n_q, tail = srv.chat_request(messages)
         question = toks[len(toks) - n_q:]
         s.reset()
         s.set_question(question if s.policy.needs_queries else None)
