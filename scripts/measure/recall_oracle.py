@@ -9,6 +9,9 @@ question is decoded again (as recall does), and it is answered: the same cell se
 in the full context. One JSON row per trial.
 
     scripts/measure/recall_oracle.py --budget 128 --texts Apache-2.0 --depths 0.1 --seed 0
+
+`--n-sink` and `--recent` change the session's protected cells (the first positions, the newest ones) to
+try them on the server's path; `--no-oracle` skips the full-context answer.
 """
 import argparse
 import json
@@ -33,6 +36,7 @@ from ea_local.serve.slots import Slot, SlotPool  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import serve_passkey as sp  # noqa: E402
+from cell_sets import token_span  # noqa: E402  (this folder)
 
 
 def main() -> None:
@@ -44,6 +48,9 @@ def main() -> None:
     ap.add_argument("--depths", default="0.1")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--policy", default="expected-attention")
+    ap.add_argument("--n-sink", type=int, default=None, help="first positions never evicted (default: the session's)")
+    ap.add_argument("--recent", type=int, default=None, help="newest positions never evicted (default: the session's)")
+    ap.add_argument("--no-oracle", action="store_true", help="only the recalled cache's answer")
     a = ap.parse_args()
     sp.PROSE.setdefault(a.texts, LICENSES / a.texts)
     path = str(resolve_model(a.model))
@@ -53,10 +60,12 @@ def main() -> None:
                              max_prompt_tokens=131072, max_body=4 * 2**20, temperature=0.0, api_key=None,
                              cache_type="f16", seed=0, threads=1, n_gpu_layers=None, rpc=(), recall=True,
                              archive="64MiB")
+        cfg.n_sink = cfg.n_sink if a.n_sink is None else a.n_sink
+        cfg.recent = cfg.recent if a.recent is None else a.recent
         return srv, Session(path, cfg)
 
     srv_cfg, s = session(a.budget)
-    _, full = session(8 * 1024)
+    full = None if a.no_oracle else session(8 * 1024)[1]
     template, _ = resolve_template(s.info, s.rt)
     srv = Server(srv_cfg, SlotPool([Slot(0, s, a.policy, a.budget)], queue=1), s.rt, template)  # its request rules
     sents = sp.haystack(s.rt, "prose", a.tokens, a.texts)
@@ -72,17 +81,24 @@ def main() -> None:
         s.set_question(None)
         kept = set(s.live)
         recalled = "".join(s.generate([], greedy, max_tokens=12))
+        n0, n1 = token_span(s.rt, toks, f"The pass key is {key}. Remember it. {key} is the pass key.")
+        row = {"texts": a.texts, "budget": a.budget, "policy": a.policy, "n_sink": s.cfg.n_sink,
+               "recent": s.cfg.recent, "depth": depth, "key": key, "cells": len(kept),
+               "needle_live": sum(n0 <= p < n1 for p in kept), "needle_len": n1 - n0,
+               "recalled": answered(str(key), recalled), "answer_recalled": recalled}
+        if a.no_oracle:
+            print(json.dumps(row), flush=True)
+            continue
         full.reset()
         full.prefill(toks, turn=False)
         full._remove(np.array(sorted(p for p in full.live if p not in kept), dtype=np.int64), global_only=False)
         full._redecode_tail(len(toks) - n_q)
         oracle = "".join(full.generate([], greedy, max_tokens=12))
-        print(json.dumps({"texts": a.texts, "budget": a.budget, "policy": a.policy, "depth": depth, "key": key,
-                          "cells": len(kept), "recalled": answered(str(key), recalled),
-                          "same_cells_full_context": answered(str(key), oracle),
-                          "answer_recalled": recalled, "answer_full_context": oracle}), flush=True)
+        print(json.dumps({**row, "same_cells_full_context": answered(str(key), oracle),
+                          "answer_full_context": oracle}), flush=True)
     s.close()
-    full.close()
+    if full is not None:
+        full.close()
 
 
 if __name__ == "__main__":
