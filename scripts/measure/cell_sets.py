@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Which cells does SmolLM2 need to answer a pass key from a compressed chat prompt? Hand-picked cell
 sets, every cell computed in the full context: an upper bound for any eviction policy at that many
-cells (docs/recall.md, "What the model needs besides the needle").
+cells (docs/recall.md, "What does not work (yet)").
 
 Each trial is the server's chat request (scripts/bench/serve_passkey.py's document and question, the
 model's chat template). The prompt is prefilled whole into an uncompressed cache, every cell outside
