@@ -58,15 +58,20 @@ def token_span(rt, toks: list[int], text: str) -> tuple[int, int]:
             max(i for i, o in enumerate(offsets) if o < c1) + 1)
 
 
-def main() -> None:
+def trial_arguments(depths: str) -> argparse.ArgumentParser:
+    """The options that name a set of chat pass-key trials (this script's and recall_oracle.py's)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--budget", type=int, default=128)
     ap.add_argument("--texts", default="reporting", help="reporting, tuning or a licence file name")
     ap.add_argument("--tokens", type=int, default=1000)
-    ap.add_argument("--depths", default="0.1,0.5")
+    ap.add_argument("--depths", default=depths)
     ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    a = trial_arguments("0.1,0.5").parse_args()
     sp.PROSE.setdefault(a.texts, LICENSES / a.texts)
     path = str(resolve_model(a.model))
     srv_cfg, cfg = configure(read_model_info(path), budget=8 * 1024, policy="none", max_tokens=16,

@@ -13,7 +13,6 @@ in the full context. One JSON row per trial.
 `--n-sink` and `--recent` change the session's protected cells (the first positions, the newest ones) to
 try them on the server's path; `--no-oracle` skips the full-context answer.
 """
-import argparse
 import json
 import os
 import sys
@@ -36,17 +35,11 @@ from ea_local.serve.slots import Slot, SlotPool  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import serve_passkey as sp  # noqa: E402
-from cell_sets import token_span  # noqa: E402  (this folder)
+from cell_sets import token_span, trial_arguments  # noqa: E402  (this folder)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--budget", type=int, default=128)
-    ap.add_argument("--texts", default="reporting", help="reporting, tuning or a licence file name")
-    ap.add_argument("--tokens", type=int, default=1000)
-    ap.add_argument("--depths", default="0.1")
-    ap.add_argument("--seed", type=int, default=0)
+    ap = trial_arguments("0.1")
     ap.add_argument("--policy", default="expected-attention")
     ap.add_argument("--n-sink", type=int, default=None, help="first positions never evicted (default: the session's)")
     ap.add_argument("--recent", type=int, default=None, help="newest positions never evicted (default: the session's)")
