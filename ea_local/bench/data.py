@@ -34,13 +34,18 @@ FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
           "There and back again. ")
 
 
+def passkey_needle(key: int) -> str:
+    """The pass-key sentences hidden in the haystack (every pass-key prompt, the bench's and the scripts')."""
+    return f"The pass key is {key}. Remember it. {key} is the pass key."
+
+
 def passkey_prompt(rt: "Runtime", length: int, depth: float, key: int,
                    haystack: list[int] | None = None) -> tuple[list[int], list[int], tuple[int, int]]:
     """(context tokens, question tokens, (start, end) token span of the needle) for ~length tokens.
 
     haystack: tokens of real text to hide the needle in (cut at token boundaries); None: the
     repetitive filler of the usual pass-key test."""
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    needle = passkey_needle(key) + " "
     head = [rt.bos()] if rt.add_bos() else []
     head += rt.tokenize("There is important info hidden inside a lot of irrelevant text. Find it and memorize it. ")
     if haystack is None:

@@ -25,7 +25,7 @@ import time
 
 from ea_local.engine.runtime import ContextConfig, Runtime  # ea_local first: libllama before numpy
 from ea_local.bench.corpus import LICENSES, REPORTING, TUNING
-from ea_local.bench.data import answered
+from ea_local.bench.data import answered, passkey_needle
 from ea_local.bench.stats import fmt_p, fmt_rate, mcnemar_exact
 from ea_local.model.embedded import resolve_model
 from ea_local.policies import get_policy
@@ -68,8 +68,7 @@ def trials(seed: int, depths: list[float], keys: int = 1) -> list[tuple[float, i
 
 def document(sents: list[str], depth: float, key: int) -> str:
     cut = int(len(sents) * depth)
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
-    return INTRO + "".join(sents[:cut]) + needle + "".join(sents[cut:]).rstrip()
+    return INTRO + "".join(sents[:cut]) + passkey_needle(key) + " " + "".join(sents[cut:]).rstrip()
 
 
 def request(endpoint: str, doc: str, max_tokens: int) -> tuple[str, dict]:

@@ -30,7 +30,7 @@ from ea_local import kvhooks  # noqa: E402,F401  (loads llama.cpp before numpy)
 import numpy as np  # noqa: E402
 
 from ea_local.bench.corpus import LICENSES  # noqa: E402
-from ea_local.bench.data import answered  # noqa: E402
+from ea_local.bench.data import answered, passkey_needle  # noqa: E402
 from ea_local.engine.sampling import SamplingParams  # noqa: E402
 from ea_local.engine.session import Session  # noqa: E402
 from ea_local.model.chat_template import resolve_template  # noqa: E402
@@ -56,6 +56,18 @@ def token_span(rt, toks: list[int], text: str) -> tuple[int, int]:
     c1 = c0 + len(text.encode())
     return (max(i for i, o in enumerate(offsets) if o <= c0),
             max(i for i, o in enumerate(offsets) if o < c1) + 1)
+
+
+def answer_from(full: Session, toks: list[int], n_q: int, keep: set[int], params: SamplingParams) -> str:
+    """The answer to the prompt `toks` prefilled whole into `full` (an uncompressed session) with only the
+    cells at `keep` left, its question (the last n_q tokens) decoded again as recall does."""
+    full.reset()
+    full.prefill(toks, turn=False)
+    drop = np.array(sorted(p for p in full.live if p not in keep), dtype=np.int64)
+    if len(drop):
+        full._remove(drop, global_only=False)
+        full._redecode_tail(len(toks) - n_q)
+    return "".join(full.generate([], params, max_tokens=12))
 
 
 def trial_arguments(depths: str) -> argparse.ArgumentParser:
@@ -84,20 +96,11 @@ def main() -> None:
     sents = sp.haystack(full.rt, "prose", a.tokens, a.texts)
     greedy = SamplingParams(temperature=0.0)
 
-    def answer(toks: list[int], n_q: int, keep: set[int]) -> str:
-        full.reset()
-        full.prefill(toks, turn=False)
-        drop = np.array(sorted(p for p in full.live if p not in keep), dtype=np.int64)
-        if len(drop):
-            full._remove(drop, global_only=False)
-            full._redecode_tail(len(toks) - n_q)
-        return "".join(full.generate([], greedy, max_tokens=12))
-
     for depth, key in sp.trials(a.seed, [float(d) for d in a.depths.split(",")]):
         messages = [{"role": "user", "content": sp.document(sents, depth, key) + sp.CHAT_QUESTION}]
         toks, n_q, _ = srv.chat_request(messages)
         n = len(toks)
-        n0, n1 = token_span(full.rt, toks, f"The pass key is {key}. Remember it. {key} is the pass key.")
+        n0, n1 = token_span(full.rt, toks, passkey_needle(key))
         i0, i1 = token_span(full.rt, toks, sp.INTRO.strip())
         sinks, needle, instruction = set(range(4)), set(range(n0, n1)), set(range(i0, i1))
 
@@ -112,7 +115,7 @@ def main() -> None:
             "sinks+instruction+needle+newest": newest(sinks | instruction | needle),
             "opening+needle+newest": newest(set(range(i1)) | needle),
         }
-        answers = {name: answer(toks, n_q, keep) for name, keep in sets.items()}
+        answers = {name: answer_from(full, toks, n_q, keep, greedy) for name, keep in sets.items()}
         print(json.dumps({"texts": a.texts, "budget": a.budget, "depth": depth, "key": key, "prompt": n,
                           "needle": [n0, n1], "instruction": [i0, i1],
                           "found": {k: answered(str(key), v) for k, v in answers.items()}, "answers": answers}),

@@ -20,10 +20,9 @@ from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy is loaded
 from ea_local import kvhooks  # noqa: E402,F401  (loads llama.cpp before numpy)
-import numpy as np  # noqa: E402
 
 from ea_local.bench.corpus import LICENSES  # noqa: E402
-from ea_local.bench.data import answered  # noqa: E402
+from ea_local.bench.data import answered, passkey_needle  # noqa: E402
 from ea_local.engine.sampling import SamplingParams  # noqa: E402
 from ea_local.engine.session import Session  # noqa: E402
 from ea_local.model.chat_template import resolve_template  # noqa: E402
@@ -35,7 +34,7 @@ from ea_local.serve.slots import Slot, SlotPool  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import serve_passkey as sp  # noqa: E402
-from cell_sets import token_span, trial_arguments  # noqa: E402  (this folder)
+from cell_sets import answer_from, token_span, trial_arguments  # noqa: E402  (this folder)
 
 
 def main() -> None:
@@ -74,7 +73,7 @@ def main() -> None:
         s.set_question(None)
         kept = set(s.live)
         recalled = "".join(s.generate([], greedy, max_tokens=12))
-        n0, n1 = token_span(s.rt, toks, f"The pass key is {key}. Remember it. {key} is the pass key.")
+        n0, n1 = token_span(s.rt, toks, passkey_needle(key))
         row = {"texts": a.texts, "budget": a.budget, "policy": a.policy, "n_sink": s.cfg.n_sink,
                "recent": s.cfg.recent, "depth": depth, "key": key, "cells": len(kept),
                "needle_live": sum(n0 <= p < n1 for p in kept), "needle_len": n1 - n0,
@@ -82,11 +81,7 @@ def main() -> None:
         if a.no_oracle:
             print(json.dumps(row), flush=True)
             continue
-        full.reset()
-        full.prefill(toks, turn=False)
-        full._remove(np.array(sorted(p for p in full.live if p not in kept), dtype=np.int64), global_only=False)
-        full._redecode_tail(len(toks) - n_q)
-        oracle = "".join(full.generate([], greedy, max_tokens=12))
+        oracle = answer_from(full, toks, n_q, kept, greedy)
         print(json.dumps({**row, "same_cells_full_context": answered(str(key), oracle),
                           "answer_full_context": oracle}), flush=True)
     s.close()
