@@ -81,3 +81,15 @@ def test_long_message_recalls_with_its_question(tiny_llama):
         assert len(calls) == 2 and since == start, policy  # the short message: from its own start
         assert until == end - n_tail and recent is None, policy  # the last exchange stays guarded
         chat.s.close()
+
+
+def test_chat_protects_the_opening_and_follows_its_budget(tiny_llama):
+    """A chat's opening and recent window are a quarter of its budget each (at most 64), through /budget
+    too, smaller (same session) or larger (a new context)."""
+    chat = _chat(tiny_llama)
+    assert (chat.s.cfg.n_sink, chat.s.cfg.recent) == (64, 64)
+    chat.set_budget(128)
+    assert (chat.s.cfg.n_sink, chat.s.cfg.recent, chat.s.cfg.budget) == (32, 32, 128)
+    chat.set_budget(512)
+    assert (chat.s.cfg.n_sink, chat.s.cfg.recent, chat.s.cfg.budget) == (64, 64, 512)
+    chat.s.close()

@@ -8,7 +8,7 @@ import pytest
 
 from ea_local.engine.runtime import LlamaError
 from ea_local.engine.sampling import SamplingParams
-from ea_local.engine.session import Session, SessionConfig
+from ea_local.engine.session import Session, SessionConfig, conversation_protection
 from ea_local.serve.slots import GenRequest, Slot
 
 from .gguf_factory import write_tiny_gguf
@@ -194,3 +194,18 @@ def test_a_cache_compressed_under_other_settings_is_not_reused(models):
     assert slot.run(request(short + rand(rng, 10), policy="streaming-llm"), lambda _: None).cached_tokens == len(short)
     slot.session.check_cells()
     slot.session.close()
+
+
+def test_a_request_budget_sets_the_protected_opening_and_recent_window(models):
+    """Each request's budget sets the protection (a quarter each, at most 64): the prompt's opening is
+    still cached after the request was read through a small budget."""
+    rng = np.random.default_rng(7)
+    slot = make_slot(models["llama"])
+    s = slot.session
+    for budget in (128, 256, 200):
+        res = slot.run(request([1] + rand(rng, 700), budget=budget, question_len=20), lambda _: None)
+        k = conversation_protection(budget)
+        assert res.evictions > 0 and (s.cfg.n_sink, s.cfg.recent, s.cfg.budget) == (k, k, budget)
+        assert set(range(k)) <= set(s.live)
+        s.check_cells()
+    s.close()

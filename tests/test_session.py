@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ea_local.engine.session import BudgetError, Session, SessionConfig
+from ea_local.engine.session import BudgetError, Session, SessionConfig, conversation_protection
 from ea_local.engine.textstream import TextStream
 from ea_local.policies import POLICIES
 
@@ -78,6 +78,32 @@ def test_a_refused_budget_names_the_smallest_that_works():
     assert SessionConfig(budget=10).smallest_budget == SessionConfig().smallest_budget == 91
     assert SessionConfig(recent=8, step=16).smallest_budget == 4 + 8 + 17 // 4 + 1  # a quarter of 17 cells
 
+
+
+def test_a_conversation_protects_a_quarter_of_its_budget_up_to_64(tiny_llama):
+    """The opening and the recent window follow a conversation's budget; the rule fits every budget
+    from the floor up, and a budget set with it protects the first and the newest positions."""
+    assert [conversation_protection(b) for b in (91, 128, 160, 255, 256, 4096)] == [22, 32, 40, 63, 64, 64]
+    for b in range(91, 1100, 7):
+        k = conversation_protection(b)
+        SessionConfig(budget=b, n_sink=k, recent=k).validate()
+    with pytest.raises(BudgetError, match="cannot hold a conversation: use at least 91"):
+        conversation_protection(90)
+    with pytest.raises(BudgetError, match="budget must be positive"):
+        conversation_protection(0)
+    s = Session(tiny_llama, SessionConfig(budget=256, chunk=64, policy="streaming-llm"))
+    s.set_budget(160, protect=conversation_protection(160))
+    assert (s.cfg.n_sink, s.cfg.recent, s.cfg.budget) == (40, 40, 160)
+    s.prefill([1] + _tokens(600))
+    assert s.stats.evictions and s.n_cells <= 160
+    assert set(range(40)) <= set(s.live)  # StreamingLLM would keep only the newest beyond the sinks
+    s.set_budget(128)  # no protect: the protection stays
+    assert (s.cfg.n_sink, s.cfg.recent) == (40, 40)
+    with pytest.raises(BudgetError):
+        s.set_budget(100, protect=60)  # 60 + 60 + a step do not fit: nothing changes
+    assert (s.cfg.n_sink, s.cfg.recent, s.cfg.budget) == (40, 40, 128)
+    s.check_cells()
+    s.close()
 
 def test_decode_compresses_once_per_step(tiny_llama):
     cfg = SessionConfig(budget=160, chunk=32, step=32, recent=32, policy="streaming-llm")

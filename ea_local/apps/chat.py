@@ -26,7 +26,7 @@ from ..engine.sampling import CHAT_TEMPERATURE, SamplingParams
 from ..engine import snapshot
 from ..engine.question import question_text
 from ..engine.archive import parse_size
-from ..engine.session import BudgetError, Session, SessionConfig
+from ..engine.session import BudgetError, Session, SessionConfig, conversation_protection
 from ..model.chat_template import TemplateError, TurnRenderer, resolve_template
 from ..policies import get_policy
 
@@ -121,6 +121,7 @@ def session_config(opts: ChatOptions) -> SessionConfig:
     return SessionConfig(budget=opts.budget, policy=opts.policy, cache_type=opts.cache_type, seed=opts.seed or 0,
                          n_threads=opts.threads, n_gpu_layers=opts.n_gpu_layers, chunk=chunk,
                          rpc=tuple(opts.rpc), recall=opts.recall, archive_tokens=a_tokens, archive_bytes=a_bytes,
+                         n_sink=conversation_protection(opts.budget), recent=conversation_protection(opts.budget),
                          **({"question_weight": 0.0} if opts.question_agnostic else {}))
 
 
@@ -286,10 +287,11 @@ class Chat:
 
     def set_budget(self, n: int) -> str:
         s = self.s
-        cfg = replace(s.cfg, budget=n, policy_options=dict(s.cfg.policy_options))
+        k = conversation_protection(n)
+        cfg = replace(s.cfg, budget=n, n_sink=k, recent=k, policy_options=dict(s.cfg.policy_options))
         cfg.validate()
         if n <= s.cfg.budget:  # the context (budget + chunk cells) already has room
-            evicted = s.set_budget(n)
+            evicted = s.set_budget(n, protect=k)
             return f"budget: {n} cells (same session; {evicted} cells evicted now)"
         # a larger context: the conversation moves through a session file, so the cells keep their
         # positions and the statistics, focus and archive of evicted cells (recall) come along
@@ -297,7 +299,7 @@ class Chat:
             path = os.path.join(tmp, "session.eal")
             snapshot.save(s, path)
             snap = snapshot.read(path, str(self.info.path))
-        snap.config["budget"] = n
+        snap.config.update(budget=n, n_sink=k, recent=k)
         new = self._session_from(snap, cfg)
         s.close()
         self.s = new

@@ -181,6 +181,22 @@ class Stats:
     redecode_s: float = 0.0  # decoding the message's tail again after a recall
 
 
+def conversation_protection(budget: int) -> int:
+    """A conversation's protected cells at `budget`, for the opening and for the newest tokens each: a
+    quarter of the budget, at most 64. A chat prompt's opening (the template's system part and the
+    instruction that usually leads a pasted document) is what a small budget loses first and what an
+    instruct model needs to answer from the rest; 4 sinks are not enough below a quarter of a 1k
+    prompt (docs/ea-paths.md, "The prompt's opening"). The server's slots and chat use it; the bench
+    keeps kvpress' 4 sinks. BudgetError below the smallest budget the default settings allow, every
+    conversation's floor."""
+    floor = SessionConfig().smallest_budget
+    if budget <= 0:
+        raise BudgetError(f"budget must be positive, got {budget}")
+    if budget < floor:
+        raise BudgetError(f"budget {budget} cannot hold a conversation: use at least {floor}")
+    return min(64, budget // 4)
+
+
 class Session:
     """One sequence in one llama.cpp context, kept within `cfg.budget` cells."""
 
@@ -234,14 +250,17 @@ class Session:
         self.policy, self.cfg.policy, self.cfg.policy_options = pol, name, dict(options)
         self.set_capture()
 
-    def set_budget(self, n: int, compress: bool = True) -> int:
+    def set_budget(self, n: int, compress: bool = True, protect: int | None = None) -> int:
         """Keep at most `n` cells from now on; the context holds at most its size (budget + chunk when
         the session was made). With `compress`, cells past `n` are evicted now (down to n - step, as
-        every compression does); returns how many."""
+        every compression does); returns how many. `protect` (default: unchanged) sets both n_sink and
+        the recent window."""
         if n > self.rt.n_ctx:
             raise BudgetError(f"budget {n} is more than this context holds ({self.rt.n_ctx} cells): start a new session")
-        replace(self.cfg, budget=n).validate()
+        kept = {} if protect is None else {"n_sink": protect, "recent": protect}
+        replace(self.cfg, budget=n, **kept).validate()
         self.cfg.budget = n
+        vars(self.cfg).update(kept)
         return self.compress(n - self.cfg.step_cells, phase="decode") if compress and self.n_cells > n else 0
 
     def set_one_shot_budget(self, n: int, recent: int | None = None) -> None:

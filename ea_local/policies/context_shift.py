@@ -9,7 +9,8 @@ From ggml-org/llama.cpp, tools/server/server-context.cpp (formerly tools/server/
     seq_rm (n_keep, n_keep + n_discard)                  drop the oldest half after the kept prefix
     seq_add(n_keep + n_discard, n_tokens, -n_discard)    shift the rest down: positions stay contiguous
 
-Here n_keep is the session's n_sink (4 by default; the server keeps only BOS unless `--keep`),
+Here n_keep is the session's n_sink (4 in the bench; in `ea-local serve` and chat the conversation's
+protected opening, as `--keep` would set it; llama.cpp's server keeps only BOS unless `--keep`),
 n_ctx is the budget, and the engine applies it when the cache goes over the budget (the server
 checks one token earlier, before decoding). The server rejects prompts longer than n_ctx; the
 engine reads long documents through the budget, so after a prefill chunk the rule is applied as

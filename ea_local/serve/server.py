@@ -11,7 +11,7 @@ import uvicorn
 from ..model.chat_template import resolve_template
 from ..engine.archive import parse_size
 from ..engine.runtime import SharedModel
-from ..engine.session import SessionConfig
+from ..engine.session import SessionConfig, conversation_protection
 from ..policies import get_policy
 from ..model.info import ModelInfo
 from .app import Server, ServeConfig, create_app
@@ -43,10 +43,11 @@ def configure(info: ModelInfo, *, budget: int, policy: str, max_tokens: int, max
     a_tokens, a_bytes = parse_size(archive)
     scfg = SessionConfig(budget=budget, policy=policy, cache_type=cache_type, seed=seed, n_threads=threads,
                          n_gpu_layers=n_gpu_layers, chunk=max(1, min(512, budget // 2)), rpc=rpc,
-                         recall=recall, archive_tokens=a_tokens, archive_bytes=a_bytes)
+                         recall=recall, archive_tokens=a_tokens, archive_bytes=a_bytes,
+                         n_sink=conversation_protection(budget), recent=conversation_protection(budget))
     scfg.validate()
     cfg = ServeConfig(model_id=model_id(str(info.path)), budget=budget, policy=policy,
-                      min_budget=scfg.smallest_budget, max_tokens=max_tokens,
+                      max_tokens=max_tokens,
                       max_tokens_limit=max(max_tokens, info.n_ctx_train), max_prompt_tokens=max_prompt_tokens,
                       temperature=temperature, api_key=api_key or None, max_body=max_body,
                       # a probe of at most `step` tokens costs no budget: prefill's room already leaves a step free

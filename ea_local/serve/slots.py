@@ -27,7 +27,7 @@ import numpy as np
 
 from ..engine.runtime import LlamaError, SharedModel
 from ..engine.sampling import SamplingParams
-from ..engine.session import Session, SessionConfig
+from ..engine.session import Session, SessionConfig, conversation_protection
 from ..engine.textstream import TextStream
 from .errors import APIError
 
@@ -108,7 +108,7 @@ class Slot:
         s = self.session
         if policy != s.cfg.policy:  # as chat's /policy: the next compression scores with it
             s.set_policy(policy)
-        s.set_budget(budget)
+        s.set_budget(budget, protect=conversation_protection(budget))
 
     def prepare(self, tokens: list[int], budget: int | None = None,
                 compression: tuple[str, int, bool] | None = None) -> int:

@@ -11,7 +11,8 @@ in the full context. One JSON row per trial.
     scripts/measure/recall_oracle.py --budget 128 --texts Apache-2.0 --depths 0.1 --seed 0
 
 `--n-sink` and `--recent` change the session's protected cells (the first positions, the newest ones) to
-try them on the server's path; `--no-oracle` skips the full-context answer.
+try them on the server's path; `--no-oracle` skips the full-context answer; `--instruction-last` moves
+the instruction from the message's start to just before its question.
 """
 import json
 import os
@@ -43,6 +44,7 @@ def main() -> None:
     ap.add_argument("--n-sink", type=int, default=None, help="first positions never evicted (default: the session's)")
     ap.add_argument("--recent", type=int, default=None, help="newest positions never evicted (default: the session's)")
     ap.add_argument("--no-oracle", action="store_true", help="only the recalled cache's answer")
+    ap.add_argument("--instruction-last", action="store_true", help="the instruction after the document")
     a = ap.parse_args()
     sp.PROSE.setdefault(a.texts, LICENSES / a.texts)
     path = str(resolve_model(a.model))
@@ -63,7 +65,10 @@ def main() -> None:
     sents = sp.haystack(s.rt, "prose", a.tokens, a.texts)
     greedy = SamplingParams(temperature=0.0)
     for depth, key in sp.trials(a.seed, [float(d) for d in a.depths.split(",")]):
-        messages = [{"role": "user", "content": sp.document(sents, depth, key) + sp.CHAT_QUESTION}]
+        doc = sp.document(sents, depth, key)
+        if a.instruction_last:
+            doc = doc.removeprefix(sp.INTRO) + "\n\n" + sp.INTRO.strip()
+        messages = [{"role": "user", "content": doc + sp.CHAT_QUESTION}]
         toks, n_q, tail = srv.chat_request(messages)
         question = toks[len(toks) - n_q:]
         s.reset()
@@ -75,6 +80,7 @@ def main() -> None:
         recalled = "".join(s.generate([], greedy, max_tokens=12))
         n0, n1 = token_span(s.rt, toks, passkey_needle(key))
         row = {"texts": a.texts, "budget": a.budget, "policy": a.policy, "n_sink": s.cfg.n_sink,
+               **({"instruction": "last"} if a.instruction_last else {}),
                "recent": s.cfg.recent, "depth": depth, "key": key, "cells": len(kept),
                "needle_live": sum(n0 <= p < n1 for p in kept), "needle_len": n1 - n0,
                "recalled": answered(str(key), recalled), "answer_recalled": recalled}
