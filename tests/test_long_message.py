@@ -90,6 +90,7 @@ def test_chat_protects_the_opening_and_follows_its_budget(tiny_llama):
     assert (chat.s.cfg.n_sink, chat.s.cfg.recent) == (64, 64)
     chat.set_budget(128)
     assert (chat.s.cfg.n_sink, chat.s.cfg.recent, chat.s.cfg.budget) == (32, 32, 128)
+    assert "protected   the first 32 and the newest 32 positions" in chat.stats_lines()
     chat.set_budget(512)
     assert (chat.s.cfg.n_sink, chat.s.cfg.recent, chat.s.cfg.budget) == (64, 64, 512)
     chat.s.close()

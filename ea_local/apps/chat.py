@@ -31,7 +31,7 @@ from ..model.chat_template import TemplateError, TurnRenderer, resolve_template
 from ..policies import get_policy
 
 HELP = """commands:
-  /stats          cells used / budget, evictions, tokens seen, KV memory, last compression
+  /stats          cells used / budget, evictions, tokens seen, KV memory, last compression, protected cells
   /policy NAME    switch the eviction policy (see `ea-local policies`)
   /budget N       change the KV budget (a larger one moves the conversation, archive included, to a larger context)
   /reset          forget the conversation (the system prompt and --file are fed again)
@@ -271,6 +271,7 @@ class Chat:
         else:
             lines.append("last compression  none yet")
         lines.append(f"policy      {s.cfg.policy}, KV cache {s.cfg.cache_type}")
+        lines.append(f"protected   the first {s.cfg.n_sink} and the newest {s.cfg.recent} positions")
         lines.append(recall_line(s))
         return lines
 
