@@ -79,7 +79,6 @@ def test_a_refused_budget_names_the_smallest_that_works():
     assert SessionConfig(recent=8, step=16).smallest_budget == 4 + 8 + 17 // 4 + 1  # a quarter of 17 cells
 
 
-
 def test_a_conversation_protects_a_quarter_of_its_budget_up_to_64(tiny_llama):
     """The opening and the recent window follow a conversation's budget; the rule fits every budget
     from the floor up, and a budget set with it protects the first and the newest positions."""
@@ -104,6 +103,7 @@ def test_a_conversation_protects_a_quarter_of_its_budget_up_to_64(tiny_llama):
     assert (s.cfg.n_sink, s.cfg.recent, s.cfg.budget) == (40, 40, 128)
     s.check_cells()
     s.close()
+
 
 def test_decode_compresses_once_per_step(tiny_llama):
     cfg = SessionConfig(budget=160, chunk=32, step=32, recent=32, policy="streaming-llm")

@@ -118,10 +118,11 @@ def session_config(opts: ChatOptions) -> SessionConfig:
         a_tokens, a_bytes = parse_size(opts.archive)
     except ValueError as e:
         raise ChatError(str(e)) from None
+    k = conversation_protection(opts.budget)
     return SessionConfig(budget=opts.budget, policy=opts.policy, cache_type=opts.cache_type, seed=opts.seed or 0,
                          n_threads=opts.threads, n_gpu_layers=opts.n_gpu_layers, chunk=chunk,
                          rpc=tuple(opts.rpc), recall=opts.recall, archive_tokens=a_tokens, archive_bytes=a_bytes,
-                         n_sink=conversation_protection(opts.budget), recent=conversation_protection(opts.budget),
+                         n_sink=k, recent=k,
                          **({"question_weight": 0.0} if opts.question_agnostic else {}))
 
 

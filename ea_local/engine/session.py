@@ -181,19 +181,21 @@ class Stats:
     redecode_s: float = 0.0  # decoding the message's tail again after a recall
 
 
+# the smallest budget the default settings allow: every conversation's floor (the server's and chat's)
+MIN_CONVERSATION_BUDGET = SessionConfig().smallest_budget
+
+
 def conversation_protection(budget: int) -> int:
     """A conversation's protected cells at `budget`, for the opening and for the newest tokens each: a
     quarter of the budget, at most 64. A chat prompt's opening (the template's system part and the
     instruction that usually leads a pasted document) is what a small budget loses first and what an
     instruct model needs to answer from the rest; 4 sinks are not enough below a quarter of a 1k
     prompt (docs/ea-paths.md, "The prompt's opening"). The server's slots and chat use it; the bench
-    keeps kvpress' 4 sinks. BudgetError below the smallest budget the default settings allow, every
-    conversation's floor."""
-    floor = SessionConfig().smallest_budget
+    keeps kvpress' 4 sinks. BudgetError below MIN_CONVERSATION_BUDGET."""
     if budget <= 0:
         raise BudgetError(f"budget must be positive, got {budget}")
-    if budget < floor:
-        raise BudgetError(f"budget {budget} cannot hold a conversation: use at least {floor}")
+    if budget < MIN_CONVERSATION_BUDGET:
+        raise BudgetError(f"budget {budget} cannot hold a conversation: use at least {MIN_CONVERSATION_BUDGET}")
     return min(64, budget // 4)
 
 

@@ -14,7 +14,7 @@ import secrets
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import anyio
@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from ..model.chat_template import ChatTemplate, TemplateError
 from ..engine.runtime import LlamaError, Runtime
 from ..engine.sampling import SamplingParams
-from ..engine.session import BudgetError, SessionConfig
+from ..engine.session import MIN_CONVERSATION_BUDGET, BudgetError
 from ..policies import get_policy
 from .errors import APIError, error_response
 from .guard import Guard
@@ -44,7 +44,7 @@ class ServeConfig:
     model_id: str
     budget: int  # the slots' budget: the largest a request may ask for
     policy: str = "expected-attention"
-    min_budget: int = field(default_factory=lambda: SessionConfig().smallest_budget)  # the engine's floor
+    min_budget: int = MIN_CONVERSATION_BUDGET  # the engine's floor
     max_tokens: int = 512  # when a request gives none
     max_tokens_limit: int = 32768
     max_prompt_tokens: int = 131072

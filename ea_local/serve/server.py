@@ -41,10 +41,11 @@ def configure(info: ModelInfo, *, budget: int, policy: str, max_tokens: int, max
               archive: str) -> tuple[ServeConfig, SessionConfig]:
     """The server's and every slot's settings for `info`'s model; ValueError (one line) for a bad value."""
     a_tokens, a_bytes = parse_size(archive)
+    k = conversation_protection(budget)
     scfg = SessionConfig(budget=budget, policy=policy, cache_type=cache_type, seed=seed, n_threads=threads,
                          n_gpu_layers=n_gpu_layers, chunk=max(1, min(512, budget // 2)), rpc=rpc,
                          recall=recall, archive_tokens=a_tokens, archive_bytes=a_bytes,
-                         n_sink=conversation_protection(budget), recent=conversation_protection(budget))
+                         n_sink=k, recent=k)
     scfg.validate()
     cfg = ServeConfig(model_id=model_id(str(info.path)), budget=budget, policy=policy,
                       max_tokens=max_tokens,
