@@ -12,7 +12,9 @@ in the full context. One JSON row per trial.
 
 `--n-sink` and `--recent` change the session's protected cells (the first positions, the newest ones) to
 try them on the server's path; `--no-oracle` skips the full-context answer; `--instruction-last` moves
-the instruction from the message's start to just before its question.
+the instruction from the message's start to just before its question; `--redecode-context` lets the
+re-decode after recall reach before the question into the document's newest cells (the contiguous live
+run ending at the newest, up to `recall_redecode`), a lever measured and not kept (docs/recall.md).
 """
 import json
 import os
@@ -45,6 +47,8 @@ def main() -> None:
     ap.add_argument("--recent", type=int, default=None, help="newest positions never evicted (default: the session's)")
     ap.add_argument("--no-oracle", action="store_true", help="only the recalled cache's answer")
     ap.add_argument("--instruction-last", action="store_true", help="the instruction after the document")
+    ap.add_argument("--redecode-context", action="store_true",
+                    help="the re-decode after recall also takes the document's newest cells before the question")
     a = ap.parse_args()
     sp.PROSE.setdefault(a.texts, LICENSES / a.texts)
     path = str(resolve_model(a.model))
@@ -59,6 +63,9 @@ def main() -> None:
         return srv, Session(path, cfg)
 
     srv_cfg, s = session(a.budget)
+    if a.redecode_context:
+        redecode = s._redecode_tail
+        s._redecode_tail = lambda since: redecode(0)
     full = None if a.no_oracle else session(8 * 1024)[1]
     template, _ = resolve_template(s.info, s.rt)
     srv = Server(srv_cfg, SlotPool([Slot(0, s, a.policy, a.budget)], queue=1), s.rt, template)  # its request rules
@@ -81,6 +88,7 @@ def main() -> None:
         n0, n1 = token_span(s.rt, toks, passkey_needle(key))
         row = {"texts": a.texts, "budget": a.budget, "policy": a.policy, "n_sink": s.cfg.n_sink,
                **({"instruction": "last"} if a.instruction_last else {}),
+               **({"redecode": "context"} if a.redecode_context else {}),
                "recent": s.cfg.recent, "depth": depth, "key": key, "cells": len(kept),
                "needle_live": sum(n0 <= p < n1 for p in kept), "needle_len": n1 - n0,
                "recalled": answered(str(key), recalled), "answer_recalled": recalled}
