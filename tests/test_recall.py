@@ -240,3 +240,68 @@ def test_a_chat_request_recalls_with_the_users_words_not_the_templates_tail():
     back = [p for p in key if p in s.live]
     assert len(back) >= 2 * len(key) // 3, f"pass key cells back: {len(back)} of {len(key)}"
     s.close()
+
+
+def _passkey_request(s: Session, key: str = "17412"):
+    """A chat request over a 1k-token Apache-2.0 document with a pass key at half its length, and the
+    positions of the key's sentence."""
+    from ea_local.engine.sampling import SamplingParams
+    from ea_local.model.chat_template import resolve_template
+    from ea_local.serve.question import chat_question_text, chat_tail_text, question_length
+    from ea_local.serve.slots import GenRequest
+
+    template, _ = resolve_template(s.info, s.rt)
+    words = " ".join(APACHE.read_text().split()).split(" ")
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    doc = ("There is important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+           + " ".join(words[:380]) + " " + needle + " ".join(words[380:760]))
+    messages = [{"role": "user", "content": doc + "\n\nWhat is the pass key?"}]
+    text = template.render(messages, add_generation_prompt=True)
+    count = lambda t: len(s.rt.tokenize(t, add_bos=False, special=True))  # noqa: E731
+    tokens = s.rt.tokenize(text, add_bos=False, special=True)
+    n_q = question_length(chat_question_text(text, messages, count, s.max_question), len(tokens), count, s.max_question)
+    a = count(text[:text.index(needle)])
+    span = list(range(a, count(text[:text.index(needle)] + needle.rstrip())))
+    req = GenRequest(tokens=tokens, params=SamplingParams(temperature=0.0), stop=[], max_tokens=10,
+                     policy="expected-attention", budget=128, question_len=n_q,
+                     template_tail=count(chat_tail_text(text, messages)))
+    return req, span
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_without_recall_a_probed_question_keeps_the_cells_it_asks_for(guard):
+    """With recall off, a chat request far over the budget (1k tokens into 128 cells through a server
+    slot, Expected Attention, the question probed at every compression) keeps the pass key's sentence:
+    at each compression the cells the probe's queries look for, over the document's queries before it,
+    stay. Without that guard Expected Attention's own ranking loses the sentence and the answer."""
+    from ea_local.serve.slots import Slot
+
+    s = Session(str(chat_model_path()), SessionConfig(budget=128, chunk=64, policy="expected-attention", recall=False,
+                                                      guard_question=guard, n_threads=1))  # serve --budget 128's chunk
+    req, span = _passkey_request(s)
+    res = Slot(0, s, "expected-attention", 128).run(req, lambda _: None)
+    kept = [p for p in span if p in s.live]
+    assert res.evictions > 0 and res.recalled_cells == 0 and s.n_cells <= 128
+    assert (s.cfg.n_sink, s.cfg.recent) == (32, 32)  # the slot's conversation protection
+    if guard:
+        assert len(kept) >= 2 * len(span) // 3, f"pass key cells kept: {len(kept)} of {len(span)}"
+        assert "17412" in res.text
+    else:
+        assert len(kept) < len(span) // 3 and "17412" not in res.text
+    s.check_cells()
+    s.close()
+
+
+def test_asked_scores_are_the_messages_shares_over_its_baseline():
+    from ea_local.engine.recall import asked_scores, contrast, message_scores
+    from ea_local.policies.base import RopeSpec
+
+    rng = np.random.default_rng(0)
+    rope = {0: RopeSpec(n_dims=8, freq_base=10000.0)}
+    keys = {0: rng.standard_normal((20, 1, 8))}
+    q, qp = {0: rng.standard_normal((4, 2, 8))}, np.arange(30, 34)
+    b, bp = {0: rng.standard_normal((4, 2, 8))}, np.arange(26, 30)
+    got = asked_scores(q, qp, b, bp, keys, rope, None)
+    assert np.allclose(got, contrast(message_scores(q, qp, keys, rope, None), message_scores(b, bp, keys, rope, None)))
+    assert np.allclose(asked_scores(q, qp, {0: b[0][:0]}, bp[:0], keys, rope, None),
+                       message_scores(q, qp, keys, rope, None))  # no baseline: the shares alone

@@ -122,7 +122,7 @@ def session_config(opts: ChatOptions) -> SessionConfig:
     return SessionConfig(budget=opts.budget, policy=opts.policy, cache_type=opts.cache_type, seed=opts.seed or 0,
                          n_threads=opts.threads, n_gpu_layers=opts.n_gpu_layers, chunk=chunk,
                          rpc=tuple(opts.rpc), recall=opts.recall, archive_tokens=a_tokens, archive_bytes=a_bytes,
-                         n_sink=k, recent=k,
+                         n_sink=k, recent=k, guard_question=True,
                          **({"question_weight": 0.0} if opts.question_agnostic else {}))
 
 

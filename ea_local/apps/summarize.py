@@ -13,10 +13,10 @@ import secrets
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..engine.session import Session
+from ..engine.session import Session, SessionConfig
 from .chat import ChatError, ChatOptions, fmt_mib, read_text_file, session_config, valid_utf8
 from ..model.chat_template import TurnRenderer, resolve_template
 from ..policies import get_policy
@@ -44,15 +44,23 @@ def _check_output(output: str | None) -> None:
         raise ChatError(f"-o {output}: directory {parent} is not writable")
 
 
+def summarize_config(opts: SummarizeOptions) -> SessionConfig:
+    """chat's settings, except: kvpress' 4 sinks and a recent window of 64, since the instruction follows
+    the document inside that window and needs no protected opening (docs/ea-paths.md, "The prompt's
+    opening"); recall only with a question, the one thing that can say which evicted cells it needs."""
+    cfg = replace(session_config(opts), n_sink=SessionConfig.n_sink, recent=SessionConfig.recent)
+    cfg.recall = cfg.recall and bool(opts.prompt)
+    cfg.validate()
+    return cfg
+
+
 def run_summarize(info, source: str, opts: SummarizeOptions) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     text = read_text_file(source)
     _check_output(opts.output)
-    cfg = session_config(opts)
-    cfg.recall = cfg.recall and bool(opts.prompt)  # only a question can say which evicted cells it needs
-    cfg.validate()
+    cfg = summarize_config(opts)
     get_policy(opts.policy)
     err = Console(stderr=True)
     s = Session(str(info.path), cfg)

@@ -86,3 +86,14 @@ def contrast(message: np.ndarray, baseline: np.ndarray, floor: float = CONTRAST_
     score about 1 whatever their share; a cell only this message looks for scores high (the lift of
     the message over the conversation, as in pointwise mutual information)."""
     return np.asarray(message, dtype=np.float64) / (np.asarray(baseline, dtype=np.float64) + floor)
+
+
+def asked_scores(queries: Mapping[int, np.ndarray], q_pos: np.ndarray, base_queries: Mapping[int, np.ndarray],
+                 base_pos: np.ndarray, keys: Mapping[int, np.ndarray | Sequence[np.ndarray]],
+                 rope: Mapping[int, RopeSpec], scale: float | None) -> np.ndarray:
+    """(n,) what a message asks for: message_scores of its queries, over those of the queries just
+    before it (`contrast`) when there are any."""
+    scores = message_scores(queries, q_pos, keys, rope, scale)
+    if not len(base_pos):
+        return scores
+    return contrast(scores, message_scores(base_queries, base_pos, keys, rope, scale))

@@ -36,7 +36,7 @@ from ..policies import get_policy
 from ..policies.base import CellView
 from ..model.rope_model import rope_specs
 from .archive import Archive, plan_swap, pool_spans
-from .recall import contrast, message_scores
+from .recall import asked_scores
 from .runtime import ContextConfig, LlamaError, Runtime, SharedModel
 from .sampling import Sampler, SamplingParams
 from .textstream import TextStream
@@ -118,12 +118,21 @@ class SessionConfig:
     recall_radius: int = 8  # archived neighbours within this many positions come back with a cell (spans)
     recall_queries: int = 128  # the message's last queries that score the cells
     recall_redecode: int = 64  # the message's last tokens decoded again once cells came back (their logits)
+    # with recall off, a probed question keeps the cells it asks for: at each compression the recall_cells
+    # its probe looks for most are not evicted (docs/ea-paths.md, "What the question asks for"); the
+    # products turn it on, the bench measures the policies alone, as kvpress runs them
+    guard_question: bool = False
 
     @property
     def step_cells(self) -> int:
         """Cells a compression frees: `step`, or a quarter of a budget under 4 steps, so that a small
         budget is not compressed to half of itself."""
         return max(1, min(self.step, self.budget // 4))
+
+    @property
+    def recall_cells(self) -> int:
+        """Most cells one recall brings back (recall_max; None: a quarter of the budget)."""
+        return self.recall_max if self.recall_max is not None else self.budget // 4
 
     @property
     def min_budget(self) -> int:
@@ -510,12 +519,17 @@ class Session:
             if logits is not None:
                 self.rt.set_logits(logits)
 
+    @property
+    def _probes(self) -> bool:
+        """A compression decodes the question as a probe: it is known and the policy reads queries."""
+        return bool(self.policy.needs_queries and self.question and self.cfg.question_weight > 0)
+
     # ---- compression ----
     def view(self) -> CellView:
         """What the policy sees: the live global cells and the statistics window."""
         if self.captures and self._n_captured:
             self._pull_queries(keep=self.cfg.stats_window)
-        probed = self.policy.needs_queries and self.question and self.cfg.question_weight > 0
+        probed = self._probes
         if probed:
             self._probe_question()
         queries, qpos, qw = self._statistics()
@@ -595,6 +609,9 @@ class Session:
             scores = get_policy("streaming-llm").score(view)
         else:
             scores = np.asarray(self.policy.score(view, **self._score_options()), dtype=np.float64)
+            if self.cfg.guard_question and self._probes and len(self.focus) and not self.recall_on:
+                asked, top = self._asked_cells(view)
+                scores[top] = scores.max() + 1.0 + asked[top]  # above every cell the policy ranks
         n_evict = n_before - target
         evict = select_evictions(pos, scores, self.cfg.n_sink, self.cfg.recent, self.next_pos, n_evict)
         if self.archive is not None:
@@ -608,6 +625,22 @@ class Session:
         if DEBUG:
             self.check_cells()
         return n_evict
+
+    def _asked_cells(self, view: CellView) -> tuple[np.ndarray, np.ndarray]:
+        """(pooled scores, indices of the best recall_cells) of view's cells for what the probed question
+        asks: the probe's queries (the focus) over as many of the context's newest queries before it
+        (recall.asked_scores), max-pooled over recall_radius positions so that a fact is kept whole.
+        Policies read queries with only their own averages; this is the per-query attention recall
+        ranks archived cells by, applied before the cells are evicted rather than after."""
+        f, w = self.focus, self.queries
+        base = np.flatnonzero(w.pos < f.pos.min())[-len(f):]
+        keys = {il: view.keys[il] if il in view.keys else self.rt.kv_read(il, values=False)[1] for il in self.layers}
+        asked = asked_scores({il: f.q[il] for il in self.layers}, f.pos, {il: w.q[il][base] for il in self.layers},
+                             w.pos[base], keys, self.rope, self.info.kq_scale)
+        asked = pool_spans(view.positions, asked, self.cfg.recall_radius)
+        pos = view.positions
+        free = np.flatnonzero((pos >= self.cfg.n_sink) & (pos < self.next_pos - self.cfg.recent))  # the rest stay anyway
+        return asked, free[np.argsort(-asked[free], kind="stable")[:self.cfg.recall_cells]]
 
     def _remove(self, positions: np.ndarray, global_only: bool) -> None:
         """Remove the live cells at `positions` from llama.cpp's cache and from `live`."""
@@ -700,18 +733,15 @@ class Session:
             live_pos, live_keys[il], _ = self.rt.kv_read(il, values=False)
         n_live = len(live_pos)
         keys = {il: (live_keys[il], a.digest[il]) for il in self.layers}  # one softmax over both
-        scores = message_scores(queries, q_pos, keys, self.rope, self.info.kq_scale)
         base_q, base_pos = self.baseline_queries(since, len(q_pos))
-        if len(base_pos):
-            scores = contrast(scores, message_scores(base_q, base_pos, keys, self.rope, self.info.kq_scale))
+        scores = asked_scores(queries, q_pos, base_q, base_pos, keys, self.rope, self.info.kq_scale)
         r = self.cfg.recall_radius
         live_s = pool_spans(live_pos, scores[:n_live], r)
         arch_s = pool_spans(a.pos, scores[n_live:], r)
         keep = self.cfg.recent if recent is None else recent
         evictable = (live_pos >= self.cfg.n_sink) & (live_pos < min(since, self.next_pos - keep))
         room = max(0, self.room_target - self.n_cells)
-        max_recall = self.cfg.recall_max if self.cfg.recall_max is not None else self.cfg.budget // 4
-        back, out = plan_swap(arch_s, live_s, evictable, room, max_recall)
+        back, out = plan_swap(arch_s, live_s, evictable, room, self.cfg.recall_cells)
         if not len(back):
             self.stats.recall_s += time.perf_counter() - t0
             return 0

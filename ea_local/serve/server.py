@@ -45,7 +45,7 @@ def configure(info: ModelInfo, *, budget: int, policy: str, max_tokens: int, max
     scfg = SessionConfig(budget=budget, policy=policy, cache_type=cache_type, seed=seed, n_threads=threads,
                          n_gpu_layers=n_gpu_layers, chunk=max(1, min(512, budget // 2)), rpc=rpc,
                          recall=recall, archive_tokens=a_tokens, archive_bytes=a_bytes,
-                         n_sink=k, recent=k)
+                         n_sink=k, recent=k, guard_question=True)
     scfg.validate()
     cfg = ServeConfig(model_id=model_id(str(info.path)), budget=budget, policy=policy,
                       max_tokens=max_tokens,

@@ -14,7 +14,10 @@ in the full context. One JSON row per trial.
 try them on the server's path; `--no-oracle` skips the full-context answer; `--instruction-last` moves
 the instruction from the message's start to just before its question; `--redecode-context` lets the
 re-decode after recall reach before the question into the document's newest cells (the contiguous live
-run ending at the newest, up to `recall_redecode`), a lever measured and not kept (docs/recall.md).
+run ending at the newest, up to `recall_redecode`), a lever measured and not kept (docs/recall.md). `--no-recall` reads with recall off, where the probed
+question keeps the cells it asks for at each compression (`SessionConfig.guard_question`); `--no-guard`
+turns that off, `--guard-with-recall` runs it with recall on too (measured, not kept: docs/ea-paths.md,
+"What the question asks for").
 """
 import json
 import os
@@ -47,6 +50,9 @@ def main() -> None:
     ap.add_argument("--recent", type=int, default=None, help="newest positions never evicted (default: the session's)")
     ap.add_argument("--no-oracle", action="store_true", help="only the recalled cache's answer")
     ap.add_argument("--instruction-last", action="store_true", help="the instruction after the document")
+    ap.add_argument("--no-recall", action="store_true", help="recall off")
+    ap.add_argument("--no-guard", action="store_true", help="the question guard off")
+    ap.add_argument("--guard-with-recall", action="store_true", help="the question guard with recall on too")
     ap.add_argument("--redecode-context", action="store_true",
                     help="the re-decode after recall also takes the document's newest cells before the question")
     a = ap.parse_args()
@@ -56,13 +62,24 @@ def main() -> None:
     def session(budget: int):
         srv, cfg = configure(read_model_info(path), budget=budget, policy=a.policy, max_tokens=16,
                              max_prompt_tokens=131072, max_body=4 * 2**20, temperature=0.0, api_key=None,
-                             cache_type="f16", seed=0, threads=1, n_gpu_layers=None, rpc=(), recall=True,
+                             cache_type="f16", seed=0, threads=1, n_gpu_layers=None, rpc=(), recall=not a.no_recall,
                              archive="64MiB")
         cfg.n_sink = cfg.n_sink if a.n_sink is None else a.n_sink
         cfg.recent = cfg.recent if a.recent is None else a.recent
+        cfg.guard_question = not a.no_guard
         return srv, Session(path, cfg)
 
     srv_cfg, s = session(a.budget)
+    if a.guard_with_recall:  # the guard runs where recall is off: each compression sees it off
+        compress = s.compress
+
+        def guarded(target: int, phase: str = "decode") -> int:
+            s.cfg.recall = False
+            try:
+                return compress(target, phase)
+            finally:
+                s.cfg.recall = True
+        s.compress = guarded
     if a.redecode_context:
         redecode = s._redecode_tail
         s._redecode_tail = lambda since: redecode(0)
@@ -89,6 +106,8 @@ def main() -> None:
         row = {"texts": a.texts, "budget": a.budget, "policy": a.policy, "n_sink": s.cfg.n_sink,
                **({"instruction": "last"} if a.instruction_last else {}),
                **({"redecode": "context"} if a.redecode_context else {}),
+               **({"recall": False} if a.no_recall else {}),
+               **({"guard": False} if a.no_guard else {"guard": "with recall"} if a.guard_with_recall else {}),
                "recent": s.cfg.recent, "depth": depth, "key": key, "cells": len(kept),
                "needle_live": sum(n0 <= p < n1 for p in kept), "needle_len": n1 - n0,
                "recalled": answered(str(key), recalled), "answer_recalled": recalled}
