@@ -208,41 +208,7 @@ def test_tight_budget_brings_the_asked_fact_back():
     s.close()
 
 
-def test_a_chat_request_recalls_with_the_users_words_not_the_templates_tail():
-    """A chat request far over the budget, a pass key in real prose, read through 128 cells by StreamingLLM:
-    recall scored with the queries of the user's words brings the key back. The template's tail
-    (<|im_end|>, the assistant's header) attends to the system prompt and the turn markers whatever was
-    asked; with its queries the recall went there and 10 of the key's 24 cells came back (20 without)."""
-    from ea_local.engine.sampling import SamplingParams
-    from ea_local.model.chat_template import resolve_template
-    from ea_local.serve.question import chat_question_text, chat_tail_text, question_length
-    from ea_local.serve.slots import GenRequest, Slot
-
-    s = Session(str(chat_model_path()), SessionConfig(budget=128, policy="streaming-llm", recall=True, n_threads=1))
-    template, _ = resolve_template(s.info, s.rt)
-    words = " ".join(APACHE.read_text().split()).split(" ")
-    needle = "The pass key is 17412. Remember it. 17412 is the pass key. "
-    doc = ("There is important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-           + " ".join(words[:380]) + " " + needle + " ".join(words[380:760]))
-    messages = [{"role": "user", "content": doc + "\n\nWhat is the pass key?"}]
-    text = template.render(messages, add_generation_prompt=True)
-    count = lambda t: len(s.rt.tokenize(t, add_bos=False, special=True))  # noqa: E731
-    tokens = s.rt.tokenize(text, add_bos=False, special=True)
-    n_q = question_length(chat_question_text(text, messages, count, s.max_question), len(tokens), count, s.max_question)
-    tail = count(chat_tail_text(text, messages))
-    assert len(tokens) > 1000 and 0 < tail < n_q
-    a = count(text[:text.index(needle)])
-    key = list(range(a, count(text[:text.index(needle)] + needle.rstrip())))
-    res = Slot(0, s, "streaming-llm", 128).run(
-        GenRequest(tokens=tokens, params=SamplingParams(temperature=0.0), stop=[], max_tokens=1,
-                   policy="streaming-llm", budget=128, question_len=n_q, template_tail=tail), lambda _: None)
-    assert res.evictions > 0 and res.recalled_cells > 0 and res.cells <= 128
-    back = [p for p in key if p in s.live]
-    assert len(back) >= 2 * len(key) // 3, f"pass key cells back: {len(back)} of {len(key)}"
-    s.close()
-
-
-def _passkey_request(s: Session, key: str = "17412"):
+def _passkey_request(s: Session, policy: str, key: str = "17412"):
     """A chat request over a 1k-token Apache-2.0 document with a pass key at half its length, and the
     positions of the key's sentence."""
     from ea_local.engine.sampling import SamplingParams
@@ -263,9 +229,26 @@ def _passkey_request(s: Session, key: str = "17412"):
     a = count(text[:text.index(needle)])
     span = list(range(a, count(text[:text.index(needle)] + needle.rstrip())))
     req = GenRequest(tokens=tokens, params=SamplingParams(temperature=0.0), stop=[], max_tokens=10,
-                     policy="expected-attention", budget=128, question_len=n_q,
+                     policy=policy, budget=128, question_len=n_q,
                      template_tail=count(chat_tail_text(text, messages)))
     return req, span
+
+
+def test_a_chat_request_recalls_with_the_users_words_not_the_templates_tail():
+    """A chat request far over the budget, a pass key in real prose, read through 128 cells by StreamingLLM:
+    recall scored with the queries of the user's words brings the key back. The template's tail
+    (<|im_end|>, the assistant's header) attends to the system prompt and the turn markers whatever was
+    asked; with its queries the recall went there and 10 of the key's 24 cells came back (20 without)."""
+    from ea_local.serve.slots import Slot
+
+    s = Session(str(chat_model_path()), SessionConfig(budget=128, policy="streaming-llm", recall=True, n_threads=1))
+    req, key = _passkey_request(s, "streaming-llm")
+    assert len(req.tokens) > 1000 and 0 < req.template_tail < req.question_len
+    res = Slot(0, s, "streaming-llm", 128).run(req, lambda _: None)
+    assert res.evictions > 0 and res.recalled_cells > 0 and res.cells <= 128
+    back = [p for p in key if p in s.live]
+    assert len(back) >= 2 * len(key) // 3, f"pass key cells back: {len(back)} of {len(key)}"
+    s.close()
 
 
 @pytest.mark.parametrize("guard", [True, False])
@@ -278,7 +261,7 @@ def test_without_recall_a_probed_question_keeps_the_cells_it_asks_for(guard):
 
     s = Session(str(chat_model_path()), SessionConfig(budget=128, chunk=64, policy="expected-attention", recall=False,
                                                       guard_question=guard, n_threads=1))  # serve --budget 128's chunk
-    req, span = _passkey_request(s)
+    req, span = _passkey_request(s, "expected-attention")
     res = Slot(0, s, "expected-attention", 128).run(req, lambda _: None)
     kept = [p for p in span if p in s.live]
     assert res.evictions > 0 and res.recalled_cells == 0 and s.n_cells <= 128
