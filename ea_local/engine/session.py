@@ -630,7 +630,8 @@ class Session:
         """(pooled scores, indices of the best recall_cells) of view's cells for what the probed question
         asks: the probe's queries (the focus) over as many of the context's newest queries before it
         (recall.asked_scores), max-pooled over recall_radius positions so that a fact is kept whole.
-        Policies read queries with only their own averages; this is the per-query attention recall
+        Expected Attention folds the probe's few decisive queries into one Gaussian with the context's,
+        which keeps almost none of a prose needle on SmolLM2; this is the per-query attention recall
         ranks archived cells by, applied before the cells are evicted rather than after."""
         f, w = self.focus, self.queries
         base = np.flatnonzero(w.pos < f.pos.min())[-len(f):]
