@@ -48,14 +48,20 @@ class BudgetError(ValueError):
     pass
 
 
+def evictable(positions: np.ndarray, n_sink: int, recent: int, next_pos: int) -> np.ndarray:
+    """(n,) bool: the cells a compression may evict, neither a sink (position < n_sink) nor in the
+    recent window (position >= next_pos - recent)."""
+    positions = np.asarray(positions)
+    return (positions >= n_sink) & (positions < next_pos - recent)
+
+
 def select_evictions(positions: np.ndarray, scores: np.ndarray, n_sink: int, recent: int, next_pos: int,
                      n: int) -> np.ndarray:
-    """The sorted positions of the n lowest-scoring cells, never a sink (position < n_sink) nor one of the
-    recent window (position >= next_pos - recent); among equal scores the cell listed first goes (the
-    older one: views list cells by position). BudgetError if fewer than n cells may go."""
+    """The sorted positions of the n lowest-scoring evictable cells (`evictable`); among equal scores the
+    cell listed first goes (the older one: views list cells by position). BudgetError if fewer than n
+    cells may go."""
     positions = np.asarray(positions)
-    protected = (positions < n_sink) | (positions >= next_pos - recent)
-    cand = np.flatnonzero(~protected)
+    cand = np.flatnonzero(evictable(positions, n_sink, recent, next_pos))
     if len(cand) < n:
         raise BudgetError(f"cannot evict {n} cells: only {len(cand)} are not protected")
     order = cand[np.argsort(np.asarray(scores)[cand], kind="stable")]
@@ -633,14 +639,14 @@ class Session:
         Expected Attention folds the probe's few decisive queries into one Gaussian with the context's,
         which keeps almost none of a prose needle on SmolLM2; this is the per-query attention recall
         ranks archived cells by, applied before the cells are evicted rather than after."""
-        f, w = self.focus, self.queries
-        base = np.flatnonzero(w.pos < f.pos.min())[-len(f):]
+        f = self.focus
+        base_q, base_pos = self.baseline_queries(int(f.pos.min()), len(f))
         keys = {il: view.keys[il] if il in view.keys else self.rt.kv_read(il, values=False)[1] for il in self.layers}
-        asked = asked_scores({il: f.q[il] for il in self.layers}, f.pos, {il: w.q[il][base] for il in self.layers},
-                             w.pos[base], keys, self.rope, self.info.kq_scale)
+        asked = asked_scores({il: f.q[il] for il in self.layers}, f.pos, base_q, base_pos, keys, self.rope,
+                             self.info.kq_scale)
         asked = pool_spans(view.positions, asked, self.cfg.recall_radius)
-        pos = view.positions
-        free = np.flatnonzero((pos >= self.cfg.n_sink) & (pos < self.next_pos - self.cfg.recent))  # the rest stay anyway
+        # the sinks and the recent window stay anyway
+        free = np.flatnonzero(evictable(view.positions, self.cfg.n_sink, self.cfg.recent, self.next_pos))
         return asked, free[np.argsort(-asked[free], kind="stable")[:self.cfg.recall_cells]]
 
     def _remove(self, positions: np.ndarray, global_only: bool) -> None:

@@ -14,10 +14,10 @@ in the full context. One JSON row per trial.
 try them on the server's path; `--no-oracle` skips the full-context answer; `--instruction-last` moves
 the instruction from the message's start to just before its question; `--redecode-context` lets the
 re-decode after recall reach before the question into the document's newest cells (the contiguous live
-run ending at the newest, up to `recall_redecode`), a lever measured and not kept (docs/recall.md). `--no-recall` reads with recall off, where the probed
-question keeps the cells it asks for at each compression (`SessionConfig.guard_question`); `--no-guard`
-turns that off, `--guard-with-recall` runs it with recall on too (measured, not kept: docs/ea-paths.md,
-"What the question asks for").
+run ending at the newest, up to `recall_redecode`), a lever measured and not kept (docs/recall.md).
+`--no-recall` reads with recall off, where the probed question keeps the cells it asks for at each
+compression (`SessionConfig.guard_question`); `--no-guard` turns that off, `--guard-with-recall` runs it
+with recall on too (measured, not kept: docs/ea-paths.md, "What the question asks for").
 """
 import json
 import os
