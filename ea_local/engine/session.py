@@ -746,9 +746,9 @@ class Session:
         live_s = pool_spans(live_pos, scores[:n_live], r)
         arch_s = pool_spans(a.pos, scores[n_live:], r)
         keep = self.cfg.recent if recent is None else recent
-        evictable = (live_pos >= self.cfg.n_sink) & (live_pos < min(since, self.next_pos - keep))
+        may_go = evictable(live_pos, self.cfg.n_sink, keep, self.next_pos) & (live_pos < since)  # not the message
         room = max(0, self.room_target - self.n_cells)
-        back, out = plan_swap(arch_s, live_s, evictable, room, self.cfg.recall_cells)
+        back, out = plan_swap(arch_s, live_s, may_go, room, self.cfg.recall_cells)
         if not len(back):
             self.stats.recall_s += time.perf_counter() - t0
             return 0
