@@ -86,7 +86,7 @@ def test_a_conversation_protects_a_quarter_of_its_budget_up_to_64(tiny_llama):
     for b in range(91, 1100, 7):
         k = conversation_protection(b)
         SessionConfig(budget=b, n_sink=k, recent=k).validate()
-    with pytest.raises(BudgetError, match="cannot hold a conversation: use at least 91"):
+    with pytest.raises(BudgetError, match="cannot hold the protected opening, recent window and a step: use at least 91"):
         conversation_protection(90)
     with pytest.raises(BudgetError, match="budget must be positive"):
         conversation_protection(0)

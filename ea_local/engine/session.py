@@ -210,7 +210,7 @@ def conversation_protection(budget: int) -> int:
     if budget <= 0:
         raise BudgetError(f"budget must be positive, got {budget}")
     if budget < MIN_CONVERSATION_BUDGET:
-        raise BudgetError(f"budget {budget} cannot hold a conversation: use at least {MIN_CONVERSATION_BUDGET}")
+        raise BudgetError(f"budget {budget} cannot hold the protected opening, recent window and a step: use at least {MIN_CONVERSATION_BUDGET}")
     return min(64, budget // 4)
 
 

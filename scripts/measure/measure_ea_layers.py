@@ -43,6 +43,9 @@ def settings(glob: list[int], only: set[str]) -> dict[str, tuple[str, dict]]:
         for agg in ("union", "mean", "share", "max"):
             out[f"ea {n} {agg}"] = ("expected-attention", {"layers": ls, "aggregate": agg})
     out["ea 15 union"] = ("expected-attention", {"layers": l15, "aggregate": "union"})
+    for k in (3, 5):  # max-pooled over k neighbouring cells: a key's digits kept as one span
+        out[f"ea {len(glob)} union pool {k}"] = ("expected-attention", {"layers": glob, "kernel_size": k})
+    out[f"ea {len(glob)} union no newest"] = ("expected-attention", {"layers": glob, "newest_query": False})
     out["ea 8 union sinks in softmax"] = ("expected-attention", {"layers": l8, "sinks_in_softmax": True})
     for n, ls in ((8, l8), (15, l15), (len(glob), glob)):
         out[f"ea {n} union stats 128"] = ("expected-attention", {"layers": ls, "stats": 128})
@@ -187,10 +190,11 @@ def main() -> None:
                 t1 = time.perf_counter()
                 s.compress(cells, phase="prefill")
                 t_comp = time.perf_counter() - t1
-                kept = sum(1 for p in range(*span) if p in s.live) / (span[1] - span[0])
+                lost = [p - span[0] for p in range(*span) if p not in s.live]
+                kept = 1 - len(lost) / (span[1] - span[0])
                 reply = ask(s, question, 8)
                 emit({"setting": name, "haystack": a.haystack, "fraction": frac, "cells": cells, "depth": d, "seed": a.seed, "length": len(ctx),
-                      "found": answered(str(key), reply), "needle_kept": round(kept, 3), "answer": reply,
+                      "found": answered(str(key), reply), "needle_kept": round(kept, 3), "needle_lost": lost, "answer": reply,
                       "compress_s": round(t_comp, 2)})
     s.close()
 
