@@ -190,10 +190,10 @@ def test_expected_attention_reads_value_norms_not_rows(tiny_llama):
 
 
 def test_expected_attention_pools_only_where_every_layer_is_evicted(tiny_llama):
-    """Max-pooling over 5 cells is Expected Attention's default on an all-layer model, not on iSWA
+    """Max-pooling over 7 cells is Expected Attention's default on an all-layer model, not on iSWA
     (Gemma 3: 3 global layers); an explicit kernel_size wins either way."""
     s = Session(tiny_llama, SessionConfig(budget=256, chunk=64))
-    assert s.cfg.policy_options == {"kernel_size": 5}
+    assert s.cfg.policy_options == {"kernel_size": 7}
     s.set_policy("expected-attention", kernel_size=1)
     assert s.cfg.policy_options == {"kernel_size": 1}
     s.set_policy("snapkv")
@@ -216,7 +216,7 @@ def test_set_policy_and_set_budget(tiny_llama):
         s.set_policy("expected-attention", window_size=3)
     assert s.cfg.policy == "streaming-llm"
     s.set_policy("expected-attention", n_future_positions=64)
-    assert s.cfg.policy_options == {"kernel_size": 5, "n_future_positions": 64}  # pooled: every layer evicted
+    assert s.cfg.policy_options == {"kernel_size": 7, "n_future_positions": 64}  # pooled: every layer evicted
     with pytest.raises(BudgetError, match="more than this context"):
         s.set_budget(s.rt.n_ctx + 1)
     with pytest.raises(BudgetError, match="use at least"):

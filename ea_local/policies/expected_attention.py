@@ -227,8 +227,9 @@ def score(
 
     ``kernel_size`` > 1 max-pools the scores over that many neighbouring live cells (SnapKV's
     pooling, not in kvpress' EA): a fact spans several tokens, and keeping the whole span is
-    what lets the model read it back. The session sets 5 on models whose every layer is evicted,
-    where the report preset measured it to help (docs/bench-report.md, "Pooling over 5 cells").
+    what lets the model read it back. The session sets 7 on models whose every layer is evicted,
+    where the report preset measured it to help (docs/bench-report.md, "Pooling over 5 cells" and
+    "Pooling over 7 cells").
     ``layers`` None: every layer with keys, queries and rope in the view (and values if use_vnorm).
     Queries at positions < ``n_sink`` are left out of the statistics.
 

@@ -46,6 +46,16 @@ def settings(glob: list[int], only: set[str]) -> dict[str, tuple[str, dict]]:
     for k in (3, 5):  # max-pooled over k neighbouring cells: a key's digits kept as one span
         out[f"ea {len(glob)} union pool {k}"] = ("expected-attention", {"layers": glob, "kernel_size": k})
     out[f"ea {len(glob)} union no newest"] = ("expected-attention", {"layers": glob, "newest_query": False})
+    # the all-layer default (15 layers, pooled over 5 cells) and its neighbours
+    for n, ls in ((8, l8), (15, l15), (len(glob), glob)):
+        out[f"ea {n} union pool 5"] = ("expected-attention", {"layers": ls, "kernel_size": 5})
+    for agg in ("mean", "share"):
+        out[f"ea 15 {agg} pool 5"] = ("expected-attention", {"layers": l15, "aggregate": agg, "kernel_size": 5})
+    out["ea 15 union pool 7"] = ("expected-attention", {"layers": l15, "kernel_size": 7})
+    out["ea 15 union pool 5 stats all"] = ("expected-attention", {"layers": l15, "kernel_size": 5, "stats": "all"})
+    for nf in (64, 2048):
+        out[f"ea 15 union pool 5 future {nf}"] = ("expected-attention", {"layers": l15, "kernel_size": 5,
+                                                                          "n_future_positions": nf})
     out["ea 8 union sinks in softmax"] = ("expected-attention", {"layers": l8, "sinks_in_softmax": True})
     for n, ls in ((8, l8), (15, l15), (len(glob), glob)):
         out[f"ea {n} union stats 128"] = ("expected-attention", {"layers": ls, "stats": 128})
@@ -54,7 +64,7 @@ def settings(glob: list[int], only: set[str]) -> dict[str, tuple[str, dict]]:
         out[f"ea {n} union eps 0.02"] = ("expected-attention", {"layers": ls, "epsilon": 0.02})  # kvpress' default
     for nf in (1, 16, 64):  # RoPE averaged over fewer coming positions (kvpress: 512, the default)
         out[f"ea 8 union future {nf}"] = ("expected-attention", {"layers": l8, "n_future_positions": nf})
-    for n, ls in ((8, l8), (len(glob), glob)):
+    for n, ls in ((8, l8), (15, l15), (len(glob), glob)):
         for pol in ("tova", "snapkv"):
             out[f"{pol} {n}"] = (pol, {"layers": ls})
     out["knorm"] = ("knorm", {"layers": l8})
