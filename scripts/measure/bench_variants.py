@@ -7,7 +7,7 @@
         bench -m gemma3-270m --preset report --suite multikey --policies expected-attention,ea-plain
 
 A variant gets exactly the options named, not the engine's per-model defaults for
-`expected-attention` (pooling over 5 cells on models whose every layer is evicted: name kernel_size:5).
+`expected-attention` (pooling over 7 cells on models whose every layer is evicted: name kernel_size:7).
 """
 from __future__ import annotations
 
