@@ -51,7 +51,8 @@ def settings(glob: list[int], only: set[str]) -> dict[str, tuple[str, dict]]:
         out[f"ea {n} union pool 5"] = ("expected-attention", {"layers": ls, "kernel_size": 5})
     for agg in ("mean", "share"):
         out[f"ea 15 {agg} pool 5"] = ("expected-attention", {"layers": l15, "aggregate": agg, "kernel_size": 5})
-    out["ea 15 union pool 7"] = ("expected-attention", {"layers": l15, "kernel_size": 7})
+    for k in (7, 9, 11):
+        out[f"ea 15 union pool {k}"] = ("expected-attention", {"layers": l15, "kernel_size": k})
     out["ea 15 union pool 5 stats all"] = ("expected-attention", {"layers": l15, "kernel_size": 5, "stats": "all"})
     for nf in (64, 2048):
         out[f"ea 15 union pool 5 future {nf}"] = ("expected-attention", {"layers": l15, "kernel_size": 5,
