@@ -105,12 +105,13 @@ def test_summarize_ctrl_c_exits_130_without_partial_file(tmp_path):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["doc.md"]
 
 
-def test_summarize_keeps_kvpress_sinks_and_recalls_only_with_a_question():
-    """The instruction follows the document inside the recent window: summarize keeps 4 sinks and the
-    newest 64 (chat and serve protect a conversation's opening); recall needs a question to ask."""
+def test_summarize_protects_the_opening_and_recalls_only_with_a_question():
+    """The document's opening (on an instruct model, the template's system part first) is protected, a
+    quarter of the budget up to 32, and its newest tokens as in chat, a quarter up to 64; recall needs a
+    question."""
     from ea_local.apps.summarize import SummarizeOptions, summarize_config
 
-    c = summarize_config(SummarizeOptions(budget=512))
-    assert (c.n_sink, c.recent, c.recall) == (4, 64, False)
+    c = summarize_config(SummarizeOptions(budget=128))
+    assert (c.n_sink, c.recent, c.recall) == (32, 32, False)
     c = summarize_config(SummarizeOptions(budget=2048, prompt="Which version is this?"))
-    assert (c.n_sink, c.recent, c.recall, c.guard_question) == (4, 64, True, True)
+    assert (c.n_sink, c.recent, c.recall, c.guard_question) == (32, 64, True, True)

@@ -13,7 +13,7 @@ import secrets
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine.session import Session, SessionConfig
@@ -22,6 +22,7 @@ from ..model.chat_template import TurnRenderer, resolve_template
 from ..policies import get_policy
 
 DEFAULT_INSTRUCTION = "Summarize the document above in a few sentences."
+SUMMARIZE_OPENING = 32  # protected first cells at most (chat: a quarter of the budget, at most 64)
 
 
 @dataclass
@@ -45,10 +46,14 @@ def _check_output(output: str | None) -> None:
 
 
 def summarize_config(opts: SummarizeOptions) -> SessionConfig:
-    """chat's settings, except: kvpress' 4 sinks and a recent window of 64, since the instruction follows
-    the document inside that window and needs no protected opening (docs/ea-paths.md, "The prompt's
-    opening"); recall only with a question, the one thing that can say which evicted cells it needs."""
-    cfg = replace(session_config(opts), n_sink=SessionConfig.n_sink, recent=SessionConfig.recent)
+    """chat's settings with a smaller opening: on an instruct model the template's system part and the
+    document's first lines are what a small budget loses first (at 128 cells kvpress' 4 sinks lost
+    every pass key), but the instruction comes after the document, so the opening needs no room for
+    it, and from 256 cells chat's 64 took keys the scores would have kept (docs/bench-report.md,
+    "`summarize` protects the opening"). Recall only with a question, the one thing that can say which
+    evicted cells it needs."""
+    cfg = session_config(opts)
+    cfg.n_sink = min(SUMMARIZE_OPENING, cfg.n_sink)
     cfg.recall = cfg.recall and bool(opts.prompt)
     cfg.validate()
     return cfg
