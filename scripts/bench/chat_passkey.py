@@ -1,19 +1,24 @@
 #!/usr/bin/env python3
-"""Pass key through `ea-local chat`'s path: one conversation per trial, the document and its question
-pasted as one message (`Chat.ask`), greedy, as a user of the REPL would paste them.
+"""Pass key through `ea-local chat`'s path, or `ea-local summarize --prompt`'s: one conversation (one CLI
+run) per trial, the document and its question as a user gives them, greedy.
 
     EA_LOCAL_THREADS=1 .venv/bin/python scripts/bench/chat_passkey.py --model smollm2-135m --tokens 1000 \\
-        --budget 256 --texts reporting --out results.jsonl
+        --budget 256 --texts reporting --out results.jsonl [--path summarize]
 
 The haystack, needle and question are serve_passkey.py's (the same trials for the same depths and
-seeds). A message longer than the room is compressed while it is read, its question probed at each
-compression; with recall (the default) the question then brings back what it asks for.
+seeds). chat: the document and question pasted as one message (`Chat.ask`); a message longer than the
+room is compressed while it is read, its question probed at each compression; with recall (the
+default) the question then brings back what it asks for. summarize: the document in a file, the
+question as `--prompt`, 16 tokens (`--policy none` with a budget above the document: the full cache).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from ea_local.apps.chat import Chat, ChatOptions  # ea_local first: libllama before numpy
 from ea_local.bench.data import answered
@@ -25,9 +30,32 @@ from ea_local.model.info import read_model_info
 import serve_passkey as sp  # this folder: run as a script
 
 
+def ask_chat(a: argparse.Namespace, info, doc: str) -> tuple[str, int]:
+    chat = Chat(info, ChatOptions(budget=a.budget, policy=a.policy, recall=not a.no_recall, temperature=0.0,
+                                  max_tokens=16, threads=1, seed=0))
+    try:
+        chat.start()
+        return "".join(chat.ask(doc + sp.CHAT_QUESTION)), chat.s.stats.recalled
+    finally:
+        chat.s.close()
+
+
+def ask_summarize(a: argparse.Namespace, doc: str, tmp: Path) -> str:
+    f = tmp / "document.txt"
+    f.write_text(doc)
+    r = subprocess.run([sys.executable, "-m", "ea_local.cli", "summarize", str(f), "--model", a.model,
+                        "--prompt", sp.CHAT_QUESTION.strip(), "--budget", str(a.budget), "--policy", a.policy,
+                        "--temperature", "0", "--max-tokens", "16", "--threads", "1"]
+                       + (["--no-recall"] if a.no_recall else []), capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0:
+        raise SystemExit(f"summarize exited {r.returncode}: {r.stderr.strip()}")
+    return r.stdout.strip()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--path", choices=["chat", "summarize"], default="chat")
     ap.add_argument("--tokens", type=int, default=1000, help="haystack tokens")
     ap.add_argument("--budget", type=int, default=256)
     ap.add_argument("--policy", default="expected-attention")
@@ -47,23 +75,24 @@ def main() -> int:
     plan = [t for s in a.seeds.split(",") for t in sp.trials(int(s), depths)]
     out = open(a.out, "a") if a.out else None
     found = 0
-    for depth, key in plan:
-        chat = Chat(info, ChatOptions(budget=a.budget, policy=a.policy, recall=not a.no_recall, temperature=0.0,
-                                      max_tokens=16, threads=1, seed=0))
-        try:
-            chat.start()
-            reply = "".join(chat.ask(sp.document(sents, depth, key) + sp.CHAT_QUESTION))
-            row = {"model": a.model, "path": "chat", "haystack": a.haystack, "texts": a.texts, "tokens": a.tokens,
-                   "budget": a.budget, "policy": a.policy, "recall": not a.no_recall, "depth": depth, "key": key,
-                   "found": answered(str(key), reply), "answer": reply, "recalled_cells": chat.s.stats.recalled}
-        finally:
-            chat.s.close()
-        found += row["found"]
-        print(json.dumps(row), flush=True)
-        if out:
-            out.write(json.dumps(row) + "\n")
-            out.flush()
-    print(f"{a.policy}, {a.budget} cells, recall {'off' if a.no_recall else 'on'}: {fmt_rate(found, len(plan))}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for depth, key in plan:
+            doc = sp.document(sents, depth, key)
+            row = {"model": a.model, "path": a.path, "haystack": a.haystack, "texts": a.texts, "tokens": a.tokens,
+                   "budget": a.budget, "policy": a.policy, "recall": not a.no_recall, "depth": depth, "key": key}
+            if a.path == "chat":
+                reply, recalled = ask_chat(a, info, doc)
+                row["recalled_cells"] = recalled
+            else:
+                reply = ask_summarize(a, doc, Path(tmp))
+            row.update(found=answered(str(key), reply), answer=reply)
+            found += row["found"]
+            print(json.dumps(row), flush=True)
+            if out:
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+    print(f"{a.path}, {a.policy}, {a.budget} cells, recall {'off' if a.no_recall else 'on'}: "
+          f"{fmt_rate(found, len(plan))}")
     return 0
 
 
