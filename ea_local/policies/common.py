@@ -69,7 +69,9 @@ def aggregate_scores(per_layer: Sequence[np.ndarray], how: str = "mean",
     attention goes mostly to the sinks (kept anyway), or whose values are small, hardly counts.
     "union": the best rank a cell has in any row (rank / n, ties share a rank), so keeping the top k
     keeps the union of every layer's and head's own best cells — what evicting each layer on its own
-    (as kvpress does) would keep, when all layers must share one set of cells.
+    (as kvpress does) would keep, when all layers must share one set of cells. Below a budget that holds
+    every row's favourites the best ranks tie, and the engine evicts the older of equal cells: breaking
+    the ties by the mean rank instead lost pass keys (docs/bench-report.md, "Ties in the union").
     """
     if how not in AGGREGATES:
         raise ValueError(f"unknown aggregate {how!r}; choose from: {', '.join(AGGREGATES)}")
