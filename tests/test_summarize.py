@@ -115,3 +115,49 @@ def test_summarize_protects_the_opening_and_recalls_only_with_a_question():
     assert (c.n_sink, c.recent, c.recall) == (32, 32, False)
     c = summarize_config(SummarizeOptions(budget=2048, prompt="Which version is this?"))
     assert (c.n_sink, c.recent, c.recall, c.guard_question) == (32, 64, True, True)
+
+
+@pytest.mark.parametrize("chunk,compressed_while_asking", [(32, True), (64, False)])
+def test_summarize_recalls_with_the_prompts_own_words(chunk, compressed_while_asking, tmp_path, monkeypatch):
+    """With --prompt, recall is asked by the prompt's words, as chat asks with the user's: not by the
+    template's tail after them, nor by the greedy answer of a probe made while the question was read;
+    and it may replace the document's last cells (recent 0), since the question ends its own document.
+    In-process, to see the call. With 32-token chunks this document (760 tokens)
+    leaves the cache full, so the question's own read is compressed and probed: its answer tokens must not
+    ask; with 64 the question is read without a compression."""
+    from ea_local.apps.summarize import SummarizeOptions, run_summarize
+    from ea_local.engine.session import Session
+    from ea_local.model.embedded import resolve_model
+    from ea_local.model.info import read_model_info
+
+    calls, read_while_asking = [], []
+    recall, compress = Session.recall, Session.compress
+
+    def spy_recall(self, since, until=None, recent=None):
+        calls.append((since, until, recent, self.next_pos, self.message_queries(since, until)[1].tolist()))
+        return recall(self, since, until, recent)
+
+    def spy_compress(self, target, phase="decode"):
+        read_while_asking.append(self.next_pos > n_doc[0])
+        return compress(self, target, phase)
+
+    monkeypatch.setattr(Session, "recall", spy_recall)
+    monkeypatch.setattr(Session, "compress", spy_compress)
+    doc = tmp_path / "doc.md"
+    doc.write_text(document(3360))
+    info = read_model_info(str(resolve_model("smollm2-135m")))
+    n_doc = [10**9]
+    prefill = Session.prefill
+
+    def spy_prefill(self, tokens, progress=None, turn=False):
+        if n_doc[0] == 10**9:
+            n_doc[0] = self.next_pos + len(tokens)  # the first prefill is the document
+        return prefill(self, tokens, progress, turn)
+
+    monkeypatch.setattr(Session, "prefill", spy_prefill)
+    run_summarize(info, str(doc), SummarizeOptions(budget=128, chunk=chunk, max_tokens=4, temperature=0.0, threads=1,
+                                                   seed=0, prompt="Which version is this?"))
+    (since, until, recent, next_pos, asked), = calls
+    assert recent == 0 and since < until < next_pos  # the template's tail after the words is left out
+    assert asked == list(range(since, until))  # every word's query, none of a probe's answer
+    assert any(read_while_asking) == compressed_while_asking

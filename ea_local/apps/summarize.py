@@ -83,7 +83,7 @@ def run_summarize(info, source: str, opts: SummarizeOptions) -> dict:
         doc = head + rt.tokenize(text.strip(), add_bos=False, special=False)
         question = rt.tokenize("\n\n" + valid_utf8(opts.prompt or DEFAULT_INSTRUCTION) + tail, add_bos=False, special=True)
         if opts.prompt and not opts.question_agnostic:
-            s.set_question(question[len(question) - s.max_question:])  # the question steers what is kept
+            s.set_question(question[max(0, len(question) - s.max_question):])  # the question steers what is kept
 
         t0 = time.perf_counter()
         with Progress(TextColumn("reading"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
@@ -111,9 +111,14 @@ def run_summarize(info, source: str, opts: SummarizeOptions) -> dict:
         pieces = []
         t1 = time.perf_counter()
         n0 = s.stats.tokens_seen
-        # with recall, the question is the user's message: it brings back the evicted cells it needs (docs/recall.md)
-        for piece in s.generate(question, params, stop=list(template.stop), max_tokens=opts.max_tokens,
-                                turn=s.recall_on):
+        start = s.next_pos
+        s.prefill(question, turn=s.recall_on and not s.question)  # a probed question is read as context, as in chat
+        if s.recall_on:
+            # the question brings back the evicted cells it needs, asked by the user's words as in chat: not by
+            # the template's tail, nor by the greedy answer of a probe made while the question was read
+            # (docs/recall.md, "The template's tail"; docs/bench-report.md, "`summarize` recalls with the question's words")
+            s.recall_message(start, question, until=s.next_pos - len(rt.tokenize(tail, add_bos=False, special=True)))
+        for piece in s.generate([], params, stop=list(template.stop), max_tokens=opts.max_tokens):
             if not started:
                 piece = piece.lstrip()
                 if not piece:
