@@ -130,34 +130,30 @@ def test_summarize_recalls_with_the_prompts_own_words(chunk, compressed_while_as
     from ea_local.model.embedded import resolve_model
     from ea_local.model.info import read_model_info
 
-    calls, read_while_asking = [], []
-    recall, compress = Session.recall, Session.compress
+    calls, compressed_at, doc_end = [], [], {}
+    prefill, recall, compress = Session.prefill, Session.recall, Session.compress
+
+    def spy_prefill(self, tokens, progress=None, turn=False):
+        doc_end.setdefault("pos", self.next_pos + len(tokens))  # the first prefill is the document
+        return prefill(self, tokens, progress, turn)
+
+    def spy_compress(self, target, phase="decode"):
+        if not calls:  # before the recall: the document's and the question's reads
+            compressed_at.append(self.next_pos)
+        return compress(self, target, phase)
 
     def spy_recall(self, since, until=None, recent=None):
         calls.append((since, until, recent, self.next_pos, self.message_queries(since, until)[1].tolist()))
         return recall(self, since, until, recent)
 
-    def spy_compress(self, target, phase="decode"):
-        read_while_asking.append(self.next_pos > n_doc[0])
-        return compress(self, target, phase)
-
-    monkeypatch.setattr(Session, "recall", spy_recall)
-    monkeypatch.setattr(Session, "compress", spy_compress)
+    for name, spy in (("prefill", spy_prefill), ("compress", spy_compress), ("recall", spy_recall)):
+        monkeypatch.setattr(Session, name, spy)
     doc = tmp_path / "doc.md"
     doc.write_text(document(3360))
     info = read_model_info(str(resolve_model("smollm2-135m")))
-    n_doc = [10**9]
-    prefill = Session.prefill
-
-    def spy_prefill(self, tokens, progress=None, turn=False):
-        if n_doc[0] == 10**9:
-            n_doc[0] = self.next_pos + len(tokens)  # the first prefill is the document
-        return prefill(self, tokens, progress, turn)
-
-    monkeypatch.setattr(Session, "prefill", spy_prefill)
     run_summarize(info, str(doc), SummarizeOptions(budget=128, chunk=chunk, max_tokens=4, temperature=0.0, threads=1,
                                                    seed=0, prompt="Which version is this?"))
     (since, until, recent, next_pos, asked), = calls
     assert recent == 0 and since < until < next_pos  # the template's tail after the words is left out
     assert asked == list(range(since, until))  # every word's query, none of a probe's answer
-    assert any(read_while_asking) == compressed_while_asking
+    assert any(p > doc_end["pos"] for p in compressed_at) == compressed_while_asking
