@@ -176,3 +176,24 @@ def test_a_probed_questions_answer_tokens_score_the_archive_unless_recall_stops_
     assert answers <= set(whole.tolist()) and whole.min() >= since
     assert set(words.tolist()) == set(range(since, end - 3))
     s.close()
+
+
+def test_a_probes_queries_give_way_to_the_real_read_of_their_positions(models):
+    """A compression probes the question after the context (positions from next_pos) and undoes it; when
+    the question is then read there as context, recall asks with that read's queries, not the probe's
+    (nor the probe's answer tokens, whose positions hold nothing)."""
+    s = Session(models["llama"], SessionConfig(budget=256, chunk=128, n_threads=1, recall=True))
+    rng = np.random.default_rng(6)
+    question = rng.integers(300, 380, 10).tolist()
+    s.set_question(question)
+    s.prefill([1] + rng.integers(300, 380, 600).tolist(), turn=False)
+    start = s.next_pos
+    s.compress(s.n_cells - 16)  # probes the question at start..start+9, its answer after
+    assert s.focus.pos.min() == start and s.focus.pos.max() == start + len(question) + s.cfg.answer_lookahead - 1
+    s.prefill(question, turn=False)
+    q, pos = s.message_queries(start)
+    assert pos.tolist() == list(range(start, s.next_pos))
+    read = np.isin(s.queries.pos, pos)
+    for il in s.layers:
+        np.testing.assert_array_equal(q[il], s.queries.q[il][read])
+    s.close()

@@ -426,6 +426,10 @@ class Session:
                               f"in its context of {self.cfg.budget}; use a larger --budget or an evicting --policy")
         if self.next_pos + len(tokens) + self.cfg.chunk >= self.info.n_ctx_train:
             self.compact()
+        if not focus and len(self.focus) and self.focus.pos.max() >= self.next_pos:
+            # a probe's queries (decoded after the context, then undone) at the positions these tokens take
+            # describe tokens that are not there: recall must find the real read's, in the statistics window
+            self.focus.truncate(self.next_pos)
         if focus and self.captures and self._n_captured:
             # queries decoded since the last pull (the previous reply) belong to the statistics window,
             # not to the focus: the focus holds the newest message's queries only
