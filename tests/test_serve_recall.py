@@ -85,7 +85,8 @@ def test_a_prompt_compressed_before_its_question_recalls_with_the_question(model
     prompt = [1] + rng.integers(300, 380, 900).tolist()
     res = slot.run(GenRequest(tokens=prompt, params=SamplingParams(temperature=0.0), stop=[], max_tokens=4,
                               policy=policy, budget=256, question_len=20), lambda _: None)
-    assert calls == [(len(prompt) - 20, None, 0, len(prompt))]  # the question's document: no recent window
+    # the question's document: no recent window; every layer evicted: the question's words only
+    assert calls == [(len(prompt) - 20, len(prompt), 0, len(prompt))]
     assert res.evictions > 0 and len(s.archive) > 0 and res.cells <= 256
     assert res.question_tokens == (20 if policy == EA else 0)  # probed only by a policy that reads queries
     assert res.recalled_cells == s.stats.recalled
@@ -175,6 +176,26 @@ def test_a_probed_questions_answer_tokens_score_the_archive_unless_recall_stops_
     _, words = s.message_queries(since, until=end - 3)
     assert answers <= set(whole.tolist()) and whole.min() >= since
     assert set(words.tolist()) == set(range(since, end - 3))
+    s.close()
+
+
+@pytest.mark.parametrize("arch,answers_ask", [("llama", False), ("gemma3", True)])
+def test_a_completions_recall_asks_with_the_probes_answer_only_on_iswa_models(models, monkeypatch, arch, answers_ask):
+    """A completion request gives no `until`: recall asks with the question's words, and with the probe's
+    greedy answer tokens after them only on an iSWA model (measured: docs/recall.md)."""
+    s = Session(models[arch], SessionConfig(budget=256, chunk=128, n_threads=1, recall=True))
+    rng = np.random.default_rng(7)
+    question = rng.integers(300, 380, 10).tolist()
+    s.set_question(question)
+    s.prefill([1] + rng.integers(300, 380, 900).tolist() + question, turn=False)
+    end = s.next_pos
+    asked = []
+    own = s.message_queries
+    monkeypatch.setattr(s, "message_queries", lambda since, until=None: asked.append(own(since, until)) or asked[-1])
+    s.recall_message(0, question)
+    (_, pos), = asked
+    assert set(range(end - len(question), end)) <= set(pos.tolist())
+    assert (pos >= end).any() == answers_ask
     s.close()
 
 

@@ -780,7 +780,12 @@ class Session:
     def recall_message(self, start: int, question: list[int], until: int | None = None) -> int:
         """Recall for the message prefilled from position `start`: asked by all of it, or, when a question
         was probed while it was read (its last tokens), by that question, which may then replace its own
-        document's last cells (recent=0). `until`: where the user's words end (see recall)."""
+        document's last cells (recent=0). `until`: where the user's words end (see recall); None: the
+        message's end, and the probe's greedy answer tokens after it only on iSWA models. Measured on the
+        tuning texts (docs/recall.md, "The probe's answer tokens"): on Gemma 3 they found more keys, on
+        SmolLM2 (every layer evicted) they asked for what the probe answered from the wrong cells."""
+        if until is None and question and not self.iswa:
+            until = self.next_pos
         return self.recall(since=self.next_pos - len(question) if question else start, until=until,
                            recent=0 if question else None)
 

@@ -171,7 +171,8 @@ class Slot:
             if s.recall_on and not req.question_agnostic and says_new:
                 # the conversation's archive: bring back what the new message needs, or, when the prompt was
                 # compressed before its end was read, what its question asks for (its queries against the
-                # context's just before it, as summarize --prompt recalls with its question)
+                # context's just before it, as summarize --prompt recalls with its question; a completion has
+                # no template tail, and the engine decides whether the probe's answer tokens ask too)
                 s.recall_message(start, question,
                                  until=None if req.template_tail is None else s.next_pos - req.template_tail)
             res = GenResult(prompt_tokens=len(req.tokens), cached_tokens=k, slot=self.id, policy=req.policy,
