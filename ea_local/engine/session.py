@@ -783,7 +783,7 @@ class Session:
         document's last cells (recent=0). `until`: where the user's words end (see recall); None: the
         message's end, and the probe's greedy answer tokens after it only on iSWA models. Measured on the
         tuning texts (docs/recall.md, "The probe's answer tokens"): on Gemma 3 they found more keys, on
-        SmolLM2 (every layer evicted) they asked for what the probe answered from the wrong cells."""
+        SmolLM2 (every layer evicted) a wrong greedy answer asked for the cells that matched it."""
         if until is None and question and not self.iswa:
             until = self.next_pos
         return self.recall(since=self.next_pos - len(question) if question else start, until=until,
