@@ -19,9 +19,7 @@ from ea_local.engine.sampling import SamplingParams  # ea_local first: libllama 
 from ea_local.engine.session import Session, SessionConfig
 from ea_local.model.chat_template import resolve_template
 from ea_local.model.embedded import resolve_model
-from ea_local.model.info import read_model_info
 from ea_local.serve.question import chat_question_text, question_length
-from ea_local.serve.server import configure
 
 import serve_passkey as sp  # this folder: run as a script
 
@@ -44,11 +42,7 @@ def main() -> int:
     ap.add_argument("--full", action="store_true", help="also the full cache's answer after each prefix")
     a = ap.parse_args()
     path = str(resolve_model(a.model))
-    # the slot's settings and question cap exactly as `ea-local serve --threads 1` makes them (its defaults)
-    srv, cfg = configure(read_model_info(path), budget=a.budget, policy=a.policy, max_tokens=16,
-                         max_prompt_tokens=131072, max_body=4 * 2**20, temperature=0.0, api_key=None,
-                         cache_type="f16", seed=0, threads=1, n_gpu_layers=None, rpc=(), recall=True,
-                         archive="64MiB")
+    srv, cfg = sp.slot_config(path, a.budget, a.policy)
     s = Session(path, cfg)
     template, _ = resolve_template(s.info, s.rt)
     doc = sp.document(sp.haystack(s.rt, a.haystack, a.tokens, a.texts), a.depth, a.key)

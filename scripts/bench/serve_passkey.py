@@ -28,7 +28,9 @@ from ea_local.bench.corpus import LICENSES, REPORTING, TUNING
 from ea_local.bench.data import answered, passkey_needle
 from ea_local.bench.stats import fmt_p, fmt_rate, mcnemar_exact
 from ea_local.model.embedded import resolve_model
+from ea_local.model.info import read_model_info
 from ea_local.policies import get_policy
+from ea_local.serve.server import configure
 
 from serve_process import ServerProcess  # this folder: run as a script
 
@@ -58,6 +60,15 @@ def haystack(rt: Runtime, kind: str, n_tokens: int, texts: str = "reporting") ->
         n += per[s]
         i += 1
     return out
+
+
+def slot_config(path: str, budget: int, policy: str, recall: bool = True) -> tuple:
+    """(server config, session config) of a slot exactly as `ea-local serve --threads 1` makes them (its
+    defaults), for the in-process traces and variants that follow a request through a slot's steps."""
+    return configure(read_model_info(path), budget=budget, policy=policy, max_tokens=16,
+                     max_prompt_tokens=131072, max_body=4 * 2**20, temperature=0.0, api_key=None,
+                     cache_type="f16", seed=0, threads=1, n_gpu_layers=None, rpc=(), recall=recall,
+                     archive="64MiB")
 
 
 def trials(seed: int, depths: list[float], keys: int = 1) -> list[tuple[float, int]]:

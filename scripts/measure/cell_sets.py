@@ -35,9 +35,7 @@ from ea_local.engine.sampling import SamplingParams  # noqa: E402
 from ea_local.engine.session import Session  # noqa: E402
 from ea_local.model.chat_template import resolve_template  # noqa: E402
 from ea_local.model.embedded import resolve_model  # noqa: E402
-from ea_local.model.info import read_model_info  # noqa: E402
 from ea_local.serve.app import Server  # noqa: E402
-from ea_local.serve.server import configure  # noqa: E402
 from ea_local.serve.slots import Slot, SlotPool  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -86,10 +84,7 @@ def main() -> None:
     a = trial_arguments("0.1,0.5").parse_args()
     sp.PROSE.setdefault(a.texts, LICENSES / a.texts)
     path = str(resolve_model(a.model))
-    srv_cfg, cfg = configure(read_model_info(path), budget=8 * 1024, policy="none", max_tokens=16,
-                             max_prompt_tokens=131072, max_body=4 * 2**20, temperature=0.0, api_key=None,
-                             cache_type="f16", seed=0, threads=1, n_gpu_layers=None, rpc=(), recall=False,
-                             archive="64MiB")
+    srv_cfg, cfg = sp.slot_config(path, 8 * 1024, "none", recall=False)
     full = Session(path, cfg)
     template, _ = resolve_template(full.info, full.rt)
     srv = Server(srv_cfg, SlotPool([Slot(0, full, "none", cfg.budget)], queue=1), full.rt, template)

@@ -33,9 +33,7 @@ from ea_local.engine.sampling import SamplingParams  # noqa: E402
 from ea_local.engine.session import Session  # noqa: E402
 from ea_local.model.chat_template import resolve_template  # noqa: E402
 from ea_local.model.embedded import resolve_model  # noqa: E402
-from ea_local.model.info import read_model_info  # noqa: E402
 from ea_local.serve.app import Server  # noqa: E402
-from ea_local.serve.server import configure  # noqa: E402
 from ea_local.serve.slots import Slot, SlotPool  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -60,10 +58,7 @@ def main() -> None:
     path = str(resolve_model(a.model))
 
     def session(budget: int):
-        srv, cfg = configure(read_model_info(path), budget=budget, policy=a.policy, max_tokens=16,
-                             max_prompt_tokens=131072, max_body=4 * 2**20, temperature=0.0, api_key=None,
-                             cache_type="f16", seed=0, threads=1, n_gpu_layers=None, rpc=(), recall=not a.no_recall,
-                             archive="64MiB")
+        srv, cfg = sp.slot_config(path, budget, a.policy, recall=not a.no_recall)
         cfg.n_sink = cfg.n_sink if a.n_sink is None else a.n_sink
         cfg.recent = cfg.recent if a.recent is None else a.recent
         cfg.guard_question = not a.no_guard

@@ -28,9 +28,7 @@ from ea_local.engine.session import Session
 from ea_local.engine.snapshot import checkpoint, rewind
 from ea_local.bench.data import answered
 from ea_local.model.embedded import resolve_model
-from ea_local.model.info import read_model_info
 from ea_local.serve.question import completion_question_text, question_length
-from ea_local.serve.server import configure
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import serve_passkey as sp  # noqa: E402
@@ -66,10 +64,7 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="JSON lines, one per trial and variant")
     a = ap.parse_args()
     path = str(resolve_model(a.model))
-    srv, cfg = configure(read_model_info(path), budget=a.budget, policy=a.policy, max_tokens=16,
-                         max_prompt_tokens=131072, max_body=4 * 2**20, temperature=0.0, api_key=None,
-                         cache_type="f16", seed=0, threads=1, n_gpu_layers=None, rpc=(), recall=True,
-                         archive="64MiB")
+    srv, cfg = sp.slot_config(path, a.budget, a.policy)
     s = Session(path, cfg)
     count = lambda t: len(s.rt.tokenize(t, add_bos=False, special=False))  # noqa: E731
     pool, cap = session_mod.pool_spans, cfg.recall_max
