@@ -85,7 +85,8 @@ def test_a_prompt_compressed_before_its_question_recalls_with_the_question(model
     prompt = [1] + rng.integers(300, 380, 900).tolist()
     res = slot.run(GenRequest(tokens=prompt, params=SamplingParams(temperature=0.0), stop=[], max_tokens=4,
                               policy=policy, budget=256, question_len=20), lambda _: None)
-    # the question's document: no recent window; every layer evicted: the question's words only
+    # the question's document: no recent window; every layer evicted: the question's words only (for
+    # streaming-llm, which probes nothing, the same queries either way)
     assert calls == [(len(prompt) - 20, len(prompt), 0, len(prompt))]
     assert res.evictions > 0 and len(s.archive) > 0 and res.cells <= 256
     assert res.question_tokens == (20 if policy == EA else 0)  # probed only by a policy that reads queries

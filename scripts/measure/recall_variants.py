@@ -76,7 +76,7 @@ def main() -> int:
                 toks = s.rt.tokenize(prompt, add_bos=True, special=False)
                 n_q = question_length(completion_question_text(prompt), len(toks), count, srv.max_question)
                 s.reset()
-                s.set_question(toks[len(toks) - n_q:])
+                s.set_question(toks[len(toks) - n_q:] if s.policy.needs_queries else None)  # as Slot.run
                 s.prefill(toks, turn=False)
                 cp = checkpoint(s)
                 for name in a.variants.split(","):
