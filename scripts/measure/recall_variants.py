@@ -8,7 +8,9 @@ every variant recalls from that checkpoint and answers (8 greedy tokens).
 
 Variants: `answers` (the question's words and the probe's 8 greedy answer tokens ask), `words` (the
 words only), `cap2x` (answers, twice the recall_max), `fwd4-12` / `fwd2-14` (answers, spans pooled
-4 / 2 positions back and 12 / 14 ahead of a cell instead of 8 each way: a fact follows its cue).
+4 / 2 positions back and 12 / 14 ahead of a cell instead of 8 each way: a fact follows its cue),
+`words-fwd4-12` (words, those spans), `words-rawtie` (words; cells tied on their pooled score, a span's
+plateau, ranked by their own score, so that a cap that ends inside a span keeps its best cells).
 A rewound checkpoint is not bit-identical to the read it copies (llama.cpp lays the cells out anew), so
 a trial at the edge can answer otherwise than through the server; the variants share that.
 The prompts and keys are serve_passkey.py's (scripts/bench).
@@ -34,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import serve_passkey as sp  # noqa: E402
 
 VARIANTS = {"answers": {}, "words": {"words": True}, "cap2x": {"cap": 2},
-            "fwd4-12": {"span": (4, 12)}, "fwd2-14": {"span": (2, 14)}}
+            "fwd4-12": {"span": (4, 12)}, "fwd2-14": {"span": (2, 14)},
+            "words-fwd4-12": {"words": True, "span": (4, 12)}, "words-rawtie": {"words": True, "rawtie": True}}
 
 
 def pool_ahead(pos: np.ndarray, scores: np.ndarray, back: int, ahead: int) -> np.ndarray:
@@ -82,6 +85,9 @@ def main() -> int:
                 for name in a.variants.split(","):
                     v = VARIANTS[name]
                     rewind(s, cp)
+                    if v.get("rawtie"):
+                        session_mod.pool_spans = lambda p, sc, r: (
+                            pool(p, sc, r) + 1e-6 * np.asarray(sc, dtype=np.float64) / (np.abs(sc).max() + 1e-30))
                     if "span" in v:
                         session_mod.pool_spans = lambda p, sc, r, span=v["span"]: pool_ahead(p, sc, *span)
                     s.cfg.recall_max = cfg.budget // 4 * v.get("cap", 1)
