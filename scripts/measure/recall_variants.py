@@ -91,6 +91,8 @@ def main() -> int:
                     if "span" in v:
                         session_mod.pool_spans = lambda p, sc, r, span=v["span"]: pool_ahead(p, sc, *span)
                     s.cfg.recall_max = cfg.budget // 4 * v.get("cap", 1)
+                    # recall, not recall_message (which leaves the answer tokens out on all-layer models):
+                    # `answers` must ask with them whatever the model
                     n = s.recall(since=s.next_pos - n_q, until=s.next_pos if v.get("words") else None, recent=0)
                     session_mod.pool_spans, s.cfg.recall_max = pool, cap
                     reply = "".join(s.generate([], SamplingParams(temperature=0), max_tokens=8))
