@@ -130,3 +130,35 @@ def test_info_lists_the_embedded_models():
     assert r.returncode == 0, r.stderr
     assert "llama" in r.stdout and "30" in r.stdout and "none (every layer attends" in r.stdout
     assert "chat template" in r.stdout and "embedded models" not in r.stdout
+
+
+def test_a_first_message_is_read_with_the_system_prompt_as_the_server_reads_the_request(tmp_path):
+    """Without a document the system prompt waits for the first message, and the two are read as one
+    prompt, token for token what the server reads for the same messages: the same conversation meets the
+    same chunks and compressions through `ea-local chat` and `ea-local serve`. Saving first feeds it."""
+    from ea_local.apps.chat import Chat, ChatOptions
+    from ea_local.model.info import read_model_info
+
+    system, msg = "Answer in one word.", "What colour is the sky?"
+    chat = Chat(read_model_info(chat_model_path()), ChatOptions(budget=256, temperature=0, max_tokens=2,
+                                                                system=system))
+    try:
+        fed: list[list[int]] = []
+        real = chat.s.prefill
+        chat.s.prefill = lambda toks, **kw: (fed.append(list(toks)), real(toks, **kw))[1]
+        n = chat.start()
+        assert n > 0 and fed == [] and chat.s.stats.tokens_seen == 0
+        "".join(chat.ask(msg))
+        rt = chat.s.rt
+        text = chat.template.render([{"role": "system", "content": system}, {"role": "user", "content": msg}],
+                                    add_generation_prompt=True)
+        want = rt.tokenize(text, add_bos=False, special=True)
+        if rt.add_bos() and want[0] != rt.bos():
+            want = [rt.bos()] + want
+        assert fed[0] == want
+        chat.reset()
+        fed.clear()
+        chat.save(str(tmp_path / "chat.eal"))
+        assert len(fed) == 1 and len(fed[0]) == n and chat.s.stats.tokens_seen == n
+    finally:
+        chat.close()

@@ -2,7 +2,9 @@
 
 The conversation is fed incrementally: each turn only the new text (end of the previous
 answer's turn, the user's message, the generation prompt) is prefilled; the Session evicts
-cells when the budget is exceeded, so the chat never stops with "context full".
+cells when the budget is exceeded, so the chat never stops with "context full". The system
+prompt is read with the first message (a --file document at once), so a conversation meets the
+same chunks and compressions here as through `ea-local serve`.
 
 Interactive (stdin is a terminal): readline editing and history, a line ending with a
 backslash continues on the next line, Ctrl-C stops a generation (or clears the line), Ctrl-D
@@ -165,7 +167,9 @@ class Chat:
             name = Path(opts.file).name if opts.file and opts.file != "-" else "document"
             system = (system + "\n\n" if system else "") + f"Document ({name}):\n\n{document.strip()}"
         self.system = system or None
+        self.document = document is not None
         self.turns = TurnRenderer(self.template, self.system)
+        self.unfed: list[int] = []  # a system prompt waiting for the first message
         self.turn_count = 0
         self.last_turn: dict = {}
         self.seed = opts.seed if opts.seed is not None else secrets.randbits(31)
@@ -175,15 +179,26 @@ class Chat:
         return self.template.tokenize(self.s.rt, text, first=first)
 
     def start(self, progress: Callable[[int, int], None] | None = None) -> int:
-        """Feed what precedes the first user message (BOS, system prompt, --file). Returns its tokens."""
+        """Feed what precedes the first user message (BOS, system prompt, --file). Returns its tokens.
+
+        Without a document it waits and is read with the first message, as the server reads a request:
+        the same conversation then meets the same chunks and compressions through both."""
         toks = self.tokens(self.turns.prefix(), first=True)
-        if toks:
+        if not self.document:
+            self.unfed = toks
+        elif toks:
             self.s.prefill(toks, progress=progress)
         return len(toks)
 
+    def feed_unfed(self) -> None:
+        toks, self.unfed = self.unfed, []
+        if toks:
+            self.s.prefill(toks)
+
     def ask(self, text: str, should_stop: Callable[[], bool] | None = None) -> Iterator[str]:
         """Stream the answer to one user message; the (possibly partial) answer joins the history."""
-        prompt = self.tokens(self.turns.turn(text))
+        prompt = self.unfed + self.tokens(self.turns.turn(text))
+        self.unfed = []
         params = self.opts.sampling((self.seed + self.turn_count) & 0x7FFFFFFF)
         pieces: list[str] = []
         t0 = time.perf_counter()
@@ -323,9 +338,12 @@ class Chat:
         self.turns = TurnRenderer(self.template, self.system)
         self.turn_count = 0
         n = self.start()
-        return f"conversation reset ({n} tokens of system prompt / document fed again)"
+        if self.document:
+            return f"conversation reset ({n} tokens of system prompt and document fed again)"
+        return f"conversation reset ({n} tokens of system prompt, read with the next message)"
 
     def save(self, path: str) -> str:
+        self.feed_unfed()  # a saved conversation holds its system prompt
         extra = {"messages": self.turns.messages, "system": self.system, "turn_count": self.turn_count,
                  "seed": self.seed}
         n = snapshot.save(self.s, path, extra)
@@ -349,6 +367,7 @@ class Chat:
         self.system = system
         self.turns = TurnRenderer(self.template, None)
         self.turns.messages = messages
+        self.unfed = []
         self.turn_count = turn_count
         if self.opts.seed is None and isinstance(extra.get("seed"), int):  # sample on as the saved chat would have
             self.seed = extra["seed"]
