@@ -132,33 +132,82 @@ def test_info_lists_the_embedded_models():
     assert "chat template" in r.stdout and "embedded models" not in r.stdout
 
 
-def test_a_first_message_is_read_with_the_system_prompt_as_the_server_reads_the_request(tmp_path):
-    """Without a document the system prompt waits for the first message, and the two are read as one
-    prompt, token for token what the server reads for the same messages: the same conversation meets the
-    same chunks and compressions through `ea-local chat` and `ea-local serve`. Saving first feeds it."""
+def _recording_chat(**opts):
+    """A Chat on the instruct model whose prefills are recorded (token lists, in order)."""
     from ea_local.apps.chat import Chat, ChatOptions
     from ea_local.model.info import read_model_info
 
+    chat = Chat(read_model_info(chat_model_path()), ChatOptions(budget=256, temperature=0, max_tokens=2, **opts),
+                document=opts.get("file") and open(opts["file"]).read())
+    fed: list[list[int]] = []
+    real = chat.s.prefill
+    chat.s.prefill = lambda toks, **kw: (fed.append(list(toks)), real(toks, **kw))[1]
+    return chat, fed
+
+
+def _server_tokens(chat, messages: list[dict]) -> list[int]:
+    """What `ea-local serve` reads for a chat request with these messages."""
+    rt = chat.s.rt
+    toks = rt.tokenize(chat.template.render(messages, add_generation_prompt=True), add_bos=False, special=True)
+    return [rt.bos()] + toks if rt.add_bos() and toks[0] != rt.bos() else toks
+
+
+def test_a_first_message_is_read_with_the_system_prompt_as_the_server_reads_the_request(tmp_path):
+    """The system prompt waits for the first message, and the two are read as one prompt, token for
+    token what the server reads for the same messages: the same conversation meets the same chunks and
+    compressions through `ea-local chat` and `ea-local serve`. Saving first feeds it."""
     system, msg = "Answer in one word.", "What colour is the sky?"
-    chat = Chat(read_model_info(chat_model_path()), ChatOptions(budget=256, temperature=0, max_tokens=2,
-                                                                system=system))
+    chat, fed = _recording_chat(system=system)
     try:
-        fed: list[list[int]] = []
-        real = chat.s.prefill
-        chat.s.prefill = lambda toks, **kw: (fed.append(list(toks)), real(toks, **kw))[1]
         n = chat.start()
         assert n > 0 and fed == [] and chat.s.stats.tokens_seen == 0
         "".join(chat.ask(msg))
-        rt = chat.s.rt
-        text = chat.template.render([{"role": "system", "content": system}, {"role": "user", "content": msg}],
-                                    add_generation_prompt=True)
-        want = rt.tokenize(text, add_bos=False, special=True)
-        if rt.add_bos() and want[0] != rt.bos():
-            want = [rt.bos()] + want
-        assert fed[0] == want
+        assert fed[0] == _server_tokens(chat, [{"role": "system", "content": system},
+                                               {"role": "user", "content": msg}])
         chat.reset()
         fed.clear()
         chat.save(str(tmp_path / "chat.eal"))
         assert len(fed) == 1 and len(fed[0]) == n and chat.s.stats.tokens_seen == n
     finally:
         chat.close()
+
+
+def test_a_file_opens_the_first_user_message(tmp_path):
+    """`chat --file` puts the document at the head of the first user message, as a user pasting it
+    would (the instruct model finds a pass key there, not in the system prompt), read with that message
+    as the server reads the same request; later messages do not repeat it; /reset and a session file
+    saved before the first message keep it for the next one."""
+    from ea_local.apps.chat import Chat, ChatOptions
+    from ea_local.model.info import read_model_info
+
+    f = tmp_path / "notes.txt"
+    f.write_text("Some notes.\n\nThe pass key is 31415.\n")
+    chat, fed = _recording_chat(file=str(f))
+    text = lambda toks: b"".join(chat.s.rt.token_bytes(t, special=True) for t in toks).decode()  # noqa: E731
+    try:
+        chat.start()
+        assert fed == []
+        first = "Document (notes.txt):\n\nSome notes.\n\nThe pass key is 31415.\n\nWhat is the pass key?"
+        "".join(chat.ask("What is the pass key?"))
+        assert fed[0] == _server_tokens(chat, [{"role": "user", "content": first}])
+        "".join(chat.ask("Thanks."))
+        assert "31415" not in text(fed[1]) and "Thanks." in text(fed[1])
+        chat.reset()
+        fed.clear()
+        "".join(chat.ask("And again?"))
+        assert "Document (notes.txt):" in text(fed[0]) and text(fed[0]).index("31415") < text(fed[0]).index("again")
+        chat.reset()
+        chat.save(str(tmp_path / "chat.eal"))
+    finally:
+        chat.close()
+    other = Chat(read_model_info(chat_model_path()), ChatOptions(budget=256, temperature=0, max_tokens=2))
+    try:
+        other.start()
+        other.load(str(tmp_path / "chat.eal"))
+        n0 = other.s.stats.tokens_seen
+        "".join(other.ask("What is the pass key?"))
+        live = [other.s.live[p] for p in sorted(other.s.live)]
+        assert "The pass key is 31415." in b"".join(other.s.rt.token_bytes(t, special=True) for t in live).decode()
+        assert other.s.stats.tokens_seen > n0
+    finally:
+        other.close()

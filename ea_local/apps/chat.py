@@ -36,7 +36,7 @@ HELP = """commands:
   /stats          cells used / budget, evictions, tokens seen, KV memory, last compression, protected cells
   /policy NAME    switch the eviction policy (see `ea-local policies`)
   /budget N       change the KV budget (a larger one moves the conversation, archive included, to a larger context)
-  /reset          forget the conversation (the system prompt and --file are fed again)
+  /reset          forget the conversation (the system prompt and --file are read again with the next message)
   /save FILE      save the conversation with its compressed cache
   /load FILE      continue a conversation saved with /save (same model)
   /help           this list
@@ -162,14 +162,13 @@ class Chat:
         get_policy(opts.policy)  # unknown policy: ValueError before the model loads
         self.s = Session(str(info.path), cfg)
         self.template, self.notice = resolve_template(info, self.s.rt)
-        system = valid_utf8(opts.system or "")
-        if document is not None:
-            name = Path(opts.file).name if opts.file and opts.file != "-" else "document"
-            system = (system + "\n\n" if system else "") + f"Document ({name}):\n\n{document.strip()}"
-        self.system = system or None
-        self.document = document is not None
+        self.system = valid_utf8(opts.system or "") or None
+        # a --file document opens the first user message, as a pasted one does: small instruct models
+        # answer from their user turn, not from a document in the system prompt
+        name = Path(opts.file).name if opts.file and opts.file != "-" else "document"
+        self.attachment = None if document is None else f"Document ({name}):\n\n{document.strip()}"
         self.turns = TurnRenderer(self.template, self.system)
-        self.unfed: list[int] = []  # a system prompt waiting for the first message
+        self.unfed: list[int] = []  # the system prompt, read with the first message
         self.turn_count = 0
         self.last_turn: dict = {}
         self.seed = opts.seed if opts.seed is not None else secrets.randbits(31)
@@ -178,26 +177,33 @@ class Chat:
     def tokens(self, text: str, first: bool = False) -> list[int]:
         return self.template.tokenize(self.s.rt, text, first=first)
 
-    def start(self, progress: Callable[[int, int], None] | None = None) -> int:
-        """Feed what precedes the first user message (BOS, system prompt, --file). Returns its tokens.
+    def start(self) -> int:
+        """Take what precedes the first user message (BOS, system prompt); returns its tokens. It is read
+        with the first message, as the server reads a request: the same conversation meets the same
+        chunks and compressions through both."""
+        self.unfed = self.tokens(self.turns.prefix(), first=True)
+        return len(self.unfed)
 
-        Without a document it waits and is read with the first message, as the server reads a request:
-        the same conversation then meets the same chunks and compressions through both."""
-        toks = self.tokens(self.turns.prefix(), first=True)
-        if not self.document:
-            self.unfed = toks
-        elif toks:
-            self.s.prefill(toks, progress=progress)
-        return len(toks)
+    def attachment_tokens(self) -> int:
+        return len(self.tokens(self.attachment)) if self.attachment else 0
+
+    def _content(self, text: str) -> str:
+        """The first user message carries the attached document before the user's words."""
+        if self.attachment and not any(m["role"] == "user" for m in self.turns.messages):
+            return f"{self.attachment}\n\n{text}"
+        return text
 
     def feed_unfed(self) -> None:
         toks, self.unfed = self.unfed, []
         if toks:
             self.s.prefill(toks)
 
-    def ask(self, text: str, should_stop: Callable[[], bool] | None = None) -> Iterator[str]:
-        """Stream the answer to one user message; the (possibly partial) answer joins the history."""
-        prompt = self.unfed + self.tokens(self.turns.turn(text))
+    def ask(self, text: str, should_stop: Callable[[], bool] | None = None,
+            progress: Callable[[int, int], None] | None = None) -> Iterator[str]:
+        """Stream the answer to one user message; the (possibly partial) answer joins the history.
+        progress(done, total) follows the reading of the prompt."""
+        content = self._content(text)
+        prompt = self.unfed + self.tokens(self.turns.turn(content))
         self.unfed = []
         params = self.opts.sampling((self.seed + self.turn_count) & 0x7FFFFFFF)
         pieces: list[str] = []
@@ -219,7 +225,8 @@ class Chat:
                     self.s.set_question(question)
             start = self.s.next_pos
             try:
-                self.s.prefill(prompt, progress=lambda d, t: _stop_if(should_stop), turn=not self.s.question)
+                self.s.prefill(prompt, progress=lambda d, t: (_stop_if(should_stop), progress and progress(d, t)),
+                               turn=not self.s.question)
             except _Stopped:
                 return
             if self.s.recall_on:  # the message is in: bring back what it (its question, when known) needs,
@@ -242,7 +249,7 @@ class Chat:
             if self.s.question:
                 self.s.set_question(None)
             answer = "".join(pieces).rstrip()
-            self.turns.add("user", text)
+            self.turns.add("user", content)
             self.turns.add("assistant", answer)
             self.turn_count += 1
             t1 = time.perf_counter()
@@ -337,15 +344,14 @@ class Chat:
         self.s.reset()
         self.turns = TurnRenderer(self.template, self.system)
         self.turn_count = 0
-        n = self.start()
-        if self.document:
-            return f"conversation reset ({n} tokens of system prompt and document fed again)"
-        return f"conversation reset ({n} tokens of system prompt, read with the next message)"
+        self.start()
+        what = "the system prompt and the document are" if self.attachment else "the system prompt is"
+        return f"conversation reset ({what} read again with the next message)"
 
     def save(self, path: str) -> str:
         self.feed_unfed()  # a saved conversation holds its system prompt
         extra = {"messages": self.turns.messages, "system": self.system, "turn_count": self.turn_count,
-                 "seed": self.seed}
+                 "seed": self.seed, "attachment": self.attachment}
         n = snapshot.save(self.s, path, extra)
         return f"saved {self.turn_count} turns, {self.s.n_cells} cells to {path} ({fmt_mib(n)})"
 
@@ -365,6 +371,8 @@ class Chat:
             self.s.close()
             self.s = new
         self.system = system
+        attachment = extra.get("attachment")
+        self.attachment = attachment if isinstance(attachment, str) else None
         self.turns = TurnRenderer(self.template, None)
         self.turns.messages = messages
         self.unfed = []
@@ -512,11 +520,43 @@ def run_repl(chat: Chat, interactive: bool, verbose: bool = False, stdin: TextIO
         _answer(chat, msg, interactive, out, err, verbose)
 
 
+class _ReadingBar:
+    """A transient progress bar on a terminal while a prompt of more than one chunk is read (a pasted
+    document, or the first message with --file's)."""
+
+    def __init__(self, chat: Chat, err: TextIO):
+        from rich.console import Console
+
+        self.chat, self.console, self.bar, self.task = chat, Console(file=err), None, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            if done >= total or total <= self.chat.s.cfg.chunk or not self.console.is_terminal:
+                return
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("reading"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
+                                TextColumn("{task.fields[cells]} cells"), TimeElapsedColumn(), console=self.console,
+                                transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("read", total=total, cells=0)
+        self.bar.update(self.task, completed=done, total=total, cells=self.chat.s.n_cells)
+        if done >= total:
+            self.stop()
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
 def _answer(chat: Chat, msg: str, interactive: bool, out: TextIO, err: TextIO, verbose: bool) -> None:
     wrote = False
+    bar = _ReadingBar(chat, err)
     with _Interrupt() as intr:
         try:
-            for piece in chat.ask(msg, should_stop=lambda: intr.hit):
+            for piece in chat.ask(msg, should_stop=lambda: intr.hit, progress=bar):
+                bar.stop()
                 out.write(piece)
                 out.flush()
                 wrote = True
@@ -524,6 +564,8 @@ def _answer(chat: Chat, msg: str, interactive: bool, out: TextIO, err: TextIO, v
             print(file=out)
             print(f"error: {e}", file=err, flush=True)
             return
+        finally:
+            bar.stop()
     if wrote or not interactive:
         print(file=out, flush=True)
     if intr.hit:
@@ -543,9 +585,6 @@ def banner(chat: Chat) -> list[str]:
 
 
 def run_chat(info, opts: ChatOptions, verbose: bool = False) -> None:
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     if opts.file == "-":
         raise ChatError("--file -: standard input carries the messages; give a file path")
     document = read_text_file(opts.file) if opts.file else None
@@ -558,14 +597,10 @@ def run_chat(info, opts: ChatOptions, verbose: bool = False) -> None:
         head = out = sys.stdout if interactive else sys.stderr
         for line in banner(chat):
             print(line, file=head, flush=True)
-        err = Console(stderr=True)
-        with Progress(TextColumn("reading"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
-                      TextColumn("{task.fields[cells]} cells"), TimeElapsedColumn(), console=err,
-                      disable=not (document and err.is_terminal), transient=True) as bar:
-            task = bar.add_task("prefill", total=1, cells=0)
-            n = chat.start(progress=lambda d, t: bar.update(task, completed=d, total=t, cells=chat.s.n_cells))
+        chat.start()
         if document:
-            print(f"read {opts.file}: {n} tokens, {chat.s.n_cells} cells kept", file=out, flush=True)
+            print(f"{opts.file}: {chat.attachment_tokens()} tokens, read with your first message", file=out,
+                  flush=True)
         if interactive:
             print("type a message; /help for commands, Ctrl-D to exit", flush=True)
         run_repl(chat, interactive, verbose=verbose)

@@ -6,7 +6,8 @@ run) per trial, the document and its question as a user gives them, greedy.
         --budget 256 --texts reporting --out results.jsonl [--path summarize]
 
 The haystack, needle and question are serve_passkey.py's (the same trials for the same depths and
-seeds). chat: the document and question pasted as one message (`Chat.ask`); a message longer than the
+seeds). chat: the document and question pasted as one message (`Chat.ask`; file: the document given
+with `--file`, which opens the first message, the question typed); a message longer than the
 room is compressed while it is read, its question probed at each compression; with recall (the
 default) the question then brings back what it asks for. summarize: the document in a file, the
 question as `--prompt`, 16 tokens (`--policy none` with a budget above the document: the full cache).
@@ -31,11 +32,13 @@ import serve_passkey as sp  # this folder: run as a script
 
 
 def ask_chat(a: argparse.Namespace, info, doc: str) -> tuple[str, int]:
+    attach = a.path == "file"  # `ea-local chat --file document.txt`, the question as the first message
     chat = Chat(info, ChatOptions(budget=a.budget, policy=a.policy, recall=not a.no_recall, temperature=0.0,
-                                  max_tokens=16, threads=1, seed=0))
+                                  max_tokens=16, threads=1, seed=0, file="document.txt" if attach else None),
+                document=doc if attach else None)
     try:
         chat.start()
-        return "".join(chat.ask(doc + sp.CHAT_QUESTION)), chat.s.stats.recalled
+        return "".join(chat.ask(sp.CHAT_QUESTION.strip() if attach else doc + sp.CHAT_QUESTION)), chat.s.stats.recalled
     finally:
         chat.s.close()
 
@@ -55,7 +58,8 @@ def ask_summarize(a: argparse.Namespace, doc: str, tmp: Path) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--path", choices=["chat", "summarize"], default="chat")
+    ap.add_argument("--path", choices=["chat", "file", "summarize"], default="chat",
+                    help="chat: the document pasted with the question; file: `chat --file`, the question typed")
     ap.add_argument("--tokens", type=int, default=1000, help="haystack tokens")
     ap.add_argument("--budget", type=int, default=256)
     ap.add_argument("--policy", default="expected-attention")
@@ -80,7 +84,7 @@ def main() -> int:
             doc = sp.document(sents, depth, key)
             row = {"model": a.model, "path": a.path, "haystack": a.haystack, "texts": a.texts, "tokens": a.tokens,
                    "budget": a.budget, "policy": a.policy, "recall": not a.no_recall, "depth": depth, "key": key}
-            if a.path == "chat":
+            if a.path in ("chat", "file"):
                 reply, recalled = ask_chat(a, info, doc)
                 row["recalled_cells"] = recalled
             else:
