@@ -176,7 +176,7 @@ def chat(
     repeat_penalty: float = RepeatPenaltyOpt,
     repeat_last_n: int = RepeatLastNOpt,
     system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
-    file: Optional[str] = typer.Option(None, "--file", "-f", help="a text/markdown file to chat about (read through the budget first)"),
+    file: Optional[str] = typer.Option(None, "--file", "-f", help="a text/markdown file to chat about: it opens the first message, read through the budget with it"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="a stats line after every answer"),
     rpc: Optional[str] = RpcOpt,
     question_agnostic: bool = AgnosticOpt,
