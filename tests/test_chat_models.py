@@ -132,13 +132,16 @@ def test_info_lists_the_embedded_models():
     assert "chat template" in r.stdout and "embedded models" not in r.stdout
 
 
-def _recording_chat(**opts):
-    """A Chat on the instruct model whose prefills are recorded (token lists, in order)."""
+def _recording_chat(model: str = "smollm2-135m", **opts):
+    """A Chat whose prefills are recorded (token lists, in order)."""
+    from pathlib import Path
+
     from ea_local.apps.chat import Chat, ChatOptions
     from ea_local.model.info import read_model_info
 
-    chat = Chat(read_model_info(chat_model_path()), ChatOptions(budget=256, temperature=0, max_tokens=2, **opts),
-                document=opts.get("file") and open(opts["file"]).read())
+    path = chat_model_path() if model == "smollm2-135m" else model_path(model)
+    chat = Chat(read_model_info(path), ChatOptions(budget=256, temperature=0, max_tokens=2, **opts),
+                document=Path(opts["file"]).read_text() if opts.get("file") else None)
     fed: list[list[int]] = []
     real = chat.s.prefill
     chat.s.prefill = lambda toks, **kw: (fed.append(list(toks)), real(toks, **kw))[1]
@@ -152,18 +155,20 @@ def _server_tokens(chat, messages: list[dict]) -> list[int]:
     return [rt.bos()] + toks if rt.add_bos() and toks[0] != rt.bos() else toks
 
 
-def test_a_first_message_is_read_with_the_system_prompt_as_the_server_reads_the_request(tmp_path):
+@pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
+def test_a_first_message_is_read_with_the_system_prompt_as_the_server_reads_the_request(model, tmp_path):
     """The system prompt waits for the first message, and the two are read as one prompt, token for
-    token what the server reads for the same messages: the same conversation meets the same chunks and
-    compressions through `ea-local chat` and `ea-local serve`. Saving first feeds it."""
+    token what the server reads for the same messages (on ChatML and on the base model's transcript,
+    whose "User: " would end in a token of its own if tokenized apart): the same conversation meets
+    the same chunks and compressions through `ea-local chat` and `ea-local serve`. Saving first feeds it."""
     system, msg = "Answer in one word.", "What colour is the sky?"
-    chat, fed = _recording_chat(system=system)
+    chat, fed = _recording_chat(model, system=system)
     try:
         n = chat.start()
         assert n > 0 and fed == [] and chat.s.stats.tokens_seen == 0
         "".join(chat.ask(msg))
-        assert fed[0] == _server_tokens(chat, [{"role": "system", "content": system},
-                                               {"role": "user", "content": msg}])
+        assert len(fed) == 1 and fed[0] == _server_tokens(chat, [{"role": "system", "content": system},
+                                                                 {"role": "user", "content": msg}])
         chat.reset()
         fed.clear()
         chat.save(str(tmp_path / "chat.eal"))
@@ -189,7 +194,7 @@ def test_a_file_opens_the_first_user_message(tmp_path):
         assert fed == []
         first = "Document (notes.txt):\n\nSome notes.\n\nThe pass key is 31415.\n\nWhat is the pass key?"
         "".join(chat.ask("What is the pass key?"))
-        assert fed[0] == _server_tokens(chat, [{"role": "user", "content": first}])
+        assert len(fed) == 1 and fed[0] == _server_tokens(chat, [{"role": "user", "content": first}])
         "".join(chat.ask("Thanks."))
         assert "31415" not in text(fed[1]) and "Thanks." in text(fed[1])
         chat.reset()
@@ -208,6 +213,27 @@ def test_a_file_opens_the_first_user_message(tmp_path):
         "".join(other.ask("What is the pass key?"))
         live = [other.s.live[p] for p in sorted(other.s.live)]
         assert "The pass key is 31415." in b"".join(other.s.rt.token_bytes(t, special=True) for t in live).decode()
-        assert other.s.stats.tokens_seen > n0
+        assert other.s.stats.tokens_seen > n0 and other.opening is None
+        assert b"".join(other.s.rt.token_bytes(t, special=True) for t in live).decode().count("<|im_start|>system") == 1
     finally:
         other.close()
+
+
+def test_a_first_message_stopped_while_it_is_read_was_never_sent(tmp_path):
+    """Ctrl-C while the first message (and --file's document) is read leaves nothing behind: the
+    next message reads the system prompt and the document again, whole."""
+    f = tmp_path / "notes.txt"
+    f.write_text("Some notes. " * 80 + "The pass key is 31415.\n")
+    chat, fed = _recording_chat(file=str(f))
+    text = lambda toks: b"".join(chat.s.rt.token_bytes(t, special=True) for t in toks).decode()  # noqa: E731
+    try:
+        chat.start()
+        assert list(chat.ask("What is the pass key?", should_stop=lambda: True)) == []
+        assert len(fed) == 1 and len(fed[0]) > chat.s.cfg.chunk  # a prompt of several chunks, stopped between them
+        assert chat.s.next_pos == 0 and chat.turn_count == 0 and not chat.turns.messages
+        fed.clear()
+        "".join(chat.ask("What is the pass key?"))
+        assert len(fed) == 1 and text(fed[0]).count("<|im_start|>system") == 1
+        assert "Document (notes.txt):" in text(fed[0]) and "31415" in text(fed[0])
+    finally:
+        chat.close()

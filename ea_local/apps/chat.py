@@ -168,7 +168,7 @@ class Chat:
         name = Path(opts.file).name if opts.file and opts.file != "-" else "document"
         self.attachment = None if document is None else f"Document ({name}):\n\n{document.strip()}"
         self.turns = TurnRenderer(self.template, self.system)
-        self.unfed: list[int] = []  # the system prompt, read with the first message
+        self.opening: str | None = None  # the system prompt's text, read with the first message
         self.turn_count = 0
         self.last_turn: dict = {}
         self.seed = opts.seed if opts.seed is not None else secrets.randbits(31)
@@ -181,8 +181,8 @@ class Chat:
         """Take what precedes the first user message (BOS, system prompt); returns its tokens. It is read
         with the first message, as the server reads a request: the same conversation meets the same
         chunks and compressions through both."""
-        self.unfed = self.tokens(self.turns.prefix(), first=True)
-        return len(self.unfed)
+        self.opening = self.turns.prefix()
+        return len(self.tokens(self.opening, first=True))
 
     def attachment_tokens(self) -> int:
         return len(self.tokens(self.attachment)) if self.attachment else 0
@@ -193,18 +193,24 @@ class Chat:
             return f"{self.attachment}\n\n{text}"
         return text
 
-    def feed_unfed(self) -> None:
-        toks, self.unfed = self.unfed, []
-        if toks:
-            self.s.prefill(toks)
+    def feed_opening(self) -> None:
+        if self.opening is not None:
+            toks = self.tokens(self.opening, first=True)
+            if toks:
+                self.s.prefill(toks)
+            self.opening = None
 
     def ask(self, text: str, should_stop: Callable[[], bool] | None = None,
             progress: Callable[[int, int], None] | None = None) -> Iterator[str]:
         """Stream the answer to one user message; the (possibly partial) answer joins the history.
         progress(done, total) follows the reading of the prompt."""
         content = self._content(text)
-        prompt = self.unfed + self.tokens(self.turns.turn(content))
-        self.unfed = []
+        opening = self.opening
+        # tokenized as one text, as the server tokenizes a request: a prefix ending in a space ("User: ")
+        # would otherwise end in a token of its own
+        prompt = self.tokens((opening or "") + self.turns.turn(content), first=opening is not None)
+        self.opening = None
+        recorded = True
         params = self.opts.sampling((self.seed + self.turn_count) & 0x7FFFFFFF)
         pieces: list[str] = []
         t0 = time.perf_counter()
@@ -228,6 +234,9 @@ class Chat:
                 self.s.prefill(prompt, progress=lambda d, t: (_stop_if(should_stop), progress and progress(d, t)),
                                turn=not self.s.question)
             except _Stopped:
+                if opening is not None:  # stopped while the first message was read: as if it was never sent
+                    self.s.reset()
+                    self.opening, recorded = opening, False
                 return
             if self.s.recall_on:  # the message is in: bring back what it (its question, when known) needs,
                 # asked by the user's text, not by the template's end of turn and assistant header after it
@@ -248,15 +257,16 @@ class Chat:
             self._drop_stop_string(self.s.stats.tokens_seen - n0 - len(prompt))
             if self.s.question:
                 self.s.set_question(None)
-            answer = "".join(pieces).rstrip()
-            self.turns.add("user", content)
-            self.turns.add("assistant", answer)
-            self.turn_count += 1
-            t1 = time.perf_counter()
-            n_gen = self.s.stats.tokens_seen - n0 - len(prompt)
-            dt = t1 - (t_first or t1)
-            self.last_turn = {"prompt": len(prompt), "generated": max(0, n_gen),
-                              "tok_s": n_gen / dt if dt > 0 and n_gen > 0 else 0.0, "seconds": t1 - t0}
+            if recorded:
+                answer = "".join(pieces).rstrip()
+                self.turns.add("user", content)
+                self.turns.add("assistant", answer)
+                self.turn_count += 1
+                t1 = time.perf_counter()
+                n_gen = self.s.stats.tokens_seen - n0 - len(prompt)
+                dt = t1 - (t_first or t1)
+                self.last_turn = {"prompt": len(prompt), "generated": max(0, n_gen),
+                                  "tok_s": n_gen / dt if dt > 0 and n_gen > 0 else 0.0, "seconds": t1 - t0}
 
     def _drop_stop_string(self, n_generated: int) -> None:
         """A generation that ended on a stop string (a base model writing the next "\nUser:" line) has fed it:
@@ -349,7 +359,7 @@ class Chat:
         return f"conversation reset ({what} read again with the next message)"
 
     def save(self, path: str) -> str:
-        self.feed_unfed()  # a saved conversation holds its system prompt
+        self.feed_opening()  # a saved conversation holds its system prompt
         extra = {"messages": self.turns.messages, "system": self.system, "turn_count": self.turn_count,
                  "seed": self.seed, "attachment": self.attachment}
         n = snapshot.save(self.s, path, extra)
@@ -375,7 +385,7 @@ class Chat:
         self.attachment = attachment if isinstance(attachment, str) else None
         self.turns = TurnRenderer(self.template, None)
         self.turns.messages = messages
-        self.unfed = []
+        self.opening = None
         self.turn_count = turn_count
         if self.opts.seed is None and isinstance(extra.get("seed"), int):  # sample on as the saved chat would have
             self.seed = extra["seed"]

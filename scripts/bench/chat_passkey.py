@@ -3,7 +3,7 @@
 run) per trial, the document and its question as a user gives them, greedy.
 
     EA_LOCAL_THREADS=1 .venv/bin/python scripts/bench/chat_passkey.py --model smollm2-135m --tokens 1000 \\
-        --budget 256 --texts reporting --out results.jsonl [--path summarize]
+        --budget 256 --texts reporting --out results.jsonl [--path file|summarize]
 
 The haystack, needle and question are serve_passkey.py's (the same trials for the same depths and
 seeds). chat: the document and question pasted as one message (`Chat.ask`; file: the document given
