@@ -217,23 +217,3 @@ def test_a_file_opens_the_first_user_message(tmp_path):
         assert b"".join(other.s.rt.token_bytes(t, special=True) for t in live).decode().count("<|im_start|>system") == 1
     finally:
         other.close()
-
-
-def test_a_first_message_stopped_while_it_is_read_was_never_sent(tmp_path):
-    """Ctrl-C while the first message (and --file's document) is read leaves nothing behind: the
-    next message reads the system prompt and the document again, whole."""
-    f = tmp_path / "notes.txt"
-    f.write_text("Some notes. " * 80 + "The pass key is 31415.\n")
-    chat, fed = _recording_chat(file=str(f))
-    text = lambda toks: b"".join(chat.s.rt.token_bytes(t, special=True) for t in toks).decode()  # noqa: E731
-    try:
-        chat.start()
-        assert list(chat.ask("What is the pass key?", should_stop=lambda: True)) == []
-        assert len(fed) == 1 and len(fed[0]) > chat.s.cfg.chunk  # a prompt of several chunks, stopped between them
-        assert chat.s.next_pos == 0 and chat.turn_count == 0 and not chat.turns.messages
-        fed.clear()
-        "".join(chat.ask("What is the pass key?"))
-        assert len(fed) == 1 and text(fed[0]).count("<|im_start|>system") == 1
-        assert "Document (notes.txt):" in text(fed[0]) and "31415" in text(fed[0])
-    finally:
-        chat.close()

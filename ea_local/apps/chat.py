@@ -205,12 +205,10 @@ class Chat:
         """Stream the answer to one user message; the (possibly partial) answer joins the history.
         progress(done, total) follows the reading of the prompt."""
         content = self._content(text)
-        opening = self.opening
         # tokenized as one text, as the server tokenizes a request: a prefix ending in a space ("User: ")
         # would otherwise end in a token of its own
-        prompt = self.tokens((opening or "") + self.turns.turn(content), first=opening is not None)
+        prompt = self.tokens((self.opening or "") + self.turns.turn(content), first=self.opening is not None)
         self.opening = None
-        recorded = True
         params = self.opts.sampling((self.seed + self.turn_count) & 0x7FFFFFFF)
         pieces: list[str] = []
         t0 = time.perf_counter()
@@ -233,10 +231,7 @@ class Chat:
             try:
                 self.s.prefill(prompt, progress=lambda d, t: (_stop_if(should_stop), progress and progress(d, t)),
                                turn=not self.s.question)
-            except _Stopped:
-                if opening is not None:  # stopped while the first message was read: as if it was never sent
-                    self.s.reset()
-                    self.opening, recorded = opening, False
+            except _Stopped:  # what was read stays, as with any message stopped while it is read
                 return
             if self.s.recall_on:  # the message is in: bring back what it (its question, when known) needs,
                 # asked by the user's text, not by the template's end of turn and assistant header after it
@@ -257,16 +252,15 @@ class Chat:
             self._drop_stop_string(self.s.stats.tokens_seen - n0 - len(prompt))
             if self.s.question:
                 self.s.set_question(None)
-            if recorded:
-                answer = "".join(pieces).rstrip()
-                self.turns.add("user", content)
-                self.turns.add("assistant", answer)
-                self.turn_count += 1
-                t1 = time.perf_counter()
-                n_gen = self.s.stats.tokens_seen - n0 - len(prompt)
-                dt = t1 - (t_first or t1)
-                self.last_turn = {"prompt": len(prompt), "generated": max(0, n_gen),
-                                  "tok_s": n_gen / dt if dt > 0 and n_gen > 0 else 0.0, "seconds": t1 - t0}
+            answer = "".join(pieces).rstrip()
+            self.turns.add("user", content)
+            self.turns.add("assistant", answer)
+            self.turn_count += 1
+            t1 = time.perf_counter()
+            n_gen = self.s.stats.tokens_seen - n0 - len(prompt)
+            dt = t1 - (t_first or t1)
+            self.last_turn = {"prompt": len(prompt), "generated": max(0, n_gen),
+                              "tok_s": n_gen / dt if dt > 0 and n_gen > 0 else 0.0, "seconds": t1 - t0}
 
     def _drop_stop_string(self, n_generated: int) -> None:
         """A generation that ended on a stop string (a base model writing the next "\nUser:" line) has fed it:
