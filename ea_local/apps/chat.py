@@ -205,6 +205,7 @@ class Chat:
         """Stream the answer to one user message; the (possibly partial) answer joins the history.
         progress(done, total) follows the reading of the prompt."""
         content = self._content(text)
+        tail = self.turns.split()[1]  # the end of the user turn; before turn(), whose rendering add() keeps
         # tokenized as one text, as the server tokenizes a request: a prefix ending in a space ("User: ")
         # would otherwise end in a token of its own
         prompt = self.tokens((self.opening or "") + self.turns.turn(content), first=self.opening is not None)
@@ -224,7 +225,7 @@ class Chat:
             # the focus: read as the turn, every chunk's queries would join the probe's in the focus)
             question: list[int] = []
             if self.s.cfg.question_weight > 0 and self.s.max_question and self.s.turn_overflows(len(prompt)):
-                question = self.tokens(question_text(text) + self.turns.split()[1])[-self.s.max_question:]
+                question = self.tokens(question_text(text) + tail)[-self.s.max_question:]
                 if self.s.policy.needs_queries:
                     self.s.set_question(question)
             start = self.s.next_pos
@@ -235,8 +236,8 @@ class Chat:
                 return
             if self.s.recall_on:  # the message is in: bring back what it (its question, when known) needs,
                 # asked by the user's text, not by the template's end of turn and assistant header after it
-                tail = self.s.rt.tokenize(self.turns.split()[1], add_bos=False, special=True)
-                self.s.recall_message(start, question, until=self.s.next_pos - len(tail))
+                n_tail = len(self.s.rt.tokenize(tail, add_bos=False, special=True))
+                self.s.recall_message(start, question, until=self.s.next_pos - n_tail)
             for piece in self.s.generate([], params, stop=list(self.template.stop), max_tokens=self.opts.max_tokens,
                                          should_stop=should_stop):
                 if t_first is None:
