@@ -3,8 +3,8 @@
 The conversation is fed incrementally: each turn only the new text (end of the previous
 answer's turn, the user's message, the generation prompt) is prefilled; the Session evicts
 cells when the budget is exceeded, so the chat never stops with "context full". The system
-prompt is read with the first message (a --file document at once), so a conversation meets the
-same chunks and compressions here as through `ea-local serve`.
+prompt is read with the first message (a --file document opens that message), so a conversation
+meets the same chunks and compressions here as through `ea-local serve`.
 
 Interactive (stdin is a terminal): readline editing and history, a line ending with a
 backslash continues on the next line, Ctrl-C stops a generation (or clears the line), Ctrl-D
