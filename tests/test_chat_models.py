@@ -150,9 +150,7 @@ def _recording_chat(model: str = "smollm2-135m", **opts):
 
 def _server_tokens(chat, messages: list[dict]) -> list[int]:
     """What `ea-local serve` reads for a chat request with these messages."""
-    rt = chat.s.rt
-    toks = rt.tokenize(chat.template.render(messages, add_generation_prompt=True), add_bos=False, special=True)
-    return [rt.bos()] + toks if rt.add_bos() and toks[0] != rt.bos() else toks
+    return chat.s.rt.prompt_tokens(chat.template.render(messages, add_generation_prompt=True))
 
 
 @pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])

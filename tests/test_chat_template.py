@@ -77,8 +77,11 @@ class Both:
         return fmt(messages=messages).prompt
 
     def their_tokens(self, text: str) -> list[int]:
-        # chat_formatter_to_chat_completion_handler: add_bos=not added_special (True for jinja), special=True
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        # llama.cpp's server (common/chat.cpp): a bos_token the template wrote at the head is dropped when the
+        # model adds one, then the prompt is tokenized with the model's specials
+        if self.llm.metadata.get("tokenizer.ggml.add_bos_token") == "true" and self.bos and text.startswith(self.bos):
+            text = text[len(self.bos):]
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
 
     def close(self) -> None:
         self.rt.close()
@@ -119,7 +122,7 @@ def test_prompt_equals_llama_cpp_python(both, model, conv):
             continue
         got = b.ours.render(msgs, gen)
         assert got == want
-        assert b.ours.tokenize(b.rt, got) == b.their_tokens(want)
+        assert b.rt.prompt_tokens(got) == b.their_tokens(want)
 
 
 def test_smollm2_default_system_prompt(both):
@@ -131,21 +134,24 @@ def test_smollm2_default_system_prompt(both):
     assert plain == default + f"<|im_start|>user\n{ARVID}<|im_end|>\n<|im_start|>assistant\n"
     with_system = b.ours.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": ARVID}])
     assert "SmolLM" not in with_system and with_system.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
-    toks = b.ours.tokenize(b.rt, plain)
+    toks = b.rt.prompt_tokens(plain)
     assert toks[0] == b.llm.tokenize(b"<|im_start|>", add_bos=False, special=True)[0]  # a special token, no BOS
     tr = TurnRenderer(b.ours)
     assert tr.prefix() == default + "<|im_start|>user\n"
 
 
-def test_bos_token_from_the_template_only(both):
-    """A template that writes bos_token gets exactly one BOS; one that does not gets none, even on a model whose
-    tokenizer adds one (llama-cpp-python and apply_chat_template tokenize without adding specials)."""
-    llama3, chatml = both("llama3"), both("chatml")
+def test_one_bos_when_the_model_wants_one(both):
+    """Exactly one BOS heads a prompt of a model that wants one, whether or not its template writes bos_token
+    (llama.cpp's server reads chat prompts so); none for a model that does not."""
+    llama3, chatml, smollm2 = both("llama3"), both("chatml"), both("smollm2")
     msgs = CONVERSATIONS["one user message"]
-    t = llama3.ours.tokenize(llama3.rt, llama3.ours.render(msgs))
-    assert t[0] == llama3.rt.bos() and t.count(llama3.rt.bos()) == 1
-    assert chatml.rt.add_bos()
-    assert chatml.rt.bos() not in chatml.ours.tokenize(chatml.rt, chatml.ours.render(msgs))
+    assert "bos_token" in llama3.source and "bos_token" not in chatml.source
+    for b in (llama3, chatml):
+        assert b.rt.add_bos()
+        t = b.rt.prompt_tokens(b.ours.render(msgs))
+        assert t[0] == b.rt.bos() and t.count(b.rt.bos()) == 1
+    text = smollm2.ours.render(msgs)
+    assert not smollm2.rt.add_bos() and smollm2.rt.prompt_tokens(text) == smollm2.rt.tokenize(text, special=True)
 
 
 @pytest.mark.parametrize("model", MODELS)

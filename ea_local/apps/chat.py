@@ -175,7 +175,8 @@ class Chat:
 
     # ---- feeding ----
     def tokens(self, text: str, first: bool = False) -> list[int]:
-        return self.template.tokenize(self.s.rt, text, first=first)
+        rt = self.s.rt
+        return rt.prompt_tokens(text) if first else rt.tokenize(text, add_bos=False, special=True)
 
     def start(self) -> int:
         """Take what precedes the first user message (BOS, system prompt); returns its tokens. It is read

@@ -79,7 +79,7 @@ def run_summarize(info, source: str, opts: SummarizeOptions) -> dict:
         prefix = turns.prefix()
         _, tail = turns.split()
         rt = s.rt
-        head = template.tokenize(rt, prefix, first=True)
+        head = rt.prompt_tokens(prefix)
         doc = head + rt.tokenize(text.strip(), add_bos=False, special=False)
         question = rt.tokenize("\n\n" + valid_utf8(opts.prompt or DEFAULT_INSTRUCTION) + tail, add_bos=False, special=True)
         if opts.prompt and not opts.question_agnostic:

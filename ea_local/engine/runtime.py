@@ -201,6 +201,14 @@ class Runtime:
     def is_eog(self, token: int) -> bool:
         return bool(ll.llama_vocab_is_eog(self.vocab, token))
 
+    def prompt_tokens(self, text: str) -> list[int]:
+        """A prompt's tokens as llama.cpp's server reads it: special tokens parsed, and one BOS at its
+        head when the model wants one, whether or not a chat template already wrote it."""
+        toks = self.tokenize(text, add_bos=False, special=True)
+        if self.add_bos() and (not toks or toks[0] != self.bos()):
+            toks = [self.bos()] + toks
+        return toks
+
     def bos(self) -> int:
         return ll.llama_vocab_bos(self.vocab)
 

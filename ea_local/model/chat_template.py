@@ -66,12 +66,6 @@ class ChatTemplate:
     stop: tuple[str, ...] = ()  # stop strings the generation needs besides end-of-generation tokens
     _jinja: Any = field(default=None, repr=False)
 
-    @property
-    def adds_bos(self) -> bool:
-        """Whether the rendered text brings its own BOS (the file's template writes `bos_token` if the
-        model wants one); otherwise the tokenizer adds it when the model asks for one."""
-        return self.origin == "gguf"
-
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if self.origin == "plain":
             return _render_plain(messages, add_generation_prompt)
@@ -92,13 +86,6 @@ class ChatTemplate:
         except Exception as e:  # noqa: BLE001 — template bugs, undefined attributes, sandbox refusals
             raise TemplateError(f"the model's chat template failed: {e}") from e
 
-    def tokenize(self, rt, text: str, first: bool = True) -> list[int]:
-        """Tokens of rendered text (special tokens parsed); a BOS is added to the first piece of a
-        conversation only when the template does not write its own and the model wants one."""
-        toks = rt.tokenize(text, add_bos=False, special=True)
-        if first and not self.adds_bos and rt.add_bos() and (not toks or toks[0] != rt.bos()):
-            toks = [rt.bos()] + toks
-        return toks
 
 
 # ---- the file's own template (jinja2) ----

@@ -85,10 +85,7 @@ class Server:
 
     # ---- request -> tokens ----
     def tokens(self, text: str) -> list[int]:
-        toks = self.rt.tokenize(text, add_bos=False, special=True)
-        if self.rt.add_bos() and (not toks or toks[0] != self.rt.bos()):
-            toks = [self.rt.bos()] + toks
-        return toks
+        return self.rt.prompt_tokens(text)
 
     def count(self, text: str) -> int:
         return len(self.rt.tokenize(text, add_bos=False, special=True))

@@ -51,7 +51,7 @@ def main() -> None:
     rt = Runtime(model, ContextConfig(n_ctx=64, n_gpu_layers=0))
     tmpl, _ = resolve_template(read_model_info(model), rt)
     has_bos = rt.add_bos()
-    prompts = [tmpl.tokenize(rt, tmpl.render([{"role": "user", "content": f"Write out the text of {doc}."}]))
+    prompts = [rt.prompt_tokens(tmpl.render([{"role": "user", "content": f"Write out the text of {doc}."}]))
                for doc, _ in windows]
     rt.close()
     rows = []
