@@ -46,6 +46,28 @@ def test_long_message_probes_its_question_at_every_compression(tiny_llama):
     chat.s.close()
 
 
+def test_a_message_over_the_budget_within_one_chunk_is_steered_as_the_server_steers_it(tiny_llama):
+    """A message that fits the context (budget + chunk) but not the budget is compressed once, after it
+    is read; its question is probed at that compression, as the server probes a request's question
+    whenever its new tokens do not fit the budget."""
+    chat = _chat(tiny_llama)
+    chat.start()
+    probed: list[list[int]] = []
+    real = chat.s._probe_question
+    chat.s._probe_question = lambda: (probed.append(list(chat.s.question)), real())[1]
+    question = "Which word came first?"
+    words = next(n for n in range(20, 400, 4)
+                 if len(chat.tokens(chat.opening + chat.turns.turn(_document(n) + "\n\n" + question), first=True))
+                 > 256 + 24)
+    n_prompt = len(chat.tokens(chat.opening + chat.turns.turn(_document(words) + "\n\n" + question), first=True))
+    assert 256 < n_prompt <= 256 + 96 - 8
+    n_ev = len(chat.s.stats.evictions)
+    "".join(chat.ask(_document(words) + "\n\n" + question))
+    assert len(chat.s.stats.evictions) - n_ev == 1 and len(probed) == 1
+    assert probed[0] == chat.tokens(question + chat.turns.split()[1])
+    chat.s.close()
+
+
 def test_question_agnostic_chat_never_probes(tiny_llama):
     chat = _chat(tiny_llama, question_agnostic=True)
     chat.start()

@@ -220,12 +220,12 @@ class Chat:
         try:
             # the prompt is fed here, not by generate(), so that Ctrl-C also stops a long prefill between chunks;
             # it is the user's turn: its queries steer compression
-            # a message longer than the room (a pasted document) is compressed while it is read: its question
-            # (after the last paragraph break) is probed at each compression of this turn, as summarize --prompt
-            # and the server do, and the message is read as context (its queries the statistics, the probe's
+            # a message that does not fit the budget (a pasted document) is compressed while or once it is read:
+            # its question (after the last paragraph break) is probed at each compression of this turn, as
+            # summarize --prompt and the server do, and the message is read as context (its queries the statistics, the probe's
             # the focus: read as the turn, every chunk's queries would join the probe's in the focus)
             question: list[int] = []
-            if self.s.cfg.question_weight > 0 and self.s.max_question and self.s.turn_overflows(len(prompt)):
+            if self.s.cfg.question_weight > 0 and self.s.max_question and self.s.evicts_reading(len(prompt)):
                 question = self.tokens(question_text(text) + tail)[-self.s.max_question:]
                 if self.s.policy.needs_queries:
                     self.s.set_question(question)

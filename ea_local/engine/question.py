@@ -1,10 +1,10 @@
 """The question of a long message, known before the message is read.
 
-A user who pastes a document and asks about it puts the question last; when the message is
-longer than the room left in the cache, the engine compresses while reading it, before it has
-seen the question. Taking the question from the message's end first, and probing it at every
-compression (Session.set_question, as `summarize --prompt` does), lets the question choose what
-survives (docs/query_aware.md).
+A user who pastes a document and asks about it puts the question last; when the message does not
+fit the budget, the engine compresses while reading it, before it has seen the question, or once
+it is read, with the whole message's queries for a focus. Taking the question from the message's
+end first, and probing it at every such compression (Session.set_question, as `summarize --prompt`
+and the server do), lets the question choose what survives (docs/query_aware.md).
 """
 from __future__ import annotations
 

@@ -390,11 +390,10 @@ class Session:
         if self.n_cells > self.cfg.budget:
             self.compress(self.room_target, phase="prefill")
 
-    def turn_overflows(self, n_tokens: int) -> bool:
-        """True when prefilling n_tokens more would compress before their end: the turn is longer than
-        the room left (then its question, known in advance, should be set with set_question)."""
-        room = min(self.cfg.budget + self.cfg.chunk, self.rt.n_ctx - self._probe_len() - self.policy.lookahead)
-        return self.policy.evicts and self.n_cells + n_tokens > room  # the test prefill() makes per chunk
+    def evicts_reading(self, n_tokens: int) -> bool:
+        """True when reading n_tokens more leaves more cells than the budget: some are evicted while or
+        once they are read (a question known in advance should then steer, set with set_question)."""
+        return self.policy.evicts and self.n_cells + n_tokens > self.cfg.budget
 
     @property
     def max_question(self) -> int:

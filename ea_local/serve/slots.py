@@ -134,9 +134,7 @@ class Slot:
         s = self.session
         n = min(req.question_len, s.max_question)
         new = len(req.tokens) - k
-        if req.question_agnostic or n == 0 or new <= n or not s.policy.evicts:
-            return []
-        if s.n_cells + new <= s.cfg.budget:  # nothing is evicted while it is read
+        if req.question_agnostic or n == 0 or new <= n or not s.evicts_reading(new):
             return []
         return req.tokens[len(req.tokens) - n:]
 
