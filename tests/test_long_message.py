@@ -24,12 +24,18 @@ def _chat(path: str, **kw) -> Chat:
     return Chat(read_model_info(path), ChatOptions(budget=256, chunk=96, max_tokens=4, **kw))
 
 
-def test_long_message_probes_its_question_at_every_compression(tiny_llama):
-    chat = _chat(tiny_llama)
+def _probing_chat(path: str) -> tuple[Chat, list[list[int]]]:
+    """A started chat that records the question of every probe."""
+    chat = _chat(path)
     chat.start()
     probed: list[list[int]] = []
     real = chat.s._probe_question
     chat.s._probe_question = lambda: (probed.append(list(chat.s.question)), real())[1]
+    return chat, probed
+
+
+def test_long_message_probes_its_question_at_every_compression(tiny_llama):
+    chat, probed = _probing_chat(tiny_llama)
     question = "Which word came first?"
     n_ev = len(chat.s.stats.evictions)
     "".join(chat.ask(_document(600) + "\n\n" + question))
@@ -50,11 +56,7 @@ def test_a_message_over_the_budget_within_one_chunk_is_steered_as_the_server_ste
     """A message that fits the context (budget + chunk) but not the budget is compressed once, after it
     is read; its question is probed at that compression, as the server probes a request's question
     whenever its new tokens do not fit the budget."""
-    chat = _chat(tiny_llama)
-    chat.start()
-    probed: list[list[int]] = []
-    real = chat.s._probe_question
-    chat.s._probe_question = lambda: (probed.append(list(chat.s.question)), real())[1]
+    chat, probed = _probing_chat(tiny_llama)
     question = "Which word came first?"
     words = next(n for n in range(20, 400, 4)
                  if len(chat.tokens(chat.opening + chat.turns.turn(_document(n) + "\n\n" + question), first=True))
