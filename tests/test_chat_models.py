@@ -167,6 +167,9 @@ def test_a_first_message_is_read_with_the_system_prompt_as_the_server_reads_the_
         "".join(chat.ask(msg))
         assert len(fed) == 1 and fed[0] == _server_tokens(chat, [{"role": "system", "content": system},
                                                                  {"role": "user", "content": msg}])
+        rt = chat.s.rt
+        if rt.add_bos():  # Gemma 3: one BOS, not one from the transcript and one from the tokenizer
+            assert fed[0][0] == rt.bos() and fed[0][1] != rt.bos()
         chat.reset()
         fed.clear()
         chat.save(str(tmp_path / "chat.eal"))

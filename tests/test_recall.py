@@ -213,7 +213,7 @@ def _passkey_request(s: Session, policy: str, key: str = "17412"):
     positions of the key's sentence."""
     from ea_local.engine.sampling import SamplingParams
     from ea_local.model.chat_template import resolve_template
-    from ea_local.serve.question import chat_question_text, chat_tail_text, question_length
+    from ea_local.engine.question import chat_question_text, chat_tail_text, question_cap, question_length
     from ea_local.serve.slots import GenRequest
 
     template, _ = resolve_template(s.info, s.rt)
@@ -225,7 +225,8 @@ def _passkey_request(s: Session, policy: str, key: str = "17412"):
     text = template.render(messages, add_generation_prompt=True)
     count = lambda t: len(s.rt.tokenize(t, add_bos=False, special=True))  # noqa: E731
     tokens = s.rt.tokenize(text, add_bos=False, special=True)
-    n_q = question_length(chat_question_text(text, messages, count, s.max_question), len(tokens), count, s.max_question)
+    cap = question_cap(s.cfg)
+    n_q = question_length(chat_question_text(text, messages, count, cap), len(tokens), count, cap)
     a = count(text[:text.index(needle)])
     span = list(range(a, count(text[:text.index(needle)] + needle.rstrip())))
     req = GenRequest(tokens=tokens, params=SamplingParams(temperature=0.0), stop=[], max_tokens=10,

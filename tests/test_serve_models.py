@@ -115,7 +115,7 @@ def test_chat_prompt_equals_the_one_chat_renders(server):
         # token carries its own space, which the message content returned to the client does not
         said = " Très bien." if template.origin == "plain" else "Très bien."
         text += said + glue + "And the weather?" + tail
-        n_tokens = len(rt.tokenize(text, add_bos=rt.add_bos(), special=True))
+        n_tokens = len(rt.prompt_tokens(text))
     finally:
         rt.close()
     msgs = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "How are you?"},

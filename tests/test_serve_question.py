@@ -1,7 +1,7 @@
 """Which tail of a request's prompt the server probes as its question (no model needed)."""
 from __future__ import annotations
 
-from ea_local.serve.question import (chat_question_text, chat_tail_text, completion_question_text, last_paragraph,
+from ea_local.engine.question import (chat_question_text, chat_tail_text, completion_question_text, last_paragraph,
                                      question_length)
 
 

@@ -26,7 +26,7 @@ from typing import Callable, Iterator, TextIO
 from ..engine.runtime import LlamaError
 from ..engine.sampling import CHAT_TEMPERATURE, SamplingParams
 from ..engine import snapshot
-from ..engine.question import question_text
+from ..engine.question import chat_question_text, question_cap, question_length
 from ..engine.archive import parse_size
 from ..engine.session import BudgetError, Session, SessionConfig, conversation_protection
 from ..model.chat_template import TemplateError, TurnRenderer, resolve_template
@@ -178,6 +178,9 @@ class Chat:
         rt = self.s.rt
         return rt.prompt_tokens(text) if first else rt.tokenize(text, add_bos=False, special=True)
 
+    def _count(self, text: str) -> int:
+        return len(self.s.rt.tokenize(text, add_bos=False, special=True))
+
     def start(self) -> int:
         """Take what precedes the first user message (BOS, system prompt); returns its tokens. It is read
         with the first message, as the server reads a request: the same conversation meets the same
@@ -209,7 +212,8 @@ class Chat:
         tail = self.turns.split()[1]  # the end of the user turn; before turn(), whose rendering add() keeps
         # tokenized as one text, as the server tokenizes a request: a prefix ending in a space ("User: ")
         # would otherwise end in a token of its own
-        prompt = self.tokens((self.opening or "") + self.turns.turn(content), first=self.opening is not None)
+        rendered = (self.opening or "") + self.turns.turn(content)
+        prompt = self.tokens(rendered, first=self.opening is not None)
         self.opening = None
         params = self.opts.sampling((self.seed + self.turn_count) & 0x7FFFFFFF)
         pieces: list[str] = []
@@ -219,25 +223,29 @@ class Chat:
         started = False
         try:
             # the prompt is fed here, not by generate(), so that Ctrl-C also stops a long prefill between chunks;
-            # it is the user's turn: its queries steer compression
-            # a message that does not fit the budget (a pasted document) is compressed while or once it is read:
-            # its question (after the last paragraph break) is probed at each compression of this turn, as
-            # summarize --prompt and the server do, and the message is read as context (its queries the statistics, the probe's
-            # the focus: read as the turn, every chunk's queries would join the probe's in the focus)
+            # a message that fits the budget is the user's turn: its queries steer compression. One that does
+            # not (a pasted document, or any message once a long chat fills the cache) is compressed while or
+            # once it is read: its question is probed at each compression, as the server probes a request's
+            # (engine/question.py: the same tokens, the same cap), and the message is read as context (its
+            # queries the statistics, the probe's the focus); question-agnostic, it is context and no probe
+            agnostic = self.s.cfg.question_weight == 0
             question: list[int] = []
-            if self.s.cfg.question_weight > 0 and self.s.max_question and self.s.evicts_reading(len(prompt)):
-                question = self.tokens(question_text(text) + tail)[-self.s.max_question:]
-                if self.s.policy.needs_queries:
+            if not agnostic and self.s.evicts_reading(len(prompt)):
+                cap = question_cap(self.s.cfg)
+                q = chat_question_text(rendered, [{"role": "user", "content": content}], self._count, cap)
+                n = question_length(q, len(prompt), self._count, cap)
+                question = prompt[len(prompt) - n:] if n else []
+                if question and self.s.policy.needs_queries:
                     self.s.set_question(question)
             start = self.s.next_pos
             try:
                 self.s.prefill(prompt, progress=lambda d, t: (_stop_if(should_stop), progress and progress(d, t)),
-                               turn=not self.s.question)
+                               turn=not (question or agnostic))
             except _Stopped:  # what was read stays, as with any message stopped while it is read
                 return
             if self.s.recall_on:  # the message is in: bring back what it (its question, when known) needs,
                 # asked by the user's text, not by the template's end of turn and assistant header after it
-                n_tail = len(self.s.rt.tokenize(tail, add_bos=False, special=True))
+                n_tail = self._count(tail)
                 self.s.recall_message(start, question, until=self.s.next_pos - n_tail)
             for piece in self.s.generate([], params, stop=list(self.template.stop), max_tokens=self.opts.max_tokens,
                                          should_stop=should_stop):

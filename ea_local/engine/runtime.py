@@ -202,8 +202,9 @@ class Runtime:
         return bool(ll.llama_vocab_is_eog(self.vocab, token))
 
     def prompt_tokens(self, text: str) -> list[int]:
-        """A prompt's tokens as llama.cpp's server reads it: special tokens parsed, and one BOS at its
-        head when the model wants one, whether or not a chat template already wrote it."""
+        """A prompt's tokens as llama.cpp's server reads a chat prompt: special tokens parsed, and one BOS
+        at its head when the model wants one, whether or not the template already wrote it (a completion
+        prompt that starts with the BOS text gets one too, where llama.cpp would read two)."""
         toks = self.tokenize(text, add_bos=False, special=True)
         if self.add_bos() and (not toks or toks[0] != self.bos()):
             toks = [self.bos()] + toks

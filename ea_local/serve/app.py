@@ -32,7 +32,7 @@ from ..policies import get_policy
 from .errors import APIError, error_response
 from .guard import Guard
 from .metrics import Metrics
-from .question import chat_question_text, chat_tail_text, completion_question_text, question_length
+from ..engine.question import chat_question_text, chat_tail_text, completion_question_text, question_length
 from .schemas import ChatRequest, CompletionRequest, chat_messages, check_common, parse
 from .slots import Cancelled, GenRequest, GenResult, Slot, SlotPool
 

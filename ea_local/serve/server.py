@@ -10,6 +10,7 @@ import uvicorn
 
 from ..model.chat_template import resolve_template
 from ..engine.archive import parse_size
+from ..engine.question import question_cap
 from ..engine.runtime import SharedModel
 from ..engine.session import SessionConfig, conversation_protection
 from ..policies import get_policy
@@ -51,8 +52,7 @@ def configure(info: ModelInfo, *, budget: int, policy: str, max_tokens: int, max
                       max_tokens=max_tokens,
                       max_tokens_limit=max(max_tokens, info.n_ctx_train), max_prompt_tokens=max_prompt_tokens,
                       temperature=temperature, api_key=api_key or None, max_body=max_body,
-                      # a probe of at most `step` tokens costs no budget: prefill's room already leaves a step free
-                      max_question=min(scfg.step_cells - scfg.answer_lookahead, scfg.chunk - 1 - scfg.answer_lookahead))
+                      max_question=question_cap(scfg))
     return cfg, scfg
 
 

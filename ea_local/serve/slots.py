@@ -53,7 +53,7 @@ class GenRequest:
     policy: str
     budget: int
     question_agnostic: bool = False
-    question_len: int = 0  # the prompt's last tokens that are its question (serve/question.py)
+    question_len: int = 0  # the prompt's last tokens that are its question (engine/question.py)
     template_tail: int | None = None  # chat: the prompt's last tokens the template wrote after the user's text
 
     @property

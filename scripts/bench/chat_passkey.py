@@ -7,9 +7,9 @@ run) per trial, the document and its question as a user gives them, greedy.
 
 The haystack, needle and question are serve_passkey.py's (the same trials for the same depths and
 seeds). chat: the document and question pasted as one message (`Chat.ask`; file: the document given
-with `--file`, which opens the first message, the question typed); a message longer than the
-room is compressed while it is read, its question probed at each compression; with recall (the
-default) the question then brings back what it asks for. summarize: the document in a file, the
+with `--file`, which opens the first message, the question typed); a message that does not fit the
+budget is compressed while or once it is read, its question probed at each compression; with recall
+(the default) the question then brings back what it asks for. summarize: the document in a file, the
 question as `--prompt`, 16 tokens (`--policy none` with a budget above the document: the full cache).
 """
 from __future__ import annotations
