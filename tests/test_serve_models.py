@@ -125,3 +125,28 @@ def test_chat_prompt_equals_the_one_chat_renders(server):
     again = post(server, "/v1/completions", {"prompt": text, "max_tokens": 1})
     assert again["usage"]["prompt_tokens"] == n_tokens
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == n_tokens - 1
+
+
+def test_a_message_over_the_budget_is_read_as_ea_local_chat_reads_it(server):
+    """A document with a question under it, more than the budget but less than budget + chunk: the
+    server and `ea-local chat` (same budget, same messages) probe the same question at the same
+    compressions and give the same greedy answer."""
+    from ea_local.apps.chat import Chat, ChatOptions
+    from ea_local.model.embedded import resolve_model
+    from ea_local.model.info import read_model_info
+
+    content = TEXT[8000:9300] + "\n\nWhat does this paragraph say about patents?"
+    served = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": content}]})
+    chat = Chat(read_model_info(resolve_model(server.name)),
+                ChatOptions(budget=256, temperature=0.0, max_tokens=8, seed=0, threads=1))
+    try:
+        chat.start()
+        probes: list[int] = []
+        real = chat.s._probe_question
+        chat.s._probe_question = lambda: (probes.append(len(chat.s.question)), real())[1]
+        answer = "".join(chat.ask(content))
+        assert 256 < served["usage"]["prompt_tokens"] <= 256 + 128  # one compression, after the message is read
+        assert probes and set(probes) == {served["kv_cache"]["question_tokens"]}
+        assert answer.strip() == served["choices"][0]["message"]["content"].strip()
+    finally:
+        chat.close()
