@@ -223,7 +223,7 @@ def _passkey_request(s: Session, policy: str, key: str = "17412"):
            + " ".join(words[:380]) + " " + needle + " ".join(words[380:760]))
     messages = [{"role": "user", "content": doc + "\n\nWhat is the pass key?"}]
     text = template.render(messages, add_generation_prompt=True)
-    count = lambda t: len(s.rt.tokenize(t, add_bos=False, special=True))  # noqa: E731
+    count = s.rt.count
     tokens = s.rt.tokenize(text, add_bos=False, special=True)
     cap = question_cap(s.cfg)
     n_q = question_length(chat_question_text(text, messages, count, cap), len(tokens), count, cap)

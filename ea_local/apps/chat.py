@@ -178,9 +178,6 @@ class Chat:
         rt = self.s.rt
         return rt.prompt_tokens(text) if first else rt.tokenize(text, add_bos=False, special=True)
 
-    def _count(self, text: str) -> int:
-        return len(self.s.rt.tokenize(text, add_bos=False, special=True))
-
     def start(self) -> int:
         """Take what precedes the first user message (BOS, system prompt); returns its tokens. It is read
         with the first message, as the server reads a request: the same conversation meets the same
@@ -232,8 +229,8 @@ class Chat:
             question: list[int] = []
             if not agnostic and self.s.evicts_reading(len(prompt)):
                 cap = question_cap(self.s.cfg)
-                q = chat_question_text(rendered, [{"role": "user", "content": content}], self._count, cap)
-                n = question_length(q, len(prompt), self._count, cap)
+                q = chat_question_text(rendered, [{"role": "user", "content": content}], self.s.rt.count, cap)
+                n = question_length(q, len(prompt), self.s.rt.count, cap)
                 question = prompt[len(prompt) - n:] if n else []
                 if question and self.s.policy.needs_queries:
                     self.s.set_question(question)
@@ -245,7 +242,7 @@ class Chat:
                 return
             if self.s.recall_on:  # the message is in: bring back what it (its question, when known) needs,
                 # asked by the user's text, not by the template's end of turn and assistant header after it
-                n_tail = self._count(tail)
+                n_tail = self.s.rt.count(tail)
                 self.s.recall_message(start, question, until=self.s.next_pos - n_tail)
             for piece in self.s.generate([], params, stop=list(self.template.stop), max_tokens=self.opts.max_tokens,
                                          should_stop=should_stop):

@@ -117,7 +117,7 @@ def run_summarize(info, source: str, opts: SummarizeOptions) -> dict:
             # the question brings back the evicted cells it needs, asked by the user's words as in chat: not by
             # the template's tail, nor by the greedy answer of a probe made while the question was read
             # (docs/recall.md, "The template's tail"; docs/bench-report.md, "`summarize` recalls with the question's words")
-            s.recall_message(start, question, until=s.next_pos - len(rt.tokenize(tail, add_bos=False, special=True)))
+            s.recall_message(start, question, until=s.next_pos - rt.count(tail))
         for piece in s.generate([], params, stop=list(template.stop), max_tokens=opts.max_tokens):
             if not started:
                 piece = piece.lstrip()

@@ -201,6 +201,10 @@ class Runtime:
     def is_eog(self, token: int) -> bool:
         return bool(ll.llama_vocab_is_eog(self.vocab, token))
 
+    def count(self, text: str) -> int:
+        """Tokens of a piece of prompt text (special tokens parsed, no BOS)."""
+        return len(self.tokenize(text, add_bos=False, special=True))
+
     def prompt_tokens(self, text: str) -> list[int]:
         """A prompt's tokens as llama.cpp's server reads a chat prompt: special tokens parsed, and one BOS
         at its head when the model wants one, whether or not the template already wrote it (a completion

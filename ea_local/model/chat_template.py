@@ -87,7 +87,6 @@ class ChatTemplate:
             raise TemplateError(f"the model's chat template failed: {e}") from e
 
 
-
 # ---- the file's own template (jinja2) ----
 
 def _raise_exception(message: str) -> None:

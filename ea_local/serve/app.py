@@ -87,9 +87,6 @@ class Server:
     def tokens(self, text: str) -> list[int]:
         return self.rt.prompt_tokens(text)
 
-    def count(self, text: str) -> int:
-        return len(self.rt.tokenize(text, add_bos=False, special=True))
-
     def chat_request(self, messages: list[dict]) -> tuple[list[int], int, int]:
         """(prompt tokens, how many of the last ones are the question, how many of those the template
         wrote after the user's text)."""
@@ -98,10 +95,10 @@ class Server:
         except TemplateError as e:
             raise APIError(400, str(e), code="invalid_value", param="messages") from None
         tokens = self.tokens(text)
-        q = chat_question_text(text, messages, self.count, self.cfg.max_question)
+        q = chat_question_text(text, messages, self.rt.count, self.cfg.max_question)
         tail = chat_tail_text(text, messages)
-        return (tokens, question_length(q, len(tokens), self.count, self.cfg.max_question),
-                min(self.count(tail), len(tokens) - 1) if tail else 0)
+        return (tokens, question_length(q, len(tokens), self.rt.count, self.cfg.max_question),
+                min(self.rt.count(tail), len(tokens) - 1) if tail else 0)
 
     def completion_request(self, prompt) -> tuple[list[int], int, int | None]:
         tokens = self.prompt_tokens(prompt)
@@ -110,7 +107,7 @@ class Server:
         if not isinstance(prompt, str):  # token ids: the question is found in their text
             prompt = b"".join(self.rt.token_bytes(t, special=True) for t in tokens).decode("utf-8", errors="replace")
         q = completion_question_text(prompt)
-        return tokens, question_length(q, len(tokens), self.count, self.cfg.max_question), None  # no template
+        return tokens, question_length(q, len(tokens), self.rt.count, self.cfg.max_question), None  # no template
 
     def prompt_tokens(self, prompt) -> list[int]:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):

@@ -49,9 +49,7 @@ def main() -> int:
     messages = [{"role": "user", "content": doc + sp.CHAT_QUESTION}]
     text = template.render(messages, add_generation_prompt=True)
     toks = s.rt.tokenize(text, add_bos=False, special=True)
-
-    def count(t: str) -> int:
-        return len(s.rt.tokenize(t, add_bos=False, special=True))
+    count = s.rt.count
 
     max_q = srv.max_question
     n_q = question_length(chat_question_text(text, messages, count, max_q), len(toks), count, max_q)
