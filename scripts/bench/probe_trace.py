@@ -16,10 +16,10 @@ import argparse
 import sys
 
 from ea_local.engine.sampling import SamplingParams  # ea_local first: libllama before numpy
-from ea_local.engine.session import Session, SessionConfig
+from ea_local.engine.session import Session, SessionConfig, conversation_protection
 from ea_local.model.chat_template import resolve_template
 from ea_local.model.embedded import resolve_model
-from ea_local.serve.question import chat_question_text, question_length
+from ea_local.engine.question import chat_question_text, chat_tail_text, question_length
 
 import serve_passkey as sp  # this folder: run as a script
 
@@ -33,6 +33,8 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tokens", type=int, default=3800, help="haystack tokens")
     ap.add_argument("--budget", type=int, default=947)
+    ap.add_argument("--server-budget", type=int, help="the server's --budget, when the request names a smaller one "
+                    "(serve_passkey.py sizes its server for the largest budget)")
     ap.add_argument("--policy", default="expected-attention")
     ap.add_argument("--question-weight", type=float, default=SessionConfig.question_weight)
     ap.add_argument("--depth", type=float, default=0.3)
@@ -42,8 +44,9 @@ def main() -> int:
     ap.add_argument("--full", action="store_true", help="also the full cache's answer after each prefix")
     a = ap.parse_args()
     path = str(resolve_model(a.model))
-    srv, cfg = sp.slot_config(path, a.budget, a.policy)
+    srv, cfg = sp.slot_config(path, a.server_budget or a.budget, a.policy)
     s = Session(path, cfg)
+    s.set_budget(a.budget, protect=conversation_protection(a.budget))  # as Slot._configure
     template, _ = resolve_template(s.info, s.rt)
     doc = sp.document(sp.haystack(s.rt, a.haystack, a.tokens, a.texts), a.depth, a.key)
     messages = [{"role": "user", "content": doc + sp.CHAT_QUESTION}]
@@ -80,6 +83,10 @@ def main() -> int:
     s.set_question(toks[len(toks) - n_q:])
     s.prefill(toks, progress=trace, turn=False)
     trace(len(toks), len(toks))  # the compression after the last chunk
+    if s.recall_on:  # as Slot.run: the question asks back what it needs, its words only (not the template's tail)
+        back = s.recall_message(0, s.question, until=s.next_pos - count(chat_tail_text(text, messages)))
+        kept = sum(1 for p in range(lo, hi) if p in s.live) / (hi - lo)
+        print(f"recall brought back {back} cells: needle kept {kept:.0%}")
     reply = "".join(s.generate([], SamplingParams(temperature=0), max_tokens=16))
     print(f"answer {reply!r} ({'found' if str(a.key) in reply else 'missed'})")
     return 0

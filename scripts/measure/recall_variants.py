@@ -30,7 +30,7 @@ from ea_local.engine.session import Session
 from ea_local.engine.snapshot import checkpoint, rewind
 from ea_local.bench.data import answered
 from ea_local.model.embedded import resolve_model
-from ea_local.serve.question import completion_question_text, question_length
+from ea_local.engine.question import completion_question_text, question_length
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import serve_passkey as sp  # noqa: E402
