@@ -17,7 +17,13 @@ prompt's last cells, the question and the template's tail among them, as many as
     sinks+instruction+needle+newest
     opening+needle+newest     the template's system part too
 
+With `--newest N,...` the sets are instead the shape the server's path answers from after a compression
+and recall: the conversation's protected opening (a quarter of `--budget`, at most 64), the needle with
+8 neighbours on each side, and the prompt's newest N cells, the question among them (whatever
+the budget; the set's size is printed).
+
     scripts/measure/cell_sets.py --budget 128 --texts Apache-2.0 --depths 0.1,0.5 --seed 0
+    scripts/measure/cell_sets.py --budget 128 --texts GPL-3 --depths 0.1,0.3,0.5,0.7,0.9 --newest 16,20,32,48,64
 """
 import argparse
 import json
@@ -32,7 +38,7 @@ import numpy as np  # noqa: E402
 from ea_local.bench.corpus import LICENSES  # noqa: E402
 from ea_local.bench.data import answered, passkey_needle  # noqa: E402
 from ea_local.engine.sampling import SamplingParams  # noqa: E402
-from ea_local.engine.session import Session  # noqa: E402
+from ea_local.engine.session import Session, conversation_protection  # noqa: E402
 from ea_local.model.chat_template import resolve_template  # noqa: E402
 from ea_local.model.embedded import resolve_model  # noqa: E402
 from ea_local.serve.app import Server  # noqa: E402
@@ -81,7 +87,9 @@ def trial_arguments(depths: str) -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    a = trial_arguments("0.1,0.5").parse_args()
+    ap = trial_arguments("0.1,0.5")
+    ap.add_argument("--newest", help="comma-separated N: the opening + needle±8 + newest N sets instead")
+    a = ap.parse_args()
     sp.PROSE.setdefault(a.texts, LICENSES / a.texts)
     path = str(resolve_model(a.model))
     srv_cfg, cfg = sp.slot_config(path, 8 * 1024, "none", recall=False)
@@ -102,16 +110,21 @@ def main() -> None:
         def newest(fixed: set[int]) -> set[int]:
             return fixed | set(range(n - (a.budget - len(fixed)), n))
 
-        sets = {
-            "full": set(range(n)),
-            "sinks+newest": newest(sinks),
-            "sinks+needle+newest": newest(sinks | needle),
-            "sinks+needle±8+newest": newest(sinks | set(range(n0 - 8, n1 + 8))),
-            "sinks+instruction+needle+newest": newest(sinks | instruction | needle),
-            "opening+needle+newest": newest(set(range(i1)) | needle),
-        }
+        sets = {"full": set(range(n))}
+        if a.newest:
+            kept = set(range(conversation_protection(a.budget))) | set(range(n0 - 8, n1 + 8))
+            sets |= {f"opening+needle±8+newest{k}": kept | set(range(n - k, n))
+                     for k in map(int, a.newest.split(","))}
+        else:
+            sets |= {
+                "sinks+newest": newest(sinks),
+                "sinks+needle+newest": newest(sinks | needle),
+                "sinks+needle±8+newest": newest(sinks | set(range(n0 - 8, n1 + 8))),
+                "sinks+instruction+needle+newest": newest(sinks | instruction | needle),
+                "opening+needle+newest": newest(set(range(i1)) | needle),
+            }
         answers = {name: answer_from(full, toks, n_q, keep, greedy) for name, keep in sets.items()}
-        print(json.dumps({"texts": a.texts, "budget": a.budget, "depth": depth, "key": key, "prompt": n,
+        print(json.dumps({"texts": a.texts, "budget": a.budget, "sizes": {k: len(v) for k, v in sets.items()}, "depth": depth, "key": key, "prompt": n,
                           "needle": [n0, n1], "instruction": [i0, i1],
                           "found": {k: answered(str(key), v) for k, v in answers.items()}, "answers": answers}),
               flush=True)
