@@ -6,7 +6,9 @@ share of the needle's tokens still cached and the probe's greedy answer that ste
         --budget 947 --depth 0.3 --key 27611 --haystack prose --texts tuning --full
 
 The session is set up as a slot sets it up for a request that does not fit (`Slot.run`: the
-question probed, the prompt read with `turn=False`); the prompt is serve_passkey.py's chat request.
+question probed, the prompt read with `turn=False`, then recall asked by the question's words); the
+prompt is serve_passkey.py's chat request. `--server-budget`: the budget the server was started with,
+when the request names a smaller one (a server sized for 256 reads 128-token chunks at 128 cells).
 `--full` also asks the full cache the question after the same prefixes, to tell a probe that
 wanders because of what was evicted from one that wanders on the text itself.
 """
