@@ -61,6 +61,10 @@ def main() -> int:
     needle = f"The pass key is {a.key}. Remember it. {a.key} is the pass key."
     before = text[:text.index(needle)]
     lo, hi = count(before), count(before + needle)
+
+    def needle_kept() -> float:
+        return sum(1 for p in range(lo, hi) if p in s.live) / (hi - lo)
+
     print(f"prompt {len(toks)} tokens, question {n_q}, needle at {lo}..{hi}, chunk {cfg.chunk}")
     full = Session(path, SessionConfig(budget=len(toks) + 64, policy="none", n_threads=1)) if a.full else None
     fed = seen = 0
@@ -71,8 +75,8 @@ def main() -> int:
             return
         seen = len(s.stats.evictions)
         at = s.stats.evictions[-1].at_token
-        kept = sum(1 for p in range(lo, hi) if p in s.live) / (hi - lo)
-        line = f"compression after {at} tokens: needle kept {kept:.0%}, probe answered {text_of(s, s.probe_answer)!r}"
+        line = (f"compression after {at} tokens: needle kept {needle_kept():.0%}, "
+                f"probe answered {text_of(s, s.probe_answer)!r}")
         if full is not None:
             full.prefill(toks[fed:at])
             fed = at
@@ -87,8 +91,7 @@ def main() -> int:
     trace(len(toks), len(toks))  # the compression after the last chunk
     if s.recall_on:  # as Slot.run: the question asks back what it needs, its words only (not the template's tail)
         back = s.recall_message(0, s.question, until=s.next_pos - count(chat_tail_text(text, messages)))
-        kept = sum(1 for p in range(lo, hi) if p in s.live) / (hi - lo)
-        print(f"recall brought back {back} cells: needle kept {kept:.0%}")
+        print(f"recall brought back {back} cells: needle kept {needle_kept():.0%}")
     reply = "".join(s.generate([], SamplingParams(temperature=0), max_tokens=16))
     print(f"answer {reply!r} ({'found' if str(a.key) in reply else 'missed'})")
     return 0

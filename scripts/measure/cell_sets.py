@@ -124,8 +124,8 @@ def main() -> None:
                 "opening+needle+newest": newest(set(range(i1)) | needle),
             }
         answers = {name: answer_from(full, toks, n_q, keep, greedy) for name, keep in sets.items()}
-        print(json.dumps({"texts": a.texts, "budget": a.budget, "sizes": {k: len(v) for k, v in sets.items()}, "depth": depth, "key": key, "prompt": n,
-                          "needle": [n0, n1], "instruction": [i0, i1],
+        print(json.dumps({"texts": a.texts, "budget": a.budget, "sizes": {k: len(v) for k, v in sets.items()},
+                          "depth": depth, "key": key, "prompt": n, "needle": [n0, n1], "instruction": [i0, i1],
                           "found": {k: answered(str(key), v) for k, v in answers.items()}, "answers": answers}),
               flush=True)
     full.close()
