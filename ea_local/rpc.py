@@ -165,11 +165,6 @@ def release(endpoints: Sequence[str]) -> None:
         _in_use.subtract(endpoints)
 
 
-def device_name(dev: int) -> str:
-    name, desc = fn("ggml_backend_dev_name")(dev).decode(), fn("ggml_backend_dev_description")(dev).decode()
-    return f"{name} ({desc})"
-
-
 # ---- the server binary ----
 
 def server_binary() -> Path | None:

@@ -302,7 +302,7 @@ def test_chat_save_load_and_bad_session_files(tmp_path, tiny_llama):
     sess = tmp_path / "s.ea"
     r = run("chat", "--budget", "512", "--max-tokens", "6", stdin=f"Hello there.\n/save {sess}\nTell me a story.\n")
     assert r.returncode == 0, r.err
-    assert f"saved 1 turns" in r.err and sess.exists()
+    assert "saved 1 turns" in r.err and sess.exists()
     reference = r.out.strip().splitlines()[-1]  # the answer to the message after /save
 
     # a foreign file (the tiny model's), a corrupt one, a truncated one: one error line each, state kept

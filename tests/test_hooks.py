@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ea_local import build_info, kvhooks
-from ea_local.engine.runtime import ContextConfig, Runtime
+from ea_local.engine.runtime import ContextConfig, LlamaError, Runtime
 from ea_local.model.rope import apply_rope
 
 from .conftest import GEMMA, gpl_tokens
@@ -310,9 +310,9 @@ def test_compaction_after_removal_keeps_the_cache_usable():
 def test_remap_rejects_bad_mappings():
     toks = gpl_tokens(40)
     rt = _prefill(GEMMA, toks, n_ctx=256)
-    with pytest.raises(Exception):
+    with pytest.raises(LlamaError, match="seq_remap failed"):
         rt.remap(np.arange(10), np.arange(10))  # cells 10..39 unlisted
-    with pytest.raises(Exception):
+    with pytest.raises(LlamaError, match="seq_remap failed"):
         rt.remap(np.arange(40), np.arange(40)[::-1].copy())  # order not kept
     assert rt.seq_pos_range() == (0, 39)  # nothing changed
     rt.close()

@@ -23,7 +23,7 @@ from ea_local import rpc
 from ea_local.engine.runtime import ContextConfig, Runtime
 from ea_local.apps.placement import parse
 
-from .conftest import GEMMA, GPL3, gpl_tokens
+from .conftest import GEMMA, gpl_tokens
 
 N_GPU_LAYERS = 10  # gemma3 270M has 18 layers: 9..17 + output on the two servers, 0..8 local
 LOGIT_TOL = 1e-3  # see the module docstring; measured differences are 0 (tests print them)

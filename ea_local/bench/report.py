@@ -31,7 +31,7 @@ def _header(res: dict) -> list[str]:
         + (f"RPC servers {', '.join(mach['rpc'])}, " if mach.get("rpc") else "")
         + f"threads {s['threads'] or 'all'}" + (f"; 1-minute load average after each part: "
                                               f"{', '.join(map(str, mach['load_avg_1min']))}" if mach.get("load_avg_1min") else ""),
-        f"- versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v),
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v),
         f"- run: {res['started']} → {res['finished']} ({secs})"
         + (f"; estimated before it started: {_hours(res['estimate']['total_s'])} of CPU" if res.get("estimate") else ""),
         f"- policies: {', '.join(s['policies'])}; budgets: {', '.join(s['budgets'])} "

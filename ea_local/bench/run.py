@@ -6,7 +6,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -151,6 +150,3 @@ def write_outputs(res: dict, out: Path) -> list[str]:
     (out / "report.md").write_text(report.render(res, figs))
     return figs
 
-
-def main_args() -> str:
-    return "ea-local " + " ".join(sys.argv[1:])

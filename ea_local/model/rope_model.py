@@ -28,7 +28,6 @@ from ea_local.model.gguf_header import ModelFileError, read_header
 from ea_local.model.info import ModelInfo
 from ea_local.model.rope import RopeSpec
 
-FACTOR_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 _READS_YARN_BETAS = frozenset({"mistral3"})  # load_arch_hparams() reads yarn_beta_fast/slow, log_mul
 
 

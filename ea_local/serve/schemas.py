@@ -6,7 +6,7 @@ strict mode (a string "5" is not a number), so a wrong type is a 400, never a si
 """
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -132,5 +132,3 @@ def check_common(req: _Common, max_tokens_limit: int) -> int | None:
         raise APIError(400, "seed is out of range", code="invalid_value", param="seed")
     return mt
 
-
-Endpoint = Literal["chat", "completion"]

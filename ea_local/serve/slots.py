@@ -87,8 +87,6 @@ class GenResult:
 class Slot:
     id: int
     session: Session
-    default_policy: str
-    default_budget: int
     reuse: bool = True
     busy: bool = False
     last_used: float = 0.0
@@ -310,8 +308,7 @@ def build_pool(model_path: str, cfg: SessionConfig, parallel: int, queue: int, r
         for i in range(parallel):
             slots.append(Slot(i, Session(model_path, SessionConfig(**{**cfg.__dict__,
                                                                           "policy_options": dict(cfg.policy_options)}),
-                                             shared=shared),
-                              default_policy=cfg.policy, default_budget=cfg.budget, reuse=reuse))
+                                             shared=shared), reuse=reuse))
     except (LlamaError, ValueError):
         for s in slots:
             s.session.close()
