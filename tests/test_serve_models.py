@@ -150,3 +150,30 @@ def test_a_message_over_the_budget_is_read_as_ea_local_chat_reads_it(server):
         assert answer.strip() == served["choices"][0]["message"]["content"].strip()
     finally:
         chat.close()
+
+
+def test_sampling_fields_reach_llama_cpps_sampler(server):
+    """frequency_penalty and presence_penalty (OpenAI's) and llama.cpp server's repeat_penalty /
+    repeat_last_n: a greedy completion with them equals llama-cpp-python's `create_completion` with the
+    same values on the same tokens (penalties over the generated tokens, as both define them), and
+    differs from the one without them, so a field the server dropped would fail here."""
+    from llama_cpp import Llama
+
+    from ea_local.model.embedded import resolve_model
+
+    ref = Llama(model_path=str(resolve_model(server.name)), n_ctx=512, n_threads=1, verbose=False)
+    try:
+        prompt = ref.tokenize(b"List the colours of the rainbow, one per line:\n")
+        n = 40
+        plain = ref.create_completion(prompt, max_tokens=n, temperature=0)["choices"][0]["text"]
+        for fields in ({"frequency_penalty": 1.5, "presence_penalty": 0.5},
+                       {"repeat_penalty": 1.3, "repeat_last_n": 16}):
+            ref.last_n_tokens_size = fields.get("repeat_last_n", 64)  # llama-cpp-python's penalty window
+            kw = {k: v for k, v in fields.items() if k != "repeat_last_n"}
+            want = ref.create_completion(prompt, max_tokens=n, temperature=0, **kw)["choices"][0]["text"]
+            got = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": n, **fields})
+            assert got["kv_cache"]["evicted_cells"] == 0
+            assert got["choices"][0]["text"] == want
+            assert want != plain, fields
+    finally:
+        ref.close()

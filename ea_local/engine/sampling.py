@@ -7,7 +7,8 @@ import llama_cpp.llama_cpp as ll
 
 
 # llama.cpp's sampling defaults (common/common.h, common_params_sampling): temperature 0.8, top-k 40,
-# top-p 0.95, min-p 0.05, repeat penalty 1.0 (off) over the last 64 tokens. `chat` and `summarize`
+# top-p 0.95, min-p 0.05, repeat penalty 1.0 (off), frequency and presence penalties 0 (off), the
+# penalties over the last 64 tokens. `chat` and `summarize`
 # sample with them; the engine's own default stays greedy (reproducible tests, the server's choice).
 CHAT_TEMPERATURE = 0.8
 
@@ -20,6 +21,10 @@ class SamplingParams:
     min_p: float = 0.05  # 0: off
     repeat_penalty: float = 1.0  # 1: off; > 1 makes the last repeat_last_n tokens less likely
     repeat_last_n: int = 64
+    # OpenAI's penalties on the logits, counted over the last repeat_last_n generated tokens: minus
+    # frequency_penalty per occurrence, minus presence_penalty once if the token occurs at all
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int = 0
     ignore_eos: bool = False  # as llama.cpp's --ignore-eos: end-of-generation tokens get -inf
 
@@ -50,9 +55,10 @@ class Sampler:
             eog = [t for t in range(rt.n_vocab) if rt.is_eog(t)]
             bias = (ll.llama_logit_bias * len(eog))(*[ll.llama_logit_bias(t, float("-inf")) for t in eog])
             add(ll.llama_sampler_init_logit_bias(rt.n_vocab, len(eog), bias))
-        if p.repeat_penalty != 1.0:
+        if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
             # this llama.cpp's penalties sampler takes n_vocab first (llama.h of the vendored version)
-            add(ll.llama_sampler_init_penalties(rt.n_vocab, p.repeat_last_n, p.repeat_penalty, 0.0, 0.0))
+            add(ll.llama_sampler_init_penalties(rt.n_vocab, p.repeat_last_n, p.repeat_penalty, p.frequency_penalty,
+                                                p.presence_penalty))
         if p.temperature <= 0:
             add(ll.llama_sampler_init_greedy())
         else:

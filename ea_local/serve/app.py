@@ -152,10 +152,11 @@ class Server:
                            code="context_length_exceeded", param="messages")
         temp = cfg.temperature if req.temperature is None else req.temperature
         seed = req.seed if req.seed is not None else (secrets.randbits(32) if temp > 0 else 0)
-        params = SamplingParams(temperature=temp, seed=seed & 0xFFFFFFFF)
-        if req.top_p is not None:
-            params.top_p = req.top_p
-        params.ignore_eos = req.ignore_eos
+        params = SamplingParams(temperature=temp, seed=seed & 0xFFFFFFFF, ignore_eos=req.ignore_eos)
+        for name in ("top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "frequency_penalty",
+                     "presence_penalty"):
+            if getattr(req, name) is not None:
+                setattr(params, name, getattr(req, name))
         gen = GenRequest(tokens=tokens, params=params, stop=req.stop_list(), max_tokens=max_tokens or cfg.max_tokens,
                          policy=policy, budget=budget, question_agnostic=bool(kv and kv.question_agnostic),
                          question_len=question_len, template_tail=template_tail)
