@@ -348,6 +348,23 @@ def test_disconnect_mid_stream_frees_slot(srv):
     after = srv.metrics()
     assert after["ea_local_cancelled_total"] == before["ea_local_cancelled_total"] + 1
     assert after["ea_local_completion_tokens_total"] - before["ea_local_completion_tokens_total"] < 4000
+    assert "Traceback" not in srv.output()  # a client leaving is not an error
+
+
+def test_disconnect_during_a_streamed_prefill_is_quiet(srv):
+    """A client that leaves while its long prompt is still being read: the slot is freed and the
+    server's log shows no traceback (the worker's cancellation is an outcome, not an error)."""
+    srv.wait_idle()
+    before = srv.metrics()
+    prompt = " ".join(f"t{i % 9 + 1}" for i in range(2500))  # ~7.5k tokens
+    with httpx.Client(base_url=srv.url, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json={"prompt": prompt, "max_tokens": 8, "stream": True}) as r:
+            assert r.status_code == 200, r.read()  # the headers come before the prompt is read; leave now
+    srv.wait_idle(timeout=30)
+    assert srv.metrics()["ea_local_cancelled_total"] == before["ea_local_cancelled_total"] + 1
+    for _ in range(20):  # later requests, so that the collector meets the abandoned request's objects
+        assert srv.client.post("/v1/completions", json={"prompt": prompt[:200], "max_tokens": 4}).status_code == 200
+    assert "Traceback" not in srv.output() and "never retrieved" not in srv.output()
 
 
 def test_disconnect_while_waiting_nonstream_frees_slot(srv):
@@ -358,6 +375,7 @@ def test_disconnect_while_waiting_nonstream_frees_slot(srv):
                    timeout=0.5)
     srv.wait_idle(timeout=10)
     assert srv.metrics()["ea_local_cancelled_total"] == before["ea_local_cancelled_total"] + 1
+    assert "Traceback" not in srv.output()
 
 
 def test_busy_server_answers_503(srv_key):
@@ -436,6 +454,24 @@ def test_sigterm_ends_streams_and_exits_0(tiny):
     finally:
         s.stop()
 
+
+
+def test_sigterm_while_a_stream_reads_its_prompt(tiny):
+    """Shut down before the first token: the stream still ends with a finish_reason and [DONE]."""
+    s = ServerProcess(tiny, "--budget", "256", "--max-prompt-tokens", "8000")
+    try:
+        prompt = " ".join(f"t{i % 9 + 1}" for i in range(2500))  # ~7.5k tokens
+        with httpx.Client(base_url=s.url, timeout=60) as c:
+            with c.stream("POST", "/v1/completions", json={"prompt": prompt, "max_tokens": 8, "stream": True}) as r:
+                assert r.status_code == 200
+                s.proc.send_signal(15)
+                events = sse(r.iter_lines())
+        assert events[-1] == "[DONE]"
+        assert events[-2]["choices"][0]["finish_reason"] == "length"
+        assert s.proc.wait(30) == 0
+        assert "Traceback" not in s.output()
+    finally:
+        s.stop()
 
 # ---- the CLI ----
 

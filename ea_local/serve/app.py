@@ -172,16 +172,19 @@ class Server:
         return task.result()
 
     def start(self, slot: Slot, gen: GenRequest, emit: Callable[[str], None]) -> asyncio.Future:
+        """The request's generation in a worker thread: its GenResult, or None if it was cancelled
+        before generating (a result, not an exception: a stream whose client left never reads it, and
+        asyncio would log an unread exception as an error)."""
         loop = asyncio.get_running_loop()
 
-        def work() -> GenResult:
+        def work() -> GenResult | None:
             try:
                 res = slot.run(gen, emit)
                 self.metrics.record(res)
                 return res
             except Cancelled:
                 self.metrics.cancelled.inc()
-                raise
+                return None
             finally:
                 _call_soon(loop, self.pool.release, slot)
 
@@ -309,12 +312,12 @@ def create_app(srv: Server) -> Guard:
             return Response(status_code=499)
         try:
             res = fut.result()
-        except Cancelled:
-            raise APIError(503, "the server is shutting down", code="server_busy") from None
         except BudgetError as e:  # policy "none": the conversation no longer fits its context
             raise APIError(400, str(e), code="context_length_exceeded") from None
         except LlamaError as e:
             raise APIError(500, f"the engine failed: {e}", code="engine_error") from None
+        if res is None:
+            raise APIError(503, "the server is shutting down", code="server_busy")
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": res.text}, "logprobs": None,
                       "finish_reason": _finish(res)}
@@ -361,20 +364,20 @@ def create_app(srv: Server) -> Guard:
                     finished = True
                     try:
                         res = item.result()
-                    except Cancelled:
-                        yield chunk(None, "length")
                     except Exception as e:  # noqa: BLE001 — reported in the stream, as OpenAI does
                         log.warning("generation failed: %s", e)
                         yield {"data": json.dumps({"error": {"message": f"the engine failed: {e}",
                                                              "type": "server_error", "code": "engine_error"}})}
                     else:
-                        last = chunk(None, _finish(res))
-                        body = json.loads(last["data"])
-                        body["kv_cache"] = _kv(res)
-                        yield {"data": json.dumps(body)}
-                        if prep.include_usage:
-                            yield {"data": json.dumps({"id": rid, "object": obj, "created": created,
-                                                       "model": cfg.model_id, "choices": [], "usage": _usage(res)})}
+                        if res is None:  # cancelled before it generated (the server is shutting down)
+                            yield chunk(None, "length")
+                        else:
+                            body = json.loads(chunk(None, _finish(res))["data"])
+                            body["kv_cache"] = _kv(res)
+                            yield {"data": json.dumps(body)}
+                            if prep.include_usage:
+                                yield {"data": json.dumps({"id": rid, "object": obj, "created": created,
+                                                           "model": cfg.model_id, "choices": [], "usage": _usage(res)})}
                     yield {"data": "[DONE]"}
                     return
             finally:
