@@ -245,7 +245,7 @@ def test_a_chat_request_recalls_with_the_users_words_not_the_templates_tail():
     s = Session(str(chat_model_path()), SessionConfig(budget=128, policy="streaming-llm", recall=True, n_threads=1))
     req, key = _passkey_request(s, "streaming-llm")
     assert len(req.tokens) > 1000 and 0 < req.template_tail < req.question_len
-    res = Slot(0, s, "streaming-llm", 128).run(req, lambda _: None)
+    res = Slot(0, s).run(req, lambda *_: None)
     assert res.evictions > 0 and res.recalled_cells > 0 and res.cells <= 128
     back = [p for p in key if p in s.live]
     assert len(back) >= 2 * len(key) // 3, f"pass key cells back: {len(back)} of {len(key)}"
@@ -263,7 +263,7 @@ def test_without_recall_a_probed_question_keeps_the_cells_it_asks_for(guard):
     s = Session(str(chat_model_path()), SessionConfig(budget=128, chunk=64, policy="expected-attention", recall=False,
                                                       guard_question=guard, n_threads=1))  # serve --budget 128's chunk
     req, span = _passkey_request(s, "expected-attention")
-    res = Slot(0, s, "expected-attention", 128).run(req, lambda _: None)
+    res = Slot(0, s).run(req, lambda *_: None)
     kept = [p for p in span if p in s.live]
     assert res.evictions > 0 and res.recalled_cells == 0 and s.n_cells <= 128
     assert (s.cfg.n_sink, s.cfg.recent) == (32, 32)  # the slot's conversation protection

@@ -124,6 +124,23 @@ def test_openai_client_stream_equals_nonstream_and_usage(gemma):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+
+def test_openai_client_reads_logprobs(gemma):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=gemma.url + "/v1", api_key="unused", max_retries=0)
+    msgs = [{"role": "user", "content": "Write a sentence about the sea."}]
+    full = client.chat.completions.create(model="anything", messages=msgs, max_tokens=8, temperature=0,
+                                          logprobs=True, top_logprobs=3)
+    content = full.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == full.choices[0].message.content
+    assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token for t in content)
+    chunks = list(client.chat.completions.create(model="anything", messages=msgs, max_tokens=8, temperature=0,
+                                                 logprobs=True, stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    legacy = client.completions.create(model="anything", prompt="The sea is", max_tokens=4, temperature=0, logprobs=2)
+    assert "".join(legacy.choices[0].logprobs.tokens) == legacy.choices[0].text
+
 def test_raw_stream_format_and_done(gemma):
     body = {"prompt": "The sea is", "max_tokens": 5, "stream": True}
     with gemma.client.stream("POST", "/v1/completions", json=body) as r:
@@ -332,6 +349,30 @@ def test_gemma_50_turns_on_512_cells():
     finally:
         s.stop()
 
+
+
+def test_logprobs_streamed_as_returned(srv):
+    """One reported token per generated one, the same tokens and values streamed as returned whole (this
+    model's tokens are mostly lone bytes, written as OpenAI writes them: "bytes:\\xNN")."""
+    body = {"prompt": "t1 t2 t3", "max_tokens": 16, "temperature": 0, "ignore_eos": True, "logprobs": 2}
+    full = srv.client.post("/v1/completions", json=body).json()["choices"][0]
+    tokens = full["logprobs"]["tokens"]
+    assert len(tokens) == 16 and len(full["logprobs"]["token_logprobs"]) == 16
+    assert all(len(top) == 2 and max(top.values()) >= lp for top, lp in zip(full["logprobs"]["top_logprobs"],
+                                                                            full["logprobs"]["token_logprobs"]))
+    with srv.client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        chunks = [e for e in sse(r.iter_lines()) if e != "[DONE]"]
+    streamed = [lp for c in chunks if c["choices"][0]["logprobs"] for lp in
+                zip(c["choices"][0]["logprobs"]["tokens"], c["choices"][0]["logprobs"]["token_logprobs"])]
+    assert streamed == list(zip(tokens, full["logprobs"]["token_logprobs"]))
+    chat = srv.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "t1"}],
+                                                           "max_tokens": 4, "temperature": 0}).json()["choices"][0]
+    assert chat["logprobs"] is None  # not asked for
+    assert_error(srv.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "t1"}],
+                                                               "top_logprobs": 2}), 400, "invalid_value")
+    assert_error(srv.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "t1"}],
+                                                               "logprobs": True, "top_logprobs": 21}), 400, "invalid_value")
+    assert_error(srv.client.post("/v1/completions", json={"prompt": "t1", "logprobs": True}), 400, "invalid_type")
 
 # ---- disconnects, queue, 503 ----
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import random
 
-import httpx
 import pytest
 
 from .gguf_factory import write_tiny_gguf

@@ -177,3 +177,49 @@ def test_sampling_fields_reach_llama_cpps_sampler(server):
             assert want != plain, fields
     finally:
         ref.close()
+
+
+def test_logprobs_equal_llama_cpp_pythons(server):
+    """`logprobs` of a greedy completion: the same tokens, log-probabilities (to float32 rounding) and
+    alternatives as llama-cpp-python's `create_completion(logprobs=3)`; the chat endpoint's `content`
+    list spells its answer, token by token, each the likeliest of its alternatives."""
+    from llama_cpp import Llama
+
+    from ea_local.model.embedded import resolve_model
+
+    ref = Llama(model_path=str(resolve_model(server.name)), n_ctx=512, n_threads=1, logits_all=True, verbose=False)
+    try:
+        prompt = ref.tokenize(b"The capital of France is")
+        want = ref.create_completion(prompt, max_tokens=12, temperature=0, logprobs=3)["choices"][0]
+    finally:
+        ref.close()
+    got = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 12, "logprobs": 3})["choices"][0]
+    assert got["text"] == want["text"] and got["logprobs"]["tokens"] == want["logprobs"]["tokens"]
+    assert got["logprobs"]["token_logprobs"] == pytest.approx(want["logprobs"]["token_logprobs"], abs=2e-3)
+    for g, w in zip(got["logprobs"]["top_logprobs"], want["logprobs"]["top_logprobs"]):
+        assert set(g) == set(w) and [g[k] for k in w] == pytest.approx(list(w.values()), abs=2e-3)
+    # offsets into the completion's text (llama-cpp-python counts from a prompt it rebuilds)
+    assert [got["text"][o:o + len(t)] for o, t in zip(got["logprobs"]["text_offset"], got["logprobs"]["tokens"])] \
+        == got["logprobs"]["tokens"]
+
+    chat = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Name a colour."}],
+                                                 "max_tokens": 12, "logprobs": True, "top_logprobs": 2})["choices"][0]
+    content = chat["logprobs"]["content"]
+    assert "".join(t["token"] for t in content) == chat["message"]["content"]
+    for t in content:
+        assert len(t["top_logprobs"]) == 2 and t["top_logprobs"][0]["token"] == t["token"]
+        assert t["logprob"] == t["top_logprobs"][0]["logprob"] <= 0 and bytes(t["bytes"]).decode() == t["token"]
+
+
+def test_logprobs_stop_before_a_stop_string(server):
+    """With a stop string, the reported tokens spell the text before it; the stop string's are left out."""
+    body = {"prompt": "The capital of France is", "max_tokens": 16, "logprobs": 1}
+    full = post(server, "/v1/completions", body)["choices"][0]
+    tokens = full["logprobs"]["tokens"]
+    assert "".join(tokens) == full["text"] and len(tokens) >= 6
+    stop = tokens[5].strip() or tokens[5]
+    cut = post(server, "/v1/completions", {**body, "stop": [stop]})["choices"][0]
+    assert cut["text"] == full["text"][:full["text"].index(stop)]
+    kept = cut["logprobs"]["tokens"]
+    assert kept == tokens[:len(kept)] and cut["text"].startswith("".join(kept))
+    assert len(cut["text"]) - len("".join(kept)) < max(len(t) for t in tokens)  # at most the token the stop cut

@@ -25,12 +25,12 @@ def request(tokens: list[int], policy: str = EA) -> GenRequest:
 def test_conversation_recalls_from_its_archive(models, arch, policy):
     s = Session(models[arch], SessionConfig(budget=256, chunk=128, n_threads=1, policy=policy, recall=True,
                                                 recall_max=48))
-    slot = Slot(0, s, policy, 256)
+    slot = Slot(0, s)
     rng = np.random.default_rng(0)
     conv = [1] + rng.integers(300, 380, 100).tolist()
     recalled = 0
     for turn in range(8):
-        res = slot.run(request(conv, policy), lambda _: None)
+        res = slot.run(request(conv, policy), lambda *_: None)
         assert res.cells <= 256 and s.n_cells <= 256
         assert res.cached_tokens > 0 or turn == 0
         s.check_cells()
@@ -52,18 +52,18 @@ def test_conversation_recalls_from_its_archive(models, arch, policy):
 def test_compaction_and_cut_back_keep_archive_in_step(models):
     s = Session(models["llama"], SessionConfig(budget=256, chunk=128, n_threads=1, recall=True,
                                                    archive_tokens=200))
-    slot = Slot(0, s, EA, 256)
+    slot = Slot(0, s)
     rng = np.random.default_rng(1)
     conv = [1] + rng.integers(300, 380, 600).tolist()
-    slot.run(request(conv), lambda _: None)
+    slot.run(request(conv), lambda *_: None)
     s.compact()
     assert not set(s.archive.pos.tolist()) & set(s.live) and max(s.archive.pos) < s.next_pos
     conv2 = conv + s.transcript.tokens[len(conv):] + rng.integers(300, 380, 50).tolist()
-    res = slot.run(request(conv2), lambda _: None)
+    res = slot.run(request(conv2), lambda *_: None)
     s.check_cells()
     # the client edits an early message: the slot cuts back, archived cells past the cut are forgotten
     edited = conv2[:400] + rng.integers(300, 380, 30).tolist()
-    res = slot.run(request(edited), lambda _: None)
+    res = slot.run(request(edited), lambda *_: None)
     assert res.cells <= 256
     assert len(s.archive) == 0 or max(s.archive.pos) < s.next_pos
     s.check_cells()
@@ -76,7 +76,7 @@ def test_a_prompt_compressed_before_its_question_recalls_with_the_question(model
     archive with the question's queries (from where it starts), whatever the policy; a question-agnostic
     request recalls nothing."""
     s = Session(models["llama"], SessionConfig(budget=256, chunk=128, n_threads=1, policy=policy, recall=True))
-    slot = Slot(0, s, policy, 256)
+    slot = Slot(0, s)
     calls: list[tuple[int, int]] = []
     real = s.recall
     monkeypatch.setattr(s, "recall", lambda since, until=None, recent=None:
@@ -84,7 +84,7 @@ def test_a_prompt_compressed_before_its_question_recalls_with_the_question(model
     rng = np.random.default_rng(2)
     prompt = [1] + rng.integers(300, 380, 900).tolist()
     res = slot.run(GenRequest(tokens=prompt, params=SamplingParams(temperature=0.0), stop=[], max_tokens=4,
-                              policy=policy, budget=256, question_len=20), lambda _: None)
+                              policy=policy, budget=256, question_len=20), lambda *_: None)
     # the question's document: no recent window; every layer evicted: the question's words only (for
     # streaming-llm, which probes nothing, the same queries either way)
     assert calls == [(len(prompt) - 20, len(prompt), 0, len(prompt))]
@@ -95,18 +95,18 @@ def test_a_prompt_compressed_before_its_question_recalls_with_the_question(model
     calls.clear()
     slot.run(GenRequest(tokens=[1] + rng.integers(300, 380, 900).tolist(), params=SamplingParams(temperature=0.0),
                         stop=[], max_tokens=4, policy=policy, budget=256, question_len=20, question_agnostic=True),
-             lambda _: None)
+             lambda *_: None)
     assert calls == []
     # a chat request: the template's last tokens (end of turn, assistant header) do not score the archive
     prompt = [1] + rng.integers(300, 380, 900).tolist()
     slot.run(GenRequest(tokens=prompt, params=SamplingParams(temperature=0.0), stop=[], max_tokens=4,
-                        policy=policy, budget=256, question_len=20, template_tail=5), lambda _: None)
+                        policy=policy, budget=256, question_len=20, template_tail=5), lambda *_: None)
     assert calls == [(len(prompt) - 20, len(prompt) - 5, 0, len(prompt))]
     # a chat template that writes nothing after the user's text: still the user's words only, as in chat
     calls.clear()
     prompt = [1] + rng.integers(300, 380, 900).tolist()
     slot.run(GenRequest(tokens=prompt, params=SamplingParams(temperature=0.0), stop=[], max_tokens=4,
-                        policy=policy, budget=256, question_len=20, template_tail=0), lambda _: None)
+                        policy=policy, budget=256, question_len=20, template_tail=0), lambda *_: None)
     assert calls == [(len(prompt) - 20, len(prompt), 0, len(prompt))]
     s.close()
 
@@ -116,7 +116,7 @@ def test_a_repeated_request_recalls_nothing_new(models, monkeypatch):
     does not recall, so the cache is the one the first answer came from; a request that adds to the
     conversation recalls as before."""
     s = Session(models["llama"], SessionConfig(budget=256, chunk=128, n_threads=1, recall=True))
-    slot = Slot(0, s, EA, 256)
+    slot = Slot(0, s)
     calls: list[int] = []
     real = s.recall
     monkeypatch.setattr(s, "recall", lambda since, until=None, recent=None: calls.append(since)
@@ -128,11 +128,11 @@ def test_a_repeated_request_recalls_nothing_new(models, monkeypatch):
         return GenRequest(tokens=tokens, params=SamplingParams(temperature=0.0), stop=[], max_tokens=4,
                           policy=EA, budget=256, question_len=20)
 
-    slot.run(req(prompt), lambda _: None)
+    slot.run(req(prompt), lambda *_: None)
     assert len(calls) == 1
-    again = slot.run(req(prompt), lambda _: None)
+    again = slot.run(req(prompt), lambda *_: None)
     assert again.cached_tokens == len(prompt) - 1 and again.recalled_cells == 0 and len(calls) == 1
-    slot.run(req(prompt + rng.integers(300, 380, 12).tolist()), lambda _: None)
+    slot.run(req(prompt + rng.integers(300, 380, 12).tolist()), lambda *_: None)
     assert len(calls) == 2
     s.check_cells()
     s.close()

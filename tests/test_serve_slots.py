@@ -18,7 +18,7 @@ EA = "expected-attention"
 
 def make_slot(path: str, budget: int = 256, policy: str = EA) -> Slot:
     s = Session(path, SessionConfig(budget=budget, chunk=128, n_threads=1, policy=policy))
-    return Slot(0, s, policy, budget)
+    return Slot(0, s)
 
 
 def request(tokens: list[int], max_tokens: int = 4, policy: str = EA, budget: int = 256, **kw) -> GenRequest:
@@ -47,7 +47,7 @@ def test_follow_up_sharing_part_of_a_compressed_prompt(models, arch):
     b = a[:400] + rand(rng, 100)
     slot = make_slot(models[arch])
     s = slot.session
-    slot.run(request(a), lambda _: None)
+    slot.run(request(a), lambda *_: None)
     was_live = live_tokens(s)
     assert not all(was_live[:400])  # the shared prefix was partly evicted
     k = slot.prepare(b)
@@ -56,10 +56,10 @@ def test_follow_up_sharing_part_of_a_compressed_prompt(models, arch):
         assert max(s.live) == s.next_pos - 1 == s.transcript.positions[k - 1]
     else:  # iSWA: the sliding cache holds the window before 400 only if it was not pruned; else start over
         assert k in (0, 400)
-    res = slot.run(request(b), lambda _: None)
+    res = slot.run(request(b), lambda *_: None)
     assert res.cached_tokens == k and res.completion_tokens == 4
     s.check_cells()
-    res2 = slot.run(request(b), lambda _: None)  # and the same prompt again: all but its last token reused
+    res2 = slot.run(request(b), lambda *_: None)  # and the same prompt again: all but its last token reused
     assert res2.cached_tokens == len(b) - 1
     s.close()
 
@@ -70,12 +70,12 @@ def test_a_prompt_that_fits_is_not_read_from_a_compressed_prefix(models):
     rng = np.random.default_rng(5)
     a = [1] + rand(rng, 1500)
     slot = make_slot(models["llama"])
-    slot.run(request(a), lambda _: None)
+    slot.run(request(a), lambda *_: None)
     was_live = set(slot.session.live)
     assert not set(range(200)) <= was_live  # the shared prefix was compressed
-    res = slot.run(request(a[:200] + rand(rng, 20)), lambda _: None)
+    res = slot.run(request(a[:200] + rand(rng, 20)), lambda *_: None)
     assert set(range(res.cached_tokens)) <= was_live and slot.session.n_cells == 220 + res.completion_tokens
-    again = slot.run(request(a[:200] + rand(rng, 20)), lambda _: None)  # nothing lost now: reused
+    again = slot.run(request(a[:200] + rand(rng, 20)), lambda *_: None)  # nothing lost now: reused
     assert again.cached_tokens == 200
     slot.session.close()
 
@@ -110,7 +110,7 @@ def test_engine_error_leaves_the_slot_usable(models, monkeypatch):
     a = [1] + rand(rng, 600)
     slot = make_slot(models["llama"])
     s = slot.session
-    slot.run(request(a), lambda _: None)
+    slot.run(request(a), lambda *_: None)
     calls = {"n": 0}
     decode = s.rt.decode
 
@@ -122,12 +122,12 @@ def test_engine_error_leaves_the_slot_usable(models, monkeypatch):
 
     monkeypatch.setattr(s.rt, "decode", failing)
     with pytest.raises(LlamaError):
-        slot.run(request(a + rand(rng, 300)), lambda _: None)
+        slot.run(request(a + rand(rng, 300)), lambda *_: None)
     monkeypatch.setattr(s.rt, "decode", decode)
     assert s.n_cells == 0 and s.transcript.tokens == []  # reset: nothing half-fed is reused
-    got = slot.run(request(a, max_tokens=8), lambda _: None)
+    got = slot.run(request(a, max_tokens=8), lambda *_: None)
     fresh = make_slot(models["llama"])
-    want = fresh.run(request(a, max_tokens=8), lambda _: None)
+    want = fresh.run(request(a, max_tokens=8), lambda *_: None)
     assert got.text == want.text and got.cached_tokens == 0
     s.check_cells()
     s.close()
@@ -139,14 +139,14 @@ def test_a_prompt_over_the_budget_is_steered_by_its_question(models):
     slot = make_slot(models["llama"])
     s = slot.session
     long_prompt = [1] + rand(rng, 900)
-    res = slot.run(request(long_prompt, question_len=20), lambda _: None)
+    res = slot.run(request(long_prompt, question_len=20), lambda *_: None)
     assert res.question_tokens == 20 and res.evictions > 0
     assert s.question == long_prompt[-20:]
-    short = slot.run(request([1] + rand(rng, 100), question_len=20), lambda _: None)  # fits: read whole
+    short = slot.run(request([1] + rand(rng, 100), question_len=20), lambda *_: None)  # fits: read whole
     assert short.question_tokens == 0 and s.question == []
-    capped = slot.run(request([1] + rand(rng, 900), question_len=5000), lambda _: None)
+    capped = slot.run(request([1] + rand(rng, 900), question_len=5000), lambda *_: None)
     assert capped.question_tokens == s.max_question
-    agnostic = slot.run(request([1] + rand(rng, 900), question_len=20, question_agnostic=True), lambda _: None)
+    agnostic = slot.run(request([1] + rand(rng, 900), question_len=20, question_agnostic=True), lambda *_: None)
     assert agnostic.question_tokens == 0 and agnostic.evictions > 0
     s.check_cells()
     s.close()
@@ -168,7 +168,7 @@ def test_question_agnostic_requests_in_every_order(models, arch):
         request([1] + rand(rng, 600), budget=200, question_len=30),
     ]
     for req in plan:
-        res = slot.run(req, lambda _: None)
+        res = slot.run(req, lambda *_: None)
         assert res.cells <= req.budget
         slot.session.check_cells()
     slot.session.close()
@@ -181,17 +181,17 @@ def test_a_cache_compressed_under_other_settings_is_not_reused(models):
     rng = np.random.default_rng(6)
     slot = make_slot(models["llama"])
     a = [1] + rand(rng, 900)
-    first = slot.run(request(a, question_agnostic=True, question_len=30), lambda _: None)
+    first = slot.run(request(a, question_agnostic=True, question_len=30), lambda *_: None)
     assert first.evictions > 0 and first.question_tokens == 0
-    asked = slot.run(request(a, question_len=30), lambda _: None)
+    asked = slot.run(request(a, question_len=30), lambda *_: None)
     assert asked.cached_tokens == 0 and asked.question_tokens == 30
-    again = slot.run(request(a, question_len=30), lambda _: None)
+    again = slot.run(request(a, question_len=30), lambda *_: None)
     assert again.cached_tokens == len(a) - 1
-    other = slot.run(request(a, policy="streaming-llm", question_len=30), lambda _: None)
+    other = slot.run(request(a, policy="streaming-llm", question_len=30), lambda *_: None)
     assert other.cached_tokens == 0
     short = [1] + rand(rng, 100)
-    slot.run(request(short), lambda _: None)
-    assert slot.run(request(short + rand(rng, 10), policy="streaming-llm"), lambda _: None).cached_tokens == len(short)
+    slot.run(request(short), lambda *_: None)
+    assert slot.run(request(short + rand(rng, 10), policy="streaming-llm"), lambda *_: None).cached_tokens == len(short)
     slot.session.check_cells()
     slot.session.close()
 
@@ -203,7 +203,7 @@ def test_a_request_budget_sets_the_protected_opening_and_recent_window(models):
     slot = make_slot(models["llama"])
     s = slot.session
     for budget in (128, 256, 200):
-        res = slot.run(request([1] + rand(rng, 700), budget=budget, question_len=20), lambda _: None)
+        res = slot.run(request([1] + rand(rng, 700), budget=budget, question_len=20), lambda *_: None)
         k = conversation_protection(budget)
         assert res.evictions > 0 and (s.cfg.n_sink, s.cfg.recent, s.cfg.budget) == (k, k, budget)
         assert set(range(k)) <= set(s.live)

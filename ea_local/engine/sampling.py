@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import llama_cpp.llama_cpp as ll
+import numpy as np
 
 
 # llama.cpp's sampling defaults (common/common.h, common_params_sampling): temperature 0.8, top-k 40,
@@ -78,3 +80,22 @@ class Sampler:
         if self.chain:
             ll.llama_sampler_free(self.chain)
             self.chain = None
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (raw logits, before any sampler, as OpenAI
+    and llama.cpp's server report it) and the `top` most likely tokens at its position."""
+
+    token: bytes
+    logprob: float
+    top: list[tuple[bytes, float]]
+
+
+def token_logprob(logits: np.ndarray, token: int, k: int, token_bytes: Callable[[int], bytes]) -> TokenLogprob:
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max()
+    lp = x - (m + np.log(np.exp(x - m).sum()))  # log-softmax
+    top = np.argpartition(-lp, k - 1)[:k] if 0 < k < len(lp) else np.arange(len(lp) if k else 0)
+    top = top[np.argsort(-lp[top], kind="stable")]
+    return TokenLogprob(token_bytes(token), float(lp[token]), [(token_bytes(int(t)), float(lp[t])) for t in top])

@@ -38,7 +38,7 @@ from ..model.rope_model import rope_specs
 from .archive import Archive, plan_swap, pool_spans
 from .recall import asked_scores
 from .runtime import ContextConfig, LlamaError, Runtime, SharedModel
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, TokenLogprob, token_logprob
 from .textstream import TextStream
 from .transcript import Transcript
 from .windows import QueryWindow
@@ -901,8 +901,12 @@ class Session:
     def generate(self, prompt_tokens: list[int], params: SamplingParams | None = None,
                  stop: list[str] | None = None, max_tokens: int = 256,
                  should_stop: Callable[[], bool] | None = None, turn: bool = False,
-                 recall: bool = True) -> Iterator[str]:
+                 recall: bool = True, on_token: Callable[[TokenLogprob], None] | None = None,
+                 top_logprobs: int = 0) -> Iterator[str]:
         """Prefill the prompt, then sample; yields text pieces (UTF-8 safe, stop strings held back).
+
+        on_token: called with each generated token's log-probability and its `top_logprobs` likeliest
+        alternatives, before the token's text is yielded.
 
         turn: the prompt is the user's newest message (its queries steer compression, see prefill), and
         it recalls archived cells when recall is on for the session; recall=False skips that for this
@@ -922,6 +926,8 @@ class Session:
                 tok = sampler.sample()
                 if self.rt.is_eog(tok):
                     break
+                if on_token is not None:  # the logits that chose tok: read before tok is decoded
+                    on_token(token_logprob(self.rt.logits(), tok, top_logprobs, self.rt.token_bytes))
                 self._decode([tok])
                 if self.n_cells > self.cfg.budget:
                     self.compress(self.room_target, phase="decode")

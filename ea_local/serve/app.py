@@ -15,6 +15,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Callable
 
 import anyio
@@ -26,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..model.chat_template import ChatTemplate, TemplateError
 from ..engine.runtime import LlamaError, Runtime
-from ..engine.sampling import SamplingParams
+from ..engine.sampling import SamplingParams, TokenLogprob
 from ..engine.session import MIN_CONVERSATION_BUDGET, BudgetError
 from ..policies import get_policy
 from .errors import APIError, error_response
@@ -159,7 +160,7 @@ class Server:
                 setattr(params, name, getattr(req, name))
         gen = GenRequest(tokens=tokens, params=params, stop=req.stop_list(), max_tokens=max_tokens or cfg.max_tokens,
                          policy=policy, budget=budget, question_agnostic=bool(kv and kv.question_agnostic),
-                         question_len=question_len, template_tail=template_tail)
+                         question_len=question_len, template_tail=template_tail, logprobs=req.logprobs_k())
         include = bool(req.stream_options and req.stream_options.include_usage)
         return Prepared(tokens, gen, bool(req.stream), include)
 
@@ -171,7 +172,7 @@ class Server:
             raise _ClientGone()
         return task.result()
 
-    def start(self, slot: Slot, gen: GenRequest, emit: Callable[[str], None]) -> asyncio.Future:
+    def start(self, slot: Slot, gen: GenRequest, emit: Callable[[str, list[TokenLogprob]], None]) -> asyncio.Future:
         """The request's generation in a worker thread: its GenResult, or None if it was cancelled
         before generating (a result, not an exception: a stream whose client left never reads it, and
         asyncio would log an unread exception as an error)."""
@@ -211,6 +212,29 @@ async def _race_disconnect(request: Request, fut: asyncio.Future, every: float =
         if await request.is_disconnected():
             fut.cancel()
             return True
+
+
+def _token_text(b: bytes) -> str:
+    """A token's text; bytes that are not UTF-8 on their own (part of a character) as OpenAI writes them."""
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{c:02x}" for c in b)
+
+
+def _logprobs(tokens: list[TokenLogprob], chat: bool) -> dict:
+    """OpenAI's logprobs object: chat's `content` list, or the legacy completions' parallel lists."""
+    text = [_token_text(t.token) for t in tokens]
+    if chat:
+        def entry(b: bytes, s: str, lp: float) -> dict:
+            return {"token": s, "logprob": lp, "bytes": list(b)}
+        return {"content": [{**entry(t.token, s, t.logprob),
+                             "top_logprobs": [entry(b, _token_text(b), lp) for b, lp in t.top]}
+                            for t, s in zip(tokens, text)], "refusal": None}
+    offsets = list(accumulate((len(t.token.decode("utf-8", errors="replace")) for t in tokens[:-1]), initial=0))
+    return {"tokens": text, "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{_token_text(b): lp for b, lp in t.top} for t in tokens],
+            "text_offset": offsets if tokens else []}
 
 
 def _usage(res: GenResult) -> dict:
@@ -306,7 +330,7 @@ def create_app(srv: Server) -> Guard:
         created = int(time.time())
         if prep.stream:
             return _stream(slot, prep, chat, rid, created)
-        fut = srv.start(slot, prep.gen, lambda piece: None)
+        fut = srv.start(slot, prep.gen, lambda *_: None)
         if await _race_disconnect(request, fut):
             slot.cancel.set()  # the worker stops at its next token and frees the slot
             return Response(status_code=499)
@@ -318,11 +342,12 @@ def create_app(srv: Server) -> Guard:
             raise APIError(500, f"the engine failed: {e}", code="engine_error") from None
         if res is None:
             raise APIError(503, "the server is shutting down", code="server_busy")
+        lp = None if res.logprobs is None else _logprobs(res.logprobs, chat)
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": res.text}, "logprobs": None,
+            choice = {"index": 0, "message": {"role": "assistant", "content": res.text}, "logprobs": lp,
                       "finish_reason": _finish(res)}
         else:
-            choice = {"index": 0, "text": res.text, "logprobs": None, "finish_reason": _finish(res)}
+            choice = {"index": 0, "text": res.text, "logprobs": lp, "finish_reason": _finish(res)}
         return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
                              "created": created, "model": cfg.model_id, "choices": [choice], "usage": _usage(res),
                              "kv_cache": _kv(res)})
@@ -330,17 +355,19 @@ def create_app(srv: Server) -> Guard:
     def _stream(slot: Slot, prep: Prepared, chat: bool, rid: str, created: int) -> EventSourceResponse:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        fut = srv.start(slot, prep.gen, lambda piece: _call_soon(loop, q.put_nowait, piece))
+        fut = srv.start(slot, prep.gen, lambda piece, tokens: _call_soon(loop, q.put_nowait, (piece, tokens)))
         fut.add_done_callback(lambda f: q.put_nowait(f))
         obj = "chat.completion.chunk" if chat else "text_completion"
         shutdown = anyio.Event()
 
-        def chunk(text: str | None, finish: str | None = None, first: bool = False) -> dict:
+        def chunk(text: str | None, finish: str | None = None, first: bool = False,
+                  tokens: list[TokenLogprob] | None = None) -> dict:
+            lp = None if prep.gen.logprobs is None or tokens is None else _logprobs(tokens, chat)
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "text": text or "", "logprobs": lp, "finish_reason": finish}
             body = {"id": rid, "object": obj, "created": created, "model": cfg.model_id, "choices": [choice]}
             if prep.include_usage:
                 body["usage"] = None
@@ -358,8 +385,9 @@ def create_app(srv: Server) -> Guard:
                     yield chunk(None, first=True)
                 while True:
                     item = await q.get()
-                    if isinstance(item, str):
-                        yield chunk(item)
+                    if isinstance(item, tuple):
+                        piece, tokens = item
+                        yield chunk(piece, tokens=tokens)
                         continue
                     finished = True
                     try:

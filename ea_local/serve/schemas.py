@@ -1,6 +1,6 @@
 """Request bodies of /v1/chat/completions and /v1/completions, validated strictly.
 
-Fields OpenAI defines but this server does not implement (logprobs, tools, response_format, ...)
+Fields OpenAI defines but this server does not implement (tools, response_format, logit_bias, ...)
 are ignored, as OpenAI ignores unknown fields; the ones it does honour are type-checked in
 strict mode (a string "5" is not a number), so a wrong type is a 400, never a silent coercion.
 """
@@ -71,13 +71,28 @@ class _Common(_Body):
         return [x for x in s if x]
 
 
+MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+
+
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def logprobs_k(self) -> int | None:
+        """Alternatives per token to report, or None: no logprobs."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", code="invalid_value", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Common):
     prompt: Union[str, list[str], list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # the legacy API: alternatives per token
+
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
 
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}

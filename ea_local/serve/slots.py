@@ -20,13 +20,13 @@ import asyncio
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Callable
 
 import numpy as np
 
 from ..engine.runtime import LlamaError, SharedModel
-from ..engine.sampling import SamplingParams
+from ..engine.sampling import SamplingParams, TokenLogprob
 from ..engine.session import Session, SessionConfig, conversation_protection
 from ..engine.textstream import TextStream
 from .errors import APIError
@@ -55,6 +55,7 @@ class GenRequest:
     question_agnostic: bool = False
     question_len: int = 0  # the prompt's last tokens that are its question (engine/question.py)
     template_tail: int | None = None  # chat: the prompt's last tokens the template wrote after the user's text
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives (None: off)
 
     @property
     def compression(self) -> tuple[str, int, bool]:
@@ -81,12 +82,14 @@ class GenResult:
     budget: int = 0
     policy: str = ""
     slot: int = 0
+    logprobs: list[TokenLogprob] | None = None  # the tokens of `text`, when the request asked for them
 
 
 @dataclass
 class Slot:
     id: int
     session: Session
+    _: KW_ONLY
     reuse: bool = True
     busy: bool = False
     last_used: float = 0.0
@@ -136,7 +139,7 @@ class Slot:
             return []
         return req.tokens[len(req.tokens) - n:]
 
-    def run(self, req: GenRequest, emit: Callable[[str], None]) -> GenResult:
+    def run(self, req: GenRequest, emit: Callable[[str, list[TokenLogprob]], None]) -> GenResult:
         """Prefill what the cache lacks and generate; runs in a worker thread. The cache is reset on
         any engine error, so a failed request never leaves a half-updated conversation behind."""
         s = self.session
@@ -179,20 +182,37 @@ class Slot:
             n0 = s.stats.tokens_seen
             pieces: list[str] = []
             stopped = False
-            for piece in s.generate([], req.params, max_tokens=req.max_tokens, should_stop=self.cancel.is_set):
+            tokens: list[TokenLogprob] = []  # generated so far, when the request asked for their logprobs
+            sent = sent_bytes = shown = 0
+
+            def send(text: str) -> None:
+                """Emit text with the tokens whose bytes it completes (a stop string's tokens never go out)."""
+                nonlocal sent, sent_bytes, shown
+                if not pieces:
+                    res.ttft_s = time.perf_counter() - t0
+                pieces.append(text)
+                shown += len(text.encode("utf-8"))
+                done = sent
+                while done < len(tokens) and sent_bytes + len(tokens[done].token) <= shown:
+                    sent_bytes += len(tokens[done].token)
+                    done += 1
+                emit(text, tokens[sent:done])
+                sent = done
+
+            for piece in s.generate([], req.params, max_tokens=req.max_tokens, should_stop=self.cancel.is_set,
+                                    on_token=None if req.logprobs is None else tokens.append,
+                                    top_logprobs=req.logprobs or 0):
                 out, stopped = stream.push(piece.encode("utf-8"))
                 if out:
-                    if not pieces:
-                        res.ttft_s = time.perf_counter() - t0
-                    pieces.append(out)
-                    emit(out)
+                    send(out)
                 if stopped:
                     break
             if not stopped:
                 tail = stream.flush()
                 if tail:
-                    pieces.append(tail)
-                    emit(tail)
+                    send(tail)
+            if req.logprobs is not None:
+                res.logprobs = tokens[:sent]
             res.completion_tokens = s.stats.tokens_seen - n0
             res.text = "".join(pieces)
             if self.cancel.is_set():
