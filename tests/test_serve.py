@@ -206,6 +206,13 @@ def test_unknown_fields_ignored_and_kv_extension(srv):
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "top_k": -1}).encode(), "invalid_value"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "min_p": 1.5}).encode(), "invalid_value"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "repeat_last_n": "64"}).encode(), "invalid_type"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}).encode(),
+     "invalid_value"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}],
+                 "response_format": {"type": "json_schema"}}).encode(), "invalid_value"),  # no schema
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "response_format": {
+        "type": "json_schema", "json_schema": {"schema": {"$ref": "http://example.com/s.json"}}}}).encode(),
+     "invalid_value"),  # a schema the converter cannot turn into a grammar
     (json.dumps({"messages": [{"role": "user", "content": "x"}],
                  "kv_compression": {"policy": "nope"}}).encode(), "unknown_policy"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}],

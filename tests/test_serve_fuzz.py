@@ -17,7 +17,8 @@ GOOD = {"temperature": [0, 0.7, 2], "top_p": [0.5, 1], "top_k": [0, 1, 40], "min
         "seed": [1, 2**40], "stream": [True, False], "stream_options": [{"include_usage": True}],
         "frequency_penalty": [-2, 0, 2], "presence_penalty": [1.5], "repeat_penalty": [1.1, 0.5],
         "repeat_last_n": [0, 8], "ignore_eos": [True], "logprobs": [True], "model": ["x"], "n": [1],
-        "max_tokens": [1, 16], "max_completion_tokens": [4], "user": ["u"], "tools": [[]]}
+        "max_tokens": [1, 16], "max_completion_tokens": [4], "user": ["u"], "tools": [[]],
+        "response_format": [{"type": "text"}, {"type": "json_object"}]}
 KV = [{}, {"policy": "tova"}, {"policy": "snapkv", "question_agnostic": True}, {"policy": "none"}, {"policy": "x"},
       {"policy": 3}, {"budget": 91}, {"budget": 90}, {"budget": 257}, {"budget": "1"}, {"budget": 1.5},
       {"question_agnostic": "yes"}, {"policy": "streaming-llm", "budget": 128, "question_agnostic": True}, {"bogus": 1}]

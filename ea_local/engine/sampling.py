@@ -29,6 +29,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     seed: int = 0
     ignore_eos: bool = False  # as llama.cpp's --ignore-eos: end-of-generation tokens get -inf
+    grammar: str | None = None  # GBNF the output must follow (llama.cpp's grammar sampler), root rule "root"
 
     def validate(self) -> None:
         """ValueError (one line, naming the option) for values llama.cpp's samplers would misread."""
@@ -53,6 +54,8 @@ class Sampler:
         sp = ll.llama_sampler_chain_default_params()
         self.chain = ll.llama_sampler_chain_init(sp)
         add = lambda s: ll.llama_sampler_chain_add(self.chain, s)  # noqa: E731
+        if p.grammar is not None:  # first, as llama.cpp's common sampler applies it: the rest pick among what it allows
+            add(grammar_sampler(rt, p.grammar))
         if p.ignore_eos:
             eog = [t for t in range(rt.n_vocab) if rt.is_eog(t)]
             bias = (ll.llama_logit_bias * len(eog))(*[ll.llama_logit_bias(t, float("-inf")) for t in eog])
@@ -112,3 +115,16 @@ def _top_k(x: np.ndarray, m: float, k: int) -> np.ndarray:
     elif len(top) > k:
         top = top[np.argpartition(-x[top], k - 1)[:k]]
     return top[np.argsort(-x[top], kind="stable")]
+
+
+def grammar_sampler(rt, grammar: str):
+    """llama.cpp's grammar sampler for GBNF text; ValueError if llama.cpp cannot parse it."""
+    g = ll.llama_sampler_init_grammar(rt.vocab, grammar.encode("utf-8"), b"root")
+    if not g:
+        raise ValueError("the grammar does not parse (llama.cpp's GBNF, root rule 'root')")
+    return g
+
+
+def check_grammar(rt, grammar: str) -> None:
+    """ValueError unless llama.cpp can parse `grammar` for this model's vocabulary."""
+    ll.llama_sampler_free(grammar_sampler(rt, grammar))

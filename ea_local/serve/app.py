@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..model.chat_template import ChatTemplate, TemplateError
 from ..engine.runtime import LlamaError, Runtime
-from ..engine.sampling import SamplingParams, TokenLogprob
+from ..engine.sampling import SamplingParams, TokenLogprob, check_grammar
 from ..engine.session import MIN_CONVERSATION_BUDGET, BudgetError
 from ..policies import get_policy
 from .errors import APIError, error_response
@@ -153,7 +153,13 @@ class Server:
                            code="context_length_exceeded", param="messages")
         temp = cfg.temperature if req.temperature is None else req.temperature
         seed = req.seed if req.seed is not None else (secrets.randbits(32) if temp > 0 else 0)
-        params = SamplingParams(temperature=temp, seed=seed & 0xFFFFFFFF, ignore_eos=req.ignore_eos)
+        params = SamplingParams(temperature=temp, seed=seed & 0xFFFFFFFF, ignore_eos=req.ignore_eos,
+                                grammar=req.grammar())
+        if params.grammar is not None:
+            try:
+                check_grammar(self.rt, params.grammar)
+            except ValueError as e:
+                raise APIError(400, f"response_format: {e}", code="invalid_value", param="response_format") from None
         for name in ("top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "frequency_penalty",
                      "presence_penalty"):
             if getattr(req, name) is not None:

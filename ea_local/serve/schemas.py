@@ -1,12 +1,13 @@
 """Request bodies of /v1/chat/completions and /v1/completions, validated strictly.
 
-Fields OpenAI defines but this server does not implement (tools, response_format, logit_bias, ...)
+Fields OpenAI defines but this server does not implement (tools, logit_bias, ...)
 are ignored, as OpenAI ignores unknown fields; the ones it does honour are type-checked in
 strict mode (a string "5" is not a number), so a wrong type is a 400, never a silent coercion.
 """
 from __future__ import annotations
 
-from typing import Union
+import json
+from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -31,6 +32,11 @@ class KVCompression(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict | None = None  # {"name": ..., "schema": {...}, "strict": ...}
 
 
 class ContentPart(_Body):
@@ -62,6 +68,27 @@ class _Common(_Body):
     stream_options: StreamOptions | None = None
     kv_compression: KVCompression | None = None
     ignore_eos: bool = False  # llama.cpp server's extension: generate until max_tokens or a stop string
+    response_format: ResponseFormat | None = None
+
+    def grammar(self) -> str | None:
+        """GBNF the answer must follow: any JSON object for "json_object", the schema's for "json_schema"
+        (llama-cpp-python's converters, as its own server uses them)."""
+        from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+        rf = self.response_format
+        if rf is None or rf.type == "text":
+            return None
+        if rf.type == "json_object":
+            return JSON_GBNF
+        schema = (rf.json_schema or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise APIError(400, "response_format.json_schema.schema: a JSON Schema object is required",
+                           code="invalid_value", param="response_format.json_schema.schema")
+        try:
+            return json_schema_to_gbnf(json.dumps(schema))
+        except Exception as e:  # noqa: BLE001 — any schema the converter cannot turn into a grammar
+            raise APIError(400, f"response_format.json_schema.schema: not supported ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+                           code="invalid_value", param="response_format.json_schema.schema") from None
 
     def stop_list(self) -> list[str]:
         s = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -1,12 +1,14 @@
-"""token_logprob: the log-softmax of the logits at the chosen token and the k likeliest tokens, largest
-first, whatever the shape of the logits (a peaked distribution takes the fast path, a flat one the
-full partition)."""
+"""The sampling helpers: token_logprob (the log-softmax at the chosen token and the k likeliest tokens,
+largest first, whatever the shape of the logits: a peaked distribution takes the fast path, a flat one
+the full partition) and the grammar check."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from ea_local.engine.sampling import token_logprob
+from ea_local.engine.sampling import check_grammar, token_logprob
+
+from .conftest import GEMMA
 
 
 @pytest.mark.parametrize("scale", [0.01, 1.0, 5.0, 50.0])
@@ -22,3 +24,17 @@ def test_token_logprob_matches_float64_log_softmax(scale, k):
     order = np.argsort(-ref, kind="stable")[:k]
     assert [int.from_bytes(b, "little") for b, _ in got.top] == order.tolist()
     assert [lp for _, lp in got.top] == pytest.approx(ref[order].tolist(), abs=1e-4)
+
+
+def test_check_grammar_parses_or_says_why():
+    from llama_cpp.llama_grammar import JSON_GBNF
+
+    from ea_local.engine.runtime import ContextConfig, Runtime
+
+    rt = Runtime(GEMMA, ContextConfig(n_ctx=64, n_threads=1))
+    try:
+        check_grammar(rt, JSON_GBNF)
+        with pytest.raises(ValueError, match="does not parse"):
+            check_grammar(rt, "root ::= (")
+    finally:
+        rt.close()
