@@ -23,6 +23,18 @@ def server(request):
     s.stop()
 
 
+@pytest.fixture(scope="module")
+def reference(server):
+    """llama-cpp-python's high-level Llama on the server's model file, as a user of that library runs it."""
+    from llama_cpp import Llama
+
+    from ea_local.model.embedded import resolve_model
+
+    llm = Llama(model_path=str(resolve_model(server.name)), n_ctx=512, n_threads=1, logits_all=True, verbose=False)
+    yield llm
+    llm.close()
+
+
 def post(s: ServerProcess, route: str, body: dict) -> dict:
     r = s.client.post(route, json={"temperature": 0, "max_tokens": 8, **body})
     assert r.status_code == 200, r.text
@@ -152,47 +164,34 @@ def test_a_message_over_the_budget_is_read_as_ea_local_chat_reads_it(server):
         chat.close()
 
 
-def test_sampling_fields_reach_llama_cpps_sampler(server):
+def test_sampling_fields_reach_llama_cpps_sampler(server, reference):
     """frequency_penalty and presence_penalty (OpenAI's) and llama.cpp server's repeat_penalty /
     repeat_last_n: a greedy completion with them equals llama-cpp-python's `create_completion` with the
     same values on the same tokens (penalties over the generated tokens, as both define them), and
     differs from the one without them, so a field the server dropped would fail here."""
-    from llama_cpp import Llama
-
-    from ea_local.model.embedded import resolve_model
-
-    ref = Llama(model_path=str(resolve_model(server.name)), n_ctx=512, n_threads=1, verbose=False)
-    try:
-        prompt = ref.tokenize(b"List the colours of the rainbow, one per line:\n")
-        n = 40
-        plain = ref.create_completion(prompt, max_tokens=n, temperature=0)["choices"][0]["text"]
-        for fields in ({"frequency_penalty": 1.5, "presence_penalty": 0.5},
-                       {"repeat_penalty": 1.3, "repeat_last_n": 16}):
-            ref.last_n_tokens_size = fields.get("repeat_last_n", 64)  # llama-cpp-python's penalty window
-            kw = {k: v for k, v in fields.items() if k != "repeat_last_n"}
-            want = ref.create_completion(prompt, max_tokens=n, temperature=0, **kw)["choices"][0]["text"]
-            got = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": n, **fields})
-            assert got["kv_cache"]["evicted_cells"] == 0
-            assert got["choices"][0]["text"] == want
-            assert want != plain, fields
-    finally:
-        ref.close()
+    prompt = reference.tokenize(b"List the colours of the rainbow, one per line:\n")
+    n = 40
+    plain = reference.create_completion(prompt, max_tokens=n, temperature=0)["choices"][0]["text"]
+    for fields in ({"frequency_penalty": 1.5, "presence_penalty": 0.5},
+                   {"repeat_penalty": 1.3, "repeat_last_n": 16}):
+        kw = {k: v for k, v in fields.items() if k != "repeat_last_n"}
+        reference.last_n_tokens_size = fields.get("repeat_last_n", 64)  # llama-cpp-python's penalty window
+        try:
+            want = reference.create_completion(prompt, max_tokens=n, temperature=0, **kw)["choices"][0]["text"]
+        finally:
+            reference.last_n_tokens_size = 64
+        got = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": n, **fields})
+        assert got["kv_cache"]["evicted_cells"] == 0
+        assert got["choices"][0]["text"] == want
+        assert want != plain, fields
 
 
-def test_logprobs_equal_llama_cpp_pythons(server):
+def test_logprobs_equal_llama_cpp_pythons(server, reference):
     """`logprobs` of a greedy completion: the same tokens, log-probabilities (to float32 rounding) and
     alternatives as llama-cpp-python's `create_completion(logprobs=3)`; the chat endpoint's `content`
     list spells its answer, token by token, each the likeliest of its alternatives."""
-    from llama_cpp import Llama
-
-    from ea_local.model.embedded import resolve_model
-
-    ref = Llama(model_path=str(resolve_model(server.name)), n_ctx=512, n_threads=1, logits_all=True, verbose=False)
-    try:
-        prompt = ref.tokenize(b"The capital of France is")
-        want = ref.create_completion(prompt, max_tokens=12, temperature=0, logprobs=3)["choices"][0]
-    finally:
-        ref.close()
+    prompt = reference.tokenize(b"The capital of France is")
+    want = reference.create_completion(prompt, max_tokens=12, temperature=0, logprobs=3)["choices"][0]
     got = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 12, "logprobs": 3})["choices"][0]
     assert got["text"] == want["text"] and got["logprobs"]["tokens"] == want["logprobs"]["tokens"]
     assert got["logprobs"]["token_logprobs"] == pytest.approx(want["logprobs"]["token_logprobs"], abs=2e-3)

@@ -87,7 +87,8 @@ class _Common(_Body):
         try:
             return json_schema_to_gbnf(json.dumps(schema))
         except Exception as e:  # noqa: BLE001 — any schema the converter cannot turn into a grammar
-            raise APIError(400, f"response_format.json_schema.schema: not supported ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+            why = (str(e) or type(e).__name__).splitlines()[0]
+            raise APIError(400, f"response_format.json_schema.schema: not supported ({why})",
                            code="invalid_value", param="response_format.json_schema.schema") from None
 
     def stop_list(self) -> list[str]:
